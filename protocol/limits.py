@@ -92,9 +92,7 @@ def check_range(offset: int, length: int, *, max_length: int, what: str) -> None
             f"{what} must have offset >= 0 and length >= 1, found offset={offset} length={length}"
         )
     if length > max_length:
-        raise LimitExceededError(
-            f"{what} may be at most {max_length} bytes long, found {length}"
-        )
+        raise LimitExceededError(f"{what} may be at most {max_length} bytes long, found {length}")
     if offset > MAX_DISK_BYTES - length:
         raise LimitExceededError(
             f"{what} must end at or before byte {MAX_DISK_BYTES}, found end {offset + length}"
