@@ -156,6 +156,7 @@ def unpack_header(buf: Buffer) -> BatchHeader:
 
 
 def _check_header(h: BatchHeader) -> None:
+    check_flags(int(h.flags), what="batch")
     if not 1 <= h.generation <= MAX_SEQ:
         raise MalformedError(f"batch generation must be 1..{MAX_SEQ}, found {h.generation}")
     if not 1 <= h.record_count <= MAX_RECORDS_PER_BATCH:

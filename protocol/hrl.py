@@ -213,6 +213,7 @@ def parse_header(buf: Buffer) -> HrlHeader:
 
 
 def _check_header(h: HrlHeader) -> None:
+    check_flags(int(h.flags), what="HRL")
     if not 1 <= h.generation <= MAX_SEQ:
         raise MalformedError(f"HRL generation must be 1..{MAX_SEQ}, found {h.generation}")
     if not 1 <= h.record_count <= MAX_RECORDS_PER_HRL:

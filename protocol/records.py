@@ -23,6 +23,7 @@ cannot be expressed. See docs/protocol.md, "Records".
 from __future__ import annotations
 
 import struct
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
@@ -57,7 +58,8 @@ class StreamFlags(IntFlag):
 NO_FLAGS: Final = StreamFlags(0)
 
 #: Every flag this version knows; a set bit outside it is refused.
-KNOWN_FLAGS: Final = StreamFlags.RESYNC | StreamFlags.RESYNC_END
+#: (an int: ``~`` of an IntFlag stays inside the flag's own bits)
+KNOWN_FLAGS: Final = int(StreamFlags.RESYNC | StreamFlags.RESYNC_END)
 
 
 def check_flags(value: int, *, what: str) -> StreamFlags:
@@ -68,7 +70,7 @@ def check_flags(value: int, *, what: str) -> StreamFlags:
     """
     if value & ~KNOWN_FLAGS:
         raise MalformedError(
-            f"{what} flags may only use bits 0x{int(KNOWN_FLAGS):02x}, found 0x{value:02x}"
+            f"{what} flags may only use bits 0x{KNOWN_FLAGS:02x}, found 0x{value:02x}"
         )
     flags = StreamFlags(value)
     if StreamFlags.RESYNC_END in flags and StreamFlags.RESYNC not in flags:
@@ -155,7 +157,7 @@ def _check_name(name_bytes: bytes) -> str:
         name = name_bytes.decode("utf-8")
     except UnicodeDecodeError:
         raise MalformedError(f"tag name must be UTF-8, found {name_bytes!r}") from None
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name) or name != name.strip():
+    if any(unicodedata.category(c) == "Cc" for c in name) or name != name.strip():
         raise MalformedError(
             f"tag name must have no control characters and no surrounding spaces, found {name!r}"
         )

@@ -1,0 +1,36 @@
+"""The protocol benchmark runs and reports every figure (its speed is not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_prints_one_json_object_with_every_figure() -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "protocol_bench.py"), "--json",
+         "--megabytes", "2", "--rounds", "1"],
+        check=True, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    result = json.loads(out.stdout)
+    for key in ("encode_MBps", "decode_MBps", "limit_encode_MBps", "limit_decode_MBps"):
+        assert result[key] > 0
+    assert 1.5 < result["compression_ratio"] < 4
+    assert result["data_bytes"] == 2 * 2**20
+
+
+def test_bench_reads_a_tar_of_files(tmp_path: Path) -> None:
+    for i in range(40):
+        (tmp_path / f"f{i}.txt").write_text(f"line {i}\n" * 2000)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "protocol_bench.py"), "--json",
+         "--megabytes", "1", "--rounds", "1", "--tar-of", str(tmp_path)],
+        check=True, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    result = json.loads(out.stdout)
+    assert result["data_source"].startswith("tar of")
+    assert result["compression_ratio"] > 3
