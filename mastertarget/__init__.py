@@ -1,0 +1,1 @@
+"""The master target: receive, apply, retention journal, recovery points."""

@@ -1,0 +1,1 @@
+"""The process server: ingest on 9443, durable cache, shipping to the master target."""
