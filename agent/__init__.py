@@ -1,0 +1,1 @@
+"""The source side: client library, replication, capture and the ``blockrepl`` command."""

@@ -1,0 +1,78 @@
+"""The ``blockrepl`` command: administration (certificates, keys) and, later, the agent.
+
+The command is a thin shell: each subcommand group lives in agent/commands/
+and does its work through runtime/ and agent/ objects. Here: parsing,
+printing a one-line summary (or JSON with ``--json``), and turning a
+:class:`~protocol.errors.BlockreplError` into ``blockrepl: error: ...`` on
+standard error and the error's exit code. Any other exception is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from importlib import metadata
+from typing import Final
+
+from agent.commands import CommandResult, certs, keys
+from protocol.errors import BlockreplError
+
+PROG: Final = "blockrepl"
+#: Exit status after Ctrl-C, as shells report a death by SIGINT (128 + 2).
+EXIT_INTERRUPTED: Final = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every ``blockrepl`` subcommand."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Disk replication for disaster recovery: administration and agent."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    # Options every leaf command takes, after its own name (``certs init --json``).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in (certs, keys):
+        group.add_parser(subparsers, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``blockrepl`` with ``argv`` (the process arguments by default).
+
+    Returns:
+        The exit status: 0, argparse's 2 for a usage error, or the
+        ``exit_code`` of the BlockreplError that stopped the command.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version or a usage error: argparse printed it
+        return exc.code if isinstance(exc.code, int) else 0
+    try:
+        result: CommandResult = args.handler(args)
+    except BlockreplError as exc:
+        print(f"{PROG}: error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if args.json:
+        print(json.dumps(result.data, sort_keys=True))
+    else:
+        print(result.summary)
+    return 0
+
+
+def _version() -> str:
+    try:
+        return metadata.version("blockrepl")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""What every daemon runs on: config, TLS, crash-safe files, logging, keys and the PKI."""
