@@ -1,0 +1,164 @@
+"""The master target's configuration: one frozen object loaded from TOML.
+
+See ``systemd/mastertarget.toml`` for a commented example and
+docs/operations.md for what each key means to an operator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Final, Literal
+
+from protocol.errors import MalformedError
+from protocol.hrl import GCM_TAG_BYTES, HRL_HEADER
+from protocol.limits import MAX_HRL_PLAINTEXT, check_id
+from runtime.config import (
+    FieldValueError,
+    LoggingConfig,
+    MetricsListen,
+    TlsFiles,
+    load_config,
+)
+
+#: The data port of the master target (DESIGN.md).
+DEFAULT_PORT: Final = 9444
+#: The metrics listener of the master target (DESIGN.md).
+DEFAULT_METRICS_PORT: Final = 9102
+#: Where the retention journal, the recovery-point catalog and the applied
+#: markers live on Linux (the failback policy of the seeds).
+DEFAULT_RETENTION_DIR: Final = Path("/mnt/retention")
+#: The master target's cache volume: received HRL files wait in ``inbox/`` to
+#: be applied, files that failed verification go to ``quarantine/``. It must
+#: not be the retention volume.
+DEFAULT_CACHE_DIR: Final = Path("/var/cache/blockrepl/mastertarget")
+#: The largest HRL file a PUT may carry: the largest plaintext, stored without
+#: compression, plus header and tag.
+MAX_HRL_FILE_BYTES: Final = HRL_HEADER.size + MAX_HRL_PLAINTEXT + GCM_TAG_BYTES
+#: Inbox bytes per disk above which PUTs get 503 + Retry-After: the applier is
+#: behind (a slow or failing target); holding more only delays the alert.
+DEFAULT_INBOX_QUOTA_BYTES: Final = 8 * 2**30
+#: Sector size: every target size is a whole number of sectors.
+SECTOR_BYTES: Final = 512
+
+DiskFormat = Literal["raw", "vmdk"]
+VmdkSubformat = Literal["monolithicSparse", "monolithicFlat"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ListenConfig:
+    """The data listener (mutual TLS 1.3)."""
+
+    host: str = "0.0.0.0"  # noqa: S104 - the data port serves the process servers
+    port: int = DEFAULT_PORT
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise FieldValueError("port", f"expected 1..65535, found {self.port}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DiskConfig:
+    """One target disk and the replicated disk it receives.
+
+    Args:
+        id: the disk id the process server ships for (``[A-Za-z0-9._-]{1,64}``).
+        target: the raw image, block device or VMDK to write.
+        format: ``raw`` (image file or block device) or ``vmdk``.
+        create: create the target at start if it does not exist (failback to
+            a new VM); needs ``size_bytes``.
+        size_bytes: the virtual size of a created target.
+        vmdk_subformat: the layout of a created VMDK.
+    """
+
+    id: str
+    target: Path
+    format: DiskFormat = "raw"
+    create: bool = False
+    size_bytes: int | None = None
+    vmdk_subformat: VmdkSubformat = "monolithicSparse"
+
+    def __post_init__(self) -> None:
+        try:
+            check_id("disk", self.id)
+        except MalformedError as exc:
+            raise FieldValueError("id", exc.message) from None
+        if self.create and self.size_bytes is None:
+            raise FieldValueError("size_bytes", "expected a size when create = true, found none")
+        if self.size_bytes is not None and (self.size_bytes <= 0 or self.size_bytes % SECTOR_BYTES):
+            raise FieldValueError(
+                "size_bytes",
+                f"expected a positive multiple of {SECTOR_BYTES}, found {self.size_bytes}",
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RetentionConfig:
+    """The retention volume.
+
+    Args:
+        dir: the retention directory (applied markers, journal, catalog).
+        allow_shared_volume: accept a retention directory on the same volume
+            as the inbox or the installation. Only for a demo or a test on one
+            disk: a full inbox then eats the retention history.
+    """
+
+    dir: Path = DEFAULT_RETENTION_DIR
+    allow_shared_volume: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MasterTargetConfig:
+    """Everything ``mastertarget serve`` needs."""
+
+    tls: TlsFiles
+    key_file: Path
+    process_servers: tuple[str, ...]
+    disks: tuple[DiskConfig, ...]
+    listen: ListenConfig = dataclasses.field(default_factory=ListenConfig)
+    metrics: MetricsListen = dataclasses.field(
+        default_factory=lambda: MetricsListen(port=DEFAULT_METRICS_PORT)
+    )
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    retention: RetentionConfig = dataclasses.field(default_factory=RetentionConfig)
+    cache_dir: Path = DEFAULT_CACHE_DIR
+    inbox_quota_bytes: int = DEFAULT_INBOX_QUOTA_BYTES
+
+    def __post_init__(self) -> None:
+        for identity in self.process_servers:
+            try:
+                check_id("machine", identity)
+            except MalformedError as exc:
+                raise FieldValueError("process_servers", exc.message) from None
+        if not self.process_servers:
+            raise FieldValueError(
+                "process_servers",
+                "expected the machine ids of the process servers allowed to push, found none",
+            )
+        seen: set[str] = set()
+        for disk in self.disks:
+            if disk.id in seen:
+                raise FieldValueError("disks", f"expected unique disk ids, found {disk.id!r} twice")
+            seen.add(disk.id)
+        targets = [d.target for d in self.disks]
+        if len(set(targets)) != len(targets):
+            raise FieldValueError("disks", "expected one disk per target, found a target twice")
+        if self.inbox_quota_bytes < MAX_HRL_FILE_BYTES:
+            raise FieldValueError(
+                "inbox_quota_bytes",
+                f"expected at least one largest HRL file ({MAX_HRL_FILE_BYTES} bytes), "
+                f"found {self.inbox_quota_bytes}",
+            )
+
+    def disk(self, disk_id: str) -> DiskConfig | None:
+        """The configuration of ``disk_id``, or None if it is not replicated here."""
+        return next((d for d in self.disks if d.id == disk_id), None)
+
+
+def load(path: str | Path) -> MasterTargetConfig:
+    """Load and check a master target config file.
+
+    Raises:
+        ConfigError: naming the file and the key at fault.
+    """
+    return load_config(MasterTargetConfig, path)

@@ -1,0 +1,84 @@
+"""The master target's branch of the error tree (rooted in :mod:`protocol.errors`)."""
+
+from __future__ import annotations
+
+from protocol.errors import BlockreplError
+
+
+class DiskError(BlockreplError):
+    """A target disk cannot be opened, created or used as configured."""
+
+    code = "disk"
+    http_status = 500
+    exit_code = 74  # EX_IOERR
+
+
+class DiskFormatError(DiskError):
+    """A target file is not in the format the config says, or is a VMDK variant
+    that cannot be written in place (streamOptimized, compressed grains)."""
+
+    code = "disk-format"
+    exit_code = 65  # EX_DATAERR
+
+
+class DiskRangeError(DiskError):
+    """A read, write or zero outside the disk's virtual size."""
+
+    code = "disk-range"
+    http_status = 409
+
+
+class DiskIOError(DiskError):
+    """A read, write or fsync of a target disk failed; carries the OS errno."""
+
+    code = "disk-io"
+    http_status = 503
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message, details={"errno": errno} if errno is not None else None)
+        self.errno = errno
+
+
+class RetentionVolumeError(BlockreplError):
+    """The retention directory cannot hold a retention journal: the master target does not start.
+
+    The criteria are those of the failback seed (the cache or install volume,
+    in use as a replication target, locked, FAT or FAT32, zero capacity), and
+    the directory being missing, not a directory, not writable or unreadable.
+
+    Args:
+        message: the criterion, the directory and what was found.
+        criterion: which check failed, machine-readable: a value of
+            :class:`mastertarget.retention_volume.Criterion` (``"fat-file-system"``,
+            ``"locked"``...).
+        directory: the retention directory as configured; None when the
+            failure is not about one directory (an unreadable mount table).
+    """
+
+    code = "retention-volume"
+    http_status = 500
+    exit_code = 78  # EX_CONFIG: restarting cannot fix it, the operator must
+
+    def __init__(self, message: str, *, criterion: str, directory: str | None = None) -> None:
+        details: dict[str, object] = {"criterion": criterion}
+        if directory is not None:
+            details["directory"] = directory
+        super().__init__(message, details=details)
+        self.criterion = criterion
+        self.directory = directory
+
+
+class DiskExistsError(DiskError):
+    """A disk to be created exists already (or one of its files does); nothing was touched."""
+
+    code = "disk-exists"
+    http_status = 409
+    exit_code = 73  # EX_CANTCREAT
+
+
+class DiskSizeError(DiskError):
+    """A disk cannot be created with the size asked for (not whole sectors, or too large)."""
+
+    code = "disk-size"
+    http_status = 400
+    exit_code = 64  # EX_USAGE

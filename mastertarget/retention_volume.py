@@ -1,0 +1,688 @@
+"""Checks that a directory may hold the master target's retention journal.
+
+The failback seed lists when a volume is not eligible as a retention volume:
+it is the cache volume or holds the installation, it is in use for another
+purpose such as a replication target, it is locked, its file system is FAT or
+FAT32, or its capacity is zero. :func:`check_retention_volume` runs these
+checks at start-up, in an order that reports the most basic fault first
+(missing, not a directory, mount table, file system, capacity, writable,
+cache, install, targets, lock), and refuses with a
+:class:`~mastertarget.errors.RetentionVolumeError` naming the failed criterion.
+The lock is taken last, once every other check passed, and kept.
+``allow_shared_volume`` lifts the same-volume rules for a demo or a test on
+one disk; the others, and the rule that a target device must not hold the
+directory, still apply.
+
+"Same volume" is decided three ways, because each alone misses a case:
+
+* the ``st_dev`` of both paths: the plain case;
+* the mount entry found for both paths in the mount table (the longest mount
+  point that is a prefix of the resolved path): overlayfs reports the ``st_dev``
+  of the layer below for regular files, so two files on one overlay mount may
+  differ by ``st_dev``;
+* the device of both mount entries: btrfs gives each subvolume its own
+  ``st_dev``, and a bind mount is a second mount point of the same file system.
+
+Where a path does not exist yet (a cache directory made at first start, a
+target file made at first sync), the volume of its nearest existing ancestor
+is the one it will be created on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import errno
+import fcntl
+import os
+import re
+import stat
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Final, NamedTuple
+
+from mastertarget.errors import RetentionVolumeError
+
+StrPath = str | os.PathLike[str]
+
+#: The retention directory on Linux when the config names none (DESIGN.md policy table).
+DEFAULT_RETENTION_DIR: Final = Path("/mnt/retention")
+#: The lock file a master target holds inside its retention directory. A dot
+#: name, so that listings of journal files skip it.
+LOCK_FILE_NAME: Final = ".blockrepl.lock"
+#: The kernel's mount table of the calling process (proc(5)).
+MOUNTINFO_PATH: Final = "/proc/self/mountinfo"
+#: sysfs links from ``MAJOR:MINOR`` to each block device, used to find the
+#: whole disk that a partition belongs to.
+SYS_DEV_BLOCK: Final = "/sys/dev/block"
+#: Largest mount table read. A host with 10,000 mounts (many containers) has a
+#: table of about 2 MiB; a larger one is refused instead of filling memory.
+MAX_MOUNTINFO_BYTES: Final = 16 * 1024 * 1024
+#: Largest lock file content read back: a pid (at most 20 digits), a space, a
+#: host name (HOST_NAME_MAX is 64) and a newline, with room to spare.
+MAX_LOCK_FILE_BYTES: Final = 256
+#: File system types refused (mount table names, lower case). The seed names
+#: FAT and FAT32 (Linux: vfat, msdos, and fat/umsdos on old kernels). exFAT is
+#: refused too, for the same reasons: no metadata journal, so a crash can lose
+#: the renames and directory entries the journal's crash safety rests on (the
+#: DESIGN.md checklist), and no owners or modes, so journal files cannot be
+#: kept private to the master target.
+FAT_FILE_SYSTEMS: Final = frozenset({"vfat", "msdos", "fat", "umsdos", "exfat"})
+#: FUSE mounts name the real file system after a dot (``fuseblk.exfat``).
+FUSE_TYPES: Final = frozenset({"fuse", "fuseblk"})
+#: A mountinfo line has six fields before the optional ones, then ``-`` and three.
+_FIELDS_BEFORE_OPTIONAL: Final = 6
+_FIELDS_AFTER_SEPARATOR: Final = 3
+#: The kernel escapes space, tab, newline and backslash in names as ``\\ooo``.
+_OCTAL_ESCAPE: Final = re.compile(rb"\\([0-3][0-7]{2})")
+
+
+class Criterion(enum.StrEnum):
+    """Why a retention directory was refused: the ``criterion`` of the error."""
+
+    MISSING = "missing"
+    NOT_A_DIRECTORY = "not-a-directory"
+    INACCESSIBLE = "inaccessible"
+    MOUNT_TABLE = "mount-table"
+    FAT_FILE_SYSTEM = "fat-file-system"
+    ZERO_CAPACITY = "zero-capacity"
+    NOT_WRITABLE = "not-writable"
+    CACHE_VOLUME = "cache-volume"
+    INSTALL_VOLUME = "install-volume"
+    REPLICATION_TARGET = "replication-target"
+    LOCKED = "locked"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MountEntry:
+    """One line of ``/proc/self/mountinfo`` (proc(5)), with octal escapes decoded.
+
+    Args:
+        mount_id: unique id of the mount.
+        parent_id: id of the parent mount.
+        device: ``st_dev`` of the file system (``os.makedev(major, minor)``).
+        root: the directory of the file system mounted here ("/" unless a bind mount).
+        mount_point: where it is mounted, relative to the process's root.
+        options: per-mount options (``rw``, ``ro``, ``nodev``...).
+        fstype: file system type (``ext4``, ``vfat``, ``fuseblk.exfat``...).
+        source: what is mounted (``/dev/sdb1``, ``tmpfs``...).
+        super_options: per-file-system options.
+    """
+
+    mount_id: int
+    parent_id: int
+    device: int
+    root: str
+    mount_point: str
+    options: tuple[str, ...]
+    fstype: str
+    source: str
+    super_options: tuple[str, ...]
+
+    @property
+    def read_only(self) -> bool:
+        """True when either the mount or the whole file system is read-only."""
+        return "ro" in self.options or "ro" in self.super_options
+
+    @property
+    def base_fstype(self) -> str:
+        """The file system type with a FUSE prefix removed (``fuseblk.exfat`` -> ``exfat``)."""
+        main, _, sub = self.fstype.partition(".")
+        return sub if main in FUSE_TYPES and sub else main
+
+
+def parse_mountinfo(data: bytes, *, source: str = MOUNTINFO_PATH) -> tuple[MountEntry, ...]:
+    """Parse the text of a mountinfo file into its entries, in table order.
+
+    Args:
+        data: the file's bytes (names may be any bytes but ``/`` and NUL;
+            they are decoded as the file system encoding does).
+        source: the file's name, for messages.
+
+    Raises:
+        RetentionVolumeError: a line is not a mountinfo line (criterion
+            ``mount-table``; the message names the line number).
+    """
+    entries = []
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        if line:
+            entries.append(_parse_mountinfo_line(line, f"{source} line {number}"))
+    return tuple(entries)
+
+
+def _parse_mountinfo_line(line: bytes, where: str) -> MountEntry:
+    """One mountinfo line; ``where`` names it in messages."""
+    # proc(5): ID PARENT MAJOR:MINOR ROOT MOUNT-POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER
+    # Names never hold a space (the kernel writes \040), so one space splits
+    # fields; an empty source (mount -t tmpfs "" DIR) stays an empty field.
+    fields = line.split(b" ")
+    try:
+        separator = fields.index(b"-", _FIELDS_BEFORE_OPTIONAL)
+    except ValueError:
+        raise _table_error(
+            f"{where}: expected a '-' after the optional fields, found none"
+        ) from None
+    # Fields past the third after '-' are tolerated: the optional fields show
+    # that the format grows, and none of the ones read here would move.
+    if len(fields) - separator - 1 < _FIELDS_AFTER_SEPARATOR:
+        found = len(fields) - separator - 1
+        raise _table_error(f"{where}: expected 3 fields after '-', found {found}")
+    major, colon, minor = fields[2].partition(b":")
+    if not (fields[0].isdigit() and fields[1].isdigit() and colon):
+        raise _table_error(f"{where}: expected 'ID PARENT MAJOR:MINOR', found {line[:80]!r}")
+    if not (major.isdigit() and minor.isdigit()):
+        raise _table_error(f"{where}: expected MAJOR:MINOR in decimal, found {fields[2]!r}")
+    return MountEntry(
+        mount_id=int(fields[0]),
+        parent_id=int(fields[1]),
+        device=os.makedev(int(major), int(minor)),
+        root=_unescape(fields[3]),
+        mount_point=_unescape(fields[4]),
+        options=tuple(_unescape(fields[5]).split(",")),
+        fstype=_unescape(fields[separator + 1]),
+        source=_unescape(fields[separator + 2]),
+        super_options=tuple(_unescape(fields[separator + 3]).split(",")),
+    )
+
+
+def _unescape(field: bytes) -> str:
+    r"""A mountinfo field with ``\ooo`` octal escapes decoded, as a file system string."""
+    return os.fsdecode(_OCTAL_ESCAPE.sub(lambda match: bytes([int(match[1], 8)]), field))
+
+
+def read_mount_table(path: StrPath = MOUNTINFO_PATH) -> tuple[MountEntry, ...]:
+    """Read and parse a mountinfo file.
+
+    Raises:
+        RetentionVolumeError: the file cannot be read, is larger than
+            :data:`MAX_MOUNTINFO_BYTES`, or is malformed (criterion ``mount-table``).
+    """
+    name = os.fspath(path)
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_MOUNTINFO_BYTES + 1)
+    except OSError as exc:
+        raise _table_error(f"cannot read mount table {name}: {exc.strerror or exc}") from exc
+    if len(data) > MAX_MOUNTINFO_BYTES:
+        raise _table_error(
+            f"mount table {name}: expected at most {MAX_MOUNTINFO_BYTES} bytes, found more"
+        )
+    return parse_mountinfo(data, source=name)
+
+
+def find_mount(table: Sequence[MountEntry], path: str) -> MountEntry:
+    """The mount a resolved absolute ``path`` is on.
+
+    That is the entry whose mount point is the longest prefix of ``path``,
+    compared by whole components (``/mnt/ret`` is no prefix of
+    ``/mnt/retention``). Of entries with the same mount point, the last in the
+    table is the one on top. (A mount hidden because a mount point above it
+    was mounted over later is not detected: the table alone cannot say.)
+
+    Raises:
+        RetentionVolumeError: no entry contains ``path`` (criterion ``mount-table``).
+    """
+    best: MountEntry | None = None
+    for entry in table:
+        point = entry.mount_point
+        inside = point in ("/", path) or path.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best.mount_point)):
+            best = entry
+    if best is None:
+        raise _table_error(f"no mount in the mount table contains {path} (expected at least '/')")
+    return best
+
+
+def whole_disk(device: int, *, sys_dev_block: StrPath = SYS_DEV_BLOCK) -> int:
+    """The whole disk a partition belongs to, or ``device`` itself.
+
+    sysfs links ``/sys/dev/block/MAJOR:MINOR`` to the device's directory; a
+    partition's directory has a ``partition`` file and sits inside its disk's
+    directory, whose ``dev`` file holds the disk's ``MAJOR:MINOR``. Without
+    sysfs (or for a device that is not a block device), ``device`` is returned.
+    """
+    link = Path(sys_dev_block) / _dev_name(device)
+    try:
+        directory = link.resolve(strict=True)
+        if not (directory / "partition").is_file():
+            return device
+        major, _, minor = (directory.parent / "dev").read_text().strip().partition(":")
+        return os.makedev(int(major), int(minor))
+    except (OSError, ValueError):
+        return device
+
+
+class RetentionLock:
+    """An exclusive ``flock`` on ``RETENTION_DIR/.blockrepl.lock``.
+
+    Held until :meth:`release` or the end of the process (the kernel drops a
+    flock when its last descriptor closes, so kill -9 leaves no stale lock).
+    The descriptor is close-on-exec, so a child such as qemu-img does not keep
+    the lock alive after the master target dies. The file holds the holder's
+    pid and host name for the refusal message of a second master target; it
+    is never deleted, as unlinking a lock file lets two processes lock two
+    different files under one name.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self._path = path
+        self._fd = fd
+
+    @property
+    def path(self) -> Path:
+        """The lock file."""
+        return self._path
+
+    @property
+    def held(self) -> bool:
+        """True until :meth:`release` was called."""
+        return self._fd >= 0
+
+    def release(self) -> None:
+        """Release the lock (closing the descriptor drops the flock). Idempotent."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> RetentionLock:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"RetentionLock({str(self._path)!r}, held={self.held})"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RetentionVolume:
+    """A retention directory that passed every check, and its lock.
+
+    Args:
+        path: the directory, resolved (symbolic links followed).
+        mount_point: where its file system is mounted.
+        fstype: the file system type, as the mount table names it.
+        device: ``st_dev`` of the directory.
+        capacity_bytes: size of the file system.
+        free_bytes: bytes the master target may still use (statvfs ``f_bavail``).
+        lock: the lock on the directory, held; release it to give the directory up.
+    """
+
+    path: Path
+    mount_point: str
+    fstype: str
+    device: int
+    capacity_bytes: int
+    free_bytes: int
+    lock: RetentionLock
+
+
+class _Placement(NamedTuple):
+    """Where a path lives: its ``st_dev`` and its mount entry."""
+
+    path: str
+    device: int
+    mount: MountEntry
+
+
+def check_retention_volume(
+    directory: StrPath,
+    *,
+    cache_dir: StrPath,
+    install_dir: StrPath,
+    targets: Iterable[StrPath],
+    mountinfo: StrPath = MOUNTINFO_PATH,
+    sys_dev_block: StrPath = SYS_DEV_BLOCK,
+    allow_shared_volume: bool = False,
+) -> RetentionVolume:
+    """Refuse a retention directory the seed rules out; otherwise lock it and describe it.
+
+    Args:
+        directory: the configured retention directory (default
+            :data:`DEFAULT_RETENTION_DIR`).
+        cache_dir: the master target's cache (inbox) directory; it need not exist yet.
+        install_dir: where the program's files are installed
+            (:func:`installed_package_dir` for this installation).
+        targets: every configured target disk path: files (for a VMDK, the
+            descriptor and its extents) or block devices.
+        mountinfo: the mount table to read; tests point it at a fake one.
+        sys_dev_block: the sysfs directory of block devices by number.
+        allow_shared_volume: skip the same-volume checks against the cache,
+            the installation and target files, for a demo or test on one
+            disk. A target block device that holds the directory is refused
+            all the same: replicating onto it would overwrite the journal.
+
+    Returns:
+        The volume, with its lock held until released or the process ends.
+
+    Raises:
+        RetentionVolumeError: the directory is refused; ``criterion`` says
+            why and the message names the directory and what was found.
+    """
+    shown = os.fspath(directory)
+    resolved = _existing_directory(shown)
+    table = read_mount_table(mountinfo)
+    mount = find_mount(table, str(resolved))
+    if mount.base_fstype in FAT_FILE_SYSTEMS:
+        raise _refuse(
+            Criterion.FAT_FILE_SYSTEM,
+            shown,
+            f"is on a {mount.fstype} file system (mount {mount.mount_point}): FAT, FAT32 and"
+            " exFAT volumes cannot hold a retention journal (no metadata journal, no file"
+            " permissions); use ext4 or xfs",
+        )
+    capacity, free = _capacity(shown, resolved, mount)
+    _check_writable(shown, resolved, mount)
+    here = _placement(str(resolved), table)
+    if not allow_shared_volume:
+        _check_own_volume(shown, here, table, cache_dir=cache_dir, install_dir=install_dir)
+    for target in targets:
+        _check_not_target(
+            shown,
+            here,
+            os.fspath(target),
+            table,
+            sys_dev_block,
+            same_volume=not allow_shared_volume,
+        )
+    return RetentionVolume(
+        path=resolved,
+        mount_point=mount.mount_point,
+        fstype=mount.fstype,
+        device=here.device,
+        capacity_bytes=capacity,
+        free_bytes=free,
+        lock=_take_lock(shown, resolved),
+    )
+
+
+def usage(directory: StrPath) -> tuple[int, int, int]:
+    """``(used_bytes, free_bytes, capacity_bytes)`` of the volume holding ``directory``.
+
+    ``free_bytes`` is what an unprivileged writer may still use (``f_bavail``),
+    so ``used + free`` falls short of the capacity by the blocks reserved for root.
+
+    Raises:
+        RetentionVolumeError: statvfs failed (criterion ``inaccessible``).
+    """
+    try:
+        stats = os.statvfs(directory)
+    except OSError as exc:
+        raise _refuse(
+            Criterion.INACCESSIBLE, os.fspath(directory), f"cannot be measured: {exc.strerror}"
+        ) from exc
+    capacity = stats.f_blocks * stats.f_frsize
+    used = (stats.f_blocks - stats.f_bfree) * stats.f_frsize
+    return used, stats.f_bavail * stats.f_frsize, capacity
+
+
+def installed_package_dir() -> Path:
+    """The directory this installation's Python packages are in (``install_dir``)."""
+    return Path(__file__).resolve().parent.parent
+
+
+# --- the checks -------------------------------------------------------------------
+
+
+def _existing_directory(shown: str) -> Path:
+    """The retention directory resolved, or the refusal for missing / not a directory."""
+    try:
+        resolved = Path(shown).resolve(strict=True)
+        mode = resolved.stat().st_mode
+    except FileNotFoundError:
+        raise _refuse(
+            Criterion.MISSING,
+            shown,
+            "does not exist: expected a directory on a volume of its own (mount the retention"
+            " volume there)",
+        ) from None
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise _refuse(Criterion.INACCESSIBLE, shown, f"cannot be examined: {reason}") from exc
+    if not stat.S_ISDIR(mode):
+        raise _refuse(
+            Criterion.NOT_A_DIRECTORY,
+            shown,
+            f"is not a directory: expected a directory, found a {_kind(mode)} ({resolved})",
+        )
+    return resolved
+
+
+def _capacity(shown: str, resolved: Path, mount: MountEntry) -> tuple[int, int]:
+    """``(capacity_bytes, free_bytes)``, or the refusal for zero capacity."""
+    _, free, capacity = usage(resolved)
+    if capacity == 0:
+        # Pseudo file systems (proc, sysfs) and a tmpfs mounted with size=0
+        # ("no limit") report no blocks: nothing to budget 24 hours of undo in.
+        raise _refuse(
+            Criterion.ZERO_CAPACITY,
+            shown,
+            f"has zero capacity: statvfs reports 0 blocks on the {mount.fstype} file system"
+            f" mounted at {mount.mount_point}; expected a volume with a fixed, non-zero size",
+        )
+    return capacity, free
+
+
+def _check_writable(shown: str, resolved: Path, mount: MountEntry) -> None:
+    """Refuse a directory on a read-only mount, or one this process may not write."""
+    if mount.read_only:
+        raise _refuse(
+            Criterion.NOT_WRITABLE,
+            shown,
+            f"is not writable: its mount {mount.mount_point} ({mount.fstype}) is read-only",
+        )
+    effective = os.access in os.supports_effective_ids
+    if not os.access(resolved, os.W_OK | os.X_OK, effective_ids=effective):
+        info = resolved.stat()
+        raise _refuse(
+            Criterion.NOT_WRITABLE,
+            shown,
+            f"is not writable by uid {os.geteuid()}: found mode {stat.S_IMODE(info.st_mode):04o}"
+            f" owned by uid {info.st_uid} gid {info.st_gid}",
+        )
+
+
+def _check_own_volume(
+    shown: str,
+    here: _Placement,
+    table: Sequence[MountEntry],
+    *,
+    cache_dir: StrPath,
+    install_dir: StrPath,
+) -> None:
+    """Refuse a retention directory on the cache volume or the install volume."""
+    for criterion, what, other in (
+        (Criterion.CACHE_VOLUME, "cache directory", os.fspath(cache_dir)),
+        (Criterion.INSTALL_VOLUME, "install directory", os.fspath(install_dir)),
+    ):
+        shared = _shared_volume(here, _placement(other, table))
+        if shared:
+            raise _refuse(
+                criterion,
+                shown,
+                f"is on the same volume as the {what} {other} ({shared}):"
+                " a retention volume must be a volume of its own",
+            )
+
+
+def _check_not_target(
+    shown: str,
+    here: _Placement,
+    target: str,
+    table: Sequence[MountEntry],
+    sys_dev_block: StrPath,
+    *,
+    same_volume: bool,
+) -> None:
+    """Refuse a target that is the device holding the directory, or a file on its volume.
+
+    The second test runs only when ``same_volume`` is true.
+    """
+    try:
+        info = os.stat(target)
+    except OSError:
+        info = None
+    if info is not None and stat.S_ISBLK(info.st_mode):
+        # A device node lives on /dev; what matters is the device it names.
+        holders = {here.device, here.mount.device}
+        if info.st_rdev in holders:
+            found = (
+                f"block device {_dev_name(info.st_rdev)}, which holds it"
+                f" (mount {here.mount.mount_point})"
+            )
+        elif info.st_rdev in {whole_disk(dev, sys_dev_block=sys_dev_block) for dev in holders}:
+            found = (
+                f"disk {_dev_name(info.st_rdev)}, a partition of which holds it"
+                f" (mount {here.mount.mount_point})"
+            )
+        else:
+            return
+        raise _refuse(
+            Criterion.REPLICATION_TARGET,
+            shown,
+            f"is in use as a replication target: target {target} is the {found};"
+            " a retention volume must not be used for any other purpose",
+        )
+    shared = _shared_volume(here, _placement(target, table)) if same_volume else ""
+    if shared:
+        raise _refuse(
+            Criterion.REPLICATION_TARGET,
+            shown,
+            f"is in use as a replication target: target {target} is on the same volume"
+            f" ({shared}); a retention volume must not be used for any other purpose",
+        )
+
+
+def _take_lock(shown: str, resolved: Path) -> RetentionLock:
+    """Lock the directory for this process, or the refusal naming the holder."""
+    path = resolved / LOCK_FILE_NAME
+    fd = _open_lock_file(shown, path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = _holder(fd)
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise _refuse(
+                Criterion.LOCKED, shown, f"cannot be locked ({path}): {exc.strerror}"
+            ) from exc
+        raise _refuse(
+            Criterion.LOCKED,
+            shown,
+            f"is locked: another master target ({holder}) holds {path}; stop it or give"
+            " this master target a retention directory of its own",
+        ) from None
+    try:
+        # Holder facts for a second master target's message; the lock itself
+        # is the flock, so a torn or empty content is harmless.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {os.uname().nodename}\n".encode(), 0)
+    except OSError as exc:
+        os.close(fd)
+        raise _refuse(
+            Criterion.NOT_WRITABLE, shown, f"cannot write the lock file {path}: {exc.strerror}"
+        ) from exc
+    return RetentionLock(path, fd)
+
+
+def _open_lock_file(shown: str, path: Path) -> int:
+    """Open (creating) the lock file; refuse anything but a regular file."""
+    try:
+        # O_NOFOLLOW: a symlink planted under the lock's name must not make a
+        # master target running as root truncate the file it points at.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise _refuse(
+            Criterion.NOT_WRITABLE, shown, f"cannot open the lock file {path}: {exc.strerror}"
+        ) from exc
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _refuse(
+            Criterion.LOCKED,
+            shown,
+            f"has a {_kind(mode)} as its lock file {path}: expected a regular file",
+        )
+    return fd
+
+
+def _holder(fd: int) -> str:
+    """The holder as the lock file names it: ``pid 123 on host mt01``."""
+    with contextlib.suppress(OSError):
+        words = os.pread(fd, MAX_LOCK_FILE_BYTES, 0).decode("ascii", "replace").split()
+        if words and words[0].isdigit():
+            host = f" on host {words[1]}" if len(words) > 1 else ""
+            return f"pid {words[0]}{host}"
+    return "its pid is not recorded yet"
+
+
+# --- helpers ----------------------------------------------------------------------
+
+
+def _placement(path: str, table: Sequence[MountEntry]) -> _Placement:
+    """Where ``path`` lives, or will live once created: its nearest existing ancestor."""
+    try:
+        candidate = Path(path).resolve()
+    except RuntimeError:  # a symlink loop (Python < 3.13): judge the path as written
+        candidate = Path(os.path.abspath(path))
+    while True:
+        try:
+            info = candidate.stat()
+            break
+        except OSError:
+            if candidate.parent == candidate:
+                raise
+            candidate = candidate.parent
+    return _Placement(str(candidate), info.st_dev, find_mount(table, str(candidate)))
+
+
+def _shared_volume(here: _Placement, there: _Placement) -> str:
+    """How two placements share a volume, for the message; empty when they do not."""
+    if here.device == there.device:
+        return f"both on device {_dev_name(here.device)}"
+    if here.mount.mount_id == there.mount.mount_id:
+        return f"both on the {here.mount.fstype} mount {here.mount.mount_point}"
+    if here.mount.device == there.mount.device:
+        return (
+            f"one file system, device {_dev_name(here.mount.device)}, mounted at"
+            f" {here.mount.mount_point} and {there.mount.mount_point}"
+        )
+    return ""
+
+
+def _dev_name(device: int) -> str:
+    """A device number as ``MAJOR:MINOR``."""
+    return f"{os.major(device)}:{os.minor(device)}"
+
+
+def _kind(mode: int) -> str:
+    """What a file is, by its mode, for messages."""
+    kinds = (
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISREG, "regular file"),
+        (stat.S_ISLNK, "symbolic link"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISSOCK, "socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), f"file of mode {mode:o}")
+
+
+def _refuse(criterion: Criterion, shown: str, found: str) -> RetentionVolumeError:
+    """The refusal of ``shown`` for ``criterion``: ``retention directory D <found>``."""
+    return RetentionVolumeError(
+        f"retention directory {shown} {found}", criterion=criterion.value, directory=shown
+    )
+
+
+def _table_error(message: str) -> RetentionVolumeError:
+    """An error reading or parsing the mount table."""
+    return RetentionVolumeError(message, criterion=Criterion.MOUNT_TABLE.value)

@@ -1,0 +1,158 @@
+"""The master target's durable state: per disk, the applied marker and the
+replication state, in sqlite on the retention volume.
+
+sqlite in WAL mode with ``synchronous=FULL``: a commit returns only after the
+write-ahead log is fsynced, so a marker that was committed survives power
+loss (DESIGN.md crash-safe checklist item 7: the applied marker is written
+only after the data it covers is durable — the applier flushes the target
+first). The recovery-point catalog of the retention journal lives in the same
+database, so a marker and the points it makes honest commit together.
+
+Every method may be called from any thread: one connection, one lock.
+"""
+
+from __future__ import annotations
+
+import enum
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from protocol.sequencing import StreamPosition
+from runtime.crashsafe import fsync_dir
+from runtime.errors import DurabilityError
+
+#: The schema version in ``PRAGMA user_version``; a newer one is refused.
+SCHEMA_VERSION: Final = 1
+#: How long a writer waits for sqlite's lock: only this process writes, so a
+#: wait means a stuck transaction; fail loudly rather than hang.
+BUSY_TIMEOUT_S: Final = 30.0
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS disks (
+    disk_id            TEXT PRIMARY KEY,
+    applied_generation INTEGER NOT NULL,
+    applied_seq        INTEGER NOT NULL,
+    state              TEXT NOT NULL,
+    last_error         TEXT NOT NULL DEFAULT '',
+    resync_open        INTEGER NOT NULL DEFAULT 0,
+    updated_ns         INTEGER NOT NULL
+) STRICT;
+"""
+
+
+class DiskState(enum.StrEnum):
+    """The replication state of one disk, as the state endpoint reports it."""
+
+    #: files are applied as they arrive
+    REPLICATING = "replicating"
+    #: the stream is broken (a file failed verification, or the source lost
+    #: track): only a resync from the agent makes the target whole again
+    RESYNC_REQUIRED = "resync-required"
+    #: applying stopped on an error of the target (I/O, size); retried with back-off
+    PAUSED = "paused"
+    #: an operator failed the disk over; nothing more is applied
+    FAILED_OVER = "failed-over"
+
+
+@dataclass(frozen=True, slots=True)
+class DiskRecord:
+    """What the state store holds for one disk."""
+
+    disk_id: str
+    applied: StreamPosition
+    state: DiskState
+    last_error: str
+    #: a resync pass has begun and its RESYNC_END batch is not applied yet
+    resync_open: bool
+
+
+class StateStore:
+    """The sqlite state database.
+
+    Args:
+        path: the database file, on the retention volume.
+
+    Raises:
+        DurabilityError: the database cannot be opened or is of a newer schema.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        created = not path.exists()
+        try:
+            self._db = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise DurabilityError(
+                    f"state database {path} has schema version {version}; this build reads "
+                    f"up to {SCHEMA_VERSION}: run the newer mastertarget"
+                )
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
+            raise DurabilityError(f"cannot open state database {path}: {exc}") from exc
+        if created:
+            fsync_dir(path.parent)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def disk(self, disk_id: str) -> DiskRecord:
+        """The record of ``disk_id``, created (nothing applied, replicating) on first use."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT applied_generation, applied_seq, state, last_error, resync_open "
+                "FROM disks WHERE disk_id = ?",
+                (disk_id,),
+            ).fetchone()
+            if row is None:
+                self._write(
+                    "INSERT INTO disks (disk_id, applied_generation, applied_seq, state, "
+                    "updated_ns) VALUES (?, 0, 0, ?, 0)",
+                    (disk_id, DiskState.REPLICATING.value),
+                )
+                return DiskRecord(disk_id, StreamPosition(0, 0), DiskState.REPLICATING, "", False)
+        generation, seq, state, error, resync_open = row
+        return DiskRecord(
+            disk_id, StreamPosition(generation, seq), DiskState(state), error, bool(resync_open)
+        )
+
+    def set_applied(
+        self, disk_id: str, applied: StreamPosition, *, resync_open: bool, now_ns: int
+    ) -> None:
+        """Advance the applied marker; durable when this returns.
+
+        Call only after the target was flushed: the marker promises the data.
+
+        Raises:
+            DurabilityError: the commit failed; the marker must be taken as not moved.
+        """
+        with self._lock:
+            self._write(
+                "UPDATE disks SET applied_generation = ?, applied_seq = ?, resync_open = ?, "
+                "updated_ns = ? WHERE disk_id = ?",
+                (applied.generation, applied.seq, int(resync_open), now_ns, disk_id),
+            )
+
+    def set_state(self, disk_id: str, state: DiskState, error: str, *, now_ns: int) -> None:
+        """Record a new replication state and the error that caused it ('' for none)."""
+        with self._lock:
+            self._write(
+                "UPDATE disks SET state = ?, last_error = ?, updated_ns = ? WHERE disk_id = ?",
+                (state.value, error, now_ns, disk_id),
+            )
+
+    def _write(self, sql: str, args: tuple[object, ...]) -> None:
+        try:
+            self._db.execute(sql, args)
+        except sqlite3.Error as exc:
+            raise DurabilityError(f"state database {self.path}: {exc}") from exc
