@@ -1,4 +1,4 @@
-"""Shared test helpers.
+"""Shared test helpers and the test deployment (a CA, certificates, a key ring).
 
 Tests that drive a real peer (openssl, qemu-img, prometheus, ...) call
 :func:`require_binary`: outside CI a missing peer skips the test with the
@@ -9,8 +9,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+
+from protocol.keyring import KeyRing
+from runtime.config import TlsFiles
+from runtime.keyfile import write_new_keyring
+from runtime.pki import init_ca, issue_machine
+from runtime.tls import client_context
 
 
 def require_binary(name: str) -> str:
@@ -22,3 +31,35 @@ def require_binary(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@dataclass(frozen=True)
+class Deployment:
+    pki: Path
+    other_pki: Path
+    key_file: Path
+    keyring: KeyRing
+
+    def client_tls(self, machine: str = "ps01", *, pki: Path | None = None) -> ssl.SSLContext:
+        base = pki or self.pki
+        return client_context(
+            TlsFiles(
+                ca_file=self.pki / "ca.pem",
+                cert_file=base / f"machine-{machine}.pem",
+                key_file=base / f"machine-{machine}.key",
+            )
+        )
+
+
+@pytest.fixture(scope="session")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
+    root = tmp_path_factory.mktemp("deployment")
+    pki, other = root / "pki", root / "other-pki"
+    init_ca(pki)
+    for machine in ("ps01", "intruder"):
+        issue_machine(pki, machine)
+    init_ca(other)
+    issue_machine(other, "ps01")
+    key_file = root / "data-keys.toml"
+    keyring = write_new_keyring(key_file)
+    return Deployment(pki, other, key_file, keyring)

@@ -1,0 +1,240 @@
+"""The master target daemon: wires config, retention volume, state, inbox,
+target disks, appliers, the data API and the metrics listener together.
+
+``MasterTarget.start`` brings everything up in the order that keeps the
+invariants: the retention volume is checked and locked first (so a second
+master target cannot share it), the state and inbox are recovered as a crash
+left them, and the data port opens last, when every disk can take files.
+``close`` runs the other way: the port closes (requests in flight finish),
+the appliers finish the file in hand, then files are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Final
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from mastertarget.config import DiskConfig, MasterTargetConfig
+from mastertarget.disks import CreateFormat, create_disk, open_disk
+from mastertarget.disks.base import TargetDisk
+from mastertarget.inbox import Inbox
+from mastertarget.metrics import MasterTargetMetrics
+from mastertarget.replica import DiskReplica
+from mastertarget.retention_volume import (
+    RetentionVolume,
+    check_retention_volume,
+    installed_package_dir,
+)
+from mastertarget.server import build_app
+from mastertarget.state import StateStore
+from protocol.keyring import KeyRing
+from runtime.keyfile import load_keyring
+from runtime.metrics import MetricsServer, new_registry, start_metrics_server
+from runtime.tls import server_context
+
+log = logging.getLogger("blockrepl.mastertarget")
+
+#: Seconds the data port waits for requests in flight when it closes: one
+#: largest file at a slow link's pace; systemd's stop timeout must exceed it.
+SHUTDOWN_GRACE_S: Final = 30.0
+#: Threads for verification, applying and hashing: every disk can apply while
+#: another thread stores a received file. AES, zstd and pwrite release the GIL.
+MIN_WORKERS: Final = 4
+#: The name of the state database on the retention volume.
+STATE_DB: Final = "state.db"
+
+
+@dataclass
+class MasterTarget:
+    """A running master target. Build with :meth:`start`, stop with :meth:`close`."""
+
+    config: MasterTargetConfig
+    keyring: KeyRing
+    metrics: MasterTargetMetrics
+    executor: ThreadPoolExecutor
+    retention: RetentionVolume
+    store: StateStore
+    replicas: dict[str, DiskReplica] = field(default_factory=dict)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _runner: web.AppRunner | None = None
+    _metrics_server: MetricsServer | None = None
+    _closing: bool = False
+
+    @classmethod
+    async def start(
+        cls,
+        config: MasterTargetConfig,
+        *,
+        registry: CollectorRegistry | None = None,
+        mountinfo: str = "/proc/self/mountinfo",
+        data_port: int | None = None,
+        metrics_port: int | None = None,
+    ) -> MasterTarget:
+        """Check, recover and open everything, then open the ports.
+
+        Args:
+            config: the loaded configuration.
+            registry: the metrics registry (a new one by default; tests pass
+                their own to run several daemons in one process).
+            mountinfo: the mount table the retention checks read.
+            data_port, metrics_port: ports to bind instead of the configured
+                ones (0: any free port; tests read :attr:`port`).
+
+        Raises:
+            BlockreplError: a check failed (retention volume, key file, TLS
+                files, a target disk); the message says which and why.
+        """
+        registry = registry or new_registry()
+        metrics = MasterTargetMetrics(registry)
+        metrics.inbox_quota_bytes.set(config.inbox_quota_bytes)
+        loop = asyncio.get_running_loop()
+        config.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        retention = check_retention_volume(
+            config.retention.dir,
+            cache_dir=config.cache_dir,
+            install_dir=installed_package_dir(),
+            targets=[d.target for d in config.disks],
+            mountinfo=mountinfo,
+            allow_shared_volume=config.retention.allow_shared_volume,
+        )
+        if config.retention.allow_shared_volume:
+            log.warning(
+                "retention directory %s may share a volume with the cache, the installation "
+                "or a target (retention.allow_shared_volume = true): for demos and tests only",
+                retention.path,
+            )
+        executor = ThreadPoolExecutor(
+            max_workers=max(MIN_WORKERS, len(config.disks) + 2), thread_name_prefix="mt-io"
+        )
+        try:
+            keyring = await loop.run_in_executor(executor, load_keyring, config.key_file)
+            store = StateStore(retention.path / STATE_DB)
+        except BaseException:
+            executor.shutdown()
+            retention.lock.release()
+            raise
+        mt = cls(config, keyring, metrics, executor, retention, store)
+        try:
+            await mt._open_disks()
+            await mt._open_ports(registry, data_port, metrics_port)
+        except BaseException:
+            await mt.close()
+            raise
+        log.info(
+            "master target ready: %d disks, data port %s, metrics port %s",
+            len(mt.replicas), mt.port, mt.metrics_port,
+        )  # fmt: skip
+        return mt
+
+    async def _open_disks(self) -> None:
+        loop = asyncio.get_running_loop()
+        inbox = Inbox(self.config.cache_dir)
+        for disk in self.config.disks:
+            target = await loop.run_in_executor(self.executor, _open_target, disk)
+            try:
+                replica = await loop.run_in_executor(
+                    self.executor,
+                    lambda disk=disk, target=target: DiskReplica.open(  # type: ignore[misc]
+                        disk, target, store=self.store, inbox=inbox, keyring=self.keyring,
+                        metrics=self.metrics, executor=self.executor,
+                    ),
+                )  # fmt: skip
+            except BaseException:
+                target.close()
+                raise
+            self.replicas[disk.id] = replica
+            self._tasks.append(asyncio.create_task(replica.run(), name=f"apply-{disk.id}"))
+            status = replica.status()
+            log.info(
+                "disk %s: target %s (%d bytes), applied generation %d seq %d, "
+                "%d files waiting, state %s",
+                disk.id, disk.target, target.size, status.applied.generation,
+                status.applied.seq, status.inbox_files, status.state.value,
+            )  # fmt: skip
+
+    async def _open_ports(
+        self, registry: CollectorRegistry, data_port: int | None, metrics_port: int | None
+    ) -> None:
+        listen = self.config.listen
+        self._runner = web.AppRunner(
+            build_app(self), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S
+        )
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner,
+            listen.host,
+            listen.port if data_port is None else data_port,
+            ssl_context=server_context(self.config.tls),
+        )
+        await site.start()
+        self._metrics_server = await start_metrics_server(
+            registry,
+            self.config.metrics,
+            alive=lambda: not self._closing,
+            ready=self.ready,
+            port=metrics_port,
+        )
+
+    @property
+    def port(self) -> int:
+        """The data port actually bound (the configured one, or the one picked for 0)."""
+        assert self._runner is not None
+        address = self._runner.addresses[0]
+        return int(address[1])
+
+    @property
+    def metrics_port(self) -> int:
+        assert self._metrics_server is not None
+        return self._metrics_server.port
+
+    def ready(self) -> tuple[bool, str]:
+        """Whether the data port can take files, and why not."""
+        if self._closing:
+            return False, "shutting down"
+        full = [
+            r.config.id
+            for r in self.replicas.values()
+            if r.inbox_bytes() >= self.config.inbox_quota_bytes
+        ]
+        if full:
+            return False, f"inbox over quota for disks {', '.join(full)}"
+        return True, "ready"
+
+    async def close(self) -> None:
+        """Stop taking requests, let the appliers finish the file in hand, close everything."""
+        self._closing = True
+        started = time.monotonic()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for replica in self.replicas.values():
+            await replica.stop()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for replica in self.replicas.values():
+            replica.target.close()
+        if self._metrics_server is not None:
+            await self._metrics_server.close()
+        self.store.close()
+        self.executor.shutdown(wait=True)
+        self.retention.lock.release()
+        log.info("master target stopped in %.1f s", time.monotonic() - started)
+
+
+def _open_target(disk: DiskConfig) -> TargetDisk:
+    """Open the disk's target, creating it first when the config says so."""
+    if disk.create and not disk.target.exists():
+        assert disk.size_bytes is not None  # DiskConfig checks it
+        kind: CreateFormat = "raw"
+        if disk.format == "vmdk":
+            kind = "vmdk-sparse" if disk.vmdk_subformat == "monolithicSparse" else "vmdk-flat"
+        log.info("disk %s: creating %s target %s of %d bytes", disk.id, kind, disk.target,
+                 disk.size_bytes)  # fmt: skip
+        return create_disk(disk.target, kind, disk.size_bytes)
+    return open_disk(disk.target, disk.format)

@@ -1,0 +1,328 @@
+"""The master target's data API on aiohttp: routes, authorisation, answers.
+
+Specified in docs/api.md. Every request comes over mutual TLS 1.3; the
+middleware names the client from its certificate and refuses (403) anyone the
+config does not list as a process server before a handler runs, so no byte of
+an unauthorised body is read, let alone decoded (DESIGN.md invariant 7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Final
+
+import xxhash
+from aiohttp import web
+
+from mastertarget.config import MAX_HRL_FILE_BYTES
+from mastertarget.replica import DiskReplica
+from mastertarget.state import DiskState
+from protocol.batch import NEED_DATA
+from protocol.errors import BlockreplError, LimitExceededError, MalformedError, TruncatedError
+from protocol.hrl import FileReceived, HeaderReady, HrlHeader, HrlReceiver
+from protocol.limits import GiB, MiB
+from protocol.sequencing import Admission, Fit
+from runtime.errors import DurabilityError, PeerIdentityError
+from runtime.tls import peer_identity
+
+if TYPE_CHECKING:
+    from mastertarget.daemon import MasterTarget
+
+log = logging.getLogger("blockrepl.mastertarget.api")
+
+#: Bytes read from a request body at a time: large enough to keep per-chunk
+#: overhead small, small enough to bound memory per read.
+READ_CHUNK: Final = 256 * 1024
+#: Seconds a sender is asked to wait when the inbox is full or a write failed:
+#: long enough for the applier to drain a few files.
+RETRY_AFTER_S: Final = 5
+#: Checksum chunks: at least a page, at most a region the resync compares at
+#: its top level.
+MIN_CHECKSUM_CHUNK: Final = 4096
+MAX_CHECKSUM_CHUNK: Final = GiB
+#: Most digests in one answer (16 MiB of them): a client asks again for more.
+MAX_CHECKSUM_CHUNKS: Final = 1 << 20
+#: Bytes hashed per executor call: holds the disk lock for a bounded time.
+CHECKSUM_READ_BYTES: Final = 64 * MiB
+DIGEST_BYTES: Final = 16
+
+MT: Final = web.AppKey["MasterTarget"]("mastertarget")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, code: str, message: str, **details: object) -> web.Response:
+    return web.json_response({"error": code, "message": message, **details}, status=status)
+
+
+def _from_exception(exc: BlockreplError) -> web.Response:
+    response = web.json_response(exc.to_json(), status=exc.http_status)
+    if exc.http_status == 503:
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
+
+
+@web.middleware
+async def authorise(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse any client the config does not list as a process server; count answers."""
+    mt = request.app[MT]
+    identity: str | None = None
+    reason = "no TLS connection"
+    try:
+        if request.transport is not None:
+            identity = peer_identity(request.transport.get_extra_info("ssl_object"))
+    except PeerIdentityError as exc:
+        reason = exc.message
+    if identity is None or identity not in mt.config.process_servers:
+        reason = reason if identity is None else f"machine {identity!r} is not a process server"
+        mt.metrics.errors.labels("forbidden").inc()
+        refusal = _error(403, "forbidden", f"{reason}; allowed: the configured process servers")
+        refusal.force_close()  # the body stays unread: the connection cannot be reused
+        return refusal
+    response: web.StreamResponse = await handler(request)
+    route = request.match_info.route.resource
+    name = route.canonical if route is not None else "unmatched"
+    mt.metrics.requests.labels(name, str(response.status)).inc()
+    return response
+
+
+def _replica(request: web.Request) -> DiskReplica:
+    disk_id = request.match_info["disk"]
+    replica: DiskReplica | None = request.app[MT].replicas.get(disk_id)
+    if replica is None:
+        raise web.HTTPNotFound(
+            text=f'{{"error": "unknown-disk", "message": "disk {disk_id!r} is not '
+            f'replicated to this master target"}}',
+            content_type="application/json",
+        )
+    return replica
+
+
+def _position_json(replica: DiskReplica) -> dict[str, object]:
+    return {
+        "disk": replica.config.id,
+        "generation": replica.received.generation,
+        "received_seq": replica.received.seq,
+        "applied_generation": replica.applied.generation,
+        "applied_seq": replica.applied.seq,
+    }
+
+
+def _refusal(replica: DiskReplica, verdict: Admission) -> web.Response:
+    body = _position_json(replica)
+    if verdict.fit is Fit.STALE:
+        return _error(
+            409, "stale-generation",
+            f"generation is older than the current generation {verdict.generation}",
+            current_generation=verdict.generation, **body,
+        )  # fmt: skip
+    return _error(
+        409, verdict.fit.value,
+        f"expected seq {verdict.expected_seq} of generation {verdict.generation} next",
+        expected_seq=verdict.expected_seq, **body,
+    )  # fmt: skip
+
+
+def _int_segment(request: web.Request, name: str) -> int:
+    text = request.match_info[name]
+    if not text.isdigit() or len(text) > 19:
+        raise MalformedError(f"{name} in the URL must be a decimal number, found {text!r}")
+    return int(text)
+
+
+async def put_hrl(request: web.Request) -> web.StreamResponse:
+    """PUT /v1/disks/{disk}/hrl/{generation}/{seq}: store one HRL file durably."""
+    mt = request.app[MT]
+    replica = _replica(request)
+    try:
+        generation = _int_segment(request, "generation")
+        seq = _int_segment(request, "seq")
+        if replica.state is DiskState.FAILED_OVER:
+            return _error(
+                409, "failed-over",
+                f"disk {replica.config.id} was failed over: it takes no more replication "
+                "data until it is protected again",
+            )  # fmt: skip
+        if request.content_length is not None and request.content_length > MAX_HRL_FILE_BYTES:
+            raise LimitExceededError(
+                f"an HRL file may be at most {MAX_HRL_FILE_BYTES} bytes, found "
+                f"Content-Length {request.content_length}",
+                details={"max_file_bytes": MAX_HRL_FILE_BYTES},
+            )
+        header, data = await _receive(request, replica, generation, seq)
+        if replica.inbox_bytes() + len(data) > mt.config.inbox_quota_bytes:
+            mt.metrics.errors.labels("inbox-full").inc()
+            response = _error(
+                503, "inbox-full",
+                f"disk {replica.config.id} has {replica.inbox_bytes()} bytes waiting to be "
+                f"applied, the quota is {mt.config.inbox_quota_bytes}",
+            )  # fmt: skip
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+            return response
+        async with replica.put_lock:
+            verdict = await replica.store(header, data)
+    except BlockreplError as exc:
+        mt.metrics.errors.labels(exc.code).inc()
+        if isinstance(exc, DurabilityError):
+            log.error("disk %s: cannot store a received file: %s", replica.config.id, exc.message)
+        return _from_exception(exc)
+    if verdict.fit is Fit.DUPLICATE:
+        mt.metrics.duplicates.labels(replica.config.id).inc()
+    elif verdict.fit is not Fit.NEXT:
+        return _refusal(replica, verdict)
+    return web.json_response(_position_json(replica))
+
+
+async def _receive(
+    request: web.Request, replica: DiskReplica, generation: int, seq: int
+) -> tuple[HrlHeader, bytes]:
+    receiver = HrlReceiver(max_file_len=MAX_HRL_FILE_BYTES)
+    header: HrlHeader | None = None
+    data: bytes | None = None
+    keyring = request.app[MT].keyring
+    while chunk := await request.content.read(READ_CHUNK):
+        receiver.feed(chunk)
+        while (event := receiver.next_event()) is not NEED_DATA:
+            if isinstance(event, HeaderReady):
+                header = event.header
+                _check_header(header, replica.config.id, generation, seq)
+                keyring.data_key(header.key_id)  # unknown key: refuse before storing
+            elif isinstance(event, FileReceived):
+                data = event.data
+    receiver.feed_eof()
+    while (event := receiver.next_event()) is not NEED_DATA:
+        if isinstance(event, FileReceived):
+            data = event.data
+        else:
+            break
+    if header is None or data is None:
+        raise TruncatedError("the request body ended before a whole HRL file arrived")
+    return header, data
+
+
+def _check_header(header: HrlHeader, disk_id: str, generation: int, seq: int) -> None:
+    found = (header.disk_id, header.generation, header.first_seq)
+    if found != (disk_id, generation, seq):
+        raise MalformedError(
+            f"the HRL header must match the URL: disk {disk_id}, generation {generation}, "
+            f"first seq {seq}; found disk {found[0]}, generation {found[1]}, "
+            f"first seq {found[2]}",
+        )
+
+
+async def get_state(request: web.Request) -> web.StreamResponse:
+    """GET /v1/disks/{disk}/state."""
+    status = _replica(request).status()
+    return web.json_response(
+        {
+            "disk": status.disk_id,
+            "generation": status.received.generation,
+            "received_seq": status.received.seq,
+            "applied_generation": status.applied.generation,
+            "applied_seq": status.applied.seq,
+            "target_size": status.target_size,
+            "state": status.state.value,
+            "resync_open": status.resync_open,
+            "last_apply_error": status.last_error,
+            "inbox_files": status.inbox_files,
+            "inbox_bytes": status.inbox_bytes,
+        }
+    )
+
+
+async def get_disks(request: web.Request) -> web.StreamResponse:
+    """GET /v1/disks: every disk replicated here, with its state."""
+    mt = request.app[MT]
+    return web.json_response(
+        {
+            "disks": [
+                {"disk": r.config.id, "state": r.state.value, "applied_seq": r.applied.seq}
+                for r in mt.replicas.values()
+            ]
+        }
+    )
+
+
+def _query_int(request: web.Request, name: str, default: int | None = None) -> int:
+    text = request.query.get(name)
+    if text is None:
+        if default is None:
+            raise MalformedError(f"query parameter {name} is required")
+        return default
+    if not text.isdigit() or len(text) > 19:
+        raise MalformedError(f"query parameter {name} must be a decimal number, found {text!r}")
+    return int(text)
+
+
+async def get_checksums(request: web.Request) -> web.StreamResponse:
+    """GET /v1/disks/{disk}/checksums?offset=&length=&chunk=: XXH3-128 per chunk, streamed."""
+    replica = _replica(request)
+    mt = request.app[MT]
+    try:
+        offset = _query_int(request, "offset", 0)
+        length = _query_int(request, "length", max(0, replica.target.size - offset))
+        chunk = _query_int(request, "chunk")
+        _check_checksum_range(offset, length, chunk, replica.target.size)
+    except BlockreplError as exc:
+        return _from_exception(exc)
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(-(-length // chunk) * DIGEST_BYTES),
+            "X-Blockrepl-Chunk": str(chunk),
+            "X-Blockrepl-Applied-Generation": str(replica.applied.generation),
+            "X-Blockrepl-Applied-Seq": str(replica.applied.seq),
+        }
+    )
+    await response.prepare(request)
+    loop = asyncio.get_running_loop()
+    position, end = offset, offset + length
+    per_call = max(1, CHECKSUM_READ_BYTES // chunk)
+    while position < end:
+        starts = list(range(position, min(end, position + per_call * chunk), chunk))
+        digests = await loop.run_in_executor(mt.executor, _hash_chunks, replica, starts, chunk, end)
+        await response.write(digests)
+        position = starts[-1] + chunk
+    await response.write_eof()
+    return response
+
+
+def _check_checksum_range(offset: int, length: int, chunk: int, size: int) -> None:
+    if not MIN_CHECKSUM_CHUNK <= chunk <= MAX_CHECKSUM_CHUNK:
+        raise MalformedError(
+            f"chunk must be {MIN_CHECKSUM_CHUNK}..{MAX_CHECKSUM_CHUNK} bytes, found {chunk}"
+        )
+    if length < 1 or offset + length > size:
+        raise MalformedError(
+            f"the range must lie inside the {size}-byte target, found offset={offset} "
+            f"length={length}"
+        )
+    if -(-length // chunk) > MAX_CHECKSUM_CHUNKS:
+        raise MalformedError(
+            f"at most {MAX_CHECKSUM_CHUNKS} chunks per request, found {-(-length // chunk)}: "
+            "ask for a shorter range or larger chunks"
+        )
+
+
+def _hash_chunks(replica: DiskReplica, starts: list[int], chunk: int, end: int) -> bytes:
+    out = bytearray()
+    with replica.disk_lock:  # a whole file applied, or none of it
+        for start in starts:
+            digest = xxhash.xxh3_128()
+            stop = min(start + chunk, end)
+            for piece in range(start, stop, 4 * MiB):
+                digest.update(replica.target.read(piece, min(4 * MiB, stop - piece)))
+            out += digest.digest()
+    return bytes(out)
+
+
+def build_app(mt: MasterTarget) -> web.Application:
+    """The data API application of one master target."""
+    app = web.Application(middlewares=[authorise], client_max_size=1024)
+    app[MT] = mt
+    app.router.add_put(r"/v1/disks/{disk}/hrl/{generation}/{seq}", put_hrl)
+    app.router.add_get("/v1/disks", get_disks)
+    app.router.add_get("/v1/disks/{disk}/state", get_state)
+    app.router.add_get("/v1/disks/{disk}/checksums", get_checksums)
+    return app
