@@ -29,6 +29,7 @@ import threading
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 from mastertarget.apply import ApplyResult, apply_file
@@ -39,12 +40,24 @@ from mastertarget.inbox import Inbox, InboxEntry
 from mastertarget.metrics import MasterTargetMetrics
 from mastertarget.state import DiskRecord, DiskState, StateStore
 from protocol.errors import MalformedError, ProtocolError
-from protocol.hrl import HrlHeader, open_hrl
+from protocol.hrl import HrlFile, HrlHeader, open_hrl
 from protocol.keyring import KeyRing
 from protocol.sequencing import Admission, Fit, StreamPosition, admit
 from runtime.errors import DurabilityError
 
 log = logging.getLogger("blockrepl.mastertarget.apply")
+
+#: Bytes of inbox files verified ahead of the one being applied: enough to
+#: keep a second core decrypting while the first writes, and small, because
+#: a verified file is held in memory: with a wider window every buffer is
+#: fresh memory and page faults cost more than the overlap gains (measured
+#: with benchmarks/mt_apply_bench.py: 1 MiB 70 %, 4 MiB 74 %, 16 MiB 72 %,
+#: 64 MiB 53 % of the limit).
+PREFETCH_BYTES: Final = 4 * 2**20
+#: Most files applied under one flush and one marker commit, and most bytes:
+#: a group is re-applied whole after a crash, so it stays small.
+MAX_GROUP_FILES: Final = 32
+MAX_GROUP_BYTES: Final = 64 * 2**20
 
 #: First wait before applying a file again after a target error, doubled on
 #: each failure up to the maximum: quick recovery from a blip, no busy loop
@@ -67,6 +80,22 @@ class ReplicaStatus:
     inbox_files: int
     inbox_bytes: int
     oldest_ns: int | None
+
+
+class _BoundMetrics:
+    """The per-disk children of the metrics, looked up once."""
+
+    def __init__(self, metrics: MasterTargetMetrics, disk_id: str) -> None:
+        self.files_applied = metrics.files_applied.labels(disk_id)
+        self.bytes_applied = metrics.bytes_applied.labels(disk_id)
+        self.bytes_zeroed = metrics.bytes_zeroed.labels(disk_id)
+        self.apply_seconds = metrics.apply_seconds.labels(disk_id)
+        self.inbox_files = metrics.inbox_files.labels(disk_id)
+        self.inbox_bytes = metrics.inbox_bytes.labels(disk_id)
+        self.inbox_oldest_age = metrics.inbox_oldest_age.labels(disk_id)
+        self.applied_seq = metrics.applied_seq.labels(disk_id)
+        self.received_seq = metrics.received_seq.labels(disk_id)
+        self.target_bytes = metrics.target_bytes.labels(disk_id)
 
 
 class DiskReplica:
@@ -104,8 +133,12 @@ class DiskReplica:
         #: reader never sees half a file
         self.disk_lock = threading.Lock()
         self._wake = asyncio.Event()
+        self._progress = asyncio.Condition()
         self._stopping = False
         self._retry_s = RETRY_FIRST_S
+        self._bound = _BoundMetrics(metrics, config.id)
+        # Read at scrape time: an age must grow while nothing happens.
+        self._bound.inbox_oldest_age.set_function(self._oldest_age_s)
         for entry in entries:
             self._add_pending(entry)
         self._drop_superseded()
@@ -203,24 +236,43 @@ class DiskReplica:
     # --- applying --------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Apply files in stream order until :meth:`stop`."""
+        """Apply files in stream order until :meth:`stop`.
+
+        Verification runs ahead of applying: while one group of files is
+        written to the target, the next files are decrypted and checked on
+        other threads (:data:`PREFETCH_BYTES` of them at most). Files whose
+        verification is done when a group starts are applied together, with
+        one flush and one marker commit: under load the fsyncs per file fall
+        below one, idle the latency stays one file.
+        """
         loop = asyncio.get_running_loop()
-        while not self._stopping:
-            entry = self._next_entry()
-            if entry is None or self._record.state is DiskState.FAILED_OVER:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            started = time.monotonic()
-            try:
-                result = await loop.run_in_executor(self._executor, self._apply, entry)
-            except ProtocolError as exc:
-                await loop.run_in_executor(self._executor, self._quarantine, entry, exc)
-                continue
-            except (DiskError, DurabilityError) as exc:
-                await self._pause(entry, exc)
-                continue
-            self._applied(entry, result, time.monotonic() - started)
+        opened: dict[Path, asyncio.Future[HrlFile]] = {}
+        try:
+            while not self._stopping:
+                head = self._next_entry()
+                if head is None or self._record.state is DiskState.FAILED_OVER:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                self._prefetch(opened, loop)
+                group = await self._verified_group(head, opened)
+                if not group:
+                    continue
+                started = time.monotonic()
+                try:
+                    results = await loop.run_in_executor(self._executor, self._apply_group, group)
+                except (DiskError, DurabilityError) as exc:
+                    await self._pause(group[0][0], exc)
+                    continue
+                for entry, _ in group:
+                    opened.pop(entry.path, None)
+                self._applied(group, results, time.monotonic() - started)
+                async with self._progress:
+                    self._progress.notify_all()
+        finally:
+            for future in opened.values():  # let threads finish before files close
+                with contextlib.suppress(Exception):
+                    await future
 
     def _next_entry(self) -> InboxEntry | None:
         if not self._pending:
@@ -229,8 +281,55 @@ class DiskReplica:
         fit = admit(self._record.applied, entry.generation, entry.first_seq, entry.last_seq)
         return entry if fit.fit is Fit.NEXT else None
 
-    def _apply(self, entry: InboxEntry) -> ApplyResult:
-        """Verify, apply, flush, mark (blocking; on an executor thread)."""
+    def _prefetch(
+        self, opened: dict[Path, asyncio.Future[HrlFile]], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """Start verifying the next files, up to PREFETCH_BYTES of them."""
+        wanted = set()
+        budget = PREFETCH_BYTES
+        for entry in self._pending:
+            wanted.add(entry.path)
+            if entry.path not in opened:
+                opened[entry.path] = loop.run_in_executor(self._executor, self._open, entry)
+            budget -= entry.size
+            if budget <= 0:
+                break
+        for path in [p for p in opened if p not in wanted and opened[p].done()]:
+            del opened[path]  # superseded or quarantined meanwhile
+
+    async def _verified_group(
+        self, head: InboxEntry, opened: dict[Path, asyncio.Future[HrlFile]]
+    ) -> list[tuple[InboxEntry, HrlFile]]:
+        """The head file, verified, and the files after it whose verification is done."""
+        group: list[tuple[InboxEntry, HrlFile]] = []
+        position = self._record.applied
+        size = 0
+        for entry in self._pending[:MAX_GROUP_FILES]:
+            if admit(position, entry.generation, entry.first_seq, entry.last_seq).fit is not (
+                Fit.NEXT
+            ):
+                break
+            future = opened[entry.path] if entry.path in opened else None
+            if future is None or (group and not future.done()):
+                break
+            try:
+                hrl = await future
+            except ProtocolError as exc:
+                opened.pop(entry.path, None)
+                if not group:  # the head is bad: quarantine it; later files wait
+                    await asyncio.get_running_loop().run_in_executor(
+                        self._executor, self._quarantine, entry, exc
+                    )
+                break
+            group.append((entry, hrl))
+            position = entry.end
+            size += hrl.header.plaintext_len
+            if size >= MAX_GROUP_BYTES:
+                break
+        return group
+
+    def _open(self, entry: InboxEntry) -> HrlFile:
+        """Read and verify one inbox file whole (blocking; on an executor thread)."""
         hrl = open_hrl(entry.path.read_bytes(), self._keyring)
         header = hrl.header
         found = (header.disk_id, header.generation, header.first_seq, header.last_seq)
@@ -241,29 +340,41 @@ class DiskReplica:
                 f"{expected[1]} seqs {expected[2]}..{expected[3]}, found disk {found[0]} "
                 f"generation {found[1]} seqs {found[2]}..{found[3]}"
             )
+        return hrl
+
+    def _apply_group(self, group: list[tuple[InboxEntry, HrlFile]]) -> list[ApplyResult]:
+        """Apply verified files in order, flush once, mark once (blocking)."""
         with self.disk_lock:
-            result = apply_file(self.target, hrl)
+            results = [apply_file(self.target, hrl) for _, hrl in group]
             self.target.flush()
-        resync_open = (self._record.resync_open or result.resync) and not result.resync_end
+        resync_open = self._record.resync_open
+        for result in results:
+            resync_open = (resync_open or result.resync) and not result.resync_end
+        now = time.time_ns()
         self._store.set_applied(
-            self.config.id, entry.end, resync_open=resync_open, now_ns=time.time_ns()
+            self.config.id, group[-1][0].end, resync_open=resync_open, now_ns=now
         )
         if self._record.state is not DiskState.REPLICATING:
             # Applying past the marker proves the stream whole again: a paused
             # target took the file, or the file after a quarantined one came.
-            self._store.set_state(self.config.id, DiskState.REPLICATING, "", now_ns=time.time_ns())
-        self._inbox.remove(entry)
-        return result
+            self._store.set_state(self.config.id, DiskState.REPLICATING, "", now_ns=now)
+        for entry, _ in group:
+            self._inbox.remove(entry)
+        return results
 
-    def _applied(self, entry: InboxEntry, result: ApplyResult, seconds: float) -> None:
+    def _applied(
+        self, group: list[tuple[InboxEntry, HrlFile]], results: list[ApplyResult], seconds: float
+    ) -> None:
         self._record = self._store.disk(self.config.id)
-        self._pending.remove(entry)
+        for entry, _ in group:
+            self._pending.remove(entry)
         self._retry_s = RETRY_FIRST_S
-        disk_id = self.config.id
-        self._metrics.files_applied.labels(disk_id).inc()
-        self._metrics.bytes_applied.labels(disk_id).inc(result.write_bytes)
-        self._metrics.bytes_zeroed.labels(disk_id).inc(result.zero_bytes)
-        self._metrics.apply_seconds.labels(disk_id).observe(seconds)
+        m = self._bound
+        m.files_applied.inc(len(group))
+        m.bytes_applied.inc(sum(r.write_bytes for r in results))
+        m.bytes_zeroed.inc(sum(r.zero_bytes for r in results))
+        for _ in group:
+            m.apply_seconds.observe(seconds)
         self._publish()
 
     def _quarantine(self, entry: InboxEntry, exc: ProtocolError) -> None:
@@ -289,6 +400,7 @@ class DiskReplica:
         self._publish()
 
     async def _pause(self, entry: InboxEntry, exc: DiskError | DurabilityError) -> None:
+        """Record the paused state and wait out the back-off; the group is applied again."""
         disk_id = self.config.id
         error = (
             f"applying seqs {entry.first_seq}..{entry.last_seq} failed: {exc.message}; "
@@ -307,6 +419,11 @@ class DiskReplica:
         with contextlib.suppress(TimeoutError):  # woken early by stop()
             await asyncio.wait_for(self._wake.wait(), timeout=self._retry_s)
         self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
+
+    async def wait_applied(self, position: StreamPosition) -> None:
+        """Return once ``position`` (or a later one) is applied and marked."""
+        async with self._progress:
+            await self._progress.wait_for(lambda: self._record.applied >= position)
 
     async def stop(self) -> None:
         """Ask the applier to stop after the file in hand (the caller awaits its task)."""
@@ -330,16 +447,15 @@ class DiskReplica:
             oldest_ns=oldest,
         )
 
-    def _publish(self) -> None:
-        disk_id = self.config.id
-        m = self._metrics
-        m.inbox_files.labels(disk_id).set(len(self._pending))
-        m.inbox_bytes.labels(disk_id).set(self.inbox_bytes())
+    def _oldest_age_s(self) -> float:
         oldest = min((e.stored_ns for e in self._pending), default=None)
-        m.inbox_oldest_age.labels(disk_id).set(
-            0 if oldest is None else max(0.0, (time.time_ns() - oldest) / 1e9)
-        )
-        m.applied_seq.labels(disk_id).set(self._record.applied.seq)
-        m.received_seq.labels(disk_id).set(self.received.seq)
-        m.target_bytes.labels(disk_id).set(self.target.size)
-        m.set_state(disk_id, self._record.state)
+        return 0.0 if oldest is None else max(0.0, (time.time_ns() - oldest) / 1e9)
+
+    def _publish(self) -> None:
+        m = self._bound
+        m.inbox_files.set(len(self._pending))
+        m.inbox_bytes.set(self.inbox_bytes())
+        m.applied_seq.set(self._record.applied.seq)
+        m.received_seq.set(self.received.seq)
+        m.target_bytes.set(self.target.size)
+        self._metrics.set_state(self.config.id, self._record.state)
