@@ -41,17 +41,17 @@ from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.datagen import synthetic_blocks  # noqa: E402
-from mastertarget.config import DiskConfig  # noqa: E402
-from mastertarget.disks import CreateFormat, create_disk  # noqa: E402
-from mastertarget.inbox import Inbox  # noqa: E402
-from mastertarget.metrics import MasterTargetMetrics  # noqa: E402
-from mastertarget.replica import DiskReplica  # noqa: E402
-from mastertarget.state import StateStore  # noqa: E402
-from protocol.hrl import HRL_HEADER, Compression, HrlSealer, SealedHrl  # noqa: E402
-from protocol.keyring import KeyRing  # noqa: E402
-from protocol.records import Record, Write  # noqa: E402
-from protocol.sequencing import StreamPosition  # noqa: E402
+from benchmarks.datagen import synthetic_blocks
+from mastertarget.config import DiskConfig
+from mastertarget.disks import CreateFormat, create_disk
+from mastertarget.inbox import Inbox
+from mastertarget.metrics import MasterTargetMetrics
+from mastertarget.replica import DiskReplica
+from mastertarget.state import StateStore
+from protocol.hrl import HRL_HEADER, Compression, HrlSealer, SealedHrl
+from protocol.keyring import KeyRing
+from protocol.records import Record, Write
+from protocol.sequencing import StreamPosition
 
 BACKENDS: dict[str, CreateFormat] = {"raw": "raw", "vmdk_sparse": "vmdk-sparse"}
 
@@ -128,10 +128,8 @@ def _limit_once(work: Workload, root: Path) -> float:
     started = time.perf_counter()
     for sealed, key, writes in zip(work.files, keys, work.writes, strict=True):
         stored = AESGCM(key.key).decrypt(key.nonce, sealed.body, sealed.header_bytes)
-        if sealed.header.compression is Compression.ZSTD:
-            plain = zstd.decompress(stored)
-        else:
-            plain = stored
+        compressed = sealed.header.compression is Compression.ZSTD
+        plain = zstd.decompress(stored) if compressed else stored
         view = memoryview(plain)
         pos = 0
         for offset, length in writes:
@@ -181,7 +179,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _default_dir() -> Path:
-    shm = Path("/dev/shm")
+    shm = Path("/dev/shm")  # noqa: S108 - each run makes its own mkdtemp folder in it
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
 
 

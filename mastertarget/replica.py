@@ -309,7 +309,7 @@ class DiskReplica:
                 Fit.NEXT
             ):
                 break
-            future = opened[entry.path] if entry.path in opened else None
+            future = opened.get(entry.path)
             if future is None or (group and not future.done()):
                 break
             try:

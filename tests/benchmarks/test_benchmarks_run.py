@@ -1,4 +1,4 @@
-"""The protocol benchmark runs and reports every figure (its speed is not asserted)."""
+"""The benchmark programs run and report every figure (their speed is not asserted)."""
 
 from __future__ import annotations
 
@@ -34,3 +34,17 @@ def test_bench_reads_a_tar_of_files(tmp_path: Path) -> None:
     result = json.loads(out.stdout)
     assert result["data_source"].startswith("tar of")
     assert result["compression_ratio"] > 3
+
+
+def test_apply_bench_reports_each_backend(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "mt_apply_bench.py"), "--json",
+         "--files", "4", "--writes-per-file", "4", "--disk-mib", "16", "--rounds", "1",
+         "--dir", str(tmp_path)],
+        check=True, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    result = json.loads(out.stdout)
+    for backend in ("raw", "vmdk_sparse"):
+        assert result[backend]["apply_MBps"] > 0
+        assert result[backend]["limit_MBps"] > 0
+    assert result["setup"]["data_bytes"] == 16 * 65536

@@ -1,0 +1,74 @@
+"""The interface every target-disk back-end implements.
+
+The applier sees a target disk as a flat array of bytes of a fixed size with
+five operations. Back-ends: raw image files and block devices
+(:mod:`mastertarget.disks.raw`), VMDK monolithicFlat and monolithicSparse
+(:mod:`mastertarget.disks.vmdk`). :func:`mastertarget.disks.open_disk` picks
+one by the configured format.
+
+Durability contract (DESIGN.md invariants 1 and 3): after :meth:`flush`
+returns, every write and zero issued before it survives power loss, including
+any metadata the back-end needed to make it readable (a sparse VMDK's grain
+tables). Before :meth:`flush`, a crash may leave any subset of the writes,
+but never metadata pointing at data that is not durable.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+Buffer = bytes | bytearray | memoryview
+
+
+class TargetDisk(Protocol):
+    """A target disk open for reading and writing."""
+
+    @property
+    def size(self) -> int:
+        """The virtual size in bytes."""
+        ...
+
+    @property
+    def path(self) -> str:
+        """The file or device the disk lives in (the descriptor, for a VMDK)."""
+        ...
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset``; unallocated ranges read as zeros.
+
+        Raises:
+            DiskRangeError: the range is not inside the disk.
+            DiskIOError: the read failed.
+        """
+        ...
+
+    def write(self, offset: int, data: Buffer) -> None:
+        """Write ``data`` at ``offset``.
+
+        Raises:
+            DiskRangeError: the range is not inside the disk.
+            DiskIOError: the write failed.
+        """
+        ...
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make ``length`` bytes from ``offset`` read as zeros (deallocating where it can).
+
+        Raises:
+            DiskRangeError: the range is not inside the disk.
+            DiskIOError: the write failed.
+        """
+        ...
+
+    def flush(self) -> None:
+        """Make every earlier write and zero durable (fsync), metadata included.
+
+        Raises:
+            DiskIOError: fsync failed: the writes since the last flush must be
+                treated as lost (DESIGN.md crash-safe checklist item 4).
+        """
+        ...
+
+    def close(self) -> None:
+        """Release the file handles. Does not flush."""
+        ...
