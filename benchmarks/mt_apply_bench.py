@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.datagen import synthetic_blocks
 from mastertarget.config import DiskConfig
-from mastertarget.disks import CreateFormat, create_disk
+from mastertarget.disks import CreateFormat, create_disk, open_disk
 from mastertarget.inbox import Inbox
 from mastertarget.metrics import MasterTargetMetrics
 from mastertarget.replica import DiskReplica
@@ -104,6 +104,7 @@ async def _apply_once(work: Workload, root: Path, kind: CreateFormat) -> float:
     replica = DiskReplica.open(
         config, target, store=store, inbox=inbox, keyring=work.keyring,
         metrics=MasterTargetMetrics(CollectorRegistry()), executor=executor,
+        reopen=lambda: open_disk(target_path, "raw" if kind == "raw" else "vmdk"),
     )  # fmt: skip
     last = work.files[-1].header
     started = time.perf_counter()

@@ -144,6 +144,7 @@ class MasterTarget:
                     lambda disk=disk, target=target: DiskReplica.open(  # type: ignore[misc]
                         disk, target, store=self.store, inbox=inbox, keyring=self.keyring,
                         metrics=self.metrics, executor=self.executor,
+                        reopen=lambda: open_disk(disk.target, disk.format),
                     ),
                 )  # fmt: skip
             except BaseException:

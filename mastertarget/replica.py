@@ -27,6 +27,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,9 +117,14 @@ class DiskReplica:
         executor: Executor,
         record: DiskRecord,
         entries: list[InboxEntry],
+        reopen: Callable[[], TargetDisk],
     ) -> None:
         self.config = config
         self.target = target
+        self._reopen = reopen
+        #: the target failed a write or flush: a back-end refuses every change
+        #: after that, so it is opened again before the next try
+        self._target_failed = False
         self._store = store
         self._inbox = inbox
         self._keyring = keyring
@@ -156,12 +162,18 @@ class DiskReplica:
         keyring: KeyRing,
         metrics: MasterTargetMetrics,
         executor: Executor,
+        reopen: Callable[[], TargetDisk],
     ) -> DiskReplica:
-        """Load the disk's marker and inbox as a crash left them; blocking."""
+        """Load the disk's marker and inbox as a crash left them; blocking.
+
+        Args:
+            reopen: opens the target again after it failed.
+        """
         inbox.prepare(config.id)
         return cls(
             config, target, store=store, inbox=inbox, keyring=keyring, metrics=metrics,
             executor=executor, record=store.disk(config.id), entries=inbox.scan(config.id),
+            reopen=reopen,
         )  # fmt: skip
 
     # --- receiving -------------------------------------------------------------------
@@ -260,8 +272,11 @@ class DiskReplica:
                     continue
                 started = time.monotonic()
                 try:
+                    if self._target_failed:
+                        await loop.run_in_executor(self._executor, self._reopen_target)
                     results = await loop.run_in_executor(self._executor, self._apply_group, group)
                 except (DiskError, DurabilityError) as exc:
+                    self._target_failed = True
                     await self._pause(group[0][0], exc)
                     continue
                 for entry, _ in group:
@@ -341,6 +356,14 @@ class DiskReplica:
                 f"generation {found[1]} seqs {found[2]}..{found[3]}"
             )
         return hrl
+
+    def _reopen_target(self) -> None:
+        """Close the failed target and open it again (blocking)."""
+        with self.disk_lock:
+            self.target.close()
+            self.target = self._reopen()
+        self._target_failed = False
+        log.info("disk %s: target %s opened again", self.config.id, self.config.target)
 
     def _apply_group(self, group: list[tuple[InboxEntry, HrlFile]]) -> list[ApplyResult]:
         """Apply verified files in order, flush once, mark once (blocking)."""

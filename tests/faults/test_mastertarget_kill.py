@@ -8,10 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import signal
-import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +19,7 @@ import pytest
 from protocol.hrl import HrlSealer
 from protocol.records import Record
 from tests.conftest import require_binary
+from tests.faults.daemons import Daemon, free_port
 from tests.mastertarget.conftest import (
     Deployment,
     apply_to_model,
@@ -34,38 +32,6 @@ FILES_PER_DISK = 120
 KILLS = 6
 #: Upper bound for the whole storm: the test fails rather than hang.
 STORM_TIMEOUT_S = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Daemon:
-    config: Path
-    log: Path
-    proc: subprocess.Popen[bytes] | None = None
-    starts: int = 0
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mastertarget.cli", "serve", "--config", str(self.config)],
-                stdout=out, stderr=out,
-            )  # fmt: skip
-        self.starts += 1
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
 
 
 @dataclass
@@ -147,7 +113,7 @@ async def _wait_applied(session: aiohttp.ClientSession, base: str, stream: Strea
 
 async def test_kill_9_during_a_stream_loses_nothing(deployment: Deployment, tmp_path: Path) -> None:
     qemu_img = require_binary("qemu-img")
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     config = write_config(
         deployment, tmp_path,
         [

@@ -1,0 +1,46 @@
+"""Master target daemons run as real processes, for fault tests."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Daemon:
+    config: Path
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+    #: runs in the child before exec (for example to set a resource limit)
+    preexec: Callable[[], None] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mastertarget.cli", "serve", "--config", str(self.config)],
+                stdout=out, stderr=out, preexec_fn=self.preexec,  # noqa: PLW1509 - setrlimit only
+            )  # fmt: skip
+        self.starts += 1
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=30)
