@@ -21,7 +21,8 @@ from mastertarget.replica import DiskReplica
 from mastertarget.state import DiskState
 from protocol.batch import NEED_DATA
 from protocol.errors import BlockreplError, LimitExceededError, MalformedError, TruncatedError
-from protocol.hrl import FileReceived, HeaderReady, HrlHeader, HrlReceiver
+from protocol.hrl import HrlHeader
+from protocol.hrl_receiver import FileReceived, HeaderReady, HrlReceiver
 from protocol.limits import GiB, MiB
 from protocol.sequencing import Admission, Fit
 from runtime.errors import DurabilityError, PeerIdentityError

@@ -49,16 +49,12 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from protocol import ids
-from protocol.batch import NEED_DATA, Sentinel
 from protocol.errors import (
     AuthenticationFailedError,
     BadMagicError,
-    BlockreplError,
     ChecksumMismatchError,
-    DecoderFailedError,
     LimitExceededError,
     MalformedError,
-    ProtocolError,
     TruncatedError,
     UnsupportedVersionError,
 )
@@ -472,135 +468,3 @@ def _decompress(header: HrlHeader, stored: bytes) -> bytes:
             f"found {len(plaintext)}"
         )
     return plaintext
-
-
-@dataclass(frozen=True, slots=True)
-class HeaderReady:
-    """The header arrived and passed its checks; the body is still coming."""
-
-    header: HrlHeader
-
-
-@dataclass(frozen=True, slots=True)
-class FileReceived:
-    """Every byte of the file arrived (not yet decrypted: see :func:`open_hrl`)."""
-
-    header: HrlHeader
-    data: bytes
-
-
-HrlEvent = HeaderReady | FileReceived | Sentinel
-
-
-class HrlReceiver:
-    """Incremental receiver of one HRL file from a byte stream (a PUT body).
-
-    Yields :class:`HeaderReady` as soon as the header is checked, so a server
-    can refuse a file for the wrong disk or seq before reading its body; then
-    :class:`FileReceived` with the exact bytes of the file; then END_OF_STREAM
-    once :meth:`feed_eof` is called. Bytes past the file are refused. Memory is
-    bounded by the header's declared size, itself bounded by the limits.
-
-    Args:
-        max_file_len: refuse a header declaring a longer file (a daemon's
-            request size limit).
-
-    After it raises, the receiver is unusable.
-    """
-
-    def __init__(self, *, max_file_len: int | None = None) -> None:
-        self._max = max_file_len
-        self._buf = bytearray()
-        self._header: HrlHeader | None = None
-        self._announced = False
-        self._done = False
-        self._eof = False
-        self._failed: BlockreplError | None = None
-
-    def feed(self, data: Buffer) -> None:
-        """Add bytes of the file."""
-        self._check_usable()
-        if self._eof:
-            self._fail(ProtocolError("HRL stream: bytes fed after the end of input"))
-        if self._done and len(data):
-            assert self._header is not None
-            self._fail(
-                MalformedError(
-                    f"HRL stream: {len(data)} bytes after the end of the "
-                    f"{self._header.file_len}-byte file"
-                )
-            )
-        self._buf += data
-        if self._header is not None and len(self._buf) > self._header.file_len:
-            self._fail(
-                MalformedError(
-                    f"HRL stream: {len(self._buf) - self._header.file_len} bytes after "
-                    f"the end of the {self._header.file_len}-byte file"
-                )
-            )
-
-    def feed_eof(self) -> None:
-        """Mark the end of input."""
-        self._check_usable()
-        self._eof = True
-
-    def next_event(self) -> HrlEvent:
-        """The next event, or NEED_DATA.
-
-        Raises:
-            ProtocolError: the bytes break a rule; the receiver is unusable.
-        """
-        self._check_usable()
-        try:
-            return self._next()
-        except ProtocolError as exc:
-            self._failed = exc
-            raise
-
-    def _next(self) -> HrlEvent:
-        if self._done:
-            return Sentinel.END_OF_STREAM if self._eof else NEED_DATA
-        if self._header is None:
-            prefix = bytes(self._buf[: len(HRL_MAGIC)])
-            if not HRL_MAGIC.startswith(prefix):
-                raise BadMagicError(f"HRL file must start with {HRL_MAGIC!r}, found {prefix!r}")
-            if len(self._buf) < HRL_HEADER.size:
-                return self._need("header")
-            header = parse_header(self._buf)
-            if self._max is not None and header.file_len > self._max:
-                raise LimitExceededError(
-                    f"HRL file may be at most {self._max} bytes here, its header declares "
-                    f"{header.file_len}",
-                    details={"max_file_bytes": self._max},
-                )
-            if len(self._buf) > header.file_len:
-                raise MalformedError(
-                    f"HRL stream: {len(self._buf) - header.file_len} bytes after the end "
-                    f"of the {header.file_len}-byte file"
-                )
-            self._header = header
-        if not self._announced:
-            self._announced = True
-            return HeaderReady(self._header)
-        if len(self._buf) < self._header.file_len:
-            return self._need("body")
-        self._done = True
-        data, self._buf = bytes(self._buf), bytearray()
-        return FileReceived(self._header, data)
-
-    def _need(self, what: str) -> HrlEvent:
-        if self._eof:
-            raise TruncatedError(
-                f"HRL stream ended inside the {what} ({len(self._buf)} bytes received)"
-            )
-        return NEED_DATA
-
-    def _check_usable(self) -> None:
-        if self._failed is not None:
-            raise DecoderFailedError(
-                f"HRL receiver already failed ({self._failed.code}: {self._failed.message})"
-            )
-
-    def _fail(self, exc: ProtocolError) -> None:
-        self._failed = exc
-        raise exc

@@ -288,4 +288,11 @@ async def test_metrics_listener_reports_the_disk(start_mt, one_disk: Path) -> No
             assert response.status == 200
     assert 'blockrepl_mastertarget_hrl_files_applied_total{disk="d0"} 1.0' in text
     assert 'blockrepl_mastertarget_disk_state{disk="d0",state="replicating"} 1.0' in text
+    assert 'blockrepl_mastertarget_inbox_oldest_age_seconds{disk="d0"} 0.0' in text
     assert isinstance(mt, MasterTarget)
+    promtool = require_binary("promtool")
+    check = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -28,14 +28,12 @@ from protocol.errors import (
 from protocol.hrl import (
     HRL_HEADER,
     Compression,
-    FileReceived,
-    HeaderReady,
-    HrlReceiver,
     HrlSealer,
     SealedHrl,
     open_hrl,
     parse_header,
 )
+from protocol.hrl_receiver import FileReceived, HeaderReady, HrlReceiver
 from protocol.keyring import HKDF_INFO, KeyRing
 from protocol.records import Record, StreamFlags, Tag, TagKind, Write, Zero, encode_records
 
