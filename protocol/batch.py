@@ -36,17 +36,14 @@ from typing import Final, Literal
 
 import xxhash
 
-from protocol import ids
+from protocol import headers, ids
 from protocol.errors import (
     BadMagicError,
-    BlockreplError,
     ChecksumMismatchError,
-    DecoderFailedError,
     LimitExceededError,
     MalformedError,
     ProtocolError,
     TruncatedError,
-    UnsupportedVersionError,
 )
 from protocol.limits import MAX_BATCH_PAYLOAD, MAX_RECORDS_PER_BATCH, MAX_SEQ
 from protocol.records import (
@@ -68,8 +65,6 @@ BATCH_VERSION: Final = 1
 # || record_count || data_len || first_capture_ns || last_capture_ns || payload_len
 # || payload_xxh3_128 || header_xxh3_64
 BATCH_HEADER: Final = struct.Struct("<4sBBBB64sQQIIQQQ16sQ")
-#: The header checksum covers every byte before it.
-BATCH_HEADER_CHECKED: Final = BATCH_HEADER.size - 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +101,7 @@ class BatchHeader:
             self.first_capture_ns, self.last_capture_ns, self.payload_len,
             self.payload_xxh3_128, 0,
         )  # fmt: skip
-        check = xxhash.xxh3_64_intdigest(body[:BATCH_HEADER_CHECKED])
-        return body[:BATCH_HEADER_CHECKED] + check.to_bytes(8, "little")
+        return headers.seal(body)
 
 
 def unpack_header(buf: Buffer) -> BatchHeader:
@@ -121,22 +115,11 @@ def unpack_header(buf: Buffer) -> BatchHeader:
     if len(buf) < BATCH_HEADER.size:
         raise TruncatedError(f"batch header needs {BATCH_HEADER.size} bytes, found {len(buf)}")
     raw = bytes(buf[: BATCH_HEADER.size])
+    headers.check_prefix(raw, magic=BATCH_MAGIC, version=BATCH_VERSION, what="batch")
     (
-        magic, version, flags, id_len, reserved1, id_field, generation, first_seq,
-        record_count, data_len, first_ns, last_ns, payload_len, digest, check,
+        _, _, flags, id_len, reserved1, id_field, generation, first_seq,
+        record_count, data_len, first_ns, last_ns, payload_len, digest, _,
     ) = BATCH_HEADER.unpack(raw)  # fmt: skip
-    if magic != BATCH_MAGIC:
-        raise BadMagicError(f"batch must start with {BATCH_MAGIC!r}, found {magic!r}")
-    if version != BATCH_VERSION:
-        raise UnsupportedVersionError(
-            f"batch version must be {BATCH_VERSION}, found {version}",
-            details={"supported_versions": [BATCH_VERSION]},
-        )
-    expected_check = xxhash.xxh3_64_intdigest(raw[:BATCH_HEADER_CHECKED])
-    if check != expected_check:
-        raise ChecksumMismatchError(
-            f"batch header checksum must be {expected_check:016x}, found {check:016x}"
-        )
     if reserved1:
         raise MalformedError(f"batch header reserved byte must be 0, found {reserved1}")
     header = BatchHeader(
@@ -273,7 +256,7 @@ END_OF_STREAM: Final = Sentinel.END_OF_STREAM
 BatchEvent = Batch | Literal[Sentinel.NEED_DATA, Sentinel.END_OF_STREAM]
 
 
-class BatchDecoder:
+class BatchDecoder(headers.FailsOnce):
     """Incremental decoder of a stream of batches. Bytes in, :class:`Batch` events out.
 
     Feed bytes as they arrive with :meth:`feed`, the end of input with
@@ -299,7 +282,7 @@ class BatchDecoder:
         self._buf = bytearray()
         self._header: BatchHeader | None = None
         self._eof = False
-        self._failed: BlockreplError | None = None
+        self._name = "batch decoder"
         #: bytes of the stream consumed by complete batches, for error messages
         self.consumed = 0
         #: batches returned so far
@@ -395,14 +378,3 @@ class BatchDecoder:
                 f"batch stream ended inside the {what} ({len(self._buf)} bytes of it present)"
             )
         return NEED_DATA
-
-    def _check_usable(self) -> None:
-        if self._failed is not None:
-            raise DecoderFailedError(
-                f"batch decoder already failed ({self._failed.code}: {self._failed.message}); "
-                "start a new one"
-            )
-
-    def _fail(self, exc: ProtocolError) -> None:
-        self._failed = exc
-        raise exc

@@ -48,15 +48,13 @@ import zstandard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from protocol import ids
+from protocol import headers, ids
 from protocol.errors import (
     AuthenticationFailedError,
-    BadMagicError,
     ChecksumMismatchError,
     LimitExceededError,
     MalformedError,
     TruncatedError,
-    UnsupportedVersionError,
 )
 from protocol.keyring import SALT_BYTES, KeyRing, check_key_id
 from protocol.limits import MAX_HRL_PLAINTEXT, MAX_RECORDS_PER_HRL, MAX_SEQ
@@ -86,7 +84,6 @@ MAX_ZSTD_LEVEL: Final = 19
 # || last_capture_ns || receive_ns || plaintext_len || stored_len || data_len || reserved
 # || kdf_salt || plaintext_xxh3_128 || header_xxh3_64
 HRL_HEADER: Final = struct.Struct("<4sBBBB64sQQQIIQQQQQII32s16sQ")
-HRL_HEADER_CHECKED: Final = HRL_HEADER.size - 8
 
 
 class Compression(IntEnum):
@@ -142,8 +139,7 @@ class HrlHeader:
             self.plaintext_len, self.stored_len, self.data_len, 0, self.kdf_salt,
             self.plaintext_xxh3_128, 0,
         )  # fmt: skip
-        check = xxhash.xxh3_64_intdigest(body[:HRL_HEADER_CHECKED])
-        return body[:HRL_HEADER_CHECKED] + check.to_bytes(8, "little")
+        return headers.seal(body)
 
 
 def parse_header(buf: Buffer) -> HrlHeader:
@@ -157,23 +153,12 @@ def parse_header(buf: Buffer) -> HrlHeader:
     if len(buf) < HRL_HEADER.size:
         raise TruncatedError(f"HRL header needs {HRL_HEADER.size} bytes, found {len(buf)}")
     raw = bytes(buf[: HRL_HEADER.size])
+    headers.check_prefix(raw, magic=HRL_MAGIC, version=HRL_VERSION, what="HRL file")
     (
-        magic, version, compression, flags, id_len, id_field, generation, first_seq,
+        _, _, compression, flags, id_len, id_field, generation, first_seq,
         last_seq, record_count, key_id, first_ns, last_ns, receive_ns, plaintext_len,
-        stored_len, data_len, reserved, salt, digest, check,
+        stored_len, data_len, reserved, salt, digest, _,
     ) = HRL_HEADER.unpack(raw)  # fmt: skip
-    if magic != HRL_MAGIC:
-        raise BadMagicError(f"HRL file must start with {HRL_MAGIC!r}, found {magic!r}")
-    if version != HRL_VERSION:
-        raise UnsupportedVersionError(
-            f"HRL version must be {HRL_VERSION}, found {version}",
-            details={"supported_versions": [HRL_VERSION]},
-        )
-    expected_check = xxhash.xxh3_64_intdigest(raw[:HRL_HEADER_CHECKED])
-    if check != expected_check:
-        raise ChecksumMismatchError(
-            f"HRL header checksum must be {expected_check:016x}, found {check:016x}"
-        )
     if reserved:
         raise MalformedError(f"HRL header reserved field must be 0, found {reserved}")
     try:

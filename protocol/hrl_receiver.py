@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from protocol.batch import NEED_DATA, Sentinel
 from protocol.errors import (
     BadMagicError,
-    BlockreplError,
-    DecoderFailedError,
     LimitExceededError,
     MalformedError,
     ProtocolError,
     TruncatedError,
 )
+from protocol.headers import FailsOnce
 from protocol.hrl import HRL_HEADER, HRL_MAGIC, HrlHeader, parse_header
 from protocol.records import Buffer
 
@@ -42,7 +41,7 @@ class FileReceived:
 HrlEvent = HeaderReady | FileReceived | Sentinel
 
 
-class HrlReceiver:
+class HrlReceiver(FailsOnce):
     """Incremental receiver of one HRL file from a byte stream (a PUT body).
 
     Yields :class:`HeaderReady` as soon as the header is checked, so a server
@@ -65,7 +64,7 @@ class HrlReceiver:
         self._announced = False
         self._done = False
         self._eof = False
-        self._failed: BlockreplError | None = None
+        self._name = "HRL receiver"
 
     def feed(self, data: Buffer) -> None:
         """Add bytes of the file."""
@@ -144,13 +143,3 @@ class HrlReceiver:
                 f"HRL stream ended inside the {what} ({len(self._buf)} bytes received)"
             )
         return NEED_DATA
-
-    def _check_usable(self) -> None:
-        if self._failed is not None:
-            raise DecoderFailedError(
-                f"HRL receiver already failed ({self._failed.code}: {self._failed.message})"
-            )
-
-    def _fail(self, exc: ProtocolError) -> None:
-        self._failed = exc
-        raise exc
