@@ -105,6 +105,7 @@ async def _apply_once(work: Workload, root: Path, kind: CreateFormat) -> float:
         config, target, store=store, inbox=inbox, keyring=work.keyring,
         metrics=MasterTargetMetrics(CollectorRegistry()), executor=executor,
         reopen=lambda: open_disk(target_path, "raw" if kind == "raw" else "vmdk"),
+        journal=None,
     )  # fmt: skip
     last = work.files[-1].header
     started = time.perf_counter()

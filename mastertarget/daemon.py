@@ -25,6 +25,7 @@ from mastertarget.config import DiskConfig, MasterTargetConfig
 from mastertarget.disks import CreateFormat, create_disk, open_disk
 from mastertarget.disks.base import TargetDisk
 from mastertarget.inbox import Inbox
+from mastertarget.journal import UndoJournal
 from mastertarget.metrics import MasterTargetMetrics
 from mastertarget.replica import DiskReplica
 from mastertarget.retention_volume import (
@@ -49,6 +50,8 @@ SHUTDOWN_GRACE_S: Final = 30.0
 MIN_WORKERS: Final = 4
 #: The name of the state database on the retention volume.
 STATE_DB: Final = "state.db"
+#: The retention journal's folder on the retention volume.
+JOURNAL_DIR: Final = "journal"
 
 
 @dataclass
@@ -136,6 +139,7 @@ class MasterTarget:
     async def _open_disks(self) -> None:
         loop = asyncio.get_running_loop()
         inbox = Inbox(self.config.cache_dir)
+        journal = UndoJournal(self.retention.path / JOURNAL_DIR, self.keyring)
         for disk in self.config.disks:
             target = await loop.run_in_executor(self.executor, _open_target, disk)
             try:
@@ -144,7 +148,7 @@ class MasterTarget:
                     lambda disk=disk, target=target: DiskReplica.open(  # type: ignore[misc]
                         disk, target, store=self.store, inbox=inbox, keyring=self.keyring,
                         metrics=self.metrics, executor=self.executor,
-                        reopen=lambda: open_disk(disk.target, disk.format),
+                        reopen=lambda: open_disk(disk.target, disk.format), journal=journal,
                     ),
                 )  # fmt: skip
             except BaseException:

@@ -33,12 +33,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from mastertarget.apply import ApplyResult, apply_file
+from mastertarget.apply import ApplyResult, apply_segment, plan_file
 from mastertarget.config import DiskConfig
 from mastertarget.disks.base import TargetDisk
 from mastertarget.errors import DiskError
 from mastertarget.inbox import Inbox, InboxEntry
+from mastertarget.journal import UndoJournal, UndoPart
 from mastertarget.metrics import MasterTargetMetrics
+from mastertarget.points import RecoveryPoint
+from mastertarget.recovery import (
+    OutputFormat,
+    RecoverResult,
+    failover_in_place,
+    recover_copy,
+)
 from mastertarget.state import DiskRecord, DiskState, StateStore
 from protocol.errors import MalformedError, ProtocolError
 from protocol.hrl import HrlFile, HrlHeader, open_hrl
@@ -118,10 +126,15 @@ class DiskReplica:
         record: DiskRecord,
         entries: list[InboxEntry],
         reopen: Callable[[], TargetDisk],
+        journal: UndoJournal | None,
     ) -> None:
         self.config = config
         self.target = target
         self._reopen = reopen
+        #: the retention journal; None keeps no history (no recovery points to roll back to)
+        self._journal = journal
+        #: a failover is rolling the target back: apply nothing meanwhile
+        self._failing_over = False
         #: the target failed a write or flush: a back-end refuses every change
         #: after that, so it is opened again before the next try
         self._target_failed = False
@@ -163,17 +176,21 @@ class DiskReplica:
         metrics: MasterTargetMetrics,
         executor: Executor,
         reopen: Callable[[], TargetDisk],
+        journal: UndoJournal | None,
     ) -> DiskReplica:
         """Load the disk's marker and inbox as a crash left them; blocking.
 
         Args:
             reopen: opens the target again after it failed.
+            journal: the retention journal, or None to keep no history.
         """
         inbox.prepare(config.id)
+        if journal is not None:
+            journal.prepare(config.id)
         return cls(
             config, target, store=store, inbox=inbox, keyring=keyring, metrics=metrics,
             executor=executor, record=store.disk(config.id), entries=inbox.scan(config.id),
-            reopen=reopen,
+            reopen=reopen, journal=journal,
         )  # fmt: skip
 
     # --- receiving -------------------------------------------------------------------
@@ -262,7 +279,11 @@ class DiskReplica:
         try:
             while not self._stopping:
                 head = self._next_entry()
-                if head is None or self._record.state is DiskState.FAILED_OVER:
+                if (
+                    head is None
+                    or self._failing_over
+                    or (self._record.state is DiskState.FAILED_OVER)
+                ):
                     self._wake.clear()
                     await self._wake.wait()
                     continue
@@ -366,17 +387,40 @@ class DiskReplica:
         log.info("disk %s: target %s opened again", self.config.id, self.config.target)
 
     def _apply_group(self, group: list[tuple[InboxEntry, HrlFile]]) -> list[ApplyResult]:
-        """Apply verified files in order, flush once, mark once (blocking)."""
-        with self.disk_lock:
-            results = [apply_file(self.target, hrl) for _, hrl in group]
-            self.target.flush()
-        resync_open = self._record.resync_open
-        for result in results:
-            resync_open = (resync_open or result.resync) and not result.resync_end
+        """Journal, apply, flush once, mark once (blocking; on an executor thread).
+
+        Each segment's before-images are durable in the journal before its
+        first write is issued (DESIGN.md invariant 3); the marker, the new
+        points and the undo index commit together after the flush.
+        """
         now = time.time_ns()
-        self._store.set_applied(
-            self.config.id, group[-1][0].end, resync_open=resync_open, now_ns=now
-        )
+        resync_open = self._record.resync_open
+        points: list[RecoveryPoint] = []
+        undo: list[UndoPart] = []
+        results: list[ApplyResult] = []
+        with self.disk_lock:
+            for _, hrl in group:
+                plan = plan_file(hrl, resync_open_before=resync_open, applied_ns=now)
+                plaintext = memoryview(hrl.plaintext)
+                for segment in plan.segments:
+                    if self._journal is not None:
+                        undo.append(
+                            self._journal.capture_or_reuse(
+                                self.config.id, self.target, segment,
+                                generation=hrl.header.generation,
+                                capture_ns=hrl.header.last_capture_ns,
+                            )
+                        )  # fmt: skip
+                    results.append(apply_segment(self.target, plaintext, segment))
+                points.extend(plan.points)
+                resync_open = plan.resync_open_after
+            self.target.flush()
+            # Inside the lock: a recover copying the target sees the catalog
+            # that describes exactly what the target holds.
+            self._store.record_applied(
+                self.config.id, group[-1][0].end, resync_open=resync_open, points=points,
+                undo=undo, now_ns=now,
+            )  # fmt: skip
         if self._record.state is not DiskState.REPLICATING:
             # Applying past the marker proves the stream whole again: a paused
             # target took the file, or the file after a quarantined one came.
@@ -442,6 +486,59 @@ class DiskReplica:
         with contextlib.suppress(TimeoutError):  # woken early by stop()
             await asyncio.wait_for(self._wake.wait(), timeout=self._retry_s)
         self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
+
+    async def recover(
+        self, point: RecoveryPoint, output: Path, output_format: OutputFormat
+    ) -> RecoverResult:
+        """Write the disk as of ``point`` to ``output`` while replication goes on.
+
+        Raises:
+            DiskError: no journal is kept, or the output cannot be made.
+            ProtocolError, DurabilityError: the journal is damaged.
+        """
+        journal = self._require_journal()
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor,
+            lambda: recover_copy(
+                target=self.target, lock=self.disk_lock, journal=journal, store=self._store,
+                point=point, output=output, output_format=output_format,
+            ),
+        )  # fmt: skip
+
+    async def failover(self, point: RecoveryPoint) -> RecoverResult:
+        """Stop applying, roll the target back to ``point`` in place, refuse later files."""
+        journal = self._require_journal()
+        self._failing_over = True
+        loop = asyncio.get_running_loop()
+
+        def run() -> RecoverResult:
+            with self.disk_lock:  # waits for the group in hand
+                return failover_in_place(
+                    target=self.target, journal=journal, store=self._store, point=point
+                )
+
+        try:
+            result = await loop.run_in_executor(self._executor, run)
+        finally:
+            self._failing_over = False
+            self._record = self._store.disk(self.config.id)
+        for entry in self._pending:
+            self._inbox.remove(entry)
+        self._pending.clear()
+        self.received = self._record.applied
+        self._publish()
+        return result
+
+    def points(self) -> list[RecoveryPoint]:
+        """Every recovery point of the disk in the catalog, oldest first."""
+        return self._store.points(self.config.id)
+
+    def _require_journal(self) -> UndoJournal:
+        if self._journal is None:
+            raise DiskError(
+                f"disk {self.config.id} keeps no retention journal: it has no points to go back to"
+            )
+        return self._journal
 
     async def wait_applied(self, position: StreamPosition) -> None:
         """Return once ``position`` (or a later one) is applied and marked."""

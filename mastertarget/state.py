@@ -13,6 +13,7 @@ Every method may be called from any thread: one connection, one lock.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import sqlite3
 import threading
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from mastertarget.journal import UndoPart
+from mastertarget.points import PointKind, RecoveryPoint
 from protocol.sequencing import StreamPosition
 from runtime.crashsafe import fsync_dir
 from runtime.errors import DurabilityError
@@ -39,6 +42,34 @@ CREATE TABLE IF NOT EXISTS disks (
     last_error         TEXT NOT NULL DEFAULT '',
     resync_open        INTEGER NOT NULL DEFAULT 0,
     updated_ns         INTEGER NOT NULL
+) STRICT;
+
+-- The recovery-point catalog: one row per point (docs/recovery-points.md).
+CREATE TABLE IF NOT EXISTS points (
+    disk_id    TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    seq        INTEGER NOT NULL,
+    capture_ns INTEGER NOT NULL,
+    applied_ns INTEGER NOT NULL,
+    kind       TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    tag_id     BLOB NOT NULL,
+    group_id   TEXT NOT NULL,
+    consistent INTEGER NOT NULL,
+    PRIMARY KEY (disk_id, generation, seq, kind, name)
+) STRICT;
+CREATE INDEX IF NOT EXISTS points_by_time ON points (disk_id, capture_ns);
+
+-- The undo parts of the retention journal, by the segment they undo.
+CREATE TABLE IF NOT EXISTS undo (
+    disk_id    TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    first_seq  INTEGER NOT NULL,
+    last_seq   INTEGER NOT NULL,
+    chunks     INTEGER NOT NULL,
+    bytes      INTEGER NOT NULL,
+    capture_ns INTEGER NOT NULL,
+    PRIMARY KEY (disk_id, generation, first_seq)
 ) STRICT;
 """
 
@@ -142,6 +173,104 @@ class StateStore:
                 "updated_ns = ? WHERE disk_id = ?",
                 (applied.generation, applied.seq, int(resync_open), now_ns, disk_id),
             )
+
+    def record_applied(
+        self,
+        disk_id: str,
+        applied: StreamPosition,
+        *,
+        resync_open: bool,
+        points: list[RecoveryPoint],
+        undo: list[UndoPart],
+        now_ns: int,
+    ) -> None:
+        """Advance the marker and add the points and undo parts it makes good,
+        in one transaction: durable, all or nothing, when this returns.
+
+        Raises:
+            DurabilityError: the commit failed; nothing of it counts.
+        """
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute(
+                    "UPDATE disks SET applied_generation = ?, applied_seq = ?, resync_open = ?, "
+                    "updated_ns = ? WHERE disk_id = ?",
+                    (applied.generation, applied.seq, int(resync_open), now_ns, disk_id),
+                )
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (disk_id, p.generation, p.seq, p.capture_ns, p.applied_ns, p.kind.value,
+                         p.name, p.tag_id, p.group_id, int(p.consistent))
+                        for p in points
+                    ],
+                )  # fmt: skip
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO undo VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (disk_id, u.generation, u.first_seq, u.last_seq, u.chunks, u.bytes,
+                         u.capture_ns)
+                        for u in undo
+                    ],
+                )  # fmt: skip
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise DurabilityError(f"state database {self.path}: {exc}") from exc
+
+    def points(self, disk_id: str) -> list[RecoveryPoint]:
+        """Every point of the disk, oldest first (consistent or not)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT generation, seq, capture_ns, applied_ns, kind, name, tag_id, group_id, "
+                "consistent FROM points WHERE disk_id = ? ORDER BY generation, seq, kind, name",
+                (disk_id,),
+            ).fetchall()
+        return [
+            RecoveryPoint(disk_id, g, s, c, a, PointKind(k), n, bytes(t), grp, bool(ok))
+            for g, s, c, a, k, n, t, grp, ok in rows
+        ]
+
+    def undo_after(self, disk_id: str, position: StreamPosition) -> list[UndoPart]:
+        """The undo parts of segments after ``position``, newest first: the order
+        in which they roll the target back to ``position``."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT generation, first_seq, last_seq, chunks, bytes, capture_ns FROM undo "
+                "WHERE disk_id = ? AND (generation > ? OR (generation = ? AND first_seq > ?)) "
+                "ORDER BY generation DESC, first_seq DESC",
+                (disk_id, position.generation, position.generation, position.seq),
+            ).fetchall()
+        return [UndoPart(*row) for row in rows]
+
+    def forget_after(self, disk_id: str, position: StreamPosition, *, now_ns: int) -> None:
+        """After a rollback to ``position``: drop later points and undo parts, move the marker."""
+        args = (disk_id, position.generation, position.generation, position.seq)
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute(
+                    "DELETE FROM points WHERE disk_id = ? AND "
+                    "(generation > ? OR (generation = ? AND seq > ?))",
+                    args,
+                )
+                self._db.execute(
+                    "DELETE FROM undo WHERE disk_id = ? AND "
+                    "(generation > ? OR (generation = ? AND first_seq > ?))",
+                    args,
+                )
+                self._db.execute(
+                    "UPDATE disks SET applied_generation = ?, applied_seq = ?, resync_open = 0, "
+                    "updated_ns = ? WHERE disk_id = ?",
+                    (position.generation, position.seq, now_ns, disk_id),
+                )
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise DurabilityError(f"state database {self.path}: {exc}") from exc
 
     def set_state(self, disk_id: str, state: DiskState, error: str, *, now_ns: int) -> None:
         """Record a new replication state and the error that caused it ('' for none)."""

@@ -419,7 +419,9 @@ def open_hrl(data: Buffer, keyring: KeyRing) -> HrlFile:
             f"HRL file seq {header.first_seq} of disk {header.disk_id}: the AES-GCM tag "
             f"does not verify with key {header.key_id:08x} (altered, or sealed with another key)"
         ) from None
-    plaintext = _decompress(header, stored)
+    plaintext = decompress_stored(
+        header.compression, stored, header.plaintext_len, what=f"HRL seq {header.first_seq}"
+    )
     actual = xxhash.xxh3_128_digest(plaintext)
     if actual != header.plaintext_xxh3_128:
         raise ChecksumMismatchError(
@@ -432,24 +434,26 @@ def open_hrl(data: Buffer, keyring: KeyRing) -> HrlFile:
     return HrlFile(header, plaintext, records)
 
 
-def _decompress(header: HrlHeader, stored: bytes) -> bytes:
-    if header.compression is Compression.NONE:
+def decompress_stored(
+    compression: Compression, stored: bytes, plaintext_len: int, *, what: str
+) -> bytes:
+    """The plaintext of an authenticated body: checked, and bounded by ``plaintext_len``.
+
+    Raises:
+        MalformedError: the zstd frame declares another size, is invalid, or
+            gives another length.
+    """
+    if compression is Compression.NONE:
         return stored
     size = zstandard.frame_content_size(stored)
-    if size != header.plaintext_len:
-        raise MalformedError(
-            f"HRL seq {header.first_seq}: zstd frame must declare {header.plaintext_len} "
-            f"bytes, found {size}"
-        )
+    if size != plaintext_len:
+        raise MalformedError(f"{what}: zstd frame must declare {plaintext_len} bytes, found {size}")
     try:
-        plaintext = zstandard.ZstdDecompressor().decompress(
-            stored, max_output_size=header.plaintext_len
-        )
+        plaintext = zstandard.ZstdDecompressor().decompress(stored, max_output_size=plaintext_len)
     except zstandard.ZstdError as exc:
-        raise MalformedError(f"HRL seq {header.first_seq}: zstd frame is invalid: {exc}") from None
-    if len(plaintext) != header.plaintext_len:
+        raise MalformedError(f"{what}: zstd frame is invalid: {exc}") from None
+    if len(plaintext) != plaintext_len:
         raise MalformedError(
-            f"HRL seq {header.first_seq}: plaintext must be {header.plaintext_len} bytes, "
-            f"found {len(plaintext)}"
+            f"{what}: plaintext must be {plaintext_len} bytes, found {len(plaintext)}"
         )
     return plaintext

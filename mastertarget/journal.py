@@ -1,0 +1,208 @@
+"""The retention journal: write-ahead before-images of every applied segment.
+
+Before a segment's first write reaches the target, the bytes it will change
+are read from the target, sealed into undo files (protocol/undo.py) and made
+durable (DESIGN.md invariant 3)::
+
+    RETENTION_DIR/journal/DISK/GGGG…-FFFF…-LLLL…-CCCCCCC.undo
+                                gen    first  last  chunk
+
+Each file is written under a temp name, fsynced and renamed; the directory is
+fsynced once after the segment's last file, before the caller writes the
+target. After a crash, a segment whose undo files are all present and verify
+is **reused, never captured again**: the target may already hold part of the
+segment, and a new capture would copy half-applied data. A segment with some
+files missing was never written to the target (its writes wait for the
+directory fsync), so its leftovers are removed and it is captured afresh.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import zstandard
+
+from mastertarget.apply import Segment
+from mastertarget.disks.base import TargetDisk
+from protocol.errors import ProtocolError
+from protocol.keyring import KeyRing
+from protocol.limits import MiB
+from protocol.records import Record, Write, Zero
+from protocol.undo import MAX_UNDO_PLAINTEXT, MAX_UNDO_RECORDS, UndoFile, open_undo, seal_undo
+from runtime.crashsafe import fsync_dir, remove_stale_temps, temp_name_for
+from runtime.errors import DurabilityError
+
+#: Bytes read from the target at a time while capturing: each piece becomes
+#: one WRITE (or one ZERO if it read as zeros) in an undo file.
+CAPTURE_PIECE: Final = 4 * MiB
+#: Range bytes per undo file: below the format's plaintext limit with room
+#: for the record table.
+CHUNK_RANGE_BYTES: Final = MAX_UNDO_PLAINTEXT - MiB
+NAME_PATTERN: Final = re.compile(r"(\d{20})-(\d{20})-(\d{20})-(\d{7})\.undo")
+FILE_MODE: Final = 0o600
+
+
+@dataclass(frozen=True, slots=True)
+class UndoPart:
+    """The undo files of one segment, as the catalog indexes them."""
+
+    generation: int
+    first_seq: int
+    last_seq: int
+    chunks: int
+    bytes: int
+    capture_ns: int
+
+
+def _name(generation: int, first: int, last: int, chunk: int) -> str:
+    return f"{generation:020d}-{first:020d}-{last:020d}-{chunk:07d}.undo"
+
+
+def _chunk_plan(ranges: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """Cut ranges into capture pieces, and pieces into undo files."""
+    chunks: list[list[tuple[int, int]]] = [[]]
+    size = 0
+    for offset, length in ranges:
+        for start in range(offset, offset + length, CAPTURE_PIECE):
+            piece = (start, min(CAPTURE_PIECE, offset + length - start))
+            if chunks[-1] and (
+                size + piece[1] > CHUNK_RANGE_BYTES or len(chunks[-1]) >= (MAX_UNDO_RECORDS)
+            ):
+                chunks.append([])
+                size = 0
+            chunks[-1].append(piece)
+            size += piece[1]
+    return chunks
+
+
+class UndoJournal:
+    """The undo files of every disk on one retention volume.
+
+    Args:
+        root: ``RETENTION_DIR/journal``.
+        keyring: seals with its active key, opens with any.
+    """
+
+    def __init__(self, root: Path, keyring: KeyRing, *, zstd_level: int = 1) -> None:
+        self.root = root
+        self._keyring = keyring
+        self._zstd_level = zstd_level
+
+    def prepare(self, disk_id: str) -> None:
+        folder = self.root / disk_id
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        remove_stale_temps(folder)
+
+    def _paths(self, disk_id: str, generation: int, first: int, last: int) -> list[Path]:
+        prefix = f"{generation:020d}-{first:020d}-{last:020d}-"
+        folder = self.root / disk_id
+        return sorted(p for p in folder.glob(prefix + "*.undo"))
+
+    def capture_or_reuse(
+        self, disk_id: str, target: TargetDisk, segment: Segment, *, generation: int,
+        capture_ns: int,
+    ) -> UndoPart:  # fmt: skip
+        """Make the segment's before-images durable, reusing a complete earlier capture.
+
+        Blocking; call with the target's lock held, before the segment is applied.
+
+        Raises:
+            DiskIOError: reading the target failed.
+            DurabilityError: writing the journal failed.
+        """
+        existing = self._complete(disk_id, generation, segment)
+        if existing is not None:
+            return existing
+        compressor = zstandard.ZstdCompressor(level=self._zstd_level, write_checksum=False)
+        plan = _chunk_plan(segment.ranges())
+        folder = self.root / disk_id
+        total = 0
+        for chunk, pieces in enumerate(plan):
+            records: list[Record] = []
+            for offset, length in pieces:
+                data = target.read(offset, length)
+                records.append(
+                    Zero(offset, length) if data.count(0) == length else Write(offset, data)
+                )
+            sealed = seal_undo(
+                records, keyring=self._keyring, compressor=compressor, disk_id=disk_id,
+                generation=generation, first_seq=segment.first_seq, last_seq=segment.last_seq,
+                chunk=chunk, chunks=len(plan), capture_ns=capture_ns, salt=os.urandom(32),
+            )  # fmt: skip
+            self._write(folder / _name(generation, segment.first_seq, segment.last_seq, chunk),
+                        sealed)  # fmt: skip
+            total += len(sealed)
+        fsync_dir(folder)  # the segment's writes may go to the target after this
+        return UndoPart(generation, segment.first_seq, segment.last_seq, len(plan), total,
+                        capture_ns)  # fmt: skip
+
+    def _complete(self, disk_id: str, generation: int, segment: Segment) -> UndoPart | None:
+        """The earlier capture of this segment if every file of it is there and verifies."""
+        paths = self._paths(disk_id, generation, segment.first_seq, segment.last_seq)
+        if not paths:
+            return None
+        try:
+            files = [open_undo(p.read_bytes(), self._keyring) for p in paths]
+        except ProtocolError:
+            files = []
+        if (
+            files
+            and len(files) == files[0].header.chunks
+            and sorted(f.header.chunk for f in files) == list(range(len(files)))
+        ):
+            size = sum(p.stat().st_size for p in paths)
+            return UndoPart(generation, segment.first_seq, segment.last_seq, len(files), size,
+                            files[0].header.capture_ns)  # fmt: skip
+        # Incomplete: the target was never written for this segment; start over.
+        for path in paths:
+            path.unlink(missing_ok=True)
+        return None
+
+    def _write(self, path: Path, data: bytes) -> None:
+        temp = path.with_name(temp_name_for(path.name))
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, path)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise DurabilityError(
+                f"cannot write undo file {path}: {exc.strerror}", errno=exc.errno, path=str(path)
+            ) from exc
+
+    def open_part(self, disk_id: str, part: UndoPart) -> Iterator[UndoFile]:
+        """Every verified undo file of a part.
+
+        Raises:
+            ProtocolError: a file fails verification (the journal is damaged).
+            DurabilityError: a file is missing.
+        """
+        paths = self._paths(disk_id, part.generation, part.first_seq, part.last_seq)
+        if len(paths) != part.chunks:
+            raise DurabilityError(
+                f"undo of disk {disk_id} seqs {part.first_seq}..{part.last_seq} must have "
+                f"{part.chunks} files in {self.root / disk_id}, found {len(paths)}"
+            )
+        for path in paths:
+            yield open_undo(path.read_bytes(), self._keyring)
+
+    def remove_part(self, disk_id: str, part: UndoPart) -> None:
+        """Delete a part's files (pruning); the directory is not fsynced: a part
+        that comes back after a crash is pruned again."""
+        for path in self._paths(disk_id, part.generation, part.first_seq, part.last_seq):
+            path.unlink(missing_ok=True)
+
+    def bytes_used(self, disk_id: str) -> int:
+        folder = self.root / disk_id
+        return sum(e.stat().st_size for e in os.scandir(folder) if NAME_PATTERN.fullmatch(e.name))
