@@ -32,6 +32,13 @@ DEFAULT_RETENTION_DIR: Final = Path("/mnt/retention")
 #: be applied, files that failed verification go to ``quarantine/``. It must
 #: not be the retention volume.
 DEFAULT_CACHE_DIR: Final = Path("/var/cache/blockrepl/mastertarget")
+#: How long recovery points are kept: 24 hours (the failback policy of the seeds).
+DEFAULT_WINDOW_S: Final = 24 * 3600.0
+#: The RPO above which a disk is alerted on: 15 minutes (the seeds' policy).
+DEFAULT_RPO_THRESHOLD_S: Final = 15 * 60.0
+#: Retention volume usage above which history goes early: room left for the
+#: undo of the files still in the inbox.
+DEFAULT_HIGH_WATER_PERCENT: Final = 90.0
 #: The largest HRL file a PUT may carry: the largest plaintext, stored without
 #: compression, plus header and tag.
 MAX_HRL_FILE_BYTES: Final = HRL_HEADER.size + MAX_HRL_PLAINTEXT + GCM_TAG_BYTES
@@ -101,10 +108,23 @@ class RetentionConfig:
         allow_shared_volume: accept a retention directory on the same volume
             as the inbox or the installation. Only for a demo or a test on one
             disk: a full inbox then eats the retention history.
+        window_s: how long recovery points are kept.
+        high_water_percent: retention volume usage above which the oldest
+            history goes early.
     """
 
     dir: Path = DEFAULT_RETENTION_DIR
     allow_shared_volume: bool = False
+    window_s: float = DEFAULT_WINDOW_S
+    high_water_percent: float = DEFAULT_HIGH_WATER_PERCENT
+
+    def __post_init__(self) -> None:
+        if not self.window_s > 0:
+            raise FieldValueError("window_s", f"expected seconds > 0, found {self.window_s}")
+        if not 1 <= self.high_water_percent <= 99:
+            raise FieldValueError(
+                "high_water_percent", f"expected 1..99, found {self.high_water_percent}"
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -123,8 +143,13 @@ class MasterTargetConfig:
     retention: RetentionConfig = dataclasses.field(default_factory=RetentionConfig)
     cache_dir: Path = DEFAULT_CACHE_DIR
     inbox_quota_bytes: int = DEFAULT_INBOX_QUOTA_BYTES
+    rpo_threshold_s: float = DEFAULT_RPO_THRESHOLD_S
 
     def __post_init__(self) -> None:
+        if not self.rpo_threshold_s > 0:
+            raise FieldValueError(
+                "rpo_threshold_s", f"expected seconds > 0, found {self.rpo_threshold_s}"
+            )
         for identity in self.process_servers:
             try:
                 check_id("machine", identity)

@@ -12,6 +12,7 @@ the appliers finish the file in hand, then files are closed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,14 +28,19 @@ from mastertarget.disks.base import TargetDisk
 from mastertarget.inbox import Inbox
 from mastertarget.journal import UndoJournal
 from mastertarget.metrics import MasterTargetMetrics
+from mastertarget.points import PointKind, RecoveryPoint
 from mastertarget.replica import DiskReplica
+from mastertarget.retention import Cutoff, point_age_ns
 from mastertarget.retention_volume import (
     RetentionVolume,
     check_retention_volume,
     installed_package_dir,
+    usage,
 )
+from mastertarget.rpo import RpoMonitor
 from mastertarget.server import build_app
 from mastertarget.state import StateStore
+from protocol.errors import BlockreplError
 from protocol.keyring import KeyRing
 from runtime.keyfile import load_keyring
 from runtime.metrics import MetricsServer, new_registry, start_metrics_server
@@ -50,6 +56,9 @@ SHUTDOWN_GRACE_S: Final = 30.0
 MIN_WORKERS: Final = 4
 #: The name of the state database on the retention volume.
 STATE_DB: Final = "state.db"
+#: Seconds between housekeeping rounds (pruning, RPO, gauges): an RPO
+#: crossing is seen within this long of happening.
+HOUSEKEEPING_S: Final = 5.0
 #: The retention journal's folder on the retention volume.
 JOURNAL_DIR: Final = "journal"
 
@@ -66,6 +75,8 @@ class MasterTarget:
     store: StateStore
     replicas: dict[str, DiskReplica] = field(default_factory=dict)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    rpo: RpoMonitor | None = None
+    _housekeeper: asyncio.Task[None] | None = None
     _runner: web.AppRunner | None = None
     _metrics_server: MetricsServer | None = None
     _closing: bool = False
@@ -124,8 +135,15 @@ class MasterTarget:
             retention.lock.release()
             raise
         mt = cls(config, keyring, metrics, executor, retention, store)
+        mt.rpo = RpoMonitor(
+            config.rpo_threshold_s, log=logging.getLogger("blockrepl.mastertarget.rpo")
+        )
+        metrics.rpo_threshold.set(config.rpo_threshold_s)
+        metrics.window_target.set(config.retention.window_s)
         try:
             await mt._open_disks()
+            await mt.housekeep()
+            mt._housekeeper = asyncio.create_task(mt._housekeeping(), name="housekeeping")
             await mt._open_ports(registry, data_port, metrics_port)
         except BaseException:
             await mt.close()
@@ -155,6 +173,7 @@ class MasterTarget:
                 target.close()
                 raise
             self.replicas[disk.id] = replica
+            self._watch(replica)
             self._tasks.append(asyncio.create_task(replica.run(), name=f"apply-{disk.id}"))
             status = replica.status()
             log.info(
@@ -163,6 +182,81 @@ class MasterTarget:
                 disk.id, disk.target, target.size, status.applied.generation,
                 status.applied.seq, status.inbox_files, status.state.value,
             )  # fmt: skip
+
+    def _watch(self, replica: DiskReplica) -> None:
+        """Feed the RPO monitor with the disk's points, newest last."""
+        assert self.rpo is not None
+        rpo = self.rpo
+        disk_id = replica.config.id
+        rpo.add_disk(disk_id, time.time_ns())
+        consistent = [p for p in replica.points() if p.consistent]
+        if consistent:
+            rpo.observe_point(disk_id, consistent[-1].capture_ns, consistent[-1].applied_ns)
+
+        def observe(points: list[RecoveryPoint]) -> None:
+            if points:
+                rpo.observe_point(disk_id, points[-1].capture_ns, points[-1].applied_ns)
+
+        replica.on_points = observe
+
+    async def _housekeeping(self) -> None:
+        """Every HOUSEKEEPING_S: prune to the window, evaluate the RPO, refresh gauges."""
+        while not self._closing:
+            await asyncio.sleep(HOUSEKEEPING_S)
+            try:
+                await self.housekeep()
+            except BlockreplError as exc:  # a report, not a reason to stop replicating
+                log.error("housekeeping failed: %s", exc.message)
+                self.metrics.errors.labels(exc.code).inc()
+
+    async def housekeep(self) -> None:
+        """One round of housekeeping: prune, evaluate the RPO, refresh the gauges."""
+        loop = asyncio.get_running_loop()
+        used, free, capacity = await loop.run_in_executor(self.executor, usage, self.retention.path)
+        self.metrics.retention_used.set(used)
+        self.metrics.retention_free.set(free)
+        self.metrics.retention_capacity.set(capacity)
+        over = capacity > 0 and used * 100 > capacity * self.config.retention.high_water_percent
+        now = time.time_ns()
+        for disk_id, replica in self.replicas.items():
+            cutoff = await replica.prune(
+                now_ns=now, window_s=self.config.retention.window_s, over_high_water=over
+            )
+            if cutoff is not None:
+                self._report_prune(disk_id, cutoff, used, capacity)
+            await loop.run_in_executor(self.executor, self._refresh_points, replica, now)
+        assert self.rpo is not None
+        for disk_id, status in self.rpo.evaluate(now).items():
+            self.metrics.rpo.labels(disk_id).set(status.rpo_s)
+            self.metrics.rpo_exceeded.labels(disk_id).set(1 if status.exceeded else 0)
+            self.metrics.clock_skew.labels(disk_id).set(status.skew_s)
+
+    def _report_prune(self, disk_id: str, cutoff: Cutoff, used: int, capacity: int) -> None:
+        if cutoff.expired:
+            self.metrics.pruned_points.labels(disk_id, "expired").inc(cutoff.expired)
+        if cutoff.early:
+            self.metrics.pruned_points.labels(disk_id, "volume-full").inc(cutoff.early)
+            log.warning(
+                "disk %s: retention volume %s is %.0f %% full (high-water %.0f %%): dropped "
+                "%d of the oldest recovery points before their time",
+                disk_id, self.retention.path, 100 * used / capacity,
+                self.config.retention.high_water_percent, cutoff.early,
+            )  # fmt: skip
+
+    def _refresh_points(self, replica: DiskReplica, now_ns: int) -> None:
+        disk_id = replica.config.id
+        consistent = [p for p in replica.points() if p.consistent]
+        for kind in PointKind:
+            count = sum(1 for p in consistent if p.kind is kind)
+            self.metrics.points.labels(disk_id, kind.value).set(count)
+        window = point_age_ns(consistent[0], now_ns) / 1e9 if consistent else 0.0
+        self.metrics.window.labels(disk_id).set(window)
+        target = self.config.retention.window_s
+        if window >= target:
+            replica.pruned_early = False
+        short = replica.pruned_early and window < target
+        self.metrics.shortfall.labels(disk_id).set(target - window if short else 0.0)
+        self.metrics.undo_bytes.labels(disk_id).set(self.store.undo_bytes(disk_id))
 
     async def _open_ports(
         self, registry: CollectorRegistry, data_port: int | None, metrics_port: int | None
@@ -216,6 +310,10 @@ class MasterTarget:
         """Stop taking requests, let the appliers finish the file in hand, close everything."""
         self._closing = True
         started = time.monotonic()
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeper
         if self._runner is not None:
             await self._runner.cleanup()
         for replica in self.replicas.values():
@@ -226,8 +324,8 @@ class MasterTarget:
             replica.target.close()
         if self._metrics_server is not None:
             await self._metrics_server.close()
+        self.executor.shutdown(wait=True)  # a cancelled prune may still run there
         self.store.close()
-        self.executor.shutdown(wait=True)
         self.retention.lock.release()
         log.info("master target stopped in %.1f s", time.monotonic() - started)
 

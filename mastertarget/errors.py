@@ -82,3 +82,19 @@ class DiskSizeError(DiskError):
     code = "disk-size"
     http_status = 400
     exit_code = 64  # EX_USAGE
+
+
+class PointSpecError(BlockreplError):
+    """A point SPEC is none of the accepted forms (see :mod:`mastertarget.pointspec`)."""
+
+    code = "point-spec"
+    http_status = 400
+    exit_code = 64  # EX_USAGE
+
+
+class PointNotFoundError(BlockreplError):
+    """No consistent recovery point matches a SPEC; the message gives the window available."""
+
+    code = "point-not-found"
+    http_status = 404
+    exit_code = 66  # EX_NOINPUT

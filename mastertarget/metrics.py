@@ -18,6 +18,10 @@ PREFIX = "blockrepl_mastertarget"
 APPLY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
+#: Recover and failover take seconds to hours, by disk size and history.
+LONG_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 7200, 14400)
+
+
 class MasterTargetMetrics:
     """Every series the master target exports."""
 
@@ -104,6 +108,71 @@ class MasterTargetMetrics:
         self.apply_retries = Counter(
             f"{PREFIX}_apply_retries", "Applies retried after a target error.", disk,
             registry=registry,
+        )  # fmt: skip
+
+        self.rpo = Gauge(
+            f"{PREFIX}_rpo_seconds",
+            "Age of the newest recovery point, from the source capture time "
+            "(clamped to the apply time: docs/recovery-points.md).", disk, registry=registry,
+        )  # fmt: skip
+        self.rpo_threshold = Gauge(
+            f"{PREFIX}_rpo_threshold_seconds", "RPO above which a disk is rpo-exceeded.",
+            registry=registry,
+        )  # fmt: skip
+        self.rpo_exceeded = Gauge(
+            f"{PREFIX}_rpo_exceeded", "1 while the disk's RPO is above the threshold.", disk,
+            registry=registry,
+        )  # fmt: skip
+        self.clock_skew = Gauge(
+            f"{PREFIX}_clock_skew_seconds",
+            "How far the source clock was seen ahead of this one recently (0 if not ahead).",
+            disk, registry=registry,
+        )  # fmt: skip
+        self.window = Gauge(
+            f"{PREFIX}_retention_window_seconds",
+            "Age of the oldest consistent recovery point (0 with none).", disk,
+            registry=registry,
+        )  # fmt: skip
+        self.window_target = Gauge(
+            f"{PREFIX}_retention_window_target_seconds", "The configured retention window.",
+            registry=registry,
+        )  # fmt: skip
+        self.shortfall = Gauge(
+            f"{PREFIX}_retention_shortfall_seconds",
+            "How much of the window was given up early because the volume was full.", disk,
+            registry=registry,
+        )  # fmt: skip
+        self.points = Gauge(
+            f"{PREFIX}_recovery_points", "Consistent recovery points in the catalog.",
+            ["disk", "kind"], registry=registry,
+        )  # fmt: skip
+        self.undo_bytes = Gauge(
+            f"{PREFIX}_undo_bytes", "Bytes of undo files in the retention journal.", disk,
+            registry=registry,
+        )  # fmt: skip
+        self.retention_used = Gauge(
+            f"{PREFIX}_retention_used_bytes", "Bytes used on the retention volume.",
+            registry=registry,
+        )  # fmt: skip
+        self.retention_free = Gauge(
+            f"{PREFIX}_retention_free_bytes", "Bytes still free on the retention volume.",
+            registry=registry,
+        )  # fmt: skip
+        self.retention_capacity = Gauge(
+            f"{PREFIX}_retention_capacity_bytes", "Size of the retention volume.",
+            registry=registry,
+        )  # fmt: skip
+        self.pruned_points = Counter(
+            f"{PREFIX}_pruned_points", "Recovery points forgotten, by reason.",
+            ["disk", "reason"], registry=registry,
+        )  # fmt: skip
+        self.recover_seconds = Histogram(
+            f"{PREFIX}_recover_seconds", "Time to write a disk as of a point to a copy.",
+            buckets=LONG_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.failover_seconds = Histogram(
+            f"{PREFIX}_failover_seconds", "Time to roll a target back in place.",
+            buckets=LONG_BUCKETS, registry=registry,
         )  # fmt: skip
 
     def set_state(self, disk_id: str, state: DiskState) -> None:

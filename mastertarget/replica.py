@@ -47,6 +47,7 @@ from mastertarget.recovery import (
     failover_in_place,
     recover_copy,
 )
+from mastertarget.retention import Cutoff, choose_cutoff
 from mastertarget.state import DiskRecord, DiskState, StateStore
 from protocol.errors import MalformedError, ProtocolError
 from protocol.hrl import HrlFile, HrlHeader, open_hrl
@@ -133,6 +134,12 @@ class DiskReplica:
         self._reopen = reopen
         #: the retention journal; None keeps no history (no recovery points to roll back to)
         self._journal = journal
+        #: told of the consistent points of every applied group (the RPO monitor)
+        self.on_points: Callable[[list[RecoveryPoint]], None] | None = None
+        #: history was given up before its time since the window was last whole
+        self.pruned_early = False
+        #: recovers in progress: pruning waits, it would delete their undo
+        self._recovering = 0
         #: a failover is rolling the target back: apply nothing meanwhile
         self._failing_over = False
         #: the target failed a write or flush: a back-end refuses every change
@@ -295,7 +302,9 @@ class DiskReplica:
                 try:
                     if self._target_failed:
                         await loop.run_in_executor(self._executor, self._reopen_target)
-                    results = await loop.run_in_executor(self._executor, self._apply_group, group)
+                    results, points = await loop.run_in_executor(
+                        self._executor, self._apply_group, group
+                    )
                 except (DiskError, DurabilityError) as exc:
                     self._target_failed = True
                     await self._pause(group[0][0], exc)
@@ -303,6 +312,8 @@ class DiskReplica:
                 for entry, _ in group:
                     opened.pop(entry.path, None)
                 self._applied(group, results, time.monotonic() - started)
+                if self.on_points is not None:
+                    self.on_points([p for p in points if p.consistent])
                 async with self._progress:
                     self._progress.notify_all()
         finally:
@@ -386,7 +397,9 @@ class DiskReplica:
         self._target_failed = False
         log.info("disk %s: target %s opened again", self.config.id, self.config.target)
 
-    def _apply_group(self, group: list[tuple[InboxEntry, HrlFile]]) -> list[ApplyResult]:
+    def _apply_group(
+        self, group: list[tuple[InboxEntry, HrlFile]]
+    ) -> tuple[list[ApplyResult], list[RecoveryPoint]]:
         """Journal, apply, flush once, mark once (blocking; on an executor thread).
 
         Each segment's before-images are durable in the journal before its
@@ -427,7 +440,7 @@ class DiskReplica:
             self._store.set_state(self.config.id, DiskState.REPLICATING, "", now_ns=now)
         for entry, _ in group:
             self._inbox.remove(entry)
-        return results
+        return results, points
 
     def _applied(
         self, group: list[tuple[InboxEntry, HrlFile]], results: list[ApplyResult], seconds: float
@@ -497,13 +510,17 @@ class DiskReplica:
             ProtocolError, DurabilityError: the journal is damaged.
         """
         journal = self._require_journal()
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor,
-            lambda: recover_copy(
-                target=self.target, lock=self.disk_lock, journal=journal, store=self._store,
-                point=point, output=output, output_format=output_format,
-            ),
-        )  # fmt: skip
+        self._recovering += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor,
+                lambda: recover_copy(
+                    target=self.target, lock=self.disk_lock, journal=journal,
+                    store=self._store, point=point, output=output, output_format=output_format,
+                ),
+            )  # fmt: skip
+        finally:
+            self._recovering -= 1
 
     async def failover(self, point: RecoveryPoint) -> RecoverResult:
         """Stop applying, roll the target back to ``point`` in place, refuse later files."""
@@ -528,6 +545,28 @@ class DiskReplica:
         self.received = self._record.applied
         self._publish()
         return result
+
+    async def prune(self, *, now_ns: int, window_s: float, over_high_water: bool) -> Cutoff | None:
+        """Forget points older than the window (or more, over the high-water
+        mark) and delete the undo data only they needed."""
+        if self._journal is None or self._recovering:
+            return None
+        journal = self._journal
+
+        def run() -> Cutoff | None:
+            cutoff = choose_cutoff(
+                self._store.points(self.config.id), now_ns=now_ns, window_s=window_s,
+                over_high_water=over_high_water,
+            )  # fmt: skip
+            if cutoff is not None:
+                for part in self._store.prune(self.config.id, cutoff.keep_from):
+                    journal.remove_part(self.config.id, part)
+            return cutoff
+
+        cutoff = await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        if cutoff is not None and cutoff.early:
+            self.pruned_early = True
+        return cutoff
 
     def points(self) -> list[RecoveryPoint]:
         """Every recovery point of the disk in the catalog, oldest first."""

@@ -272,6 +272,49 @@ class StateStore:
                     self._db.execute("ROLLBACK")
                 raise DurabilityError(f"state database {self.path}: {exc}") from exc
 
+    def prune(self, disk_id: str, keep_from: StreamPosition) -> list[UndoPart]:
+        """Forget the points before ``keep_from`` and the undo parts only they needed.
+
+        Returns:
+            The undo parts removed from the index; the caller deletes their files.
+
+        Raises:
+            DurabilityError: the commit failed; nothing was forgotten.
+        """
+        before = (disk_id, keep_from.generation, keep_from.generation, keep_from.seq)
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                rows = self._db.execute(
+                    "SELECT generation, first_seq, last_seq, chunks, bytes, capture_ns FROM undo "
+                    "WHERE disk_id = ? AND (generation < ? OR (generation = ? AND last_seq <= ?))",
+                    before,
+                ).fetchall()
+                self._db.execute(
+                    "DELETE FROM undo WHERE disk_id = ? AND "
+                    "(generation < ? OR (generation = ? AND last_seq <= ?))",
+                    before,
+                )
+                self._db.execute(
+                    "DELETE FROM points WHERE disk_id = ? AND "
+                    "(generation < ? OR (generation = ? AND seq < ?))",
+                    before,
+                )
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise DurabilityError(f"state database {self.path}: {exc}") from exc
+        return [UndoPart(*row) for row in rows]
+
+    def undo_bytes(self, disk_id: str) -> int:
+        """Bytes of undo files the index holds for the disk."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COALESCE(SUM(bytes), 0) FROM undo WHERE disk_id = ?", (disk_id,)
+            ).fetchone()
+        return int(row[0])
+
     def set_state(self, disk_id: str, state: DiskState, error: str, *, now_ns: int) -> None:
         """Record a new replication state and the error that caused it ('' for none)."""
         with self._lock:

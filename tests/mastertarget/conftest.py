@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -62,7 +63,8 @@ class Pusher:
     ) -> SealedHrl:  # fmt: skip
         return self.sealer.seal_records(
             records, disk_id=disk, generation=generation, first_seq=first_seq,
-            first_capture_ns=1, last_capture_ns=2, receive_ns=3, salt=os.urandom(32), flags=flags,
+            first_capture_ns=(now := time.time_ns()), last_capture_ns=now, receive_ns=now,
+            salt=os.urandom(32), flags=flags,
         )  # fmt: skip
 
     async def put(self, disk: str, body: bytes, generation: int, seq: int) -> tuple[int, dict]:  # type: ignore[type-arg]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,7 @@ async def _stream_with_tags(
     for n in range(files):
         records: list[Record] = random_workload(rng, SIZE, rng.randint(1, 4), max_len=100_000)
         if n % 3 == 1:
-            tag = Tag(TagKind.APP, rng.randbytes(16), f"app-{n}", 1_000 + n)
+            tag = Tag(TagKind.APP, rng.randbytes(16), f"app-{n}", time.time_ns())
             cut = rng.randint(0, len(records))
             apply_to_model(model, records[:cut])
             snapshots[(seq + cut, f"app-{n}")] = bytes(model)
@@ -51,8 +52,9 @@ async def _stream_with_tags(
             apply_to_model(model, records)
         last = seq + len(records) - 1
         sealed = pusher.sealer.seal_records(
-            records, disk_id="d0", generation=1, first_seq=seq, first_capture_ns=seq * 10,
-            last_capture_ns=last * 10, receive_ns=0, salt=rng.randbytes(32),
+            records, disk_id="d0", generation=1, first_seq=seq,
+            first_capture_ns=time.time_ns(), last_capture_ns=time.time_ns(), receive_ns=0,
+            salt=rng.randbytes(32),
         )  # fmt: skip
         status, _ = await pusher.send(sealed)
         assert status == 200
@@ -129,4 +131,3 @@ async def test_points_inside_a_resync_are_not_consistent(
     await replica.wait_applied(StreamPosition(1, 3))
     consistent = {p.seq: p.consistent for p in replica.points()}
     assert consistent == {1: True, 2: False, 3: True}
-
