@@ -1,24 +1,55 @@
 """The ``mastertarget`` command.
 
-``mastertarget serve --config FILE`` runs the daemon until SIGTERM.
+- ``serve --config FILE`` runs the daemon until SIGTERM.
+- ``points --config FILE --disk ID [--json]`` lists recovery points, newest first.
+- ``recover --config FILE --disk ID --point SPEC --output PATH [--format raw|vmdk]``
+  writes the disk as it was at SPEC, while replication goes on.
+- ``failover --config FILE --disk ID --point SPEC`` rolls the target back in
+  place and stops replication of the disk.
+
+While the daemon runs, the last three go through its admin socket; when it
+does not, they work on the retention volume directly (and take its lock, so a
+daemon cannot start meanwhile).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
+import aiohttp
+
 from mastertarget import config as mt_config
-from mastertarget.daemon import MasterTarget
+from mastertarget.admin import points_json, result_json
+from mastertarget.config import MasterTargetConfig
+from mastertarget.daemon import JOURNAL_DIR, STATE_DB, MasterTarget
+from mastertarget.disks import open_disk
+from mastertarget.errors import DiskError
+from mastertarget.journal import UndoJournal
+from mastertarget.pointspec import parse_spec, select_point
+from mastertarget.recovery import Progress, failover_in_place, recover_copy
+from mastertarget.retention_volume import (
+    RetentionVolume,
+    check_retention_volume,
+    installed_package_dir,
+)
+from mastertarget.state import StateStore
 from protocol.errors import BlockreplError
+from runtime.keyfile import load_keyring
 from runtime.logs import setup_logging
 from runtime.service import run_daemon
 
 PROG: Final = "mastertarget"
+#: A recover or failover of a large disk takes long: wait for the daemon's answer.
+ADMIN_TIMEOUT_S: Final = 24 * 3600.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the daemon until SIGTERM")
     serve.add_argument("--config", required=True, type=Path, help="the TOML configuration")
     serve.set_defaults(handler=_serve)
+    for name, helptext, handler in (
+        ("points", "list a disk's recovery points, newest first", _points),
+        ("recover", "write a disk as it was at a point (test failover)", _recover),
+        ("failover", "roll a disk back to a point in place and stop replicating it", _failover),
+    ):
+        sub = commands.add_parser(name, help=helptext)
+        sub.add_argument("--config", required=True, type=Path, help="the TOML configuration")
+        sub.add_argument("--disk", required=True, help="the disk id")
+        sub.add_argument("--json", action="store_true", help="print one JSON object")
+        if name != "points":
+            sub.add_argument(
+                "--point", required=True,
+                help="latest, latest-app, latest-processed, an ISO-8601 time with a zone, "
+                "or tag:NAME",
+            )  # fmt: skip
+        if name == "recover":
+            sub.add_argument("--output", required=True, type=Path, help="the file to write")
+            sub.add_argument("--format", choices=("raw", "vmdk"), default="raw")
+        sub.set_defaults(handler=handler)
     return parser
 
 
@@ -40,6 +90,155 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _admin(
+    config: MasterTargetConfig, method: str, path: str, body: dict[str, object] | None
+) -> dict[str, object] | None:
+    """Ask the running daemon; None when no daemon listens on the admin socket."""
+    if not config.admin_socket.exists():
+        return None
+    connector = aiohttp.UnixConnector(path=str(config.admin_socket))
+    timeout = aiohttp.ClientTimeout(total=ADMIN_TIMEOUT_S)
+    try:
+        async with (
+            aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+            session.request(method, f"http://mastertarget{path}", json=body) as answer,
+        ):
+            data: dict[str, object] = await answer.json()
+            if answer.status != 200:
+                raise _AdminError(str(data.get("message", data)), int(answer.status))
+            return data
+    except aiohttp.ClientConnectionError:
+        return None  # a socket file left by a daemon that died
+
+
+class _AdminError(Exception):
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _offline_disk(config: MasterTargetConfig, disk_id: str) -> None:
+    if config.disk(disk_id) is None:
+        raise DiskError(f"disk {disk_id!r} is not in the config; configured: "
+                        f"{', '.join(d.id for d in config.disks) or 'none'}")  # fmt: skip
+
+
+def _points(args: argparse.Namespace) -> int:
+    config = mt_config.load(args.config)
+    data = asyncio.run(_admin(config, "GET", f"/v1/disks/{args.disk}/points", None))
+    if data is None:
+        _offline_disk(config, args.disk)
+        store = StateStore(config.retention.dir / STATE_DB)
+        try:
+            data = points_json(args.disk, store.points(args.disk))
+        finally:
+            store.close()
+    if args.json:
+        print(json.dumps(data))
+        return 0
+    window = data["window"]
+    assert isinstance(window, dict)
+    points = data["points"]
+    assert isinstance(points, list)
+    print(f"disk {args.disk}: {window['points']} points from {window['oldest']} to "
+          f"{window['newest']} ({window['window_s'] / 3600:.1f} h)")  # fmt: skip
+    print(f"{'time (UTC)':<32} {'kind':<6} {'seq':>12}  name")
+    for point in points:
+        print(f"{point['time']:<32} {point['kind']:<6} {point['seq']:>12}  {point['name']}")
+    return 0
+
+
+def _bar(label: str) -> Progress | None:
+    if not sys.stderr.isatty():
+        return None
+    started = time.monotonic()
+
+    def show(done: int, total: int) -> None:
+        share = done / total if total else 1.0
+        filled = int(share * 30)
+        line = f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {share:6.1%} "
+        line += f"{time.monotonic() - started:6.1f} s"
+        print(line, end="", file=sys.stderr, flush=True)
+        if done >= total:
+            print(file=sys.stderr)
+
+    return show
+
+
+def _offline_volume(config: MasterTargetConfig) -> RetentionVolume:
+    return check_retention_volume(
+        config.retention.dir, cache_dir=config.cache_dir, install_dir=installed_package_dir(),
+        targets=[d.target for d in config.disks],
+        allow_shared_volume=config.retention.allow_shared_volume,
+    )  # fmt: skip
+
+
+def _recover(args: argparse.Namespace) -> int:
+    config = mt_config.load(args.config)
+    output = args.output.resolve()
+    body: dict[str, object] = {"point": args.point, "output": str(output), "format": args.format}
+    if sys.stderr.isatty():
+        print(f"recovering disk {args.disk} at {args.point} into {output} ...", file=sys.stderr)
+    data = asyncio.run(_admin(config, "POST", f"/v1/disks/{args.disk}/recover", body))
+    if data is None:
+        _offline_disk(config, args.disk)
+        disk = config.disk(args.disk)
+        assert disk is not None
+        volume = _offline_volume(config)
+        store = StateStore(volume.path / STATE_DB)
+        target = open_disk(disk.target, disk.format)
+        try:
+            point = select_point(parse_spec(args.point), store.points(args.disk))
+            journal = UndoJournal(volume.path / JOURNAL_DIR, load_keyring(config.key_file))
+            result = recover_copy(
+                target=target, lock=threading.Lock(), journal=journal, store=store,
+                point=point, output=output, output_format=args.format, progress=_bar("copy"),
+            )  # fmt: skip
+            data = result_json(result)
+        finally:
+            target.close()
+            store.close()
+            volume.lock.release()
+    return _report(args, data, f"recovered disk {args.disk} into {output}")
+
+
+def _failover(args: argparse.Namespace) -> int:
+    config = mt_config.load(args.config)
+    data = asyncio.run(
+        _admin(config, "POST", f"/v1/disks/{args.disk}/failover", {"point": args.point})
+    )
+    if data is None:
+        _offline_disk(config, args.disk)
+        disk = config.disk(args.disk)
+        assert disk is not None
+        volume = _offline_volume(config)
+        store = StateStore(volume.path / STATE_DB)
+        target = open_disk(disk.target, disk.format)
+        try:
+            point = select_point(parse_spec(args.point), store.points(args.disk))
+            journal = UndoJournal(volume.path / JOURNAL_DIR, load_keyring(config.key_file))
+            data = result_json(
+                failover_in_place(target=target, journal=journal, store=store, point=point)
+            )
+        finally:
+            target.close()
+            store.close()
+            volume.lock.release()
+    return _report(args, data, f"failed disk {args.disk} over in place")
+
+
+def _report(args: argparse.Namespace, data: dict[str, object], what: str) -> int:
+    if args.json:
+        print(json.dumps(data))
+        return 0
+    point = data["point"]
+    assert isinstance(point, dict)
+    name = point["name"] or "(file end)"
+    print(f"{what} at {point['kind']} point seq {point['seq']} {name} of {point['time']} "
+          f"in {data['total_s']} s ({data['undo_parts']} undo parts)")  # fmt: skip
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``mastertarget`` with ``argv``; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -48,6 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BlockreplError as exc:
         print(f"{PROG}: error: {exc.message}", file=sys.stderr)
         return exc.exit_code
+    except _AdminError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1 if exc.status >= 500 else 65
     return status
 
 

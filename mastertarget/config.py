@@ -32,6 +32,8 @@ DEFAULT_RETENTION_DIR: Final = Path("/mnt/retention")
 #: be applied, files that failed verification go to ``quarantine/``. It must
 #: not be the retention volume.
 DEFAULT_CACHE_DIR: Final = Path("/var/cache/blockrepl/mastertarget")
+#: The admin API's Unix socket (points, recover, failover): local only.
+DEFAULT_ADMIN_SOCKET: Final = Path("/run/blockrepl/mastertarget.sock")
 #: How long recovery points are kept: 24 hours (the failback policy of the seeds).
 DEFAULT_WINDOW_S: Final = 24 * 3600.0
 #: The RPO above which a disk is alerted on: 15 minutes (the seeds' policy).
@@ -144,6 +146,7 @@ class MasterTargetConfig:
     cache_dir: Path = DEFAULT_CACHE_DIR
     inbox_quota_bytes: int = DEFAULT_INBOX_QUOTA_BYTES
     rpo_threshold_s: float = DEFAULT_RPO_THRESHOLD_S
+    admin_socket: Path = DEFAULT_ADMIN_SOCKET
 
     def __post_init__(self) -> None:
         if not self.rpo_threshold_s > 0:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Final
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from mastertarget.admin import SOCKET_MODE, build_admin_app
 from mastertarget.config import DiskConfig, MasterTargetConfig
 from mastertarget.disks import CreateFormat, create_disk, open_disk
 from mastertarget.disks.base import TargetDisk
@@ -78,6 +80,7 @@ class MasterTarget:
     rpo: RpoMonitor | None = None
     _housekeeper: asyncio.Task[None] | None = None
     _runner: web.AppRunner | None = None
+    _admin_runner: web.AppRunner | None = None
     _metrics_server: MetricsServer | None = None
     _closing: bool = False
 
@@ -273,6 +276,7 @@ class MasterTarget:
             ssl_context=server_context(self.config.tls),
         )
         await site.start()
+        await self._open_admin()
         self._metrics_server = await start_metrics_server(
             registry,
             self.config.metrics,
@@ -280,6 +284,14 @@ class MasterTarget:
             ready=self.ready,
             port=metrics_port,
         )
+
+    async def _open_admin(self) -> None:
+        path = self.config.admin_socket
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        self._admin_runner = web.AppRunner(build_admin_app(self), access_log=None)
+        await self._admin_runner.setup()
+        await web.UnixSite(self._admin_runner, str(path)).start()
+        os.chmod(path, SOCKET_MODE)
 
     @property
     def port(self) -> int:
@@ -316,6 +328,9 @@ class MasterTarget:
                 await self._housekeeper
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+            self.config.admin_socket.unlink(missing_ok=True)
         for replica in self.replicas.values():
             await replica.stop()
         if self._tasks:

@@ -27,6 +27,7 @@ def write_config(
         'process_servers = ["ps01"]',
         f'key_file = "{deployment.key_file}"',
         f'cache_dir = "{root / "cache"}"',
+        f'admin_socket = "{root / "admin.sock"}"',
         *(f"{k} = {v}" for k, v in extra.items()),
         "[tls]",
         f'ca_file = "{deployment.pki / "ca.pem"}"',
