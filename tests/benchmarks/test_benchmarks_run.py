@@ -48,3 +48,20 @@ def test_apply_bench_reports_each_backend(tmp_path: Path) -> None:
         assert result[backend]["apply_MBps"] > 0
         assert result[backend]["limit_MBps"] > 0
     assert result["setup"]["data_bytes"] == 16 * 65536
+
+
+def test_recover_bench_reports_recover_and_copy(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "recover_bench.py"), "--json", "--quick",
+         "--rounds", "1", "--dir", str(tmp_path)],
+        check=True, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    result = json.loads(out.stdout)
+    assert result["recover_s"] > 0
+    assert result["copy_s"] > 0
+    assert result["ratio"] > 0
+    assert result["disk_bytes"] == 64 * 2**20
+    assert result["changed_bytes"] == 16 * 2**20
+    assert 0 < result["undo_bytes"] < result["changed_bytes"] + 2**20
+    assert result["dir"] == str(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # the run's folder is removed
