@@ -34,6 +34,7 @@ from protocol.keyring import KeyRing
 from protocol.limits import MiB
 from protocol.records import Record, Write, Zero
 from protocol.undo import MAX_UNDO_PLAINTEXT, MAX_UNDO_RECORDS, UndoFile, open_undo, seal_undo
+from runtime.crashpoints import crash_point
 from runtime.crashsafe import fsync_dir, remove_stale_temps, temp_name_for
 from runtime.errors import DurabilityError
 
@@ -138,6 +139,7 @@ class UndoJournal:
                         sealed)  # fmt: skip
             total += len(sealed)
         fsync_dir(folder)  # the segment's writes may go to the target after this
+        crash_point("undo-durable")
         return UndoPart(generation, segment.first_seq, segment.last_seq, len(plan), total,
                         capture_ns)  # fmt: skip
 
@@ -171,6 +173,7 @@ class UndoJournal:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
+                crash_point("undo-written")
                 os.fsync(fd)
             finally:
                 os.close(fd)

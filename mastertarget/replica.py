@@ -53,6 +53,7 @@ from protocol.errors import MalformedError, ProtocolError
 from protocol.hrl import HrlFile, HrlHeader, open_hrl
 from protocol.keyring import KeyRing
 from protocol.sequencing import Admission, Fit, StreamPosition, admit
+from runtime.crashpoints import crash_point
 from runtime.errors import DurabilityError
 
 log = logging.getLogger("blockrepl.mastertarget.apply")
@@ -425,15 +426,18 @@ class DiskReplica:
                             )
                         )  # fmt: skip
                     results.append(apply_segment(self.target, plaintext, segment))
+                    crash_point("target-written")
                 points.extend(plan.points)
                 resync_open = plan.resync_open_after
             self.target.flush()
+            crash_point("target-flushed")
             # Inside the lock: a recover copying the target sees the catalog
             # that describes exactly what the target holds.
             self._store.record_applied(
                 self.config.id, group[-1][0].end, resync_open=resync_open, points=points,
                 undo=undo, now_ns=now,
             )  # fmt: skip
+            crash_point("marker-committed")
         if self._record.state is not DiskState.REPLICATING:
             # Applying past the marker proves the stream whole again: a paused
             # target took the file, or the file after a quarantined one came.

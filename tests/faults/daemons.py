@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -26,14 +27,18 @@ class Daemon:
     starts: int = 0
     #: runs in the child before exec (for example to set a resource limit)
     preexec: Callable[[], None] | None = None
+    #: extra environment for the next start only (for example a crash point)
+    env_once: dict[str, str] | None = None
 
     def start(self) -> None:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mastertarget.cli", "serve", "--config", str(self.config)],
                 stdout=out, stderr=out, preexec_fn=self.preexec,  # noqa: PLW1509 - setrlimit only
+                env={**os.environ, **(self.env_once or {})},
             )  # fmt: skip
         self.starts += 1
+        self.env_once = None
 
     def kill(self) -> None:
         assert self.proc is not None

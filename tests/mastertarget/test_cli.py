@@ -61,6 +61,12 @@ async def test_points_recover_failover_online_and_offline(
     assert json.loads(out)["point"]["name"] == "before-upgrade"
     assert output.read_bytes()[:4096] == b"A" * 4096
 
+    latest = tmp_path / "latest.raw"
+    code, _, err = await _cli("recover", "--config", str(config), "--disk", "d0",
+                              "--point", "latest", "--output", str(latest))  # fmt: skip
+    assert code == 0, err
+    assert latest.read_bytes()[:4096] == b"B" * 4096
+
     missing = tmp_path / "x.raw"
     code, _, err = await _cli(
         "recover", "--config", str(config), "--disk", "d0", "--point", "tag:nope",
