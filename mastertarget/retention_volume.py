@@ -36,7 +36,6 @@ import enum
 import errno
 import fcntl
 import os
-import re
 import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -44,6 +43,16 @@ from types import TracebackType
 from typing import Final, NamedTuple
 
 from mastertarget.errors import RetentionVolumeError
+from runtime.errors import MountTableError
+from runtime.mounts import (
+    MOUNTINFO_PATH,
+    SYS_DEV_BLOCK,
+    MountEntry,
+    dev_name,
+    find_mount,
+    read_mount_table,
+    whole_disk,
+)
 
 StrPath = str | os.PathLike[str]
 
@@ -52,14 +61,6 @@ DEFAULT_RETENTION_DIR: Final = Path("/mnt/retention")
 #: The lock file a master target holds inside its retention directory. A dot
 #: name, so that listings of journal files skip it.
 LOCK_FILE_NAME: Final = ".blockrepl.lock"
-#: The kernel's mount table of the calling process (proc(5)).
-MOUNTINFO_PATH: Final = "/proc/self/mountinfo"
-#: sysfs links from ``MAJOR:MINOR`` to each block device, used to find the
-#: whole disk that a partition belongs to.
-SYS_DEV_BLOCK: Final = "/sys/dev/block"
-#: Largest mount table read. A host with 10,000 mounts (many containers) has a
-#: table of about 2 MiB; a larger one is refused instead of filling memory.
-MAX_MOUNTINFO_BYTES: Final = 16 * 1024 * 1024
 #: Largest lock file content read back: a pid (at most 20 digits), a space, a
 #: host name (HOST_NAME_MAX is 64) and a newline, with room to spare.
 MAX_LOCK_FILE_BYTES: Final = 256
@@ -70,13 +71,6 @@ MAX_LOCK_FILE_BYTES: Final = 256
 #: DESIGN.md checklist), and no owners or modes, so journal files cannot be
 #: kept private to the master target.
 FAT_FILE_SYSTEMS: Final = frozenset({"vfat", "msdos", "fat", "umsdos", "exfat"})
-#: FUSE mounts name the real file system after a dot (``fuseblk.exfat``).
-FUSE_TYPES: Final = frozenset({"fuse", "fuseblk"})
-#: A mountinfo line has six fields before the optional ones, then ``-`` and three.
-_FIELDS_BEFORE_OPTIONAL: Final = 6
-_FIELDS_AFTER_SEPARATOR: Final = 3
-#: The kernel escapes space, tab, newline and backslash in names as ``\\ooo``.
-_OCTAL_ESCAPE: Final = re.compile(rb"\\([0-3][0-7]{2})")
 
 
 class Criterion(enum.StrEnum):
@@ -93,165 +87,6 @@ class Criterion(enum.StrEnum):
     INSTALL_VOLUME = "install-volume"
     REPLICATION_TARGET = "replication-target"
     LOCKED = "locked"
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class MountEntry:
-    """One line of ``/proc/self/mountinfo`` (proc(5)), with octal escapes decoded.
-
-    Args:
-        mount_id: unique id of the mount.
-        parent_id: id of the parent mount.
-        device: ``st_dev`` of the file system (``os.makedev(major, minor)``).
-        root: the directory of the file system mounted here ("/" unless a bind mount).
-        mount_point: where it is mounted, relative to the process's root.
-        options: per-mount options (``rw``, ``ro``, ``nodev``...).
-        fstype: file system type (``ext4``, ``vfat``, ``fuseblk.exfat``...).
-        source: what is mounted (``/dev/sdb1``, ``tmpfs``...).
-        super_options: per-file-system options.
-    """
-
-    mount_id: int
-    parent_id: int
-    device: int
-    root: str
-    mount_point: str
-    options: tuple[str, ...]
-    fstype: str
-    source: str
-    super_options: tuple[str, ...]
-
-    @property
-    def read_only(self) -> bool:
-        """True when either the mount or the whole file system is read-only."""
-        return "ro" in self.options or "ro" in self.super_options
-
-    @property
-    def base_fstype(self) -> str:
-        """The file system type with a FUSE prefix removed (``fuseblk.exfat`` -> ``exfat``)."""
-        main, _, sub = self.fstype.partition(".")
-        return sub if main in FUSE_TYPES and sub else main
-
-
-def parse_mountinfo(data: bytes, *, source: str = MOUNTINFO_PATH) -> tuple[MountEntry, ...]:
-    """Parse the text of a mountinfo file into its entries, in table order.
-
-    Args:
-        data: the file's bytes (names may be any bytes but ``/`` and NUL;
-            they are decoded as the file system encoding does).
-        source: the file's name, for messages.
-
-    Raises:
-        RetentionVolumeError: a line is not a mountinfo line (criterion
-            ``mount-table``; the message names the line number).
-    """
-    entries = []
-    for number, line in enumerate(data.split(b"\n"), start=1):
-        if line:
-            entries.append(_parse_mountinfo_line(line, f"{source} line {number}"))
-    return tuple(entries)
-
-
-def _parse_mountinfo_line(line: bytes, where: str) -> MountEntry:
-    """One mountinfo line; ``where`` names it in messages."""
-    # proc(5): ID PARENT MAJOR:MINOR ROOT MOUNT-POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER
-    # Names never hold a space (the kernel writes \040), so one space splits
-    # fields; an empty source (mount -t tmpfs "" DIR) stays an empty field.
-    fields = line.split(b" ")
-    try:
-        separator = fields.index(b"-", _FIELDS_BEFORE_OPTIONAL)
-    except ValueError:
-        raise _table_error(
-            f"{where}: expected a '-' after the optional fields, found none"
-        ) from None
-    # Fields past the third after '-' are tolerated: the optional fields show
-    # that the format grows, and none of the ones read here would move.
-    if len(fields) - separator - 1 < _FIELDS_AFTER_SEPARATOR:
-        found = len(fields) - separator - 1
-        raise _table_error(f"{where}: expected 3 fields after '-', found {found}")
-    major, colon, minor = fields[2].partition(b":")
-    if not (fields[0].isdigit() and fields[1].isdigit() and colon):
-        raise _table_error(f"{where}: expected 'ID PARENT MAJOR:MINOR', found {line[:80]!r}")
-    if not (major.isdigit() and minor.isdigit()):
-        raise _table_error(f"{where}: expected MAJOR:MINOR in decimal, found {fields[2]!r}")
-    return MountEntry(
-        mount_id=int(fields[0]),
-        parent_id=int(fields[1]),
-        device=os.makedev(int(major), int(minor)),
-        root=_unescape(fields[3]),
-        mount_point=_unescape(fields[4]),
-        options=tuple(_unescape(fields[5]).split(",")),
-        fstype=_unescape(fields[separator + 1]),
-        source=_unescape(fields[separator + 2]),
-        super_options=tuple(_unescape(fields[separator + 3]).split(",")),
-    )
-
-
-def _unescape(field: bytes) -> str:
-    r"""A mountinfo field with ``\ooo`` octal escapes decoded, as a file system string."""
-    return os.fsdecode(_OCTAL_ESCAPE.sub(lambda match: bytes([int(match[1], 8)]), field))
-
-
-def read_mount_table(path: StrPath = MOUNTINFO_PATH) -> tuple[MountEntry, ...]:
-    """Read and parse a mountinfo file.
-
-    Raises:
-        RetentionVolumeError: the file cannot be read, is larger than
-            :data:`MAX_MOUNTINFO_BYTES`, or is malformed (criterion ``mount-table``).
-    """
-    name = os.fspath(path)
-    try:
-        with open(path, "rb") as file:
-            data = file.read(MAX_MOUNTINFO_BYTES + 1)
-    except OSError as exc:
-        raise _table_error(f"cannot read mount table {name}: {exc.strerror or exc}") from exc
-    if len(data) > MAX_MOUNTINFO_BYTES:
-        raise _table_error(
-            f"mount table {name}: expected at most {MAX_MOUNTINFO_BYTES} bytes, found more"
-        )
-    return parse_mountinfo(data, source=name)
-
-
-def find_mount(table: Sequence[MountEntry], path: str) -> MountEntry:
-    """The mount a resolved absolute ``path`` is on.
-
-    That is the entry whose mount point is the longest prefix of ``path``,
-    compared by whole components (``/mnt/ret`` is no prefix of
-    ``/mnt/retention``). Of entries with the same mount point, the last in the
-    table is the one on top. (A mount hidden because a mount point above it
-    was mounted over later is not detected: the table alone cannot say.)
-
-    Raises:
-        RetentionVolumeError: no entry contains ``path`` (criterion ``mount-table``).
-    """
-    best: MountEntry | None = None
-    for entry in table:
-        point = entry.mount_point
-        inside = point in ("/", path) or path.startswith(point.rstrip("/") + "/")
-        if inside and (best is None or len(point) >= len(best.mount_point)):
-            best = entry
-    if best is None:
-        raise _table_error(f"no mount in the mount table contains {path} (expected at least '/')")
-    return best
-
-
-def whole_disk(device: int, *, sys_dev_block: StrPath = SYS_DEV_BLOCK) -> int:
-    """The whole disk a partition belongs to, or ``device`` itself.
-
-    sysfs links ``/sys/dev/block/MAJOR:MINOR`` to the device's directory; a
-    partition's directory has a ``partition`` file and sits inside its disk's
-    directory, whose ``dev`` file holds the disk's ``MAJOR:MINOR``. Without
-    sysfs (or for a device that is not a block device), ``device`` is returned.
-    """
-    link = Path(sys_dev_block) / _dev_name(device)
-    try:
-        directory = link.resolve(strict=True)
-        if not (directory / "partition").is_file():
-            return device
-        major, _, minor = (directory.parent / "dev").read_text().strip().partition(":")
-        return os.makedev(int(major), int(minor))
-    except (OSError, ValueError):
-        return device
 
 
 class RetentionLock:
@@ -366,6 +201,26 @@ def check_retention_volume(
         RetentionVolumeError: the directory is refused; ``criterion`` says
             why and the message names the directory and what was found.
     """
+    try:
+        return _check(
+            directory, cache_dir=cache_dir, install_dir=install_dir, targets=targets,
+            mountinfo=mountinfo, sys_dev_block=sys_dev_block,
+            allow_shared_volume=allow_shared_volume,
+        )  # fmt: skip
+    except MountTableError as exc:
+        raise RetentionVolumeError(exc.message, criterion=Criterion.MOUNT_TABLE.value) from exc
+
+
+def _check(
+    directory: StrPath,
+    *,
+    cache_dir: StrPath,
+    install_dir: StrPath,
+    targets: Iterable[StrPath],
+    mountinfo: StrPath,
+    sys_dev_block: StrPath,
+    allow_shared_volume: bool,
+) -> RetentionVolume:
     shown = os.fspath(directory)
     resolved = _existing_directory(shown)
     table = read_mount_table(mountinfo)
@@ -534,12 +389,12 @@ def _check_not_target(
         holders = {here.device, here.mount.device}
         if info.st_rdev in holders:
             found = (
-                f"block device {_dev_name(info.st_rdev)}, which holds it"
+                f"block device {dev_name(info.st_rdev)}, which holds it"
                 f" (mount {here.mount.mount_point})"
             )
         elif info.st_rdev in {whole_disk(dev, sys_dev_block=sys_dev_block) for dev in holders}:
             found = (
-                f"disk {_dev_name(info.st_rdev)}, a partition of which holds it"
+                f"disk {dev_name(info.st_rdev)}, a partition of which holds it"
                 f" (mount {here.mount.mount_point})"
             )
         else:
@@ -646,20 +501,15 @@ def _placement(path: str, table: Sequence[MountEntry]) -> _Placement:
 def _shared_volume(here: _Placement, there: _Placement) -> str:
     """How two placements share a volume, for the message; empty when they do not."""
     if here.device == there.device:
-        return f"both on device {_dev_name(here.device)}"
+        return f"both on device {dev_name(here.device)}"
     if here.mount.mount_id == there.mount.mount_id:
         return f"both on the {here.mount.fstype} mount {here.mount.mount_point}"
     if here.mount.device == there.mount.device:
         return (
-            f"one file system, device {_dev_name(here.mount.device)}, mounted at"
+            f"one file system, device {dev_name(here.mount.device)}, mounted at"
             f" {here.mount.mount_point} and {there.mount.mount_point}"
         )
     return ""
-
-
-def _dev_name(device: int) -> str:
-    """A device number as ``MAJOR:MINOR``."""
-    return f"{os.major(device)}:{os.minor(device)}"
 
 
 def _kind(mode: int) -> str:
@@ -681,8 +531,3 @@ def _refuse(criterion: Criterion, shown: str, found: str) -> RetentionVolumeErro
     return RetentionVolumeError(
         f"retention directory {shown} {found}", criterion=criterion.value, directory=shown
     )
-
-
-def _table_error(message: str) -> RetentionVolumeError:
-    """An error reading or parsing the mount table."""
-    return RetentionVolumeError(message, criterion=Criterion.MOUNT_TABLE.value)

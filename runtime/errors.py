@@ -27,6 +27,12 @@ class KeyFileError(ConfigError):
     code = "key-file"
 
 
+class MountTableError(ConfigError):
+    """The mount table cannot be read or parsed, or does not contain a path."""
+
+    code = "mount-table"
+
+
 class TlsSetupError(ConfigError):
     """A CA, certificate or private key file could not be loaded into a TLS context."""
 

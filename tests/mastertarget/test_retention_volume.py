@@ -27,15 +27,12 @@ from mastertarget.errors import RetentionVolumeError
 from mastertarget.retention_volume import (
     LOCK_FILE_NAME,
     Criterion,
-    MountEntry,
     check_retention_volume,
-    find_mount,
     installed_package_dir,
-    parse_mountinfo,
-    read_mount_table,
     usage,
-    whole_disk,
 )
+from runtime.errors import MountTableError
+from runtime.mounts import MountEntry, find_mount, parse_mountinfo, read_mount_table, whole_disk
 
 #: A mount table as the kernel writes it: optional fields (shared:, master:),
 #: none at all, octal escapes for space, tab and backslash, an empty source,
@@ -181,15 +178,20 @@ def test_mountinfo_of_this_machine_parses_and_holds_root() -> None:
 )
 def test_malformed_mountinfo_is_refused_naming_the_line(line: bytes, expected: str) -> None:
     data = b"1 0 0:1 / / rw - rootfs rootfs rw\n" + line + b"\n"
-    with pytest.raises(RetentionVolumeError) as caught:
+    with pytest.raises(MountTableError) as caught:
         parse_mountinfo(data, source="fake-mountinfo")
-    assert caught.value.criterion == Criterion.MOUNT_TABLE
+    assert caught.value.code == "mount-table"
     assert f"fake-mountinfo {expected}" in caught.value.message
 
 
 def test_unreadable_mount_table_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(RetentionVolumeError, match=r"cannot read mount table .*absent") as caught:
+    with pytest.raises(MountTableError, match=r"cannot read mount table .*absent"):
         read_mount_table(tmp_path / "absent")
+    with pytest.raises(RetentionVolumeError, match=r"cannot read mount table") as caught:
+        check_retention_volume(
+            tmp_path, cache_dir=tmp_path, install_dir=tmp_path, targets=(),
+            mountinfo=tmp_path / "absent",
+        )  # fmt: skip
     assert caught.value.criterion == "mount-table"
 
 
@@ -206,7 +208,7 @@ def test_find_mount_takes_the_longest_whole_component_prefix_and_the_top_mount()
     assert find_mount(table, "/mnt/retention/deeper/x").mount_id == 5
     assert find_mount(table, "/mnt/retx").mount_id == 1
     assert find_mount(table, "/mnt/ret/a").mount_id == 2
-    with pytest.raises(RetentionVolumeError, match="no mount in the mount table contains /x"):
+    with pytest.raises(MountTableError, match="no mount in the mount table contains /x"):
         find_mount(table[1:], "/x")
 
 
