@@ -22,7 +22,6 @@ again, whole, after a back-off — never "retry the fsync and carry on"
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import logging
 import threading
@@ -40,6 +39,7 @@ from mastertarget.errors import DiskError
 from mastertarget.inbox import Inbox, InboxEntry
 from mastertarget.journal import UndoJournal, UndoPart
 from mastertarget.metrics import MasterTargetMetrics
+from mastertarget.pending import PendingFiles
 from mastertarget.points import RecoveryPoint
 from mastertarget.recovery import (
     OutputFormat,
@@ -152,8 +152,7 @@ class DiskReplica:
         self._metrics = metrics
         self._executor = executor
         self._record = record
-        self._pending: list[InboxEntry] = []
-        self.received = record.applied
+        self._pending = PendingFiles(inbox, record.applied, entries)
         #: one PUT of this disk at a time: admission and store must not interleave
         self.put_lock = asyncio.Lock()
         #: held while a file is applied and while checksums are read, so a
@@ -166,10 +165,6 @@ class DiskReplica:
         self._bound = _BoundMetrics(metrics, config.id)
         # Read at scrape time: an age must grow while nothing happens.
         self._bound.inbox_oldest_age.set_function(self._oldest_age_s)
-        for entry in entries:
-            self._add_pending(entry)
-        self._drop_superseded()
-        self._advance_received()
         self._publish()
 
     @classmethod
@@ -211,12 +206,17 @@ class DiskReplica:
     def applied(self) -> StreamPosition:
         return self._record.applied
 
+    @property
+    def received(self) -> StreamPosition:
+        """The last position held durably, in the inbox or applied."""
+        return self._pending.received
+
     def admission(self, generation: int, first_seq: int, last_seq: int) -> Admission:
         """How a file fits after what this disk holds (see protocol/sequencing.py)."""
-        return admit(self.received, generation, first_seq, last_seq)
+        return self._pending.admission(generation, first_seq, last_seq)
 
     def inbox_bytes(self) -> int:
-        return sum(e.size for e in self._pending)
+        return self._pending.bytes
 
     async def store(self, header: HrlHeader, data: bytes) -> Admission:
         """Store a received file durably if it is next; the caller holds ``put_lock``.
@@ -234,41 +234,12 @@ class DiskReplica:
         entry = await loop.run_in_executor(
             self._executor, lambda: self._inbox.store(header, data, now_ns=time.time_ns())
         )
-        self._add_pending(entry)
-        self._drop_superseded()
-        self._advance_received()
+        self._pending.add(entry, self._record.applied)
         self._metrics.files_received.labels(self.config.id).inc()
         self._metrics.bytes_received.labels(self.config.id).inc(entry.size)
         self._publish()
         self._wake.set()
         return verdict
-
-    def _add_pending(self, entry: InboxEntry) -> None:
-        position = bisect.bisect(self._pending, entry)
-        if position and self._pending[position - 1].path == entry.path:
-            self._pending[position - 1] = entry  # stored again under the same name
-        else:
-            self._pending.insert(position, entry)
-
-    def _advance_received(self) -> None:
-        """Move ``received`` over every stored file that continues it."""
-        for entry in self._pending:
-            if admit(self.received, entry.generation, entry.first_seq, entry.last_seq).fit is (
-                Fit.NEXT
-            ):
-                self.received = entry.end
-
-    def _drop_superseded(self) -> None:
-        """Forget files that the applied position makes useless (applied, older
-        generation, or overlapping what was applied)."""
-        keep: list[InboxEntry] = []
-        for entry in self._pending:
-            fit = admit(self._record.applied, entry.generation, entry.first_seq, entry.last_seq)
-            if fit.fit in (Fit.DUPLICATE, Fit.STALE, Fit.OVERLAP):
-                self._inbox.remove(entry)
-            else:
-                keep.append(entry)
-        self._pending = keep
 
     # --- applying --------------------------------------------------------------------
 
@@ -323,11 +294,7 @@ class DiskReplica:
                     await future
 
     def _next_entry(self) -> InboxEntry | None:
-        if not self._pending:
-            return None
-        entry = self._pending[0]
-        fit = admit(self._record.applied, entry.generation, entry.first_seq, entry.last_seq)
-        return entry if fit.fit is Fit.NEXT else None
+        return self._pending.head(self._record.applied)
 
     def _prefetch(
         self, opened: dict[Path, asyncio.Future[HrlFile]], loop: asyncio.AbstractEventLoop
@@ -352,7 +319,7 @@ class DiskReplica:
         group: list[tuple[InboxEntry, HrlFile]] = []
         position = self._record.applied
         size = 0
-        for entry in self._pending[:MAX_GROUP_FILES]:
+        for entry in list(self._pending)[:MAX_GROUP_FILES]:
             if admit(position, entry.generation, entry.first_seq, entry.last_seq).fit is not (
                 Fit.NEXT
             ):
@@ -479,8 +446,7 @@ class DiskReplica:
         self._record = self._store.disk(self.config.id)
         self._pending.remove(entry)
         # The stream now ends where it was applied: the quarantined seqs must come again.
-        self.received = self._record.applied
-        self._advance_received()
+        self._pending.rewind(self._record.applied)
         self._publish()
 
     async def _pause(self, entry: InboxEntry, exc: DiskError | DurabilityError) -> None:
@@ -543,10 +509,8 @@ class DiskReplica:
         finally:
             self._failing_over = False
             self._record = self._store.disk(self.config.id)
-        for entry in self._pending:
-            self._inbox.remove(entry)
         self._pending.clear()
-        self.received = self._record.applied
+        self._pending.rewind(self._record.applied)
         self._publish()
         return result
 
@@ -596,7 +560,7 @@ class DiskReplica:
     # --- reporting -------------------------------------------------------------------
 
     def status(self) -> ReplicaStatus:
-        oldest = min((e.stored_ns for e in self._pending), default=None)
+        oldest = self._pending.oldest_ns
         return ReplicaStatus(
             disk_id=self.config.id,
             received=self.received,
@@ -606,12 +570,12 @@ class DiskReplica:
             resync_open=self._record.resync_open,
             target_size=self.target.size,
             inbox_files=len(self._pending),
-            inbox_bytes=self.inbox_bytes(),
+            inbox_bytes=self._pending.bytes,
             oldest_ns=oldest,
         )
 
     def _oldest_age_s(self) -> float:
-        oldest = min((e.stored_ns for e in self._pending), default=None)
+        oldest = self._pending.oldest_ns
         return 0.0 if oldest is None else max(0.0, (time.time_ns() - oldest) / 1e9)
 
     def _publish(self) -> None:
