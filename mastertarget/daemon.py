@@ -192,9 +192,9 @@ class MasterTarget:
         rpo = self.rpo
         disk_id = replica.config.id
         rpo.add_disk(disk_id, time.time_ns())
-        consistent = [p for p in replica.points() if p.consistent]
-        if consistent:
-            rpo.observe_point(disk_id, consistent[-1].capture_ns, consistent[-1].applied_ns)
+        _, _, newest = self.store.consistent_summary(disk_id)
+        if newest is not None:
+            rpo.observe_point(disk_id, newest.capture_ns, newest.applied_ns)
 
         def observe(points: list[RecoveryPoint]) -> None:
             if points:
@@ -248,11 +248,10 @@ class MasterTarget:
 
     def _refresh_points(self, replica: DiskReplica, now_ns: int) -> None:
         disk_id = replica.config.id
-        consistent = [p for p in replica.points() if p.consistent]
+        counts, oldest, _ = self.store.consistent_summary(disk_id)
         for kind in PointKind:
-            count = sum(1 for p in consistent if p.kind is kind)
-            self.metrics.points.labels(disk_id, kind.value).set(count)
-        window = point_age_ns(consistent[0], now_ns) / 1e9 if consistent else 0.0
+            self.metrics.points.labels(disk_id, kind.value).set(counts.get(kind.value, 0))
+        window = point_age_ns(oldest, now_ns) / 1e9 if oldest is not None else 0.0
         self.metrics.window.labels(disk_id).set(window)
         target = self.config.retention.window_s
         if window >= target:

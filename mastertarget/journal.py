@@ -99,10 +99,14 @@ class UndoJournal:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         remove_stale_temps(folder)
 
-    def _paths(self, disk_id: str, generation: int, first: int, last: int) -> list[Path]:
-        prefix = f"{generation:020d}-{first:020d}-{last:020d}-"
-        folder = self.root / disk_id
-        return sorted(p for p in folder.glob(prefix + "*.undo"))
+    def _path(self, disk_id: str, generation: int, first: int, last: int, chunk: int) -> Path:
+        return self.root / disk_id / _name(generation, first, last, chunk)
+
+    def _chunk_paths(self, disk_id: str, part: UndoPart) -> list[Path]:
+        return [
+            self._path(disk_id, part.generation, part.first_seq, part.last_seq, chunk)
+            for chunk in range(part.chunks)
+        ]
 
     def capture_or_reuse(
         self, disk_id: str, target: TargetDisk, segment: Segment, *, generation: int,
@@ -144,24 +148,28 @@ class UndoJournal:
                         capture_ns)  # fmt: skip
 
     def _complete(self, disk_id: str, generation: int, segment: Segment) -> UndoPart | None:
-        """The earlier capture of this segment if every file of it is there and verifies."""
-        paths = self._paths(disk_id, generation, segment.first_seq, segment.last_seq)
-        if not paths:
-            return None
+        """The earlier capture of this segment if every file of it is there and verifies.
+
+        Looked up by name, not by listing the folder: the journal of a busy
+        disk holds a day of files.
+        """
+        first = self._path(disk_id, generation, segment.first_seq, segment.last_seq, 0)
+        if not first.exists():
+            return None  # the usual case: never captured
         try:
+            head = open_undo(first.read_bytes(), self._keyring).header
+            part = UndoPart(generation, segment.first_seq, segment.last_seq, head.chunks, 0,
+                            head.capture_ns)  # fmt: skip
+            paths = self._chunk_paths(disk_id, part)
             files = [open_undo(p.read_bytes(), self._keyring) for p in paths]
-        except ProtocolError:
-            files = []
-        if (
-            files
-            and len(files) == files[0].header.chunks
-            and sorted(f.header.chunk for f in files) == list(range(len(files)))
-        ):
-            size = sum(p.stat().st_size for p in paths)
-            return UndoPart(generation, segment.first_seq, segment.last_seq, len(files), size,
-                            files[0].header.capture_ns)  # fmt: skip
+            if [f.header.chunk for f in files] == list(range(part.chunks)):
+                size = sum(p.stat().st_size for p in paths)
+                return UndoPart(generation, segment.first_seq, segment.last_seq, part.chunks,
+                                size, head.capture_ns)  # fmt: skip
+        except (ProtocolError, OSError):
+            pass
         # Incomplete: the target was never written for this segment; start over.
-        for path in paths:
+        for path in (self.root / disk_id).glob(first.name.rsplit("-", 1)[0] + "-*.undo"):
             path.unlink(missing_ok=True)
         return None
 
@@ -191,21 +199,18 @@ class UndoJournal:
             ProtocolError: a file fails verification (the journal is damaged).
             DurabilityError: a file is missing.
         """
-        paths = self._paths(disk_id, part.generation, part.first_seq, part.last_seq)
-        if len(paths) != part.chunks:
-            raise DurabilityError(
-                f"undo of disk {disk_id} seqs {part.first_seq}..{part.last_seq} must have "
-                f"{part.chunks} files in {self.root / disk_id}, found {len(paths)}"
-            )
-        for path in paths:
-            yield open_undo(path.read_bytes(), self._keyring)
+        for path in self._chunk_paths(disk_id, part):
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                raise DurabilityError(
+                    f"undo of disk {disk_id} seqs {part.first_seq}..{part.last_seq} must have "
+                    f"{part.chunks} files in {self.root / disk_id}; {path.name} is missing"
+                ) from None
+            yield open_undo(data, self._keyring)
 
     def remove_part(self, disk_id: str, part: UndoPart) -> None:
         """Delete a part's files (pruning); the directory is not fsynced: a part
         that comes back after a crash is pruned again."""
-        for path in self._paths(disk_id, part.generation, part.first_seq, part.last_seq):
+        for path in self._chunk_paths(disk_id, part):
             path.unlink(missing_ok=True)
-
-    def bytes_used(self, disk_id: str) -> int:
-        folder = self.root / disk_id
-        return sum(e.stat().st_size for e in os.scandir(folder) if NAME_PATTERN.fullmatch(e.name))

@@ -47,7 +47,7 @@ from mastertarget.recovery import (
     failover_in_place,
     recover_copy,
 )
-from mastertarget.retention import Cutoff, choose_cutoff
+from mastertarget.retention import Cutoff, choose_cutoff, point_age_ns
 from mastertarget.state import DiskRecord, DiskState, StateStore
 from protocol.errors import MalformedError, ProtocolError
 from protocol.hrl import HrlFile, HrlHeader, open_hrl
@@ -69,6 +69,10 @@ PREFETCH_BYTES: Final = 4 * 2**20
 #: a group is re-applied whole after a crash, so it stays small.
 MAX_GROUP_FILES: Final = 32
 MAX_GROUP_BYTES: Final = 64 * 2**20
+
+#: Points read per query while looking for the start of the window: in
+#: steady state only the few that expired since the last round are read.
+PRUNE_SCAN_POINTS: Final = 1000
 
 #: First wait before applying a file again after a target error, doubled on
 #: each failure up to the maximum: quick recovery from a blip, no busy loop
@@ -522,14 +526,28 @@ class DiskReplica:
         journal = self._journal
 
         def run() -> Cutoff | None:
-            cutoff = choose_cutoff(
-                self._store.points(self.config.id), now_ns=now_ns, window_s=window_s,
-                over_high_water=over_high_water,
-            )  # fmt: skip
-            if cutoff is not None:
-                for part in self._store.prune(self.config.id, cutoff.keep_from):
-                    journal.remove_part(self.config.id, part)
-            return cutoff
+            disk_id = self.config.id
+            total = self._store.point_count(disk_id)
+            head: list[RecoveryPoint] = []
+            window_ns = int(window_s * 1e9)
+            while len(head) < total:  # read the oldest, a batch at a time, up to the window
+                batch = self._store.oldest_points(disk_id, len(head), PRUNE_SCAN_POINTS)
+                head.extend(batch)
+                if not batch or point_age_ns(batch[-1], now_ns) <= window_ns:
+                    break
+            chosen = choose_cutoff(
+                head, total, now_ns=now_ns, window_s=window_s, over_high_water=over_high_water
+            )
+            if chosen is None:
+                return None
+            keep, expired = chosen
+            first = (
+                head[keep] if keep < len(head) else self._store.oldest_points(disk_id, keep, 1)[0]
+            )
+            position = StreamPosition(first.generation, first.seq)
+            for part in self._store.prune(disk_id, position):
+                journal.remove_part(disk_id, part)
+            return Cutoff(position, expired, keep - expired)
 
         cutoff = await asyncio.get_running_loop().run_in_executor(self._executor, run)
         if cutoff is not None and cutoff.early:

@@ -43,30 +43,36 @@ def point_age_ns(point: RecoveryPoint, now_ns: int) -> int:
 
 
 def choose_cutoff(
-    points: Sequence[RecoveryPoint], *, now_ns: int, window_s: float, over_high_water: bool
-) -> Cutoff | None:
-    """The oldest point to keep, or None when nothing needs to go.
+    head: Sequence[RecoveryPoint],
+    total: int,
+    *,
+    now_ns: int,
+    window_s: float,
+    over_high_water: bool,
+) -> tuple[int, int] | None:
+    """Which point history starts at after pruning, by its index in stream order.
 
     The newest point is always kept: it is the target itself.
 
     Args:
-        points: the disk's points, oldest first.
+        head: the oldest points in stream order, at least up to the first one
+            inside the window (or all of them).
+        total: how many points the disk has.
         now_ns: the master target's time.
         window_s: the retention window.
         over_high_water: the volume is over its high-water mark: drop a
             further tenth of what is left (at least one point).
+
+    Returns:
+        ``(keep, expired)``: the index of the oldest point kept and how many
+        went for their age; None when nothing needs to go.
     """
-    if len(points) <= 1:
+    if total <= 1:
         return None
     window_ns = int(window_s * 1e9)
-    keep = next(
-        (i for i, p in enumerate(points) if point_age_ns(p, now_ns) <= window_ns),
-        len(points) - 1,
-    )
+    inside = (i for i, p in enumerate(head) if point_age_ns(p, now_ns) <= window_ns)
+    keep = min(next(inside, total - 1), total - 1)
     expired = keep
     if over_high_water:
-        keep = min(len(points) - 1, keep + max(1, int((len(points) - keep) * PRESSURE_STEP)))
-    if keep == 0:
-        return None
-    first = points[keep]
-    return Cutoff(StreamPosition(first.generation, first.seq), expired, keep - expired)
+        keep = min(total - 1, keep + max(1, (total - keep) // int(1 / PRESSURE_STEP)))
+    return None if keep == 0 else (keep, expired)

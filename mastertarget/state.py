@@ -222,16 +222,51 @@ class StateStore:
 
     def points(self, disk_id: str) -> list[RecoveryPoint]:
         """Every point of the disk, oldest first (consistent or not)."""
+        return self._points(disk_id, "ORDER BY generation, seq, kind, name", ())
+
+    _POINT_COLUMNS = (
+        "generation, seq, capture_ns, applied_ns, kind, name, tag_id, group_id, consistent"
+    )
+
+    def _points(self, disk_id: str, sql: str, args: tuple[object, ...]) -> list[RecoveryPoint]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT generation, seq, capture_ns, applied_ns, kind, name, tag_id, group_id, "
-                "consistent FROM points WHERE disk_id = ? ORDER BY generation, seq, kind, name",
-                (disk_id,),
+                f"SELECT {self._POINT_COLUMNS} FROM points WHERE disk_id = ? {sql}",  # noqa: S608 - constant SQL
+                (disk_id, *args),
             ).fetchall()
         return [
             RecoveryPoint(disk_id, g, s, c, a, PointKind(k), n, bytes(t), grp, bool(ok))
             for g, s, c, a, k, n, t, grp, ok in rows
         ]
+
+    def oldest_points(self, disk_id: str, offset: int, limit: int) -> list[RecoveryPoint]:
+        """Points in stream order from the ``offset``-th oldest, at most ``limit``."""
+        return self._points(
+            disk_id, "ORDER BY generation, seq, kind, name LIMIT ? OFFSET ?", (limit, offset)
+        )
+
+    def point_count(self, disk_id: str) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT COUNT(*) FROM points WHERE disk_id = ?", (disk_id,))
+            return int(row.fetchone()[0])
+
+    def consistent_summary(
+        self, disk_id: str
+    ) -> tuple[dict[str, int], RecoveryPoint | None, RecoveryPoint | None]:
+        """Consistent points by kind, and the oldest and newest of them."""
+        with self._lock:
+            counts = dict(
+                self._db.execute(
+                    "SELECT kind, COUNT(*) FROM points WHERE disk_id = ? AND consistent = 1 "
+                    "GROUP BY kind",
+                    (disk_id,),
+                ).fetchall()
+            )
+        oldest = self._points(disk_id, "AND consistent = 1 ORDER BY generation, seq LIMIT 1", ())
+        newest = self._points(
+            disk_id, "AND consistent = 1 ORDER BY generation DESC, seq DESC LIMIT 1", ()
+        )
+        return counts, oldest[0] if oldest else None, newest[0] if newest else None
 
     def undo_after(self, disk_id: str, position: StreamPosition) -> list[UndoPart]:
         """The undo parts of segments after ``position``, newest first: the order
