@@ -19,6 +19,7 @@ from mastertarget.points import RecoveryPoint
 from mastertarget.pointspec import format_time_ns, format_window, parse_spec, select_point
 from mastertarget.recovery import RecoverResult
 from mastertarget.replica import DiskReplica
+from mastertarget.server import replica_or_404
 from protocol.errors import BlockreplError, MalformedError
 from protocol.sequencing import StreamPosition
 
@@ -71,15 +72,7 @@ def result_json(result: RecoverResult) -> dict[str, object]:
 
 
 def _replica(request: web.Request) -> DiskReplica:
-    disk_id = request.match_info["disk"]
-    replica: DiskReplica | None = request.app[ADMIN].replicas.get(disk_id)
-    if replica is None:
-        raise web.HTTPNotFound(
-            text=f'{{"error": "unknown-disk", "message": "disk {disk_id!r} is not replicated '
-            f'to this master target"}}',
-            content_type="application/json",
-        )
-    return replica
+    return replica_or_404(request.app[ADMIN].replicas, request)
 
 
 async def _body(request: web.Request) -> dict[str, object]:

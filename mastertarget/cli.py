@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -32,12 +34,13 @@ from mastertarget.admin import points_json, result_json
 from mastertarget.config import MasterTargetConfig
 from mastertarget.daemon import JOURNAL_DIR, STATE_DB, MasterTarget
 from mastertarget.disks import open_disk
+from mastertarget.disks.base import TargetDisk
 from mastertarget.errors import DiskError
 from mastertarget.journal import UndoJournal
+from mastertarget.points import RecoveryPoint
 from mastertarget.pointspec import parse_spec, select_point
 from mastertarget.recovery import Progress, failover_in_place, recover_copy
 from mastertarget.retention_volume import (
-    RetentionVolume,
     check_retention_volume,
     installed_package_dir,
 )
@@ -117,17 +120,12 @@ class _AdminError(Exception):
         self.status = status
 
 
-def _offline_disk(config: MasterTargetConfig, disk_id: str) -> None:
-    if config.disk(disk_id) is None:
-        raise DiskError(f"disk {disk_id!r} is not in the config; configured: "
-                        f"{', '.join(d.id for d in config.disks) or 'none'}")  # fmt: skip
-
-
 def _points(args: argparse.Namespace) -> int:
     config = mt_config.load(args.config)
     data = asyncio.run(_admin(config, "GET", f"/v1/disks/{args.disk}/points", None))
     if data is None:
-        _offline_disk(config, args.disk)
+        if config.disk(args.disk) is None:
+            raise DiskError(f"disk {args.disk!r} is not in the config")
         store = StateStore(config.retention.dir / STATE_DB)
         try:
             data = points_json(args.disk, store.points(args.disk))
@@ -165,12 +163,42 @@ def _bar(label: str) -> Progress | None:
     return show
 
 
-def _offline_volume(config: MasterTargetConfig) -> RetentionVolume:
-    return check_retention_volume(
+@dataclass(frozen=True)
+class _Offline:
+    """What a command needs to work on a disk while the daemon is stopped."""
+
+    store: StateStore
+    target: TargetDisk
+    journal: UndoJournal
+    point: RecoveryPoint
+
+
+@contextlib.contextmanager
+def _offline(config: MasterTargetConfig, disk_id: str, spec: str) -> Iterator[_Offline]:
+    """Lock the retention volume, open the disk's target, state and journal, pick the point."""
+    disk = config.disk(disk_id)
+    if disk is None:
+        raise DiskError(f"disk {disk_id!r} is not in the config; configured: "
+                        f"{', '.join(d.id for d in config.disks) or 'none'}")  # fmt: skip
+    volume = check_retention_volume(
         config.retention.dir, cache_dir=config.cache_dir, install_dir=installed_package_dir(),
         targets=[d.target for d in config.disks],
         allow_shared_volume=config.retention.allow_shared_volume,
     )  # fmt: skip
+    try:
+        store = StateStore(volume.path / STATE_DB)
+        try:
+            target = open_disk(disk.target, disk.format)
+            try:
+                point = select_point(parse_spec(spec), store.points(disk_id))
+                journal = UndoJournal(volume.path / JOURNAL_DIR, load_keyring(config.key_file))
+                yield _Offline(store, target, journal, point)
+            finally:
+                target.close()
+        finally:
+            store.close()
+    finally:
+        volume.lock.release()
 
 
 def _recover(args: argparse.Namespace) -> int:
@@ -181,24 +209,13 @@ def _recover(args: argparse.Namespace) -> int:
         print(f"recovering disk {args.disk} at {args.point} into {output} ...", file=sys.stderr)
     data = asyncio.run(_admin(config, "POST", f"/v1/disks/{args.disk}/recover", body))
     if data is None:
-        _offline_disk(config, args.disk)
-        disk = config.disk(args.disk)
-        assert disk is not None
-        volume = _offline_volume(config)
-        store = StateStore(volume.path / STATE_DB)
-        target = open_disk(disk.target, disk.format)
-        try:
-            point = select_point(parse_spec(args.point), store.points(args.disk))
-            journal = UndoJournal(volume.path / JOURNAL_DIR, load_keyring(config.key_file))
+        with _offline(config, args.disk, args.point) as disk:
             result = recover_copy(
-                target=target, lock=threading.Lock(), journal=journal, store=store,
-                point=point, output=output, output_format=args.format, progress=_bar("copy"),
+                target=disk.target, lock=threading.Lock(), journal=disk.journal,
+                store=disk.store, point=disk.point, output=output, output_format=args.format,
+                progress=_bar("copy"),
             )  # fmt: skip
-            data = result_json(result)
-        finally:
-            target.close()
-            store.close()
-            volume.lock.release()
+        data = result_json(result)
     return _report(args, data, f"recovered disk {args.disk} into {output}")
 
 
@@ -208,22 +225,11 @@ def _failover(args: argparse.Namespace) -> int:
         _admin(config, "POST", f"/v1/disks/{args.disk}/failover", {"point": args.point})
     )
     if data is None:
-        _offline_disk(config, args.disk)
-        disk = config.disk(args.disk)
-        assert disk is not None
-        volume = _offline_volume(config)
-        store = StateStore(volume.path / STATE_DB)
-        target = open_disk(disk.target, disk.format)
-        try:
-            point = select_point(parse_spec(args.point), store.points(args.disk))
-            journal = UndoJournal(volume.path / JOURNAL_DIR, load_keyring(config.key_file))
-            data = result_json(
-                failover_in_place(target=target, journal=journal, store=store, point=point)
+        with _offline(config, args.disk, args.point) as disk:
+            result = failover_in_place(
+                target=disk.target, journal=disk.journal, store=disk.store, point=disk.point
             )
-        finally:
-            target.close()
-            store.close()
-            volume.lock.release()
+        data = result_json(result)
     return _report(args, data, f"failed disk {args.disk} over in place")
 
 

@@ -9,8 +9,9 @@ an unauthorised body is read, let alone decoded (DESIGN.md invariant 7).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Final
 
 import xxhash
@@ -88,16 +89,23 @@ async def authorise(request: web.Request, handler: Handler) -> web.StreamRespons
     return response
 
 
-def _replica(request: web.Request) -> DiskReplica:
+def replica_or_404(replicas: Mapping[str, DiskReplica], request: web.Request) -> DiskReplica:
+    """The replica the URL's ``{disk}`` names, or a 404 ``unknown-disk`` answer."""
     disk_id = request.match_info["disk"]
-    replica: DiskReplica | None = request.app[MT].replicas.get(disk_id)
+    replica = replicas.get(disk_id)
     if replica is None:
         raise web.HTTPNotFound(
-            text=f'{{"error": "unknown-disk", "message": "disk {disk_id!r} is not '
-            f'replicated to this master target"}}',
+            text=json.dumps(
+                {"error": "unknown-disk",
+                 "message": f"disk {disk_id!r} is not replicated to this master target"}
+            ),
             content_type="application/json",
-        )
+        )  # fmt: skip
     return replica
+
+
+def _replica(request: web.Request) -> DiskReplica:
+    return replica_or_404(request.app[MT].replicas, request)
 
 
 def _position_json(replica: DiskReplica) -> dict[str, object]:
