@@ -19,11 +19,11 @@ a ``.reason`` file beside them, for an operator to inspect.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from protocol.filenames import hrl_file_name, parse_hrl_file_name
 from protocol.hrl import HrlHeader
 from protocol.sequencing import StreamPosition
 from runtime.crashsafe import (
@@ -33,8 +33,6 @@ from runtime.crashsafe import (
     write_file_atomic,
 )
 
-#: Inbox file names: generation, first seq and last seq, 20 digits each (2**63 has 19).
-NAME_PATTERN: Final = re.compile(r"(\d{20})-(\d{20})-(\d{20})\.hrl")
 #: Inbox files are secrets at rest only in ciphertext, but their sizes and
 #: timing still tell how a disk is written: readable by the service alone.
 FILE_MODE: Final = 0o600
@@ -55,10 +53,6 @@ class InboxEntry:
     def end(self) -> StreamPosition:
         """The stream position after this file is applied."""
         return StreamPosition(self.generation, self.last_seq)
-
-
-def file_name(generation: int, first_seq: int, last_seq: int) -> str:
-    return f"{generation:020d}-{first_seq:020d}-{last_seq:020d}.hrl"
 
 
 class Inbox:
@@ -86,7 +80,7 @@ class Inbox:
         Raises:
             DurabilityError: the write or an fsync failed; nothing was stored.
         """
-        name = file_name(header.generation, header.first_seq, header.last_seq)
+        name = hrl_file_name(header.generation, header.first_seq, header.last_seq)
         path = self.root / header.disk_id / name
         write_file_atomic(path, data, mode=FILE_MODE)
         size = sum(len(d) for d in data) if isinstance(data, list) else len(data)
@@ -97,11 +91,11 @@ class Inbox:
         folder = self.root / disk_id
         entries = []
         for item in os.scandir(folder):
-            match = NAME_PATTERN.fullmatch(item.name)
-            if match is None or not item.is_file(follow_symlinks=False):
+            place = parse_hrl_file_name(item.name)
+            if place is None or not item.is_file(follow_symlinks=False):
                 continue
             stat = item.stat(follow_symlinks=False)
-            generation, first, last = (int(g) for g in match.groups())
+            generation, first, last = place
             entries.append(
                 InboxEntry(generation, first, last, Path(item.path), stat.st_size, stat.st_mtime_ns)
             )

@@ -1,0 +1,124 @@
+"""The process server's configuration: one frozen object loaded from TOML.
+
+See ``systemd/processserver.toml`` for a commented example.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Final
+
+from protocol.errors import MalformedError
+from protocol.hrl import DEFAULT_ZSTD_LEVEL, MAX_ZSTD_LEVEL
+from protocol.limits import MAX_BATCH_PAYLOAD, check_id
+from runtime.config import FieldValueError, LoggingConfig, MetricsListen, TlsFiles, load_config
+
+#: The data port agents send to (DESIGN.md, as in the seeds).
+DEFAULT_PORT: Final = 9443
+#: The metrics listener of the process server (DESIGN.md).
+DEFAULT_METRICS_PORT: Final = 9101
+#: Where HRL files wait to be shipped: the process server's cache volume.
+DEFAULT_CACHE_DIR: Final = Path("/var/cache/blockrepl/processserver")
+#: Cache bytes above which new batches get 503 + Retry-After, and below
+#: which they are taken again: hysteresis, so a cache at the edge does not
+#: flap between the two at every file shipped.
+DEFAULT_CACHE_HIGH_BYTES: Final = 64 * 2**30
+DEFAULT_CACHE_LOW_BYTES: Final = 56 * 2**30
+#: HRL files shipped at once, over all disks: enough to fill a WAN link with
+#: round trips in flight, few enough to bound memory (each is read whole).
+DEFAULT_MAX_IN_FLIGHT: Final = 8
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MachineConfig:
+    """A protected machine: the id its client certificate names, and its disks."""
+
+    id: str
+    disks: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        try:
+            check_id("machine", self.id)
+            for disk in self.disks:
+                check_id("disk", disk)
+        except MalformedError as exc:
+            raise FieldValueError("machines", exc.message) from None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MasterTargetLink:
+    """Where HRL files go, and who the process server is there.
+
+    Args:
+        url: ``https://HOST:9444`` of the master target.
+        tls: the CA, and this process server's own client certificate
+            (``blockrepl certs issue --machine ps01``) and key.
+    """
+
+    url: str
+    tls: TlsFiles
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith("https://"):
+            raise FieldValueError("url", f"expected an https:// URL, found {self.url!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProcessServerConfig:
+    """Everything ``processserver serve`` needs."""
+
+    tls: TlsFiles
+    key_file: Path
+    machines: tuple[MachineConfig, ...]
+    master_target: MasterTargetLink
+    host: str = "0.0.0.0"  # noqa: S104 - the data port serves the protected machines
+    port: int = DEFAULT_PORT
+    metrics: MetricsListen = dataclasses.field(
+        default_factory=lambda: MetricsListen(port=DEFAULT_METRICS_PORT)
+    )
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    cache_dir: Path = DEFAULT_CACHE_DIR
+    cache_high_bytes: int = DEFAULT_CACHE_HIGH_BYTES
+    cache_low_bytes: int = DEFAULT_CACHE_LOW_BYTES
+    zstd_level: int = DEFAULT_ZSTD_LEVEL
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise FieldValueError("port", f"expected 1..65535, found {self.port}")
+        if not 1 <= self.zstd_level <= MAX_ZSTD_LEVEL:
+            raise FieldValueError(
+                "zstd_level", f"expected 1..{MAX_ZSTD_LEVEL}, found {self.zstd_level}"
+            )
+        if not MAX_BATCH_PAYLOAD <= self.cache_low_bytes < self.cache_high_bytes:
+            raise FieldValueError(
+                "cache_low_bytes",
+                f"expected {MAX_BATCH_PAYLOAD} <= cache_low_bytes < cache_high_bytes, found "
+                f"{self.cache_low_bytes} and {self.cache_high_bytes}",
+            )
+        if self.max_in_flight < 1:
+            raise FieldValueError("max_in_flight", f"expected >= 1, found {self.max_in_flight}")
+        owners: dict[str, str] = {}
+        for machine in self.machines:
+            for disk in machine.disks:
+                if disk in owners:
+                    raise FieldValueError(
+                        "machines",
+                        f"expected each disk under one machine, found {disk!r} under "
+                        f"{owners[disk]!r} and {machine.id!r}",
+                    )
+                owners[disk] = machine.id
+
+    def owner(self, disk_id: str) -> str | None:
+        """The machine that may write ``disk_id``, or None if no machine may."""
+        return next((m.id for m in self.machines if disk_id in m.disks), None)
+
+
+def load(path: str | Path) -> ProcessServerConfig:
+    """Load and check a process server config file.
+
+    Raises:
+        ConfigError: naming the file and the key at fault.
+    """
+    return load_config(ProcessServerConfig, path)
