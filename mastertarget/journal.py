@@ -35,7 +35,7 @@ from protocol.limits import MiB
 from protocol.records import Record, Write, Zero
 from protocol.undo import MAX_UNDO_PLAINTEXT, MAX_UNDO_RECORDS, UndoFile, open_undo, seal_undo
 from runtime.crashpoints import crash_point
-from runtime.crashsafe import fsync_dir, remove_stale_temps, temp_name_for
+from runtime.crashsafe import fsync_dir, remove_stale_temps, write_file_synced
 from runtime.errors import DurabilityError
 
 #: Bytes read from the target at a time while capturing: each piece becomes
@@ -139,8 +139,9 @@ class UndoJournal:
                 generation=generation, first_seq=segment.first_seq, last_seq=segment.last_seq,
                 chunk=chunk, chunks=len(plan), capture_ns=capture_ns, salt=os.urandom(32),
             )  # fmt: skip
-            self._write(folder / _name(generation, segment.first_seq, segment.last_seq, chunk),
-                        sealed)  # fmt: skip
+            path = folder / _name(generation, segment.first_seq, segment.last_seq, chunk)
+            write_file_synced(path, sealed, mode=FILE_MODE)
+            crash_point("undo-written")
             total += len(sealed)
         fsync_dir(folder)  # the segment's writes may go to the target after this
         crash_point("undo-durable")
@@ -172,25 +173,6 @@ class UndoJournal:
         for path in (self.root / disk_id).glob(first.name.rsplit("-", 1)[0] + "-*.undo"):
             path.unlink(missing_ok=True)
         return None
-
-    def _write(self, path: Path, data: bytes) -> None:
-        temp = path.with_name(temp_name_for(path.name))
-        try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                crash_point("undo-written")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temp, path)
-        except OSError as exc:
-            temp.unlink(missing_ok=True)
-            raise DurabilityError(
-                f"cannot write undo file {path}: {exc.strerror}", errno=exc.errno, path=str(path)
-            ) from exc
 
     def open_part(self, disk_id: str, part: UndoPart) -> Iterator[UndoFile]:
         """Every verified undo file of a part.

@@ -98,6 +98,27 @@ def write_file_atomic(
     fsync_dir(final.parent)
 
 
+def write_file_synced(
+    path: StrPath, data: BytesLike | Sequence[BytesLike], *, mode: int = 0o644
+) -> None:
+    """Replace ``path`` with ``data``, fsynced, but leave the directory fsync to the caller.
+
+    For group commits: many files are written this way, then each directory
+    that gained one is fsynced once with :func:`fsync_dir`. Nothing written
+    here may be acknowledged before that directory fsync returned.
+
+    Raises:
+        DurabilityError: any step failed; the temp file is gone.
+    """
+    final = Path(path)
+    temp = _write_temp(final, data, mode)
+    try:
+        os.replace(temp, final)
+    except OSError as exc:
+        _remove_quietly(temp)
+        raise _durability("rename temp file over", final, exc) from exc
+
+
 def create_file_exclusive(
     path: StrPath, data: BytesLike | Sequence[BytesLike], *, mode: int
 ) -> None:
