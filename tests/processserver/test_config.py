@@ -1,0 +1,58 @@
+"""The process server's configuration: the shipped example loads, mistakes are named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from processserver.config import DEFAULT_METRICS_PORT, DEFAULT_PORT, load
+from runtime.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+BASE = """
+key_file = "k.toml"
+{extra}
+[tls]
+ca_file = "ca.pem"
+cert_file = "ps.pem"
+key_file = "ps.key"
+[master_target]
+url = "https://mt:9444"
+[master_target.tls]
+ca_file = "ca.pem"
+cert_file = "m.pem"
+key_file = "m.key"
+"""
+
+
+def test_shipped_example_loads() -> None:
+    config = load(ROOT / "systemd" / "processserver.toml")
+    assert (config.port, config.metrics.port) == (DEFAULT_PORT, DEFAULT_METRICS_PORT)
+    assert config.owner("db01-disk0") == "db01"
+    assert config.owner("nobody") is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "tables", "message"),
+    [
+        ("", '[[machines]]\nid = "a b"\ndisks = []\n', "machine id"),
+        ("", '[[machines]]\nid = "a"\ndisks = ["d"]\n[[machines]]\nid = "b"\ndisks = ["d"]\n',
+         "under 'a' and 'b'"),
+        ("cache_low_bytes = 10\n", '[[machines]]\nid = "a"\ndisks = []\n', "cache_low_bytes"),
+        ("zstd_level = 40\n", '[[machines]]\nid = "a"\ndisks = []\n', "zstd_level"),
+    ],
+)  # fmt: skip
+def test_mistakes_are_named(tmp_path: Path, extra: str, tables: str, message: str) -> None:
+    path = tmp_path / "ps.toml"
+    path.write_text(BASE.format(extra=extra) + tables)
+    with pytest.raises(ConfigError, match=message):
+        load(path)
+
+
+def test_master_target_must_be_https(tmp_path: Path) -> None:
+    path = tmp_path / "ps.toml"
+    path.write_text(BASE.format(extra="machines = []").replace("https://", "http://"))
+    with pytest.raises(ConfigError, match="https://"):
+        load(path)
