@@ -33,6 +33,7 @@ from protocol.errors import ProtocolError
 from protocol.keyring import KeyRing
 from protocol.limits import MiB
 from protocol.records import Record, Write, Zero
+from protocol.sequencing import StreamPosition
 from protocol.undo import MAX_UNDO_PLAINTEXT, MAX_UNDO_RECORDS, UndoFile, open_undo, seal_undo
 from runtime.crashpoints import crash_point
 from runtime.crashsafe import fsync_dir, remove_stale_temps, write_file_synced
@@ -98,6 +99,31 @@ class UndoJournal:
         folder = self.root / disk_id
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         remove_stale_temps(folder)
+
+    def sweep(self, disk_id: str, applied: StreamPosition, indexed: set[tuple[int, int]]) -> int:
+        """Delete undo files no point can use; call at start-up (blocking).
+
+        A file at or before the applied position whose segment is not in the
+        catalog's undo index belongs to history already pruned (the index was
+        committed, the unlink lost in a crash) or to a segment that was never
+        committed and can no longer be (its stream was superseded). Files
+        after the applied position are kept: the files in the inbox may
+        still reuse them.
+
+        Returns:
+            How many files were deleted.
+        """
+        removed = 0
+        for item in os.scandir(self.root / disk_id):
+            match = NAME_PATTERN.fullmatch(item.name)
+            if match is None:
+                continue
+            generation, first = int(match[1]), int(match[2])
+            after = (generation, first) > (applied.generation, applied.seq)
+            if not after and (generation, first) not in indexed:
+                os.unlink(item.path)
+                removed += 1
+        return removed
 
     def _path(self, disk_id: str, generation: int, first: int, last: int, chunk: int) -> Path:
         return self.root / disk_id / _name(generation, first, last, chunk)

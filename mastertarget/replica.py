@@ -197,11 +197,15 @@ class DiskReplica:
             journal: the retention journal, or None to keep no history.
         """
         inbox.prepare(config.id)
+        record = store.disk(config.id)
         if journal is not None:
             journal.prepare(config.id)
+            removed = journal.sweep(config.id, record.applied, store.undo_keys(config.id))
+            if removed:
+                log.info("disk %s: removed %d undo files no point can use", config.id, removed)
         return cls(
             config, target, store=store, inbox=inbox, keyring=keyring, metrics=metrics,
-            executor=executor, record=store.disk(config.id), entries=inbox.scan(config.id),
+            executor=executor, record=record, entries=inbox.scan(config.id),
             reopen=reopen, journal=journal,
         )  # fmt: skip
 

@@ -342,6 +342,14 @@ class StateStore:
                 raise DurabilityError(f"state database {self.path}: {exc}") from exc
         return [UndoPart(*row) for row in rows]
 
+    def undo_keys(self, disk_id: str) -> set[tuple[int, int]]:
+        """``(generation, first_seq)`` of every undo part the index holds for the disk."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT generation, first_seq FROM undo WHERE disk_id = ?", (disk_id,)
+            ).fetchall()
+        return {(int(g), int(f)) for g, f in rows}
+
     def undo_bytes(self, disk_id: str) -> int:
         """Bytes of undo files the index holds for the disk."""
         with self._lock:
