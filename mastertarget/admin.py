@@ -20,6 +20,7 @@ from mastertarget.pointspec import format_time_ns, format_window, parse_spec, se
 from mastertarget.recovery import RecoverResult
 from mastertarget.replica import DiskReplica
 from mastertarget.server import replica_or_404
+from mastertarget.state import StateStore
 from protocol.errors import BlockreplError, MalformedError
 from protocol.sequencing import StreamPosition
 
@@ -33,6 +34,11 @@ MAX_ADMIN_BODY: Final = 64 * 1024
 #: "latest" means every received change, as in the seeds; past this the
 #: answer says the applier is behind instead of waiting forever.
 LATEST_DRAIN_S: Final = 300.0
+#: Points listed when the request names no limit: the newest day at one point
+#: per 90 s; a full day of a busy disk is far more, and the window says so.
+DEFAULT_POINTS_LIMIT: Final = 1000
+#: The most points one answer lists (about 25 MB of JSON).
+MAX_POINTS_LIMIT: Final = 100_000
 #: The admin socket is for the service user and root only.
 SOCKET_MODE: Final = 0o600
 
@@ -52,12 +58,29 @@ def point_json(point: RecoveryPoint) -> dict[str, object]:
     }
 
 
-def points_json(disk_id: str, points: list[RecoveryPoint]) -> dict[str, object]:
-    """The answer of ``GET /v1/disks/{disk}/points``: consistent points newest first."""
-    offered = [p for p in points if p.consistent]
-    offered.sort(key=lambda p: (p.generation, p.seq, p.kind.value, p.name), reverse=True)
-    return {"disk": disk_id, "window": format_window(offered),
-            "points": [point_json(p) for p in offered]}  # fmt: skip
+def points_json(store: StateStore, disk_id: str, limit: int) -> dict[str, object]:
+    """The answer of ``GET /v1/disks/{disk}/points``: the window, and the
+    ``limit`` newest consistent points, newest first."""
+    counts, oldest, newest = store.consistent_summary(disk_id)
+    total = sum(counts.values())
+    offered = store.newest_consistent(disk_id, limit)
+    window = format_window([p for p in (oldest, newest) if p is not None])
+    window["points"] = total
+    return {"disk": disk_id, "window": window, "points": [point_json(p) for p in offered],
+            "more": total > len(offered)}  # fmt: skip
+
+
+def parse_limit(text: str | None) -> int:
+    """The ``limit`` of a points listing: DEFAULT_POINTS_LIMIT when absent.
+
+    Raises:
+        MalformedError: not a number in 1..MAX_POINTS_LIMIT.
+    """
+    if text is None:
+        return DEFAULT_POINTS_LIMIT
+    if not text.isdigit() or not 1 <= int(text) <= MAX_POINTS_LIMIT:
+        raise MalformedError(f"limit must be 1..{MAX_POINTS_LIMIT}, found {text!r}")
+    return int(text)
 
 
 def result_json(result: RecoverResult) -> dict[str, object]:
@@ -107,7 +130,16 @@ def _error(exc: BlockreplError) -> web.Response:
 
 async def get_points(request: web.Request) -> web.StreamResponse:
     replica = _replica(request)
-    return web.json_response(points_json(replica.config.id, replica.points()))
+    mt = request.app[ADMIN]
+    try:
+        limit = parse_limit(request.query.get("limit"))
+    except BlockreplError as exc:
+        return _error(exc)
+    loop = asyncio.get_running_loop()
+    answer = await loop.run_in_executor(
+        mt.executor, points_json, mt.store, replica.config.id, limit
+    )
+    return web.json_response(answer)
 
 
 async def post_recover(request: web.Request) -> web.StreamResponse:

@@ -30,7 +30,7 @@ from typing import Final
 import aiohttp
 
 from mastertarget import config as mt_config
-from mastertarget.admin import points_json, result_json
+from mastertarget.admin import DEFAULT_POINTS_LIMIT, parse_limit, points_json, result_json
 from mastertarget.config import MasterTargetConfig
 from mastertarget.daemon import JOURNAL_DIR, STATE_DB, MasterTarget
 from mastertarget.disks import open_disk
@@ -72,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", required=True, type=Path, help="the TOML configuration")
         sub.add_argument("--disk", required=True, help="the disk id")
         sub.add_argument("--json", action="store_true", help="print one JSON object")
-        if name != "points":
+        if name == "points":
+            sub.add_argument(
+                "--limit", type=int, default=DEFAULT_POINTS_LIMIT,
+                help=f"list the newest N points ({DEFAULT_POINTS_LIMIT})",
+            )  # fmt: skip
+        else:
             sub.add_argument(
                 "--point", required=True,
                 help="latest, latest-app, latest-processed, an ISO-8601 time with a zone, "
@@ -122,13 +127,15 @@ class _AdminError(Exception):
 
 def _points(args: argparse.Namespace) -> int:
     config = mt_config.load(args.config)
-    data = asyncio.run(_admin(config, "GET", f"/v1/disks/{args.disk}/points", None))
+    limit = parse_limit(str(args.limit))
+    path = f"/v1/disks/{args.disk}/points?limit={limit}"
+    data = asyncio.run(_admin(config, "GET", path, None))
     if data is None:
         if config.disk(args.disk) is None:
             raise DiskError(f"disk {args.disk!r} is not in the config")
         store = StateStore(config.retention.dir / STATE_DB)
         try:
-            data = points_json(args.disk, store.points(args.disk))
+            data = points_json(store, args.disk, limit)
         finally:
             store.close()
     if args.json:
@@ -143,6 +150,8 @@ def _points(args: argparse.Namespace) -> int:
     print(f"{'time (UTC)':<32} {'kind':<6} {'seq':>12}  name")
     for point in points:
         print(f"{point['time']:<32} {point['kind']:<6} {point['seq']:>12}  {point['name']}")
+    if data.get("more"):
+        print(f"(the newest {len(points)} shown; --limit N for more)")
     return 0
 
 

@@ -245,6 +245,14 @@ class StateStore:
             disk_id, "ORDER BY generation, seq, kind, name LIMIT ? OFFSET ?", (limit, offset)
         )
 
+    def newest_consistent(self, disk_id: str, limit: int) -> list[RecoveryPoint]:
+        """The ``limit`` newest consistent points, newest first."""
+        return self._points(
+            disk_id,
+            "AND consistent = 1 ORDER BY generation DESC, seq DESC, kind DESC, name DESC LIMIT ?",
+            (limit,),
+        )
+
     def point_count(self, disk_id: str) -> int:
         with self._lock:
             row = self._db.execute("SELECT COUNT(*) FROM points WHERE disk_id = ?", (disk_id,))

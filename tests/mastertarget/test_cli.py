@@ -51,6 +51,14 @@ async def test_points_recover_failover_online_and_offline(
         (3, "crash", ""), (2, "crash", ""), (2, "app", "before-upgrade"),
     ]  # fmt: skip
     assert listing["window"]["points"] == 3
+    assert listing["more"] is False
+    code, out, err = await _cli(
+        "points", "--config", str(config), "--disk", "d0", "--json", "--limit", "1"
+    )  # fmt: skip
+    assert code == 0, err
+    newest_only = json.loads(out)
+    assert [p["seq"] for p in newest_only["points"]] == [3]
+    assert (newest_only["more"], newest_only["window"]["points"]) == (True, 3)
 
     output = tmp_path / "at-tag.raw"
     code, out, err = await _cli(
