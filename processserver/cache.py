@@ -23,6 +23,7 @@ never dropped), until shipping brings it under the low one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -138,10 +139,13 @@ class Cache:
         now = time.time_ns()
         stored: list[CachedFile] = []
         folders: set[Path] = set()
+        replaced = 0  # bytes of files a resend wrote again under the same name
         for item in sealed:
             header = item.header
             folder = self._folder(header.disk_id)
             path = folder / hrl_file_name(header.generation, header.first_seq, header.last_seq)
+            with contextlib.suppress(FileNotFoundError):
+                replaced += path.stat().st_size
             write_file_synced(path, list(item.segments), mode=FILE_MODE)
             folders.add(folder)
             size = len(item.header_bytes) + len(item.body)
@@ -152,7 +156,7 @@ class Cache:
         for folder in folders:
             fsync_dir(folder)
         with self._lock:
-            self._bytes += sum(f.size for f in stored)
+            self._bytes += sum(f.size for f in stored) - replaced
         return stored
 
     def remove(self, cached: CachedFile) -> None:
