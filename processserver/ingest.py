@@ -1,0 +1,97 @@
+"""Taking batches into the cache: per-disk ordering, sealing, group commit.
+
+For each verified batch of a disk (protocol/batch.py) the ingest places it
+in the disk's stream (protocol/sequencing.py): a duplicate is acknowledged
+and dropped, a gap or an overlap is refused naming the seq expected, an older
+generation is refused naming the current one. A batch that comes next is
+sealed into an HRL file on the executor (zstd and AES-GCM release the GIL;
+one sealer per thread) and made durable by the group committer; only then
+does the disk's position move and the batch count as acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, replace
+
+from processserver.committer import GroupCommitter
+from processserver.positions import DiskPosition
+from protocol.batch import Batch
+from protocol.hrl import HrlSealer, SealedHrl
+from protocol.keyring import KeyRing
+from protocol.sequencing import Admission, Fit, StreamPosition, admit
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What became of one batch."""
+
+    admission: Admission
+    #: the disk's acknowledged position afterwards
+    acked: StreamPosition
+
+
+class Sealers:
+    """One HrlSealer per executor thread: a zstd context is not thread-safe."""
+
+    def __init__(self, keyring: KeyRing, zstd_level: int) -> None:
+        self._keyring = keyring
+        self._level = zstd_level
+        self._local = threading.local()
+
+    def seal(self, batch: Batch, receive_ns: int) -> SealedHrl:
+        sealer: HrlSealer | None = getattr(self._local, "sealer", None)
+        if sealer is None:
+            sealer = self._local.sealer = HrlSealer(self._keyring, zstd_level=self._level)
+        h = batch.header
+        return sealer.seal(
+            disk_id=h.disk_id, generation=h.generation, first_seq=h.first_seq,
+            record_count=h.record_count, first_capture_ns=h.first_capture_ns,
+            last_capture_ns=h.last_capture_ns, receive_ns=receive_ns, plaintext=batch.payload,
+            data_len=h.data_len, salt=os.urandom(32), flags=h.flags,
+            plaintext_xxh3_128=h.payload_xxh3_128,
+        )  # fmt: skip
+
+
+class DiskIngest:
+    """The ingest side of one disk: its position and the lock that orders its batches."""
+
+    def __init__(
+        self,
+        disk_id: str,
+        position: DiskPosition,
+        *,
+        sealers: Sealers,
+        committer: GroupCommitter,
+        executor: Executor,
+    ) -> None:
+        self.disk_id = disk_id
+        self.position = position
+        #: one request of this disk at a time: admission and commit must not interleave
+        self.lock = asyncio.Lock()
+        self._sealers = sealers
+        self._committer = committer
+        self._executor = executor
+
+    async def take(self, batch: Batch) -> Verdict:
+        """Place one batch; the caller holds :attr:`lock`.
+
+        Raises:
+            DurabilityError: the group it was in failed; it is not acknowledged.
+        """
+        h = batch.header
+        verdict = admit(self.position.acked, h.generation, h.first_seq, h.last_seq)
+        if verdict.fit is not Fit.NEXT:
+            return Verdict(verdict, self.position.acked)
+        loop = asyncio.get_running_loop()
+        sealed = await loop.run_in_executor(
+            self._executor, self._sealers.seal, batch, time.time_ns()
+        )
+        moved = replace(self.position, acked=StreamPosition(h.generation, h.last_seq))
+        await self._committer.commit(sealed, moved)
+        self.position = moved
+        return Verdict(verdict, moved.acked)
