@@ -12,12 +12,14 @@ does the disk's position move and the batch count as acknowledged.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import threading
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 
+from processserver.cache import CachedFile
 from processserver.committer import GroupCommitter
 from processserver.positions import DiskPosition
 from protocol.batch import Batch
@@ -76,6 +78,8 @@ class DiskIngest:
         self._sealers = sealers
         self._committer = committer
         self._executor = executor
+        #: files cached and not yet shipped, oldest first (the shipper's queue)
+        self.cached: collections.deque[CachedFile] = collections.deque()
 
     async def take(self, batch: Batch) -> Verdict:
         """Place one batch; the caller holds :attr:`lock`.
@@ -92,6 +96,6 @@ class DiskIngest:
             self._executor, self._sealers.seal, batch, time.time_ns()
         )
         moved = replace(self.position, acked=StreamPosition(h.generation, h.last_seq))
-        await self._committer.commit(sealed, moved)
+        self.cached.append(await self._committer.commit(sealed, moved))
         self.position = moved
         return Verdict(verdict, moved.acked)

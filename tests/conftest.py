@@ -56,7 +56,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
     root = tmp_path_factory.mktemp("deployment")
     pki, other = root / "pki", root / "other-pki"
     init_ca(pki)
-    for machine in ("ps01", "intruder"):
+    for machine in ("ps01", "intruder", "vm01", "db01"):
         issue_machine(pki, machine)
     init_ca(other)
     issue_machine(other, "ps01")

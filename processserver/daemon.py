@@ -1,0 +1,170 @@
+"""The process server daemon: config, cache, positions, ingest, the data API
+and the metrics listener, wired together.
+
+``ProcessServer.start`` recovers the cache as a crash left it (every file's
+header checked, torn or corrupt ones quarantined and their disks marked
+resync-required), takes each disk's position as the later of the position
+database and the cache, then opens the ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Final
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from processserver.cache import Cache
+from processserver.committer import GroupCommitter
+from processserver.config import ProcessServerConfig
+from processserver.ingest import DiskIngest, Sealers
+from processserver.metrics import ProcessServerMetrics
+from processserver.positions import DiskPosition, PositionStore
+from processserver.server import build_app
+from protocol.sequencing import StreamPosition
+from runtime.keyfile import load_keyring
+from runtime.metrics import MetricsServer, new_registry, start_metrics_server
+from runtime.tls import server_context
+
+log = logging.getLogger("blockrepl.processserver")
+
+#: Seconds the data port waits for requests in flight when it closes.
+SHUTDOWN_GRACE_S: Final = 30.0
+#: Threads for sealing, group commits and scans: both cores sealing while a
+#: group is written.
+WORKERS: Final = 4
+POSITIONS_DB: Final = "positions.db"
+
+
+@dataclass
+class ProcessServer:
+    """A running process server. Build with :meth:`start`, stop with :meth:`close`."""
+
+    config: ProcessServerConfig
+    metrics: ProcessServerMetrics
+    cache: Cache
+    positions: PositionStore
+    executor: ThreadPoolExecutor
+    disks: dict[str, DiskIngest] = field(default_factory=dict)
+    _runner: web.AppRunner | None = None
+    _metrics_server: MetricsServer | None = None
+    _closing: bool = False
+
+    @classmethod
+    async def start(
+        cls,
+        config: ProcessServerConfig,
+        *,
+        registry: CollectorRegistry | None = None,
+        data_port: int | None = None,
+        metrics_port: int | None = None,
+    ) -> ProcessServer:
+        """Recover the cache, then open the ports.
+
+        Raises:
+            BlockreplError: a file or volume check failed; the message says which.
+        """
+        registry = registry or new_registry()
+        metrics = ProcessServerMetrics(registry)
+        config.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="ps-io")
+        loop = asyncio.get_running_loop()
+        keyring = await loop.run_in_executor(executor, load_keyring, config.key_file)
+        cache = Cache(config.cache_dir, high_bytes=config.cache_high_bytes,
+                      low_bytes=config.cache_low_bytes)  # fmt: skip
+        positions = PositionStore(config.cache_dir / POSITIONS_DB)
+        ps = cls(config, metrics, cache, positions, executor)
+        committer = GroupCommitter(cache, positions, executor)
+        sealers = Sealers(keyring, config.zstd_level)
+        for machine in config.machines:
+            for disk_id in machine.disks:
+                position = await loop.run_in_executor(executor, ps._recover, disk_id)
+                disk = DiskIngest(disk_id, position, sealers=sealers, committer=committer,
+                                  executor=executor)  # fmt: skip
+                ps.disks[disk_id] = disk
+        metrics.cache_bytes.set_function(lambda: cache.bytes)
+        metrics.cache_high_bytes.set(config.cache_high_bytes)
+        metrics.cache_low_bytes.set(config.cache_low_bytes)
+        try:
+            await ps._open_ports(registry, data_port, metrics_port)
+        except BaseException:
+            await ps.close()
+            raise
+        log.info("process server ready: %d disks, data port %d", len(ps.disks), ps.port)
+        return ps
+
+    def _recover(self, disk_id: str) -> DiskPosition:
+        """The disk's position after a restart (blocking)."""
+        scan = self.cache.scan(disk_id)
+        position = self.positions.get(disk_id)
+        if scan.files:
+            last = scan.files[-1]
+            position = replace(
+                position, acked=max(position.acked, StreamPosition(last.generation, last.last_seq))
+            )
+        if scan.quarantined:
+            for path, reason in scan.quarantined:
+                log.error("disk %s: quarantined cached file %s (%s)", disk_id, path, reason)
+            position = replace(position, resync_required=True)
+            self.positions.put({disk_id: position})
+        self.metrics.resync_required.labels(disk_id).set(int(position.resync_required))
+        return position
+
+    async def _open_ports(
+        self, registry: CollectorRegistry, data_port: int | None, metrics_port: int | None
+    ) -> None:
+        self._runner = web.AppRunner(
+            build_app(self), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S
+        )
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner, self.config.host, self.config.port if data_port is None else data_port,
+            ssl_context=server_context(self.config.tls),
+        )  # fmt: skip
+        await site.start()
+        self._metrics_server = await start_metrics_server(
+            registry, self.config.metrics, alive=lambda: not self._closing, ready=self.ready,
+            port=metrics_port,
+        )  # fmt: skip
+
+    @property
+    def port(self) -> int:
+        assert self._runner is not None
+        return int(self._runner.addresses[0][1])
+
+    def ready(self) -> tuple[bool, str]:
+        if self._closing:
+            return False, "shutting down"
+        if self.cache.full:
+            return False, f"cache over its high mark ({self.cache.bytes} bytes)"
+        return True, "ready"
+
+    def backlog(self, disk_id: str) -> tuple[int, int | None]:
+        """Bytes of a disk's cached files and the time the oldest was stored."""
+        cached = self.disks[disk_id].cached
+        return sum(f.size for f in cached), (cached[0].stored_ns if cached else None)
+
+    async def start_generation(self, disk: DiskIngest, position: StreamPosition) -> None:
+        """Move a disk to a newer generation, durably (the caller holds its lock)."""
+        moved = replace(disk.position, acked=position, shipped_seq=0)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self.positions.put, {disk.disk_id: moved})
+        disk.position = moved
+        log.info("disk %s: generation %d started", disk.disk_id, position.generation)
+
+    async def close(self) -> None:
+        """Stop taking requests (those in flight finish), then close everything."""
+        self._closing = True
+        started = time.monotonic()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._metrics_server is not None:
+            await self._metrics_server.close()
+        self.executor.shutdown(wait=True)
+        self.positions.close()
+        log.info("process server stopped in %.1f s", time.monotonic() - started)

@@ -1,0 +1,69 @@
+"""The process server's Prometheus metrics, on a registry of its own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from processserver.ingest import Verdict
+from protocol.batch import Batch
+from protocol.sequencing import Fit
+
+PREFIX = "blockrepl_processserver"
+
+#: Ack latency buckets: a batch is acknowledged after its group's fsyncs,
+#: milliseconds on a good volume; the tail is what an agent's RPO feels.
+ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class ProcessServerMetrics:
+    """Every series the process server exports."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        disk = ["disk"]
+        self.batches_in = Counter(
+            f"{PREFIX}_batches_in", "Batches acknowledged (stored, or duplicates).", disk,
+            registry=registry,
+        )  # fmt: skip
+        self.bytes_in = Counter(
+            f"{PREFIX}_in_bytes", "Payload bytes of batches stored in the cache.", disk,
+            registry=registry,
+        )  # fmt: skip
+        self.duplicates = Counter(
+            f"{PREFIX}_duplicate_batches", "Batches received again and dropped.", disk,
+            registry=registry,
+        )  # fmt: skip
+        self.rejects = Counter(
+            f"{PREFIX}_rejects", "Requests refused, by reason (an error code).", ["reason"],
+            registry=registry,
+        )  # fmt: skip
+        self.ack_seconds = Histogram(
+            f"{PREFIX}_ack_seconds", "Time from a request's start to its acknowledgement.",
+            buckets=ACK_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.cache_bytes = Gauge(
+            f"{PREFIX}_cache_bytes", "Bytes of HRL files in the cache.", registry=registry
+        )
+        self.cache_high_bytes = Gauge(
+            f"{PREFIX}_cache_high_bytes", "Cache bytes above which batches get 503.",
+            registry=registry,
+        )  # fmt: skip
+        self.cache_low_bytes = Gauge(
+            f"{PREFIX}_cache_low_bytes", "Cache bytes below which batches are taken again.",
+            registry=registry,
+        )  # fmt: skip
+        self.resync_required = Gauge(
+            f"{PREFIX}_resync_required", "1 while the disk needs a resync from its agent.", disk,
+            registry=registry,
+        )  # fmt: skip
+
+    def count_batch(self, disk_id: str, batch: Batch, verdict: Verdict) -> None:
+        fit = verdict.admission.fit
+        if fit is Fit.NEXT:
+            self.batches_in.labels(disk_id).inc()
+            self.bytes_in.labels(disk_id).inc(batch.header.payload_len)
+        elif fit is Fit.DUPLICATE:
+            self.batches_in.labels(disk_id).inc()
+            self.duplicates.labels(disk_id).inc()
+        else:
+            self.rejects.labels(fit.value).inc()

@@ -1,0 +1,193 @@
+"""The process server's data API on aiohttp: routes, authorisation, answers.
+
+Specified in docs/api.md. Every request comes over mutual TLS 1.3; the
+middleware names the machine from its client certificate and refuses (403)
+a request for a disk the config does not give that machine, before a handler
+runs: no byte of its body is read (DESIGN.md invariant 7).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Final
+
+from aiohttp import web
+
+from processserver.ingest import DiskIngest, Verdict
+from protocol.batch import BatchDecoder
+from protocol.errors import BlockreplError, MalformedError
+from protocol.sequencing import Fit, StreamPosition
+from runtime.errors import DurabilityError, PeerIdentityError
+from runtime.tls import peer_identity
+
+if TYPE_CHECKING:
+    from processserver.daemon import ProcessServer
+
+log = logging.getLogger("blockrepl.processserver.api")
+
+PS: Final = web.AppKey["ProcessServer"]("processserver")
+#: Bytes read from a request body at a time: bounds memory per read.
+READ_CHUNK: Final = 256 * 1024
+#: Seconds an agent is asked to wait when the cache is full or a write
+#: failed: long enough for the shipper to drain some files.
+RETRY_AFTER_S: Final = 5
+#: A generation request is a small JSON object.
+MAX_SMALL_BODY: Final = 4096
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, code: str, message: str, **details: object) -> web.Response:
+    response = web.json_response({"error": code, "message": message, **details}, status=status)
+    if status == 503:
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
+
+
+def _from_exception(exc: BlockreplError) -> web.Response:
+    return _error(exc.http_status, exc.code, exc.message, **exc.details)
+
+
+@web.middleware
+async def authorise(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse a machine asking about a disk that is not its own."""
+    ps = request.app[PS]
+    disk_id = request.match_info.get("disk", "")
+    machine: str | None = None
+    reason = "no TLS connection"
+    try:
+        if request.transport is not None:
+            machine = peer_identity(request.transport.get_extra_info("ssl_object"))
+    except PeerIdentityError as exc:
+        reason = exc.message
+    owner = ps.config.owner(disk_id)
+    if machine is None or owner != machine:
+        if machine is not None:
+            reason = f"machine {machine!r} may not write disk {disk_id!r}"
+        ps.metrics.rejects.labels("forbidden").inc()
+        refusal = _error(403, "forbidden", reason)
+        refusal.force_close()  # the body stays unread: the connection cannot be reused
+        return refusal
+    return await handler(request)
+
+
+def _disk(request: web.Request) -> DiskIngest:
+    return request.app[PS].disks[request.match_info["disk"]]
+
+
+def _answer(disk: DiskIngest, verdict: Verdict | None) -> web.Response:
+    acked = disk.position.acked
+    body = {"disk": disk.disk_id, "generation": acked.generation, "acked_seq": acked.seq}
+    if verdict is None or verdict.admission.fit in (Fit.NEXT, Fit.DUPLICATE):
+        return web.json_response(body)
+    admission = verdict.admission
+    if admission.fit is Fit.STALE:
+        return _error(
+            409, "stale-generation",
+            f"generation is older than the current generation {admission.generation}",
+            current_generation=admission.generation, **body,
+        )  # fmt: skip
+    return _error(
+        409, admission.fit.value,
+        f"expected seq {admission.expected_seq} of generation {admission.generation} next",
+        expected_seq=admission.expected_seq, **body,
+    )  # fmt: skip
+
+
+async def post_batches(request: web.Request) -> web.StreamResponse:
+    """POST /v1/disks/{disk}/batches: batches in, acknowledged once durable."""
+    ps = request.app[PS]
+    disk = _disk(request)
+    if ps.cache.full:
+        ps.metrics.rejects.labels("cache-full").inc()
+        return _error(
+            503, "cache-full",
+            f"the cache holds {ps.cache.bytes} bytes, over its high mark of "
+            f"{ps.cache.high_bytes}; batches are taken again below {ps.cache.low_bytes}",
+        )  # fmt: skip
+    started = time.monotonic()
+    decoder = BatchDecoder(expected_disk_id=disk.disk_id)
+    verdict: Verdict | None = None
+    try:
+        async with disk.lock:
+            eof = False
+            while not eof:
+                chunk = await request.content.read(READ_CHUNK)
+                if chunk:
+                    decoder.feed(chunk)
+                else:
+                    decoder.feed_eof()
+                    eof = True
+                for batch in decoder.events():
+                    verdict = await disk.take(batch)
+                    ps.metrics.count_batch(disk.disk_id, batch, verdict)
+                    if verdict.admission.fit not in (Fit.NEXT, Fit.DUPLICATE):
+                        return _answer(disk, verdict)
+    except BlockreplError as exc:
+        ps.metrics.rejects.labels(exc.code).inc()
+        if isinstance(exc, DurabilityError):
+            log.error("disk %s: cannot cache a batch: %s", disk.disk_id, exc.message)
+        return _from_exception(exc)
+    if decoder.batches == 0:
+        return _error(400, "malformed", "the body held no batch")
+    ps.metrics.ack_seconds.observe(time.monotonic() - started)
+    return _answer(disk, verdict)
+
+
+async def get_state(request: web.Request) -> web.StreamResponse:
+    """GET /v1/disks/{disk}/state."""
+    ps = request.app[PS]
+    disk = _disk(request)
+    backlog_bytes, oldest_ns = ps.backlog(disk.disk_id)
+    return web.json_response(
+        {
+            "disk": disk.disk_id,
+            "generation": disk.position.acked.generation,
+            "acked_seq": disk.position.acked.seq,
+            "shipped_seq": disk.position.shipped_seq,
+            "backlog_bytes": backlog_bytes,
+            "backlog_age_s": 0.0 if oldest_ns is None else (time.time_ns() - oldest_ns) / 1e9,
+            "resync_required": disk.position.resync_required,
+        }
+    )
+
+
+async def post_generation(request: web.Request) -> web.StreamResponse:
+    """POST /v1/disks/{disk}/generation {"generation": N}: start a newer generation."""
+    ps = request.app[PS]
+    disk = _disk(request)
+    try:
+        if request.content_length is None or request.content_length > MAX_SMALL_BODY:
+            raise MalformedError(f"expected a JSON body of at most {MAX_SMALL_BODY} bytes")
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            raise MalformedError('expected a JSON object {"generation": N}') from None
+        generation = body.get("generation") if isinstance(body, dict) else None
+        if not isinstance(generation, int) or isinstance(generation, bool):
+            raise MalformedError(f"expected an integer generation, found {generation!r}")
+        async with disk.lock:
+            current = disk.position.acked.generation
+            if generation <= current:
+                return _error(
+                    409, "stale-generation",
+                    f"a new generation must be above the current {current}, found {generation}",
+                    current_generation=current,
+                )  # fmt: skip
+            await ps.start_generation(disk, StreamPosition(generation, 0))
+    except BlockreplError as exc:
+        return _from_exception(exc)
+    return _answer(disk, None)
+
+
+def build_app(ps: ProcessServer) -> web.Application:
+    """The data API application of one process server."""
+    app = web.Application(middlewares=[authorise], client_max_size=MAX_SMALL_BODY)
+    app[PS] = ps
+    app.router.add_post("/v1/disks/{disk}/batches", post_batches)
+    app.router.add_get("/v1/disks/{disk}/state", get_state)
+    app.router.add_post("/v1/disks/{disk}/generation", post_generation)
+    return app
