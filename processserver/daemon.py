@@ -19,17 +19,18 @@ from typing import Final
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from processserver.cache import Cache
+from processserver.cache import Cache, CachedFile
 from processserver.committer import GroupCommitter
 from processserver.config import ProcessServerConfig
 from processserver.ingest import DiskIngest, Sealers
 from processserver.metrics import ProcessServerMetrics
 from processserver.positions import DiskPosition, PositionStore
 from processserver.server import build_app
+from processserver.shipper import Shipper
 from protocol.sequencing import StreamPosition
 from runtime.keyfile import load_keyring
 from runtime.metrics import MetricsServer, new_registry, start_metrics_server
-from runtime.tls import server_context
+from runtime.tls import client_context, server_context
 
 log = logging.getLogger("blockrepl.processserver")
 
@@ -53,6 +54,8 @@ class ProcessServer:
     disks: dict[str, DiskIngest] = field(default_factory=dict)
     _runner: web.AppRunner | None = None
     _metrics_server: MetricsServer | None = None
+    _shipper: Shipper | None = None
+    _failed_over: set[str] = field(default_factory=set)
     _closing: bool = False
 
     @classmethod
@@ -83,14 +86,16 @@ class ProcessServer:
         sealers = Sealers(keyring, config.zstd_level)
         for machine in config.machines:
             for disk_id in machine.disks:
-                position = await loop.run_in_executor(executor, ps._recover, disk_id)
+                position, files = await loop.run_in_executor(executor, ps._recover, disk_id)
                 disk = DiskIngest(disk_id, position, sealers=sealers, committer=committer,
                                   executor=executor)  # fmt: skip
+                disk.cached.extend(files)  # shipping resumes where it stopped
                 ps.disks[disk_id] = disk
         metrics.cache_bytes.set_function(lambda: cache.bytes)
         metrics.cache_high_bytes.set(config.cache_high_bytes)
         metrics.cache_low_bytes.set(config.cache_low_bytes)
         try:
+            ps._shipper = Shipper(ps, client_context(config.master_target.tls))
             await ps._open_ports(registry, data_port, metrics_port)
         except BaseException:
             await ps.close()
@@ -98,8 +103,8 @@ class ProcessServer:
         log.info("process server ready: %d disks, data port %d", len(ps.disks), ps.port)
         return ps
 
-    def _recover(self, disk_id: str) -> DiskPosition:
-        """The disk's position after a restart (blocking)."""
+    def _recover(self, disk_id: str) -> tuple[DiskPosition, list[CachedFile]]:
+        """The disk's position and cached files after a restart (blocking)."""
         scan = self.cache.scan(disk_id)
         position = self.positions.get(disk_id)
         if scan.files:
@@ -113,7 +118,7 @@ class ProcessServer:
             position = replace(position, resync_required=True)
             self.positions.put({disk_id: position})
         self.metrics.resync_required.labels(disk_id).set(int(position.resync_required))
-        return position
+        return position, scan.files
 
     async def _open_ports(
         self, registry: CollectorRegistry, data_port: int | None, metrics_port: int | None
@@ -149,12 +154,30 @@ class ProcessServer:
         cached = self.disks[disk_id].cached
         return sum(f.size for f in cached), (cached[0].stored_ns if cached else None)
 
-    async def start_generation(self, disk: DiskIngest, position: StreamPosition) -> None:
-        """Move a disk to a newer generation, durably (the caller holds its lock)."""
-        moved = replace(disk.position, acked=position, shipped_seq=0)
+    def failed_over(self, disk_id: str) -> bool:
+        """The master target failed this disk over: nothing more is shipped for it."""
+        return disk_id in self._failed_over
+
+    def mark_failed_over(self, disk_id: str) -> None:
+        self._failed_over.add(disk_id)
+
+    async def require_resync(self, disk: DiskIngest) -> None:
+        """Mark the disk resync-required, durably; the agent reads it from the state."""
+        if disk.position.resync_required:
+            return
+        moved = replace(disk.position, resync_required=True)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.executor, self.positions.put, {disk.disk_id: moved})
         disk.position = moved
+        self.metrics.resync_required.labels(disk.disk_id).set(1)
+
+    async def start_generation(self, disk: DiskIngest, position: StreamPosition) -> None:
+        """Move a disk to a newer generation, durably (the caller holds its lock)."""
+        moved = replace(disk.position, acked=position, shipped_seq=0, resync_required=False)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self.positions.put, {disk.disk_id: moved})
+        disk.position = moved
+        self.metrics.resync_required.labels(disk.disk_id).set(0)
         log.info("disk %s: generation %d started", disk.disk_id, position.generation)
 
     async def close(self) -> None:
@@ -163,6 +186,8 @@ class ProcessServer:
         started = time.monotonic()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._shipper is not None:
+            await self._shipper.close()
         if self._metrics_server is not None:
             await self._metrics_server.close()
         self.executor.shutdown(wait=True)

@@ -80,6 +80,8 @@ class DiskIngest:
         self._executor = executor
         #: files cached and not yet shipped, oldest first (the shipper's queue)
         self.cached: collections.deque[CachedFile] = collections.deque()
+        #: set when a file joins ``cached``: wakes the disk's shipper
+        self.wake = asyncio.Event()
 
     async def take(self, batch: Batch) -> Verdict:
         """Place one batch; the caller holds :attr:`lock`.
@@ -97,5 +99,6 @@ class DiskIngest:
         )
         moved = replace(self.position, acked=StreamPosition(h.generation, h.last_seq))
         self.cached.append(await self._committer.commit(sealed, moved))
+        self.wake.set()
         self.position = moved
         return Verdict(verdict, moved.acked)

@@ -15,6 +15,11 @@ PREFIX = "blockrepl_processserver"
 ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
+#: One file to a master target on loopback takes milliseconds, over a WAN
+#: link seconds.
+SHIP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
 class ProcessServerMetrics:
     """Every series the process server exports."""
 
@@ -55,6 +60,23 @@ class ProcessServerMetrics:
         self.resync_required = Gauge(
             f"{PREFIX}_resync_required", "1 while the disk needs a resync from its agent.", disk,
             registry=registry,
+        )  # fmt: skip
+
+        self.files_out = Counter(
+            f"{PREFIX}_hrl_files_out", "HRL files the master target acknowledged.", disk,
+            registry=registry,
+        )  # fmt: skip
+        self.bytes_out = Counter(
+            f"{PREFIX}_out_bytes", "Bytes of HRL files sent to the master target.", disk,
+            registry=registry,
+        )  # fmt: skip
+        self.ship_retries = Counter(
+            f"{PREFIX}_ship_retries", "Transfers to the master target that failed and wait.",
+            disk, registry=registry,
+        )  # fmt: skip
+        self.ship_seconds = Histogram(
+            f"{PREFIX}_ship_seconds", "Time of one transfer to the master target.",
+            buckets=SHIP_BUCKETS, registry=registry,
         )  # fmt: skip
 
     def count_batch(self, disk_id: str, batch: Batch, verdict: Verdict) -> None:

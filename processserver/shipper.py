@@ -1,0 +1,153 @@
+"""Shipping cached HRL files to the master target.
+
+One task per disk takes the disk's cached files oldest first and PUTs them
+to the master target (docs/api.md), a bounded number at a time over all
+disks. A file is deleted only after the master target's 200 (DESIGN.md
+invariant 1). On a refusal the master target's answer decides:
+
+- ``gap`` / ``overlap``: the master target expects an earlier seq. If it
+  expects a seq this cache still holds, shipping goes on from there; if the
+  seqs it needs are gone, the disk is ``resync_required``;
+- a seq the master target already holds (its ``received_seq`` is past the
+  file): the file is dropped as shipped;
+- ``stale-generation``: the master target is on a newer generation; files of
+  older generations are dropped;
+- ``failed-over``: the disk takes no more data; shipping stops;
+- 503 or no answer: back-off with jitter, doubling from 0.5 s to 30 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from dataclasses import replace
+from typing import TYPE_CHECKING, Final
+
+import aiohttp
+
+from processserver.cache import CachedFile
+from processserver.ingest import DiskIngest
+
+if TYPE_CHECKING:
+    from processserver.daemon import ProcessServer
+
+log = logging.getLogger("blockrepl.processserver.ship")
+
+#: Back-off after a failed transfer: quick after a blip, gentle on a master
+#: target that is down; the jitter keeps many disks from retrying in step.
+BACKOFF_FIRST_S: Final = 0.5
+BACKOFF_MAX_S: Final = 30.0
+#: Seconds one transfer may take: a 64 MiB file on a slow WAN link.
+TRANSFER_TIMEOUT_S: Final = 300.0
+
+
+class Shipper:
+    """Ships every disk's cached files to the master target."""
+
+    def __init__(self, ps: ProcessServer, tls: ssl.SSLContext) -> None:
+        self._ps = ps
+        self._base = ps.config.master_target.url.rstrip("/")
+        self._slots = asyncio.Semaphore(ps.config.max_in_flight)
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=tls),
+            timeout=aiohttp.ClientTimeout(total=TRANSFER_TIMEOUT_S),
+        )
+        self._tasks = [
+            asyncio.create_task(self._ship_disk(disk), name=f"ship-{disk.disk_id}")
+            for disk in ps.disks.values()
+        ]
+        self._stopping = False
+
+    async def close(self) -> None:
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._session.close()
+
+    async def _ship_disk(self, disk: DiskIngest) -> None:
+        backoff = BACKOFF_FIRST_S
+        while not self._stopping:
+            if not disk.cached or (disk.position.resync_required and not disk.cached):
+                disk.wake.clear()
+                await disk.wake.wait()
+                continue
+            if self._ps.failed_over(disk.disk_id):
+                disk.wake.clear()
+                await disk.wake.wait()
+                continue
+            head = disk.cached[0]
+            async with self._slots:
+                outcome = await self._send(disk, head)
+            if outcome:
+                backoff = BACKOFF_FIRST_S
+            else:
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))  # noqa: S311 - jitter
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _send(self, disk: DiskIngest, head: CachedFile) -> bool:
+        """Send one file; False when the caller should back off."""
+        ps = self._ps
+        loop = asyncio.get_running_loop()
+        url = f"{self._base}/v1/disks/{disk.disk_id}/hrl/{head.generation}/{head.first_seq}"
+        try:
+            data = await loop.run_in_executor(ps.executor, head.path.read_bytes)
+            started = loop.time()
+            async with self._session.put(url, data=data) as response:
+                answer = await response.json(content_type=None)
+                status = response.status
+            ps.metrics.ship_seconds.observe(loop.time() - started)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            ps.metrics.ship_retries.labels(disk.disk_id).inc()
+            log.debug("disk %s: shipping %s failed: %s", disk.disk_id, head.path.name, exc)
+            return False
+        if status == 200:
+            await self._shipped(disk, head, len(data))
+            return True
+        error = answer.get("error") if isinstance(answer, dict) else None
+        if status == 409 and error in ("gap", "overlap"):
+            return await self._realign(disk, int(answer["expected_seq"]))
+        if status == 409 and error == "stale-generation":
+            await self._drop_older(disk, int(answer["current_generation"]))
+            return True
+        if status == 409 and error == "failed-over":
+            log.warning("disk %s: the master target failed it over; shipping stops", disk.disk_id)
+            ps.mark_failed_over(disk.disk_id)
+            return True
+        ps.metrics.ship_retries.labels(disk.disk_id).inc()
+        log.warning("disk %s: the master target answered %d to %s: %s", disk.disk_id, status,
+                    head.path.name, answer)  # fmt: skip
+        return False
+
+    async def _shipped(self, disk: DiskIngest, head: CachedFile, size: int) -> None:
+        ps = self._ps
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(ps.executor, ps.cache.remove, head)
+        if disk.cached and disk.cached[0] is head:
+            disk.cached.popleft()
+        disk.position = replace(disk.position, shipped_seq=head.last_seq)
+        ps.metrics.bytes_out.labels(disk.disk_id).inc(size)
+        ps.metrics.files_out.labels(disk.disk_id).inc()
+
+    async def _realign(self, disk: DiskIngest, expected: int) -> bool:
+        """The master target wants ``expected`` next: drop what it has, or resync."""
+        while disk.cached and disk.cached[0].last_seq < expected:
+            await self._shipped(disk, disk.cached[0], 0)  # it holds these already
+        if disk.cached and disk.cached[0].first_seq == expected:
+            return True
+        log.error(
+            "disk %s: the master target expects seq %d, which this cache no longer holds; "
+            "the disk needs a resync", disk.disk_id, expected,
+        )  # fmt: skip
+        await self._ps.require_resync(disk)
+        if disk.cached and any(f.generation > disk.cached[0].generation for f in disk.cached):
+            # The agent has started a newer generation: the broken one can never be whole.
+            await self._drop_older(disk, max(f.generation for f in disk.cached))
+            return True
+        return False
+
+    async def _drop_older(self, disk: DiskIngest, generation: int) -> None:
+        while disk.cached and disk.cached[0].generation < generation:
+            await self._shipped(disk, disk.cached[0], 0)

@@ -1,0 +1,135 @@
+"""The process server and the master target together, both real, over TLS on
+loopback: batches from two machines arrive applied and identical; with the
+master target down the cache fills to 503 and drains after it returns."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import aiohttp
+
+from mastertarget import config as mt_config
+from mastertarget.daemon import MasterTarget
+from processserver import config as ps_config
+from processserver.daemon import ProcessServer
+from protocol.limits import MiB
+from protocol.records import Record, Write
+from protocol.sequencing import StreamPosition
+from tests.conftest import Deployment, require_binary
+from tests.faults.daemons import free_port
+from tests.mastertarget.conftest import apply_to_model, random_workload, write_config
+
+from .test_api import Agent, _body, write_ps_config
+
+SIZE = 8 * MiB
+
+
+async def _mastertarget(deployment: Deployment, root: Path, port: int) -> MasterTarget:
+    config = write_config(
+        deployment, root,
+        [{"id": d, "target": root / f"{d}.raw", "create": True, "size_bytes": SIZE}
+         for d in ("vm01-d0", "db01-d0")],
+    )  # fmt: skip
+    with config.open("a") as extra:
+        extra.write(f'[listen]\nhost = "127.0.0.1"\nport = {port}\n')
+    return await MasterTarget.start(mt_config.load(config), metrics_port=0)
+
+
+def _ps_config(deployment: Deployment, root: Path, mt_port: int, **extra: object) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    path = write_ps_config(deployment, root, **extra)
+    path.write_text(
+        path.read_text().replace(
+            'url = "https://127.0.0.1:9"', f'url = "https://127.0.0.1:{mt_port}"'
+        )
+    )
+    return path
+
+
+def _compare(target: Path, model: bytes, tmp: Path) -> None:
+    qemu_img = require_binary("qemu-img")
+    expected = tmp / f"{target.name}.expected"
+    expected.write_bytes(model)
+    result = subprocess.run(
+        [qemu_img, "compare", "-f", "raw", "-F", "raw", str(target), str(expected)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_batches_from_two_machines_arrive_applied_and_identical(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    mt_port = free_port()
+    mt = await _mastertarget(deployment, tmp_path / "mt", mt_port)
+    ps = await ProcessServer.start(
+        ps_config.load(_ps_config(deployment, tmp_path / "ps", mt_port)), data_port=0,
+        metrics_port=0,
+    )  # fmt: skip
+    models = {d: bytearray(SIZE) for d in ("vm01-d0", "db01-d0")}
+    try:
+        for machine, disk in (("vm01", "vm01-d0"), ("db01", "db01-d0")):
+            connector = aiohttp.TCPConnector(ssl=deployment.client_tls(machine))
+            async with aiohttp.ClientSession(connector=connector) as session:
+                agent = Agent(session, ps.port)
+                rng = random.Random(disk)
+                seq = 1
+                for _ in range(15):
+                    records: list[Record] = random_workload(rng, SIZE, 4, max_len=80_000)
+                    status, answer = await agent.post(disk, _body(disk, seq, records))
+                    assert status == 200, answer
+                    apply_to_model(models[disk], records)
+                    seq += len(records)
+            await asyncio.wait_for(mt.replicas[disk].wait_applied(StreamPosition(1, seq - 1)), 30)
+        for _ in range(100):  # the shipper deletes a file right after the 200
+            if ps.cache.bytes == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert ps.cache.bytes == 0
+    finally:
+        await ps.close()
+        await mt.close()
+    for disk, model in models.items():
+        _compare(tmp_path / "mt" / f"{disk}.raw", bytes(model), tmp_path)
+
+
+async def test_master_target_down_fills_the_cache_then_everything_drains(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    mt_port = free_port()
+    config = _ps_config(
+        deployment, tmp_path / "ps", mt_port, cache_high_bytes=34 * MiB, cache_low_bytes=32 * MiB
+    )
+    ps = await ProcessServer.start(ps_config.load(config), data_port=0, metrics_port=0)
+    model = bytearray(SIZE)
+    connector = aiohttp.TCPConnector(ssl=deployment.client_tls("vm01"))
+    try:
+        async with aiohttp.ClientSession(connector=connector) as session:
+            agent = Agent(session, ps.port)
+            seq, refused = 1, 0
+            while refused == 0:  # no master target: the cache only grows
+                chunk: list[Record] = random_workload(random.Random(seq), SIZE, 2, max_len=100_000)
+                chunk.append(Write(0, os.urandom(4 * MiB)))  # incompressible: fills the cache fast
+                status, answer = await agent.post("vm01-d0", _body("vm01-d0", seq, chunk))
+                if status == 503:
+                    assert answer["error"] == "cache-full"
+                    refused += 1
+                    break
+                assert status == 200, answer
+                apply_to_model(model, chunk)
+                seq += len(chunk)
+            assert ps.cache.bytes >= 34 * MiB
+            mt = await _mastertarget(deployment, tmp_path / "mt", mt_port)
+            try:
+                await asyncio.wait_for(
+                    mt.replicas["vm01-d0"].wait_applied(StreamPosition(1, seq - 1)), 60
+                )
+            finally:
+                await mt.close()
+    finally:
+        await ps.close()
+    _compare(tmp_path / "mt" / "vm01-d0.raw", bytes(model), tmp_path)
