@@ -154,6 +154,11 @@ class ProcessServer:
         cached = self.disks[disk_id].cached
         return sum(f.size for f in cached), (cached[0].stored_ns if cached else None)
 
+    @property
+    def shipper(self) -> Shipper:
+        assert self._shipper is not None
+        return self._shipper
+
     def failed_over(self, disk_id: str) -> bool:
         """The master target failed this disk over: nothing more is shipped for it."""
         return disk_id in self._failed_over

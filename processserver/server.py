@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
+import aiohttp
 from aiohttp import web
 
 from processserver.ingest import DiskIngest, Verdict
@@ -183,6 +184,46 @@ async def post_generation(request: web.Request) -> web.StreamResponse:
     return _answer(disk, None)
 
 
+#: Headers of the master target's checksum answer that the agent needs.
+PASSED_HEADERS: Final = (
+    "Content-Type", "Content-Length", "X-Blockrepl-Chunk", "X-Blockrepl-Applied-Generation",
+    "X-Blockrepl-Applied-Seq",
+)  # fmt: skip
+
+
+async def get_checksums(request: web.Request) -> web.StreamResponse:
+    """GET /v1/disks/{disk}/checksums: the master target's answer, streamed through.
+
+    A protected machine reaches only its process server (as in the seeds);
+    the resync compares its disk with the target through here.
+    """
+    ps = request.app[PS]
+    disk = _disk(request)
+    shipper = ps.shipper
+    url = f"{shipper.base_url}/v1/disks/{disk.disk_id}/checksums?{request.query_string}"
+    try:
+        async with shipper.session.get(url) as upstream:
+            if upstream.status != 200:
+                return web.Response(
+                    body=await upstream.read(), status=upstream.status,
+                    content_type="application/json",
+                )  # fmt: skip
+            response = web.StreamResponse(
+                headers={h: upstream.headers[h] for h in PASSED_HEADERS if h in upstream.headers}
+            )
+            await response.prepare(request)
+            async for piece in upstream.content.iter_chunked(READ_CHUNK):
+                await response.write(piece)
+            await response.write_eof()
+            return response
+    except (aiohttp.ClientError, OSError) as exc:
+        ps.metrics.rejects.labels("master-target-unreachable").inc()
+        return _error(
+            503, "master-target-unreachable",
+            f"the master target at {shipper.base_url} did not answer: {exc}",
+        )  # fmt: skip
+
+
 def build_app(ps: ProcessServer) -> web.Application:
     """The data API application of one process server."""
     app = web.Application(middlewares=[authorise], client_max_size=MAX_SMALL_BODY)
@@ -190,4 +231,5 @@ def build_app(ps: ProcessServer) -> web.Application:
     app.router.add_post("/v1/disks/{disk}/batches", post_batches)
     app.router.add_get("/v1/disks/{disk}/state", get_state)
     app.router.add_post("/v1/disks/{disk}/generation", post_generation)
+    app.router.add_get("/v1/disks/{disk}/checksums", get_checksums)
     return app

@@ -60,6 +60,15 @@ class Shipper:
         ]
         self._stopping = False
 
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The mutual-TLS session to the master target (also for pass-through requests)."""
+        return self._session
+
+    @property
+    def base_url(self) -> str:
+        return self._base
+
     async def close(self) -> None:
         self._stopping = True
         for task in self._tasks:

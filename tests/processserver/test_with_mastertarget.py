@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import aiohttp
+import xxhash
 
 from mastertarget import config as mt_config
 from mastertarget.daemon import MasterTarget
@@ -90,6 +91,17 @@ async def test_batches_from_two_machines_arrive_applied_and_identical(
                 break
             await asyncio.sleep(0.02)
         assert ps.cache.bytes == 0
+        # The agent's view of the target, through the process server.
+        connector = aiohttp.TCPConnector(ssl=deployment.client_tls("vm01"))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            url = f"https://127.0.0.1:{ps.port}/v1/disks/vm01-d0/checksums?chunk={MiB}"
+            async with session.get(url) as response:
+                assert response.status == 200
+                digests = await response.read()
+        image = (tmp_path / "mt" / "vm01-d0.raw").read_bytes()
+        assert digests == b"".join(
+            xxhash.xxh3_128_digest(image[i : i + MiB]) for i in range(0, SIZE, MiB)
+        )
     finally:
         await ps.close()
         await mt.close()
