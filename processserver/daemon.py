@@ -91,6 +91,10 @@ class ProcessServer:
                                   executor=executor)  # fmt: skip
                 disk.cached.extend(files)  # shipping resumes where it stopped
                 ps.disks[disk_id] = disk
+                metrics.sealed_bytes.labels(disk_id)  # the series exists from the start
+                metrics.backlog_age.labels(disk_id).set_function(
+                    lambda disk_id=disk_id: ps.backlog_age_s(disk_id)  # type: ignore[misc]
+                )
         metrics.cache_bytes.set_function(lambda: cache.bytes)
         metrics.cache_high_bytes.set(config.cache_high_bytes)
         metrics.cache_low_bytes.set(config.cache_low_bytes)
@@ -148,6 +152,11 @@ class ProcessServer:
         if self.cache.full:
             return False, f"cache over its high mark ({self.cache.bytes} bytes)"
         return True, "ready"
+
+    def backlog_age_s(self, disk_id: str) -> float:
+        """Age of the disk's oldest cached file, read at scrape time."""
+        _, oldest = self.backlog(disk_id)
+        return 0.0 if oldest is None else max(0.0, (time.time_ns() - oldest) / 1e9)
 
     def backlog(self, disk_id: str) -> tuple[int, int | None]:
         """Bytes of a disk's cached files and the time the oldest was stored."""

@@ -80,6 +80,8 @@ class DiskIngest:
         self._executor = executor
         #: files cached and not yet shipped, oldest first (the shipper's queue)
         self.cached: collections.deque[CachedFile] = collections.deque()
+        #: bytes of HRL files written for this disk (the compression ratio's divisor)
+        self.sealed_bytes = 0
         #: set when a file joins ``cached``: wakes the disk's shipper
         self.wake = asyncio.Event()
 
@@ -98,7 +100,9 @@ class DiskIngest:
             self._executor, self._sealers.seal, batch, time.time_ns()
         )
         moved = replace(self.position, acked=StreamPosition(h.generation, h.last_seq))
-        self.cached.append(await self._committer.commit(sealed, moved))
+        cached = await self._committer.commit(sealed, moved)
+        self.cached.append(cached)
+        self.sealed_bytes += cached.size
         self.wake.set()
         self.position = moved
         return Verdict(verdict, moved.acked)

@@ -79,6 +79,16 @@ class ProcessServerMetrics:
             buckets=SHIP_BUCKETS, registry=registry,
         )  # fmt: skip
 
+        self.sealed_bytes = Counter(
+            f"{PREFIX}_sealed_bytes", "Bytes of HRL files written for stored batches "
+            "(in_bytes / sealed_bytes is the compression ratio).", disk, registry=registry,
+        )  # fmt: skip
+        self.backlog_age = Gauge(
+            f"{PREFIX}_backlog_age_seconds",
+            "Age of the oldest cached file not yet shipped (0 when none).", disk,
+            registry=registry,
+        )  # fmt: skip
+
     def count_batch(self, disk_id: str, batch: Batch, verdict: Verdict) -> None:
         fit = verdict.admission.fit
         if fit is Fit.NEXT:

@@ -123,8 +123,12 @@ async def post_batches(request: web.Request) -> web.StreamResponse:
                     decoder.feed_eof()
                     eof = True
                 for batch in decoder.events():
+                    sealed_before = disk.sealed_bytes
                     verdict = await disk.take(batch)
                     ps.metrics.count_batch(disk.disk_id, batch, verdict)
+                    ps.metrics.sealed_bytes.labels(disk.disk_id).inc(
+                        disk.sealed_bytes - sealed_before
+                    )
                     if verdict.admission.fit not in (Fit.NEXT, Fit.DUPLICATE):
                         return _answer(disk, verdict)
     except BlockreplError as exc:
@@ -142,7 +146,7 @@ async def get_state(request: web.Request) -> web.StreamResponse:
     """GET /v1/disks/{disk}/state."""
     ps = request.app[PS]
     disk = _disk(request)
-    backlog_bytes, oldest_ns = ps.backlog(disk.disk_id)
+    backlog_bytes, _ = ps.backlog(disk.disk_id)
     return web.json_response(
         {
             "disk": disk.disk_id,
@@ -150,7 +154,7 @@ async def get_state(request: web.Request) -> web.StreamResponse:
             "acked_seq": disk.position.acked.seq,
             "shipped_seq": disk.position.shipped_seq,
             "backlog_bytes": backlog_bytes,
-            "backlog_age_s": 0.0 if oldest_ns is None else (time.time_ns() - oldest_ns) / 1e9,
+            "backlog_age_s": ps.backlog_age_s(disk.disk_id),
             "resync_required": disk.position.resync_required,
         }
     )
