@@ -1,4 +1,4 @@
-"""Master target daemons run as real processes, for fault tests."""
+"""Daemons run as real processes, for fault tests."""
 
 from __future__ import annotations
 
@@ -29,11 +29,13 @@ class Daemon:
     preexec: Callable[[], None] | None = None
     #: extra environment for the next start only (for example a crash point)
     env_once: dict[str, str] | None = None
+    #: the daemon's module: mastertarget.cli or processserver.cli
+    module: str = "mastertarget.cli"
 
     def start(self) -> None:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mastertarget.cli", "serve", "--config", str(self.config)],
+                [sys.executable, "-m", self.module, "serve", "--config", str(self.config)],
                 stdout=out, stderr=out, preexec_fn=self.preexec,  # noqa: PLW1509 - setrlimit only
                 env={**os.environ, **(self.env_once or {})},
             )  # fmt: skip
