@@ -161,7 +161,7 @@ async def test_a_machine_may_write_only_its_own_disks(
 
 
 @pytest.mark.parametrize("minimum", [ssl.TLSVersion.TLSv1_2])
-async def test_tls12_and_foreign_certificates_are_refused(
+async def test_tls12_foreign_and_missing_certificates_are_refused(
     deployment: Deployment,
     start_ps,
     tmp_path: Path,
@@ -172,7 +172,8 @@ async def test_tls12_and_foreign_certificates_are_refused(
     old = deployment.client_tls("vm01")
     old.minimum_version = old.maximum_version = minimum
     foreign = deployment.client_tls("ps01", pki=deployment.other_pki)
-    for context in (old, foreign):
+    anonymous = ssl.create_default_context(cafile=deployment.pki / "ca.pem")  # no client cert
+    for context in (old, foreign, anonymous):
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as s:
             with pytest.raises((aiohttp.ClientConnectionError, ssl.SSLError)):
                 async with s.get(url):
