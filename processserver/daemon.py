@@ -182,7 +182,8 @@ class ProcessServer:
         moved = replace(disk.position, resync_required=True)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.executor, self.positions.put, {disk.disk_id: moved})
-        disk.position = moved
+        # Batches may have been acknowledged meanwhile: keep their position.
+        disk.position = replace(disk.position, resync_required=True)
         self.metrics.resync_required.labels(disk.disk_id).set(1)
 
     async def start_generation(self, disk: DiskIngest, position: StreamPosition) -> None:

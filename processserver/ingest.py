@@ -104,5 +104,6 @@ class DiskIngest:
         self.cached.append(cached)
         self.sealed_bytes += cached.size
         self.wake.set()
-        self.position = moved
+        # The shipper may have moved shipped_seq while the group was written.
+        self.position = replace(moved, shipped_seq=self.position.shipped_seq)
         return Verdict(verdict, moved.acked)
