@@ -65,3 +65,18 @@ def test_recover_bench_reports_recover_and_copy(tmp_path: Path) -> None:
     assert 0 < result["undo_bytes"] < result["changed_bytes"] + 2**20
     assert result["dir"] == str(tmp_path)
     assert list(tmp_path.iterdir()) == []  # the run's folder is removed
+
+
+def test_ingest_bench_reports_every_figure() -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ps_ingest_bench.py"), "--json", "--quick",
+         "--sources", "2"],
+        check=True, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    result = json.loads(out.stdout)
+    for key in ("ingest_MBps", "ack_p50_ms", "ack_p99_ms", "cpu_s_per_GB", "ps_rss_MiB",
+                "limit_encode_MBps", "ingest_vs_limit", "ps_rss_MiB_mt_down",
+                "ingest_MBps_mt_down", "batch_bytes", "duration_s"):  # fmt: skip
+        assert result[key] > 0, key
+    assert result["sources"] == 2
+    assert result["cache_full"] is True  # the master target down, the cache filled up

@@ -19,6 +19,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+#: Every daemon a test made; tests/faults/conftest.py kills what is left.
+RUNNING: list[Daemon] = []
+
+
 @dataclass
 class Daemon:
     config: Path
@@ -31,6 +35,9 @@ class Daemon:
     env_once: dict[str, str] | None = None
     #: the daemon's module: mastertarget.cli or processserver.cli
     module: str = "mastertarget.cli"
+
+    def __post_init__(self) -> None:
+        RUNNING.append(self)
 
     def start(self) -> None:
         with self.log.open("ab") as out:
@@ -46,6 +53,12 @@ class Daemon:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
+
+    def kill_if_running(self) -> None:
+        """Make sure no process of this daemon outlives its test, whatever happened."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
 
     def stop(self) -> int:
         assert self.proc is not None

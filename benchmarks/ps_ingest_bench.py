@@ -1,0 +1,482 @@
+#!/usr/bin/env python3
+"""Ingest throughput of a real process server shipping to a real master target.
+
+Both daemons run as subprocesses on this machine with a fresh PKI and key
+ring in a temporary folder. ``--sources`` agents (asyncio tasks, each its own
+machine certificate and disk) POST batches of ``--writes-per-batch`` 64 KiB
+writes of disk-like data (benchmarks/datagen.py) over mutual TLS, one batch in
+flight each, for ``--duration`` seconds. Measured in one run:
+
+- ingest: write-data bytes acknowledged per second, all sources together;
+- ack_p50 / ack_p99: each POST from its start until its 200 arrived;
+- cpu_s_per_GB: the process server's user + system CPU seconds per 10**9
+  bytes acknowledged (mt_cpu_ and client_cpu_s_per_GB: the same for the
+  master target and for the sources, which share the machine's CPUs);
+- ps_rss: the process server's peak resident memory (VmHWM);
+- limit_encode: the bare zstd level 1 + AES-256-GCM calls on the same batches
+  in this process (as protocol_bench.py measures it), the single-process
+  ceiling for what the process server spends per batch;
+- the master target down (``--mt-down``, on by default): the master target is
+  stopped and the sources go on until the process server's cache is at its
+  high mark and it answers 503; its peak resident memory must not have grown
+  with the backlog (cpu_s_per_GB_mt_down: its CPU cost with nothing shipped).
+
+MB/s are 10**6 bytes of write data per second. The folder defaults to a
+RAM-backed file system (/dev/shm) so the figures measure the software, not
+the storage device; ``--dir`` measures a real volume. Run:
+``.venv/bin/python benchmarks/ps_ingest_bench.py [--json] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import aiohttp
+import zstandard
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.datagen import synthetic_blocks
+from protocol.batch import encode_batch
+from protocol.records import Record, Write
+from runtime.config import TlsFiles
+from runtime.keyfile import write_new_keyring
+from runtime.pki import init_ca, issue_machine
+from runtime.tls import client_context
+
+#: Distinct blocks generated once and reused round-robin: enough that batches
+#: differ, little enough to generate in about a second.
+POOL_BLOCKS: Final = 512
+#: Size of each replicated disk: writes land on random block slots in it.
+DISK_BYTES: Final = 256 * 2**20
+#: The process server's cache marks: low enough that the master-target-down
+#: phase reaches the high mark in seconds, the low mark above the 32 MiB
+#: floor the config requires.
+CACHE_HIGH_BYTES: Final = 512 * 2**20
+CACHE_LOW_BYTES: Final = 448 * 2**20
+#: Seconds a daemon may take to answer its health probe after starting.
+START_TIMEOUT_S: Final = 30.0
+#: Seconds the master-target-down phase may take to fill the cache.
+FILL_TIMEOUT_S: Final = 120.0
+#: Seconds one POST may take before the source counts it as failed.
+POST_TIMEOUT_S: Final = 60.0
+
+
+@dataclass
+class Daemon:
+    """A daemon run as ``python -m MODULE serve --config FILE``."""
+
+    module: str
+    config: Path
+    log: Path
+    metrics_port: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+                [sys.executable, "-m", self.module, "serve", "--config", str(self.config)],
+                stdout=out, stderr=out,
+            )  # fmt: skip
+
+    def wait_healthy(self) -> None:
+        """Poll ``/healthz`` until it answers; raise with the log's tail if it never does."""
+        url = f"http://127.0.0.1:{self.metrics_port}/healthz"
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                break
+            try:
+                with urllib.request.urlopen(url, timeout=1) as answer:
+                    if answer.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        tail = self.log.read_text(errors="replace")[-2000:]
+        raise SystemExit(f"ps_ingest_bench: {self.module} did not start:\n{tail}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """The files of one run: PKI, key ring, configs, and the two daemons."""
+
+    root: Path
+    disks: tuple[str, ...]
+    ps_port: int
+    ps: Daemon
+    mt: Daemon
+
+    def client_tls(self, machine: str) -> TlsFiles:
+        pki = self.root / "pki"
+        return TlsFiles(
+            ca_file=pki / "ca.pem",
+            cert_file=pki / f"machine-{machine}.pem",
+            key_file=pki / f"machine-{machine}.key",
+        )
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _tls_table(name: str, pki: Path, cert: str) -> list[str]:
+    return [
+        f"[{name}]",
+        f'ca_file = "{pki / "ca.pem"}"',
+        f'cert_file = "{pki / cert}.pem"',
+        f'key_file = "{pki / cert}.key"',
+    ]
+
+
+def deploy(root: Path, sources: int) -> Deployment:
+    """Write a PKI, a key ring and both daemons' configs under ``root``."""
+    pki = root / "pki"
+    init_ca(pki)
+    issue_machine(pki, "ps01")
+    for n in range(sources):
+        issue_machine(pki, f"src{n}")
+    key_file = root / "data-keys.toml"
+    write_new_keyring(key_file)
+    disks = tuple(f"disk{n}" for n in range(sources))
+    mt_port, ps_port = free_port(), free_port()
+    mt_metrics, ps_metrics = free_port(), free_port()
+    mt_root, ps_root = root / "mt", root / "ps"
+    (mt_root / "retention").mkdir(parents=True)
+    ps_root.mkdir()
+    mt_lines = [
+        'process_servers = ["ps01"]',
+        f'key_file = "{key_file}"',
+        f'cache_dir = "{mt_root / "cache"}"',
+        f'admin_socket = "{mt_root / "admin.sock"}"',
+        *_tls_table("tls", pki, "mastertarget"),
+        "[listen]",
+        'host = "127.0.0.1"',
+        f"port = {mt_port}",
+        "[metrics]",
+        f"port = {mt_metrics}",
+        "[retention]",
+        f'dir = "{mt_root / "retention"}"',
+        "allow_shared_volume = true",
+    ]
+    for disk in disks:
+        mt_lines += [
+            "[[disks]]",
+            f'id = "{disk}"',
+            f'target = "{mt_root / disk}.raw"',
+            "create = true",
+            f"size_bytes = {DISK_BYTES}",
+        ]
+    ps_lines = [
+        f'key_file = "{key_file}"',
+        f'cache_dir = "{ps_root / "cache"}"',
+        'host = "127.0.0.1"',
+        f"port = {ps_port}",
+        f"cache_high_bytes = {CACHE_HIGH_BYTES}",
+        f"cache_low_bytes = {CACHE_LOW_BYTES}",
+        *_tls_table("tls", pki, "processserver"),
+        "[metrics]",
+        f"port = {ps_metrics}",
+        "[master_target]",
+        f'url = "https://127.0.0.1:{mt_port}"',
+        *_tls_table("master_target.tls", pki, "machine-ps01"),
+    ]
+    for n, disk in enumerate(disks):
+        ps_lines += ["[[machines]]", f'id = "src{n}"', f'disks = ["{disk}"]']
+    mt_config, ps_config = mt_root / "mastertarget.toml", ps_root / "processserver.toml"
+    mt_config.write_text("\n".join(mt_lines) + "\n")
+    ps_config.write_text("\n".join(ps_lines) + "\n")
+    return Deployment(
+        root=root, disks=disks, ps_port=ps_port,
+        ps=Daemon("processserver.cli", ps_config, root / "ps.log", ps_metrics),
+        mt=Daemon("mastertarget.cli", mt_config, root / "mt.log", mt_metrics),
+    )  # fmt: skip
+
+
+def limit_encode_mbps(blocks: list[bytes], per_batch: int, rounds: int) -> float:
+    """MB/s of bare zstd level 1 + AES-256-GCM over the pool cut into batches."""
+    joined = [b"".join(blocks[i : i + per_batch]) for i in range(0, len(blocks), per_batch)]
+    zstd_c = zstandard.ZstdCompressor(level=1, write_content_size=True)
+    aead = AESGCM(os.urandom(32))
+    nonce, ad = os.urandom(12), os.urandom(200)
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for data in joined:
+            aead.encrypt(nonce, zstd_c.compress(data), ad)
+        best = min(best, time.perf_counter() - started)
+    return sum(len(d) for d in joined) / best / 1e6
+
+
+@dataclass
+class Tally:
+    """What the sources saw in one phase."""
+
+    acked_bytes: int = 0
+    latencies_s: list[float] = field(default_factory=list)
+    refusals_503: int = 0
+    errors: int = 0
+
+
+@dataclass
+class Source:
+    """One agent: a disk, its next seq, and the session of its machine certificate."""
+
+    disk: str
+    index: int
+    blocks: list[bytes]
+    per_batch: int
+    url: str
+    next_seq: int = 1
+
+    def body(self) -> bytes:
+        rng = random.Random(self.next_seq * 1000 + self.index)
+        size = len(self.blocks[0])
+        slots = DISK_BYTES // size
+        start = self.index * 97 + self.next_seq - 1
+        records: list[Record] = [
+            Write(rng.randrange(slots) * size, self.blocks[(start + i) % len(self.blocks)])
+            for i in range(self.per_batch)
+        ]
+        now = time.time_ns()
+        return encode_batch(
+            disk_id=self.disk, generation=1, first_seq=self.next_seq, records=records,
+            first_capture_ns=now, last_capture_ns=now,
+        )  # fmt: skip
+
+    async def post_once(self, session: aiohttp.ClientSession, tally: Tally) -> float:
+        """Send the next batch; returns seconds to wait before the next one (503)."""
+        body = self.body()
+        started = time.perf_counter()
+        try:
+            async with session.post(self.url, data=body) as response:
+                answer = await response.json()
+                status = response.status
+                retry_after = float(response.headers.get("Retry-After", "1"))
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            tally.errors += 1
+            return 0.5
+        if status == 200:
+            tally.latencies_s.append(time.perf_counter() - started)
+            tally.acked_bytes += self.per_batch * len(self.blocks[0])
+            self.next_seq = int(answer["acked_seq"]) + 1
+            return 0.0
+        if status == 409 and "expected_seq" in answer:
+            self.next_seq = int(answer["expected_seq"])
+            return 0.0
+        if status == 503:
+            tally.refusals_503 += 1
+            return retry_after
+        raise SystemExit(f"ps_ingest_bench: {self.disk}: HTTP {status}: {answer}")
+
+
+async def _run_source(
+    source: Source, session: aiohttp.ClientSession, tally: Tally, deadline: float,
+    *, stop_on_503: bool,
+) -> None:  # fmt: skip
+    while time.monotonic() < deadline:
+        wait = await source.post_once(session, tally)
+        if wait and stop_on_503 and tally.refusals_503:
+            return
+        if wait:
+            await asyncio.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+
+
+async def load(
+    dep: Deployment, sources: list[Source], seconds: float, *, stop_on_503: bool
+) -> tuple[list[Tally], float]:
+    """Run every source for ``seconds`` (or until each got a 503); tallies and elapsed s."""
+    timeout = aiohttp.ClientTimeout(total=POST_TIMEOUT_S)
+    sessions = [
+        aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=client_context(dep.client_tls(f"src{s.index}"))),
+            timeout=timeout,
+        )
+        for s in sources
+    ]
+    tallies = [Tally() for _ in sources]
+    started = time.monotonic()
+    try:
+        await asyncio.gather(
+            *(
+                _run_source(s, session, t, started + seconds, stop_on_503=stop_on_503)
+                for s, session, t in zip(sources, sessions, tallies, strict=True)
+            )
+        )
+    finally:
+        for session in sessions:
+            await session.close()
+    return tallies, time.monotonic() - started
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mib(pid: int) -> float:
+    """Peak resident memory of process ``pid`` (VmHWM) in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise SystemExit(f"ps_ingest_bench: no VmHWM for process {pid}")
+
+
+def _percentile_ms(values: list[float], q: int) -> float:
+    if len(values) < 2:
+        return round(values[0] * 1e3, 1) if values else 0.0
+    return round(statistics.quantiles(values, n=100, method="inclusive")[q - 1] * 1e3, 1)
+
+
+def measure(args: argparse.Namespace, root: Path, blocks: list[bytes]) -> dict[str, object]:
+    dep = deploy(root, args.sources)
+    result: dict[str, object] = {}
+    try:
+        dep.mt.start()
+        dep.ps.start()
+        dep.mt.wait_healthy()
+        dep.ps.wait_healthy()
+        url = f"https://127.0.0.1:{dep.ps_port}/v1/disks/{{}}/batches"
+        sources = [
+            Source(disk, n, blocks, args.writes_per_batch, url.format(disk))
+            for n, disk in enumerate(dep.disks)
+        ]
+        before = (cpu_seconds(dep.ps.pid), cpu_seconds(dep.mt.pid), time.process_time())
+        tallies, elapsed = asyncio.run(load(dep, sources, args.duration, stop_on_503=False))
+        after = (cpu_seconds(dep.ps.pid), cpu_seconds(dep.mt.pid), time.process_time())
+        cpu, mt_cpu, client_cpu = (b - a for a, b in zip(before, after, strict=True))
+        acked = sum(t.acked_bytes for t in tallies)
+        gigabytes = acked / 1e9 or 1.0
+        latencies = [x for t in tallies for x in t.latencies_s]
+        result.update(
+            ingest_MBps=round(acked / elapsed / 1e6, 1),
+            ack_p50_ms=_percentile_ms(latencies, 50),
+            ack_p99_ms=_percentile_ms(latencies, 99),
+            cpu_s_per_GB=round(cpu / gigabytes, 2),
+            mt_cpu_s_per_GB=round(mt_cpu / gigabytes, 2),
+            client_cpu_s_per_GB=round(client_cpu / gigabytes, 2),
+            ps_rss_MiB=round(peak_rss_mib(dep.ps.pid), 1),
+            refusals_503=sum(t.refusals_503 for t in tallies),
+            errors=sum(t.errors for t in tallies),
+        )
+        if args.mt_down:
+            dep.mt.stop()
+            before_down = cpu_seconds(dep.ps.pid)
+            tallies, elapsed = asyncio.run(load(dep, sources, FILL_TIMEOUT_S, stop_on_503=True))
+            cpu = cpu_seconds(dep.ps.pid) - before_down
+            acked = sum(t.acked_bytes for t in tallies)
+            result.update(
+                ingest_MBps_mt_down=round(acked / elapsed / 1e6, 1),
+                cpu_s_per_GB_mt_down=round(cpu / (acked / 1e9 or 1.0), 2),
+                ps_rss_MiB_mt_down=round(peak_rss_mib(dep.ps.pid), 1),
+                cache_full=all(t.refusals_503 for t in tallies),
+            )
+    finally:
+        dep.ps.stop()
+        dep.mt.stop()
+    return result
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    blocks = synthetic_blocks(POOL_BLOCKS, args.block_size, seed=args.seed)
+    limit = limit_encode_mbps(blocks, args.writes_per_batch, args.rounds)
+    base = Path(args.dir) if args.dir else _default_dir()
+    root = Path(tempfile.mkdtemp(prefix="ps-ingest-bench-", dir=base))
+    try:
+        figures = measure(args, root, blocks)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    ingest = figures["ingest_MBps"]
+    assert isinstance(ingest, float)
+    return {
+        **figures,
+        "limit_encode_MBps": round(limit, 1),
+        "ingest_vs_limit": round(ingest / limit, 3),
+        "sources": args.sources,
+        "batch_bytes": args.writes_per_batch * args.block_size,
+        "duration_s": args.duration,
+        "dir": str(base),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def _default_dir() -> Path:
+    shm = Path("/dev/shm")  # noqa: S108 - each run makes its own mkdtemp folder in it
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--quick", action="store_true", help="a 3 s run with 2 rounds")
+    parser.add_argument("--sources", type=int, default=4, help="concurrent sources (4)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load (10)")
+    parser.add_argument("--writes-per-batch", type=int, default=16, help="writes per batch (16)")
+    parser.add_argument("--block-size", type=int, default=64 * 1024, help="bytes per write")
+    parser.add_argument("--rounds", type=int, default=5, help="best of N encode rounds (5)")
+    parser.add_argument(
+        "--mt-down", action=argparse.BooleanOptionalAction, default=True,
+        help="then stop the master target and fill the cache (default: on)",
+    )  # fmt: skip
+    parser.add_argument("--dir", help="where the daemons' files go (default: /dev/shm)")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.rounds = 3.0, 2
+    result = run(args)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    batch_kib = args.writes_per_batch * args.block_size // 2**10
+    print(f"{args.sources} sources, batches of {batch_kib} KiB, {args.duration:g} s, "
+          f"in {result['dir']}")  # fmt: skip
+    keys = ("ingest_MBps", "limit_encode_MBps", "ingest_vs_limit", "ack_p50_ms", "ack_p99_ms",
+            "cpu_s_per_GB", "mt_cpu_s_per_GB", "client_cpu_s_per_GB", "ps_rss_MiB",
+            "ingest_MBps_mt_down", "cpu_s_per_GB_mt_down", "ps_rss_MiB_mt_down")  # fmt: skip
+    for key in keys:
+        if key in result:
+            print(f"{key:<22}{result[key]:>10}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
