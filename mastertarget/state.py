@@ -13,10 +13,7 @@ Every method may be called from any thread: one connection, one lock.
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import sqlite3
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -24,14 +21,10 @@ from typing import Final
 from mastertarget.journal import UndoPart
 from mastertarget.points import PointKind, RecoveryPoint
 from protocol.sequencing import StreamPosition
-from runtime.crashsafe import fsync_dir
-from runtime.errors import DurabilityError
+from runtime.durabledb import DurableDatabase
 
 #: The schema version in ``PRAGMA user_version``; a newer one is refused.
 SCHEMA_VERSION: Final = 1
-#: How long a writer waits for sqlite's lock: only this process writes, so a
-#: wait means a stuck transaction; fail loudly rather than hang.
-BUSY_TIMEOUT_S: Final = 30.0
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS disks (
@@ -112,67 +105,31 @@ class StateStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        created = not path.exists()
-        try:
-            self._db = sqlite3.connect(
-                path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S
-            )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise DurabilityError(
-                    f"state database {path} has schema version {version}; this build reads "
-                    f"up to {SCHEMA_VERSION}: run the newer mastertarget"
-                )
-            self._db.executescript(_SCHEMA)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except sqlite3.Error as exc:
-            raise DurabilityError(f"cannot open state database {path}: {exc}") from exc
-        if created:
-            fsync_dir(path.parent)
-        self._lock = threading.Lock()
+        self._db = DurableDatabase(
+            path, schema=_SCHEMA, version=SCHEMA_VERSION, what="state database"
+        )
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._db.close()
 
     def disk(self, disk_id: str) -> DiskRecord:
         """The record of ``disk_id``, created (nothing applied, replicating) on first use."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT applied_generation, applied_seq, state, last_error, resync_open "
-                "FROM disks WHERE disk_id = ?",
-                (disk_id,),
-            ).fetchone()
-            if row is None:
-                self._write(
-                    "INSERT INTO disks (disk_id, applied_generation, applied_seq, state, "
-                    "updated_ns) VALUES (?, 0, 0, ?, 0)",
-                    (disk_id, DiskState.REPLICATING.value),
-                )
-                return DiskRecord(disk_id, StreamPosition(0, 0), DiskState.REPLICATING, "", False)
-        generation, seq, state, error, resync_open = row
+        rows = self._db.query(
+            "SELECT applied_generation, applied_seq, state, last_error, resync_open "
+            "FROM disks WHERE disk_id = ?",
+            (disk_id,),
+        )
+        if not rows:
+            self._db.write(
+                "INSERT OR IGNORE INTO disks (disk_id, applied_generation, applied_seq, state, "
+                "updated_ns) VALUES (?, 0, 0, ?, 0)",
+                (disk_id, DiskState.REPLICATING.value),
+            )
+            return DiskRecord(disk_id, StreamPosition(0, 0), DiskState.REPLICATING, "", False)
+        generation, seq, state, error, resync_open = rows[0]
         return DiskRecord(
             disk_id, StreamPosition(generation, seq), DiskState(state), error, bool(resync_open)
         )
-
-    def set_applied(
-        self, disk_id: str, applied: StreamPosition, *, resync_open: bool, now_ns: int
-    ) -> None:
-        """Advance the applied marker; durable when this returns.
-
-        Call only after the target was flushed: the marker promises the data.
-
-        Raises:
-            DurabilityError: the commit failed; the marker must be taken as not moved.
-        """
-        with self._lock:
-            self._write(
-                "UPDATE disks SET applied_generation = ?, applied_seq = ?, resync_open = ?, "
-                "updated_ns = ? WHERE disk_id = ?",
-                (applied.generation, applied.seq, int(resync_open), now_ns, disk_id),
-            )
 
     def record_applied(
         self,
@@ -190,35 +147,28 @@ class StateStore:
         Raises:
             DurabilityError: the commit failed; nothing of it counts.
         """
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute(
-                    "UPDATE disks SET applied_generation = ?, applied_seq = ?, resync_open = ?, "
-                    "updated_ns = ? WHERE disk_id = ?",
-                    (applied.generation, applied.seq, int(resync_open), now_ns, disk_id),
-                )
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (disk_id, p.generation, p.seq, p.capture_ns, p.applied_ns, p.kind.value,
-                         p.name, p.tag_id, p.group_id, int(p.consistent))
-                        for p in points
-                    ],
-                )  # fmt: skip
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO undo VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (disk_id, u.generation, u.first_seq, u.last_seq, u.chunks, u.bytes,
-                         u.capture_ns)
-                        for u in undo
-                    ],
-                )  # fmt: skip
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    self._db.execute("ROLLBACK")
-                raise DurabilityError(f"state database {self.path}: {exc}") from exc
+        with self._db.transaction() as db:
+            db.execute(
+                "UPDATE disks SET applied_generation = ?, applied_seq = ?, resync_open = ?, "
+                "updated_ns = ? WHERE disk_id = ?",
+                (applied.generation, applied.seq, int(resync_open), now_ns, disk_id),
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (disk_id, p.generation, p.seq, p.capture_ns, p.applied_ns, p.kind.value,
+                     p.name, p.tag_id, p.group_id, int(p.consistent))
+                    for p in points
+                ],
+            )  # fmt: skip
+            db.executemany(
+                "INSERT OR REPLACE INTO undo VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (disk_id, u.generation, u.first_seq, u.last_seq, u.chunks, u.bytes,
+                     u.capture_ns)
+                    for u in undo
+                ],
+            )  # fmt: skip
 
     def points(self, disk_id: str) -> list[RecoveryPoint]:
         """Every point of the disk, oldest first (consistent or not)."""
@@ -229,11 +179,10 @@ class StateStore:
     )
 
     def _points(self, disk_id: str, sql: str, args: tuple[object, ...]) -> list[RecoveryPoint]:
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {self._POINT_COLUMNS} FROM points WHERE disk_id = ? {sql}",  # noqa: S608 - constant SQL
-                (disk_id, *args),
-            ).fetchall()
+        rows = self._db.query(
+            f"SELECT {self._POINT_COLUMNS} FROM points WHERE disk_id = ? {sql}",  # noqa: S608 - constant SQL
+            (disk_id, *args),
+        )
         return [
             RecoveryPoint(disk_id, g, s, c, a, PointKind(k), n, bytes(t), grp, bool(ok))
             for g, s, c, a, k, n, t, grp, ok in rows
@@ -254,22 +203,21 @@ class StateStore:
         )
 
     def point_count(self, disk_id: str) -> int:
-        with self._lock:
-            row = self._db.execute("SELECT COUNT(*) FROM points WHERE disk_id = ?", (disk_id,))
-            return int(row.fetchone()[0])
+        rows = self._db.query("SELECT COUNT(*) FROM points WHERE disk_id = ?", (disk_id,))
+        return int(rows[0][0])
 
     def consistent_summary(
         self, disk_id: str
     ) -> tuple[dict[str, int], RecoveryPoint | None, RecoveryPoint | None]:
         """Consistent points by kind, and the oldest and newest of them."""
-        with self._lock:
-            counts = dict(
-                self._db.execute(
-                    "SELECT kind, COUNT(*) FROM points WHERE disk_id = ? AND consistent = 1 "
-                    "GROUP BY kind",
-                    (disk_id,),
-                ).fetchall()
+        counts = {
+            str(kind): int(count)
+            for kind, count in self._db.query(
+                "SELECT kind, COUNT(*) FROM points WHERE disk_id = ? AND consistent = 1 "
+                "GROUP BY kind",
+                (disk_id,),
             )
+        }
         oldest = self._points(disk_id, "AND consistent = 1 ORDER BY generation, seq LIMIT 1", ())
         newest = self._points(
             disk_id, "AND consistent = 1 ORDER BY generation DESC, seq DESC LIMIT 1", ()
@@ -279,41 +227,33 @@ class StateStore:
     def undo_after(self, disk_id: str, position: StreamPosition) -> list[UndoPart]:
         """The undo parts of segments after ``position``, newest first: the order
         in which they roll the target back to ``position``."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT generation, first_seq, last_seq, chunks, bytes, capture_ns FROM undo "
-                "WHERE disk_id = ? AND (generation > ? OR (generation = ? AND first_seq > ?)) "
-                "ORDER BY generation DESC, first_seq DESC",
-                (disk_id, position.generation, position.generation, position.seq),
-            ).fetchall()
+        rows = self._db.query(
+            "SELECT generation, first_seq, last_seq, chunks, bytes, capture_ns FROM undo "
+            "WHERE disk_id = ? AND (generation > ? OR (generation = ? AND first_seq > ?)) "
+            "ORDER BY generation DESC, first_seq DESC",
+            (disk_id, position.generation, position.generation, position.seq),
+        )
         return [UndoPart(*row) for row in rows]
 
     def forget_after(self, disk_id: str, position: StreamPosition, *, now_ns: int) -> None:
         """After a rollback to ``position``: drop later points and undo parts, move the marker."""
         args = (disk_id, position.generation, position.generation, position.seq)
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute(
-                    "DELETE FROM points WHERE disk_id = ? AND "
-                    "(generation > ? OR (generation = ? AND seq > ?))",
-                    args,
-                )
-                self._db.execute(
-                    "DELETE FROM undo WHERE disk_id = ? AND "
-                    "(generation > ? OR (generation = ? AND first_seq > ?))",
-                    args,
-                )
-                self._db.execute(
-                    "UPDATE disks SET applied_generation = ?, applied_seq = ?, resync_open = 0, "
-                    "updated_ns = ? WHERE disk_id = ?",
-                    (position.generation, position.seq, now_ns, disk_id),
-                )
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    self._db.execute("ROLLBACK")
-                raise DurabilityError(f"state database {self.path}: {exc}") from exc
+        with self._db.transaction() as db:
+            db.execute(
+                "DELETE FROM points WHERE disk_id = ? AND "
+                "(generation > ? OR (generation = ? AND seq > ?))",
+                args,
+            )
+            db.execute(
+                "DELETE FROM undo WHERE disk_id = ? AND "
+                "(generation > ? OR (generation = ? AND first_seq > ?))",
+                args,
+            )
+            db.execute(
+                "UPDATE disks SET applied_generation = ?, applied_seq = ?, resync_open = 0, "
+                "updated_ns = ? WHERE disk_id = ?",
+                (position.generation, position.seq, now_ns, disk_id),
+            )
 
     def prune(self, disk_id: str, keep_from: StreamPosition) -> list[UndoPart]:
         """Forget the points before ``keep_from`` and the undo parts only they needed.
@@ -325,57 +265,41 @@ class StateStore:
             DurabilityError: the commit failed; nothing was forgotten.
         """
         before = (disk_id, keep_from.generation, keep_from.generation, keep_from.seq)
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                rows = self._db.execute(
-                    "SELECT generation, first_seq, last_seq, chunks, bytes, capture_ns FROM undo "
-                    "WHERE disk_id = ? AND (generation < ? OR (generation = ? AND last_seq <= ?))",
-                    before,
-                ).fetchall()
-                self._db.execute(
-                    "DELETE FROM undo WHERE disk_id = ? AND "
-                    "(generation < ? OR (generation = ? AND last_seq <= ?))",
-                    before,
-                )
-                self._db.execute(
-                    "DELETE FROM points WHERE disk_id = ? AND "
-                    "(generation < ? OR (generation = ? AND seq < ?))",
-                    before,
-                )
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    self._db.execute("ROLLBACK")
-                raise DurabilityError(f"state database {self.path}: {exc}") from exc
+        with self._db.transaction() as db:
+            rows = db.execute(
+                "SELECT generation, first_seq, last_seq, chunks, bytes, capture_ns FROM undo "
+                "WHERE disk_id = ? AND (generation < ? OR (generation = ? AND last_seq <= ?))",
+                before,
+            ).fetchall()
+            db.execute(
+                "DELETE FROM undo WHERE disk_id = ? AND "
+                "(generation < ? OR (generation = ? AND last_seq <= ?))",
+                before,
+            )
+            db.execute(
+                "DELETE FROM points WHERE disk_id = ? AND "
+                "(generation < ? OR (generation = ? AND seq < ?))",
+                before,
+            )
         return [UndoPart(*row) for row in rows]
 
     def undo_keys(self, disk_id: str) -> set[tuple[int, int]]:
         """``(generation, first_seq)`` of every undo part the index holds for the disk."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT generation, first_seq FROM undo WHERE disk_id = ?", (disk_id,)
-            ).fetchall()
+        rows = self._db.query(
+            "SELECT generation, first_seq FROM undo WHERE disk_id = ?", (disk_id,)
+        )
         return {(int(g), int(f)) for g, f in rows}
 
     def undo_bytes(self, disk_id: str) -> int:
         """Bytes of undo files the index holds for the disk."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT COALESCE(SUM(bytes), 0) FROM undo WHERE disk_id = ?", (disk_id,)
-            ).fetchone()
-        return int(row[0])
+        rows = self._db.query(
+            "SELECT COALESCE(SUM(bytes), 0) FROM undo WHERE disk_id = ?", (disk_id,)
+        )
+        return int(rows[0][0])
 
     def set_state(self, disk_id: str, state: DiskState, error: str, *, now_ns: int) -> None:
         """Record a new replication state and the error that caused it ('' for none)."""
-        with self._lock:
-            self._write(
-                "UPDATE disks SET state = ?, last_error = ?, updated_ns = ? WHERE disk_id = ?",
-                (state.value, error, now_ns, disk_id),
-            )
-
-    def _write(self, sql: str, args: tuple[object, ...]) -> None:
-        try:
-            self._db.execute(sql, args)
-        except sqlite3.Error as exc:
-            raise DurabilityError(f"state database {self.path}: {exc}") from exc
+        self._db.write(
+            "UPDATE disks SET state = ?, last_error = ?, updated_ns = ? WHERE disk_id = ?",
+            (state.value, error, now_ns, disk_id),
+        )
