@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 
 import pytest
@@ -38,6 +36,7 @@ from protocol.undo import (
 )
 
 from .strategies import ids, writes, zeros
+from .test_hrl import _hkdf_sha256
 
 DATA_KEY = bytes(range(32))
 SALT = bytes(range(100, 132))
@@ -62,16 +61,6 @@ def _seal(records: list[Record] = RECORDS, keyring: KeyRing = KEYRING, **kw: obj
     }  # fmt: skip
     args.update(kw)
     return seal_undo(records, keyring=keyring, compressor=_compressor(), **args)  # type: ignore[arg-type]
-
-
-def _hkdf_sha256(key: bytes, salt: bytes, info: bytes, length: int) -> bytes:
-    """RFC 5869, written out here so the test does not trust the code under test."""
-    prk = hmac.new(salt, key, hashlib.sha256).digest()
-    out, block = b"", b""
-    for i in range((length + 31) // 32):
-        block = hmac.new(prk, block + info + bytes([i + 1]), hashlib.sha256).digest()
-        out += block
-    return out[:length]
 
 
 def test_round_trip_compressed() -> None:
