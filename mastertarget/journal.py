@@ -32,7 +32,7 @@ from mastertarget.disks.base import TargetDisk
 from protocol.errors import ProtocolError
 from protocol.keyring import KeyRing
 from protocol.limits import MiB
-from protocol.records import Record, Write, Zero
+from protocol.records import Record, Write, Zero, is_zero
 from protocol.sequencing import StreamPosition
 from protocol.undo import MAX_UNDO_PLAINTEXT, MAX_UNDO_RECORDS, UndoFile, open_undo, seal_undo
 from runtime.crashpoints import crash_point
@@ -157,9 +157,7 @@ class UndoJournal:
             records: list[Record] = []
             for offset, length in pieces:
                 data = target.read(offset, length)
-                records.append(
-                    Zero(offset, length) if data.count(0) == length else Write(offset, data)
-                )
+                records.append(Zero(offset, length) if is_zero(data) else Write(offset, data))
             sealed = seal_undo(
                 records, keyring=self._keyring, compressor=compressor, disk_id=disk_id,
                 generation=generation, first_seq=segment.first_seq, last_seq=segment.last_seq,

@@ -30,7 +30,7 @@ from mastertarget.journal import UndoJournal, UndoPart
 from mastertarget.points import RecoveryPoint
 from mastertarget.state import DiskState, StateStore
 from protocol.limits import MiB
-from protocol.records import Write, Zero
+from protocol.records import Write, Zero, is_zero
 from protocol.sequencing import StreamPosition
 
 log = logging.getLogger("blockrepl.mastertarget.recovery")
@@ -66,7 +66,7 @@ def copy_target(source: TargetDisk, output: TargetDisk, progress: Progress | Non
     size = source.size
     for offset in range(0, size, COPY_PIECE):
         data = source.read(offset, min(COPY_PIECE, size - offset))
-        if data.count(0) != len(data):
+        if not is_zero(data):
             output.write(offset, data)
             written += len(data)
         if progress is not None:

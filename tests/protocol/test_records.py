@@ -9,6 +9,7 @@ import pytest
 from protocol.errors import LimitExceededError, MalformedError, ProtocolError, TruncatedError
 from protocol.limits import MAX_DISK_BYTES, MAX_WRITE_BYTES, MAX_ZERO_BYTES
 from protocol.records import (
+    ZERO_COMPARE_BYTES,
     Record,
     Tag,
     TagKind,
@@ -17,6 +18,7 @@ from protocol.records import (
     check_payload_layout,
     decode_records,
     encode_records,
+    is_zero,
 )
 
 TAG_ID = bytes(range(16))
@@ -26,32 +28,29 @@ VECTORS: list[tuple[list[Record], bytes, bytes]] = [
     (
         [Write(0x1000, b"abc")],
         b"abc",
-        bytes.fromhex("01000000" "03000000" "0010000000000000"),
+        bytes.fromhex("01000000030000000010000000000000"),
     ),
     (
         [Zero(0x200, 0x10000)],
         b"",
-        bytes.fromhex("02" "00000000000000" "0002000000000000" "0000010000000000"),
+        bytes.fromhex("020000000000000000020000000000000000010000000000"),
     ),
     (
         [Tag(TagKind.APP, TAG_ID, "pre-upgrade", 7)],
         b"",
-        bytes.fromhex("03" "02" "0b" "00" "00000000")
-        + TAG_ID
-        + (7).to_bytes(8, "little")
-        + b"pre-upgrade",
+        bytes.fromhex("03020b0000000000") + TAG_ID + (7).to_bytes(8, "little") + b"pre-upgrade",
     ),
     (
         [Tag(TagKind.GROUP, TAG_ID, "", 1, "erp")],
         b"",
-        bytes.fromhex("03" "03" "00" "03" "00000000") + TAG_ID + (1).to_bytes(8, "little") + b"erp",
+        bytes.fromhex("0303000300000000") + TAG_ID + (1).to_bytes(8, "little") + b"erp",
     ),
     (
         [Write(1, b"x"), Zero(2, 3), Write(9, b"yz")],
         b"xyz",
-        bytes.fromhex("01000000" "01000000" "0100000000000000")
-        + bytes.fromhex("02" "00000000000000" "0200000000000000" "0300000000000000")
-        + bytes.fromhex("01000000" "02000000" "0900000000000000"),
+        bytes.fromhex("01000000010000000100000000000000")
+        + bytes.fromhex("020000000000000002000000000000000300000000000000")
+        + bytes.fromhex("01000000020000000900000000000000"),
     ),
 ]
 
@@ -71,7 +70,7 @@ def test_decode_expected_bytes(records: list[Record], data: bytes, table: bytes)
 
 
 def test_write_data_is_a_view_not_a_copy() -> None:
-    payload = b"hello" + bytes.fromhex("01000000" "05000000" "0000000000000000")
+    payload = b"hello" + bytes.fromhex("01000000050000000000000000000000")
     (record,) = decode_records(payload, 1, 5, what="t")
     assert isinstance(record, Write)
     assert isinstance(record.data, memoryview)
@@ -166,3 +165,27 @@ def test_payload_layout_needs_room_for_every_entry() -> None:
     check_payload_layout(16 * 3 + 10, 10, 3, what="x")
     with pytest.raises(MalformedError, match="table of at least 48"):
         check_payload_layout(16 * 3 + 9, 10, 3, what="x")
+
+
+@pytest.mark.parametrize(
+    "length", [0, 1, 4095, ZERO_COMPARE_BYTES, ZERO_COMPARE_BYTES + 1, 3 * ZERO_COMPARE_BYTES]
+)
+def test_is_zero_finds_a_single_non_zero_byte_anywhere(length: int) -> None:
+    data = bytearray(length)
+    assert is_zero(data)
+    assert is_zero(bytes(data))
+    assert is_zero(memoryview(data))
+    for where in {0, length // 2, length - 1, ZERO_COMPARE_BYTES - 1, ZERO_COMPARE_BYTES}:
+        if 0 <= where < length:
+            data[where] = 0x80
+            assert not is_zero(data), f"a non-zero byte at {where} of {length} was missed"
+            assert not is_zero(memoryview(data)[where:])
+            assert is_zero(memoryview(data)[where + 1 :])
+            data[where] = 0
+
+
+def test_is_zero_reads_a_view_of_wider_items_as_bytes() -> None:
+    words = memoryview(bytearray(4 * 1000)).cast("I")
+    assert is_zero(words)
+    words[999] = 1
+    assert not is_zero(words)
