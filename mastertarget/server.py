@@ -34,9 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("blockrepl.mastertarget.api")
 
-#: Bytes read from a request body at a time: large enough to keep per-chunk
-#: overhead small, small enough to bound memory per read.
-READ_CHUNK: Final = 256 * 1024
 #: Seconds a sender is asked to wait when the inbox is full or a write failed:
 #: long enough for the applier to drain a few files.
 RETRY_AFTER_S: Final = 5
@@ -190,7 +187,7 @@ async def _receive(
     header: HrlHeader | None = None
     data: bytes | None = None
     keyring = request.app[MT].keyring
-    while chunk := await request.content.read(READ_CHUNK):
+    while chunk := await request.content.readany():  # a piece as it came: no copy
         receiver.feed(chunk)
         while (event := receiver.next_event()) is not NEED_DATA:
             if isinstance(event, HeaderReady):

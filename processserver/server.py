@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("blockrepl.processserver.api")
 
 PS: Final = web.AppKey["ProcessServer"]("processserver")
-#: Bytes read from a request body at a time: bounds memory per read.
+#: Bytes of the master target's checksum answer passed on per write.
 READ_CHUNK: Final = 256 * 1024
 #: Seconds an agent is asked to wait when the cache is full or a write
 #: failed: long enough for the shipper to drain some files.
@@ -116,7 +116,7 @@ async def post_batches(request: web.Request) -> web.StreamResponse:
         async with disk.lock:
             eof = False
             while not eof:
-                chunk = await request.content.read(READ_CHUNK)
+                chunk = await request.content.readany()  # a piece as it came: no copy
                 if chunk:
                     decoder.feed(chunk)
                 else:

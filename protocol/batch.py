@@ -37,6 +37,7 @@ from typing import Final, Literal
 import xxhash
 
 from protocol import headers, ids
+from protocol.chunks import ChunkQueue
 from protocol.errors import (
     BadMagicError,
     ChecksumMismatchError,
@@ -279,7 +280,7 @@ class BatchDecoder(headers.FailsOnce):
     ) -> None:
         self._expected_disk_id = expected_disk_id
         self._max_payload = min(max_payload, MAX_BATCH_PAYLOAD)
-        self._buf = bytearray()
+        self._queue = ChunkQueue()
         self._header: BatchHeader | None = None
         self._eof = False
         self._name = "batch decoder"
@@ -298,7 +299,7 @@ class BatchDecoder(headers.FailsOnce):
         self._check_usable()
         if self._eof:
             self._fail(ProtocolError("batch stream: bytes fed after the end of input"))
-        self._buf += data
+        self._queue.append(data)
 
     def feed_eof(self) -> None:
         """Mark the end of input; a batch left unfinished is then an error."""
@@ -326,25 +327,24 @@ class BatchDecoder(headers.FailsOnce):
 
     def _next(self) -> BatchEvent:
         if self._header is None:
-            if not self._buf:
+            if not self._queue:
                 return END_OF_STREAM if self._eof else NEED_DATA
-            prefix = bytes(self._buf[: len(BATCH_MAGIC)])
+            prefix = self._queue.peek(len(BATCH_MAGIC))
             if not BATCH_MAGIC.startswith(prefix):
                 raise BadMagicError(
                     f"batch {self.batches} at stream byte {self.consumed} must start with "
                     f"{BATCH_MAGIC!r}, found {prefix!r}"
                 )
-            if len(self._buf) < BATCH_HEADER.size:
+            if len(self._queue) < BATCH_HEADER.size:
                 return self._need(f"header of batch {self.batches}")
-            header = unpack_header(self._buf)
+            header = unpack_header(self._queue.peek(BATCH_HEADER.size))
             self._admit(header)
-            del self._buf[: BATCH_HEADER.size]
+            self._queue.take(BATCH_HEADER.size)
             self._header = header
         header = self._header
-        if len(self._buf) < header.payload_len:
+        if len(self._queue) < header.payload_len:
             return self._need(f"payload of batch seq {header.first_seq}")
-        payload = bytes(self._buf[: header.payload_len])
-        del self._buf[: header.payload_len]
+        payload = self._queue.take(header.payload_len)
         actual = xxhash.xxh3_128_digest(payload)
         if actual != header.payload_xxh3_128:
             raise ChecksumMismatchError(
@@ -375,6 +375,6 @@ class BatchDecoder(headers.FailsOnce):
     def _need(self, what: str) -> BatchEvent:
         if self._eof:
             raise TruncatedError(
-                f"batch stream ended inside the {what} ({len(self._buf)} bytes of it present)"
+                f"batch stream ended inside the {what} ({len(self._queue)} bytes of it present)"
             )
         return NEED_DATA

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from protocol.batch import NEED_DATA, Sentinel
+from protocol.chunks import ChunkQueue
 from protocol.errors import (
     BadMagicError,
     LimitExceededError,
@@ -59,7 +60,7 @@ class HrlReceiver(FailsOnce):
 
     def __init__(self, *, max_file_len: int | None = None) -> None:
         self._max = max_file_len
-        self._buf = bytearray()
+        self._queue = ChunkQueue()
         self._header: HrlHeader | None = None
         self._announced = False
         self._done = False
@@ -79,11 +80,11 @@ class HrlReceiver(FailsOnce):
                     f"{self._header.file_len}-byte file"
                 )
             )
-        self._buf += data
-        if self._header is not None and len(self._buf) > self._header.file_len:
+        self._queue.append(data)
+        if self._header is not None and len(self._queue) > self._header.file_len:
             self._fail(
                 MalformedError(
-                    f"HRL stream: {len(self._buf) - self._header.file_len} bytes after "
+                    f"HRL stream: {len(self._queue) - self._header.file_len} bytes after "
                     f"the end of the {self._header.file_len}-byte file"
                 )
             )
@@ -110,36 +111,36 @@ class HrlReceiver(FailsOnce):
         if self._done:
             return Sentinel.END_OF_STREAM if self._eof else NEED_DATA
         if self._header is None:
-            prefix = bytes(self._buf[: len(HRL_MAGIC)])
+            prefix = self._queue.peek(len(HRL_MAGIC))
             if not HRL_MAGIC.startswith(prefix):
                 raise BadMagicError(f"HRL file must start with {HRL_MAGIC!r}, found {prefix!r}")
-            if len(self._buf) < HRL_HEADER.size:
+            if len(self._queue) < HRL_HEADER.size:
                 return self._need("header")
-            header = parse_header(self._buf)
+            header = parse_header(self._queue.peek(HRL_HEADER.size))
             if self._max is not None and header.file_len > self._max:
                 raise LimitExceededError(
                     f"HRL file may be at most {self._max} bytes here, its header declares "
                     f"{header.file_len}",
                     details={"max_file_bytes": self._max},
                 )
-            if len(self._buf) > header.file_len:
+            if len(self._queue) > header.file_len:
                 raise MalformedError(
-                    f"HRL stream: {len(self._buf) - header.file_len} bytes after the end "
+                    f"HRL stream: {len(self._queue) - header.file_len} bytes after the end "
                     f"of the {header.file_len}-byte file"
                 )
             self._header = header
         if not self._announced:
             self._announced = True
             return HeaderReady(self._header)
-        if len(self._buf) < self._header.file_len:
+        if len(self._queue) < self._header.file_len:
             return self._need("body")
         self._done = True
-        data, self._buf = bytes(self._buf), bytearray()
+        data = self._queue.take(self._header.file_len)
         return FileReceived(self._header, data)
 
     def _need(self, what: str) -> HrlEvent:
         if self._eof:
             raise TruncatedError(
-                f"HRL stream ended inside the {what} ({len(self._buf)} bytes received)"
+                f"HRL stream ended inside the {what} ({len(self._queue)} bytes received)"
             )
         return NEED_DATA

@@ -289,7 +289,7 @@ def test_receiver_truncation_and_size_limit() -> None:
     with pytest.raises(TruncatedError, match="body"):
         receiver.next_event()
     limited = HrlReceiver(max_file_len=len(data) - 1)
-    limited.feed(data[:HRL_HEADER.size])
+    limited.feed(data[: HRL_HEADER.size])
     with pytest.raises(LimitExceededError):
         limited.next_event()
 
