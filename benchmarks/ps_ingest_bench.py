@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Final
 
 import aiohttp
+import uvloop
 import zstandard
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -381,7 +382,7 @@ def measure(args: argparse.Namespace, root: Path, blocks: list[bytes]) -> dict[s
             for n, disk in enumerate(dep.disks)
         ]
         before = (cpu_seconds(dep.ps.pid), cpu_seconds(dep.mt.pid), time.process_time())
-        tallies, elapsed = asyncio.run(load(dep, sources, args.duration, stop_on_503=False))
+        tallies, elapsed = uvloop.run(load(dep, sources, args.duration, stop_on_503=False))
         after = (cpu_seconds(dep.ps.pid), cpu_seconds(dep.mt.pid), time.process_time())
         cpu, mt_cpu, client_cpu = (b - a for a, b in zip(before, after, strict=True))
         acked = sum(t.acked_bytes for t in tallies)
@@ -401,7 +402,7 @@ def measure(args: argparse.Namespace, root: Path, blocks: list[bytes]) -> dict[s
         if args.mt_down:
             dep.mt.stop()
             before_down = cpu_seconds(dep.ps.pid)
-            tallies, elapsed = asyncio.run(load(dep, sources, FILL_TIMEOUT_S, stop_on_503=True))
+            tallies, elapsed = uvloop.run(load(dep, sources, FILL_TIMEOUT_S, stop_on_503=True))
             cpu = cpu_seconds(dep.ps.pid) - before_down
             acked = sum(t.acked_bytes for t in tallies)
             result.update(
