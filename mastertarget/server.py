@@ -26,8 +26,9 @@ from protocol.hrl import HrlHeader
 from protocol.hrl_receiver import FileReceived, HeaderReady, HrlReceiver
 from protocol.limits import GiB, MiB
 from protocol.sequencing import Admission, Fit
+from runtime.bodies import body_pieces
 from runtime.errors import DurabilityError, PeerIdentityError
-from runtime.tls import peer_identity
+from runtime.tls import connection_identity
 
 if TYPE_CHECKING:
     from mastertarget.daemon import MasterTarget
@@ -70,7 +71,7 @@ async def authorise(request: web.Request, handler: Handler) -> web.StreamRespons
     reason = "no TLS connection"
     try:
         if request.transport is not None:
-            identity = peer_identity(request.transport.get_extra_info("ssl_object"))
+            identity = connection_identity(request.transport.get_extra_info("ssl_object"))
     except PeerIdentityError as exc:
         reason = exc.message
     if identity is None or identity not in mt.config.process_servers:
@@ -187,7 +188,7 @@ async def _receive(
     header: HrlHeader | None = None
     data: bytes | None = None
     keyring = request.app[MT].keyring
-    while chunk := await request.content.readany():  # a piece as it came: no copy
+    async for chunk in body_pieces(request.content):
         receiver.feed(chunk)
         while (event := receiver.next_event()) is not NEED_DATA:
             if isinstance(event, HeaderReady):

@@ -21,8 +21,9 @@ from processserver.ingest import DiskIngest, Verdict
 from protocol.batch import BatchDecoder
 from protocol.errors import BlockreplError, MalformedError
 from protocol.sequencing import Fit, StreamPosition
+from runtime.bodies import body_pieces
 from runtime.errors import DurabilityError, PeerIdentityError
-from runtime.tls import peer_identity
+from runtime.tls import connection_identity
 
 if TYPE_CHECKING:
     from processserver.daemon import ProcessServer
@@ -61,7 +62,7 @@ async def authorise(request: web.Request, handler: Handler) -> web.StreamRespons
     reason = "no TLS connection"
     try:
         if request.transport is not None:
-            machine = peer_identity(request.transport.get_extra_info("ssl_object"))
+            machine = connection_identity(request.transport.get_extra_info("ssl_object"))
     except PeerIdentityError as exc:
         reason = exc.message
     owner = ps.config.owner(disk_id)
@@ -114,9 +115,10 @@ async def post_batches(request: web.Request) -> web.StreamResponse:
     verdict: Verdict | None = None
     try:
         async with disk.lock:
+            pieces = body_pieces(request.content)
             eof = False
             while not eof:
-                chunk = await request.content.readany()  # a piece as it came: no copy
+                chunk = await anext(pieces, b"")
                 if chunk:
                     decoder.feed(chunk)
                 else:

@@ -14,6 +14,7 @@ machine certificate (clientAuth only) is refused as a server certificate.
 from __future__ import annotations
 
 import ssl
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
@@ -100,6 +101,25 @@ def peer_identity(peer: ssl.SSLObject | ssl.SSLSocket | PeerCert | None) -> str:
         return check_id("machine", names[0])
     except MalformedError as exc:
         raise PeerIdentityError(f"client certificate subject CN: {exc.message}") from exc
+
+
+#: The identity of each open connection, worked out at its first request:
+#: TLS 1.3 never renegotiates, so a connection's client certificate is fixed.
+_IDENTITIES: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
+
+
+def connection_identity(ssl_object: ssl.SSLObject | None) -> str:
+    """:func:`peer_identity` of a server connection, parsed once per connection.
+
+    Raises:
+        PeerIdentityError: as :func:`peer_identity` (a refusal is not remembered).
+    """
+    if ssl_object is None:
+        return peer_identity(None)
+    identity = _IDENTITIES.get(ssl_object)
+    if identity is None:
+        identity = _IDENTITIES[ssl_object] = peer_identity(ssl_object)
+    return identity
 
 
 def _restrict(context: ssl.SSLContext) -> None:

@@ -15,7 +15,7 @@ from cryptography.x509.oid import NameOID
 
 from runtime.config import TlsFiles
 from runtime.errors import PeerIdentityError, TlsSetupError
-from runtime.tls import client_context, peer_identity, server_context
+from runtime.tls import client_context, connection_identity, peer_identity, server_context
 
 #: Upper bound of every network wait: loopback handshakes take milliseconds.
 TIMEOUT_S = 10.0
@@ -42,6 +42,7 @@ class EchoServer:
     port: int
     identities: list[str] = field(default_factory=list)
     peercert_identities: list[str] = field(default_factory=list)
+    connection_identities: list[str] = field(default_factory=list)
 
 
 async def exchange(context: ssl.SSLContext, port: int, server_hostname: str = "127.0.0.1") -> bytes:
@@ -68,6 +69,7 @@ async def assert_refused(
         answer = b""
     assert answer == b""
     assert server.identities == []
+    assert server.connection_identities == []
 
 
 @pytest.fixture
@@ -77,6 +79,8 @@ async def echo_server(pki_dir: Path) -> AsyncIterator[EchoServer]:
         identity = peer_identity(ssl_object)
         state.identities.append(identity)
         state.peercert_identities.append(peer_identity(writer.get_extra_info("peercert")))
+        # Asked twice: the second answer is the one remembered for the connection.
+        state.connection_identities += [connection_identity(ssl_object) for _ in range(2)]
         writer.write(f"{identity} {ssl_object.version()}\n".encode())
         with contextlib.suppress(ConnectionError):
             await writer.drain()
@@ -103,6 +107,7 @@ async def test_handshake_is_tls13_and_names_the_machine(
     assert answer == b"vm01 TLSv1.3\n"
     assert echo_server.identities == ["vm01"]
     assert echo_server.peercert_identities == ["vm01"]
+    assert echo_server.connection_identities == ["vm01", "vm01"]
 
 
 @pytest.mark.parametrize("host", ["localhost", "ps.example.net", "192.0.2.10"])
