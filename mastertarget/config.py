@@ -14,6 +14,7 @@ from protocol.errors import MalformedError
 from protocol.hrl import GCM_TAG_BYTES, HRL_HEADER
 from protocol.limits import MAX_HRL_PLAINTEXT, check_id
 from runtime.config import (
+    ConnectionTimeouts,
     FieldValueError,
     LoggingConfig,
     MetricsListen,
@@ -142,6 +143,7 @@ class MasterTargetConfig:
         default_factory=lambda: MetricsListen(port=DEFAULT_METRICS_PORT)
     )
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    connections: ConnectionTimeouts = dataclasses.field(default_factory=ConnectionTimeouts)
     retention: RetentionConfig = dataclasses.field(default_factory=RetentionConfig)
     cache_dir: Path = DEFAULT_CACHE_DIR
     inbox_quota_bytes: int = DEFAULT_INBOX_QUOTA_BYTES

@@ -265,7 +265,10 @@ class MasterTarget:
     ) -> None:
         listen = self.config.listen
         self._runner = web.AppRunner(
-            build_app(self), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S
+            build_app(self),
+            access_log=None,
+            shutdown_timeout=SHUTDOWN_GRACE_S,
+            keepalive_timeout=self.config.connections.idle_timeout_s,
         )
         await self._runner.setup()
         site = web.TCPSite(

@@ -27,7 +27,7 @@ from protocol.hrl_receiver import FileReceived, HeaderReady, HrlReceiver
 from protocol.limits import GiB, MiB
 from protocol.sequencing import Admission, Fit
 from runtime.bodies import body_pieces
-from runtime.errors import DurabilityError, PeerIdentityError
+from runtime.errors import BodyTimeoutError, DurabilityError, PeerIdentityError
 from runtime.tls import connection_identity
 
 if TYPE_CHECKING:
@@ -60,6 +60,8 @@ def _from_exception(exc: BlockreplError) -> web.Response:
     response = web.json_response(exc.to_json(), status=exc.http_status)
     if exc.http_status == 503:
         response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    if isinstance(exc, BodyTimeoutError):
+        response.force_close()  # the rest of the body is not read: the connection is spent
     return response
 
 
@@ -188,7 +190,8 @@ async def _receive(
     header: HrlHeader | None = None
     data: bytes | None = None
     keyring = request.app[MT].keyring
-    async for chunk in body_pieces(request.content):
+    timeout_s = request.app[MT].config.connections.body_timeout_s
+    async for chunk in body_pieces(request.content, timeout_s=timeout_s):
         receiver.feed(chunk)
         while (event := receiver.next_event()) is not NEED_DATA:
             if isinstance(event, HeaderReady):

@@ -12,7 +12,14 @@ from typing import Final
 from protocol.errors import MalformedError
 from protocol.hrl import DEFAULT_ZSTD_LEVEL, MAX_ZSTD_LEVEL
 from protocol.limits import MAX_BATCH_PAYLOAD, check_id
-from runtime.config import FieldValueError, LoggingConfig, MetricsListen, TlsFiles, load_config
+from runtime.config import (
+    ConnectionTimeouts,
+    FieldValueError,
+    LoggingConfig,
+    MetricsListen,
+    TlsFiles,
+    load_config,
+)
 
 #: The data port agents send to (DESIGN.md, as in the seeds).
 DEFAULT_PORT: Final = 9443
@@ -78,6 +85,7 @@ class ProcessServerConfig:
         default_factory=lambda: MetricsListen(port=DEFAULT_METRICS_PORT)
     )
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    connections: ConnectionTimeouts = dataclasses.field(default_factory=ConnectionTimeouts)
     cache_dir: Path = DEFAULT_CACHE_DIR
     cache_high_bytes: int = DEFAULT_CACHE_HIGH_BYTES
     cache_low_bytes: int = DEFAULT_CACHE_LOW_BYTES

@@ -128,7 +128,10 @@ class ProcessServer:
         self, registry: CollectorRegistry, data_port: int | None, metrics_port: int | None
     ) -> None:
         self._runner = web.AppRunner(
-            build_app(self), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S
+            build_app(self),
+            access_log=None,
+            shutdown_timeout=SHUTDOWN_GRACE_S,
+            keepalive_timeout=self.config.connections.idle_timeout_s,
         )
         await self._runner.setup()
         site = web.TCPSite(

@@ -22,7 +22,7 @@ from protocol.batch import BatchDecoder
 from protocol.errors import BlockreplError, MalformedError
 from protocol.sequencing import Fit, StreamPosition
 from runtime.bodies import body_pieces
-from runtime.errors import DurabilityError, PeerIdentityError
+from runtime.errors import BodyTimeoutError, DurabilityError, PeerIdentityError
 from runtime.tls import connection_identity
 
 if TYPE_CHECKING:
@@ -50,7 +50,10 @@ def _error(status: int, code: str, message: str, **details: object) -> web.Respo
 
 
 def _from_exception(exc: BlockreplError) -> web.Response:
-    return _error(exc.http_status, exc.code, exc.message, **exc.details)
+    response = _error(exc.http_status, exc.code, exc.message, **exc.details)
+    if isinstance(exc, BodyTimeoutError):
+        response.force_close()  # the rest of the body is not read: the connection is spent
+    return response
 
 
 @web.middleware
@@ -115,7 +118,7 @@ async def post_batches(request: web.Request) -> web.StreamResponse:
     verdict: Verdict | None = None
     try:
         async with disk.lock:
-            pieces = body_pieces(request.content)
+            pieces = body_pieces(request.content, timeout_s=ps.config.connections.body_timeout_s)
             eof = False
             while not eof:
                 chunk = await anext(pieces, b"")

@@ -38,6 +38,8 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 #: TCP ports a listener may use; 0 ("any free port") is not a configurable address.
 MIN_PORT: Final = 1
 MAX_PORT: Final = 65535
+#: Longest a configured timeout may be: a day; anything longer is a typo.
+MAX_TIMEOUT_S: Final = 86400.0
 
 
 class FieldValueError(ValueError):
@@ -68,11 +70,49 @@ class TlsFiles:
         ca_file: the deployment CA certificate (``ca.pem``); the only CA trusted.
         cert_file: this program's certificate.
         key_file: its private key (mode 0600).
+        crl_file: the CA's revocation list (``crl.pem`` from ``blockrepl certs
+            revoke``); when set, a peer certificate it lists is refused.
     """
 
     ca_file: Path
     cert_file: Path
     key_file: Path
+    crl_file: Path | None = None
+
+
+#: Seconds a connection may sit without a whole request: before its first
+#: request (a client that never finishes its headers, one byte at a time or
+#: none) and between requests. Agents reconnect at once, so a minute costs
+#: them nothing and bounds what an idle or slow client holds.
+DEFAULT_IDLE_TIMEOUT_S: Final = 60.0
+#: Seconds a request body may go without a new piece before the request is
+#: answered 408 and the connection closed: far above any round trip and TCP
+#: retransmission back-off of a working link, and it frees the disk the
+#: stalled sender was writing.
+DEFAULT_BODY_TIMEOUT_S: Final = 30.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ConnectionTimeouts:
+    """How long a data listener waits for a slow or silent client (``[connections]``).
+
+    Args:
+        idle_timeout_s: without a whole request (headers), from connect or the
+            last answer, the connection is closed.
+        body_timeout_s: without a new piece of the body, the request is
+            answered 408 ``body-timeout`` and the connection closed.
+    """
+
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        for name in ("idle_timeout_s", "body_timeout_s"):
+            value = getattr(self, name)
+            if not 0 < value <= MAX_TIMEOUT_S:
+                raise FieldValueError(
+                    name, f"expected 0 < seconds <= {MAX_TIMEOUT_S}, found {value}"
+                )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

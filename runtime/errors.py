@@ -39,6 +39,19 @@ class TlsSetupError(ConfigError):
     code = "tls-setup"
 
 
+class BodyTimeoutError(BlockreplError):
+    """A client stopped sending a request body: the request is answered and closed.
+
+    What the body held before the last whole unit (a batch, a file) was
+    already used or refused on its own; the rest is dropped and the sender
+    sends it again from its last acknowledgement.
+    """
+
+    code = "body-timeout"
+    http_status = 408
+    exit_code = 75  # EX_TEMPFAIL
+
+
 class DurabilityError(BlockreplError):
     """A write, fsync, rename or unlink failed: the data must be treated as lost.
 

@@ -42,7 +42,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from protocol.errors import MalformedError
 from protocol.limits import check_id
-from runtime.crashsafe import create_file_exclusive, fsync_dir, unlink_durable
+from runtime.crashsafe import create_file_exclusive, fsync_dir, unlink_durable, write_file_atomic
 from runtime.errors import AlreadyExistsError, InvalidArgumentError, PkiError
 
 #: CA lifetime: long, as replacing it means reissuing every certificate.
@@ -72,6 +72,8 @@ DNS_NAME_PATTERN: Final = re.compile(
 
 CA_CERT_NAME: Final = "ca.pem"
 CA_KEY_NAME: Final = "ca.key"
+#: The CA's certificate revocation list, rewritten by each revocation.
+CRL_NAME: Final = "crl.pem"
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,98 @@ def issue_machine(
     return CertificateFiles(
         machine, folder / cert_name, folder / key_name, cert.not_valid_after_utc
     )
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """What :func:`revoke` did.
+
+    Attributes:
+        crl_file: the rewritten CRL.
+        serial: the serial number of the certificate revoked.
+        revoked: how many certificates the CRL lists now.
+        next_update: when the CRL stops being valid (the CA's own end).
+    """
+
+    crl_file: Path
+    serial: int
+    revoked: int
+    next_update: dt.datetime
+
+
+def revoke(
+    directory: str | Path, cert_file: str | Path, *, now: dt.datetime | None = None
+) -> Revocation:
+    """Add the certificate in ``cert_file`` to the CRL of the CA in ``directory``.
+
+    The CRL (``crl.pem``) is signed anew with every earlier entry kept, valid
+    until the CA itself expires: a CRL past its next update would make every
+    handshake fail. Servers and clients with ``crl_file`` set refuse the
+    certificate from their next start (or reload).
+
+    Raises:
+        PkiError: the certificate was not issued by this CA, or a file cannot
+            be read or parsed (nothing is changed).
+        DurabilityError: the new CRL could not be written durably.
+    """
+    folder = Path(directory)
+    issued = _utc(now)
+    ca_cert, ca_key = _load_ca(folder, issued)
+    try:
+        cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+    except OSError as exc:
+        raise PkiError(f"cannot read certificate {cert_file}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise PkiError(f"cannot parse certificate {cert_file}: expected PEM, found {exc}") from exc
+    if cert.issuer != ca_cert.subject:
+        raise PkiError(
+            f"certificate {cert_file} was issued by {cert.issuer.rfc4514_string()}, "
+            f"expected the CA in {folder} ({ca_cert.subject.rfc4514_string()})"
+        )
+    entries = {entry.serial_number: entry for entry in _load_crl(folder, ca_cert)}
+    if cert.serial_number not in entries:
+        entries[cert.serial_number] = (
+            x509.RevokedCertificateBuilder()
+            .serial_number(cert.serial_number)
+            .revocation_date(issued)
+            .build()
+        )
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(issued - CLOCK_SKEW_ALLOWANCE)
+        .next_update(ca_cert.not_valid_after_utc)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .add_extension(x509.CRLNumber(int(issued.timestamp() * 1e6)), critical=False)
+    )
+    for entry in entries.values():
+        builder = builder.add_revoked_certificate(entry)
+    crl = builder.sign(ca_key, hashes.SHA256())
+    path = folder / CRL_NAME
+    write_file_atomic(path, crl.public_bytes(serialization.Encoding.PEM), mode=CERTIFICATE_MODE)
+    return Revocation(path, cert.serial_number, len(entries), ca_cert.not_valid_after_utc)
+
+
+def _load_crl(folder: Path, ca_cert: x509.Certificate) -> list[x509.RevokedCertificate]:
+    """The entries of the CA's current CRL, none if there is no CRL yet."""
+    path = folder / CRL_NAME
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise PkiError(f"cannot read CRL {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise PkiError(f"cannot parse CRL {path}: expected PEM, found {exc}") from exc
+    public_key = ca_cert.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(
+        public_key
+    ):
+        raise PkiError(f"CRL {path} is not signed by the CA in {folder}; move it aside first")
+    return list(crl)
 
 
 def _build_ca(key: ec.EllipticCurvePrivateKey, issued: dt.datetime) -> x509.Certificate:

@@ -14,6 +14,7 @@ machine certificate (clientAuth only) is refused as a server certificate.
 from __future__ import annotations
 
 import ssl
+import stat
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +27,7 @@ from protocol.errors import MalformedError
 from protocol.limits import check_id
 from runtime.config import TlsFiles
 from runtime.errors import PeerIdentityError, TlsSetupError
+from runtime.keyfile import FORBIDDEN_MODE_BITS
 
 #: The only TLS version spoken: 1.3 has no renegotiation, no static-RSA or CBC
 #: suites and encrypts the client certificate, and every peer is our own code.
@@ -132,9 +134,10 @@ def _restrict(context: ssl.SSLContext) -> None:
 
 
 def _load_files(context: ssl.SSLContext, files: TlsFiles) -> None:
-    """Load the CA (and nothing else to trust) and this side's certificate and key."""
+    """Load the CA (and nothing else to trust), its CRL, and this side's certificate and key."""
     for path in (files.ca_file, files.cert_file, files.key_file):
         _check_readable(path)
+    _check_private(files.key_file)
     try:
         context.load_verify_locations(cafile=files.ca_file)
     except (OSError, ssl.SSLError) as exc:
@@ -142,10 +145,33 @@ def _load_files(context: ssl.SSLContext, files: TlsFiles) -> None:
             f"cannot load CA certificate {files.ca_file}: expected the deployment's ca.pem"
             f" (PEM), found {_reason(exc)}"
         ) from exc
+    if files.crl_file is not None:
+        _check_readable(files.crl_file)
+        try:
+            context.load_verify_locations(cafile=files.crl_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise TlsSetupError(
+                f"cannot load CRL {files.crl_file}: expected the crl.pem of 'blockrepl certs"
+                f" revoke' (PEM), found {_reason(exc)}"
+            ) from exc
+        # Every peer certificate is checked against it; a CRL past its next
+        # update fails every handshake, so 'certs revoke' signs it for as
+        # long as the CA is valid.
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     try:
         context.load_cert_chain(certfile=files.cert_file, keyfile=files.key_file)
     except (OSError, ssl.SSLError) as exc:
         raise _diagnose_cert_chain(files, exc) from exc
+
+
+def _check_private(path: Path) -> None:
+    """Refuse a private key that others than its owner may read or change."""
+    mode = path.stat().st_mode
+    if mode & FORBIDDEN_MODE_BITS:
+        raise TlsSetupError(
+            f"private key {path} must be readable by its owner only (mode 0600 or 0400), "
+            f"found mode {stat.S_IMODE(mode):04o}; run: chmod 600 {path}"
+        )
 
 
 def _check_readable(path: Path) -> None:

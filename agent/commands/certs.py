@@ -1,4 +1,4 @@
-"""``blockrepl certs init`` and ``blockrepl certs issue``: the deployment's private CA."""
+"""``blockrepl certs init|issue|revoke``: the deployment's private CA."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from runtime.pki import (
     CertificateFiles,
     init_ca,
     issue_machine,
+    machine_file_names,
+    revoke,
 )
 
 
@@ -62,6 +64,21 @@ def add_parser(
     _add_days(issue)
     issue.set_defaults(handler=run_issue)
 
+    revoke_cmd = commands.add_parser(
+        "revoke",
+        parents=[common],
+        help="revoke a machine's (or any) certificate in the CA's CRL",
+        description=(
+            "Add a certificate to DIR/crl.pem, signed by the CA there. Servers and clients"
+            " whose [tls] crl_file names it refuse the certificate from their next start."
+        ),
+    )
+    revoke_cmd.add_argument("--dir", required=True, type=Path, help="the directory of 'certs init'")
+    which = revoke_cmd.add_mutually_exclusive_group(required=True)
+    which.add_argument("--machine", help="revoke DIR/machine-M.pem")
+    which.add_argument("--cert", type=Path, help="revoke this certificate file")
+    revoke_cmd.set_defaults(handler=run_revoke)
+
 
 def run_init(args: argparse.Namespace) -> CommandResult:
     """Make the CA and the server certificates."""
@@ -96,6 +113,26 @@ def run_issue(args: argparse.Namespace) -> CommandResult:
             "cert": os.path.abspath(files.cert_file),
             "key": os.path.abspath(files.key_file),
             "not_after": files.not_after.isoformat(),
+        },
+    )
+
+
+def run_revoke(args: argparse.Namespace) -> CommandResult:
+    """Revoke one certificate."""
+    cert = args.cert if args.cert is not None else args.dir / machine_file_names(args.machine)[0]
+    done = revoke(args.dir, cert)
+    return CommandResult(
+        summary=(
+            f"revoked {cert} (serial {done.serial:x}); {done.crl_file} now lists "
+            f"{done.revoked} certificate(s); copy it to every server and client with "
+            "[tls] crl_file and restart them"
+        ),
+        data={
+            "cert": os.path.abspath(cert),
+            "serial": f"{done.serial:x}",
+            "crl": os.path.abspath(done.crl_file),
+            "revoked": done.revoked,
+            "next_update": done.next_update.isoformat(),
         },
     )
 

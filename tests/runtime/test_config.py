@@ -154,7 +154,7 @@ BAD_DOCUMENTS = [
     ('name = "ps1"', 'name = "ps1"\nworkerz = 4', "unknown key workerz"),
     ('name = "ps1"', 'name = "ps1"\nlogging = "debug"', "logging: expected a table [logging]"),
     ('ca_file = "pki/ca.pem"', "ca_file = 7", "tls.ca_file: expected a path (string), found an"),
-    ('ca_file = "pki/ca.pem"', 'ca_file = "a"\ncrl_file = "b"', "unknown key tls.crl_file"),
+    ('ca_file = "pki/ca.pem"', 'ca_file = "a"\nca_dir = "b"', "unknown key tls.ca_dir"),
     ('ca_file = "pki/ca.pem"', "", "missing required key tls.ca_file"),
     ('name = "ps1"', "", "missing required key name"),
     ('directory = "/var/cache/blockrepl"', 'directory = "/c"\nquota_bytes = -1.0', "cache.quota"),

@@ -213,6 +213,8 @@ def ca_name(pki: Path) -> str:
             r"cannot load certificate .*garbage: expected a PEM certificate",
         ),
         ({"key_file": "garbage"}, r"cannot load private key .*garbage: expected an unencrypted"),
+        ({"crl_file": "garbage"}, r"cannot load CRL .*garbage: expected the crl\.pem"),
+        ({"crl_file": "absent.pem"}, r"cannot read TLS file .*absent\.pem"),
         (
             {"key_file": "mastertarget.key"},
             r"mastertarget\.key does not match certificate .*processserver\.pem",
@@ -223,7 +225,8 @@ def test_setup_errors_name_the_file(
     tmp_path: Path, pki_dir: Path, change: dict[str, str], message: str
 ) -> None:
     (tmp_path / "garbage").write_text("not a PEM file\n")
-    fields = {
+    (tmp_path / "garbage").chmod(0o600)  # a key others can read is refused before parsing
+    fields: dict[str, Path | None] = {
         "ca_file": pki_dir / "ca.pem",
         "cert_file": pki_dir / "processserver.pem",
         "key_file": pki_dir / "processserver.key",
@@ -232,7 +235,7 @@ def test_setup_errors_name_the_file(
         fields[key] = (
             pki_dir if name.endswith(".key") and name != "absent.key" else tmp_path
         ) / name
-    files = TlsFiles(**fields)
+    files = TlsFiles(**fields)  # type: ignore[arg-type]
     for make in (server_context, client_context):
         with pytest.raises(TlsSetupError, match=message) as caught:
             make(files)
@@ -261,3 +264,16 @@ def test_peer_identity_refuses(peercert: dict[str, object] | None, message: str)
 def test_peer_identity_of_a_peercert_dict() -> None:
     peercert = {"subject": ((("organizationName", "blockrepl"),), (("commonName", "db-01.prod"),))}
     assert peer_identity(peercert) == "db-01.prod"
+
+
+def test_a_private_key_others_can_read_is_refused(tmp_path: Path, pki_dir: Path) -> None:
+    key = tmp_path / "processserver.key"
+    key.write_bytes((pki_dir / "processserver.key").read_bytes())
+    key.chmod(0o604)
+    files = TlsFiles(
+        ca_file=pki_dir / "ca.pem", cert_file=pki_dir / "processserver.pem", key_file=key
+    )
+    with pytest.raises(TlsSetupError, match=r"readable by its owner only .*found mode 0604"):
+        server_context(files)
+    key.chmod(0o400)
+    server_context(files)
