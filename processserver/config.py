@@ -13,6 +13,7 @@ from protocol.errors import MalformedError
 from protocol.hrl import DEFAULT_ZSTD_LEVEL, MAX_ZSTD_LEVEL
 from protocol.limits import MAX_BATCH_PAYLOAD, check_id
 from runtime.config import (
+    MAX_TIMEOUT_S,
     ConnectionTimeouts,
     FieldValueError,
     LoggingConfig,
@@ -35,6 +36,15 @@ DEFAULT_CACHE_LOW_BYTES: Final = 56 * 2**30
 #: HRL files shipped at once, over all disks: enough to fill a WAN link with
 #: round trips in flight, few enough to bound memory (each is read whole).
 DEFAULT_MAX_IN_FLIGHT: Final = 8
+#: Seconds to open a connection to the master target: a LAN or WAN handshake
+#: takes well under a second; ten covers a congested link.
+DEFAULT_CONNECT_TIMEOUT_S: Final = 10.0
+#: Seconds a transfer may go without a byte from the master target: it
+#: answers a PUT as soon as the file is durable, so a minute of silence is a
+#: dead or black-holed link, not a slow disk.
+DEFAULT_READ_TIMEOUT_S: Final = 60.0
+#: Seconds one transfer may take in all: a 64 MiB file on a 2 Mbit/s WAN link.
+DEFAULT_TRANSFER_TIMEOUT_S: Final = 300.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,14 +71,30 @@ class MasterTargetLink:
         url: ``https://HOST:9444`` of the master target.
         tls: the CA, and this process server's own client certificate
             (``blockrepl certs issue --machine ps01``) and key.
+        connect_timeout_s: a connection not made in this time is a failed
+            transfer (retried with back-off).
+        read_timeout_s: once a file is sent, an answer that does not come
+            in this time is a failed transfer: a link that went silent is
+            given up on, not waited on for the whole transfer.
+        transfer_timeout_s: the longest one transfer may take in all, also
+            when the link stalls while the file is being sent.
     """
 
     url: str
     tls: TlsFiles
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    transfer_timeout_s: float = DEFAULT_TRANSFER_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if not self.url.startswith("https://"):
             raise FieldValueError("url", f"expected an https:// URL, found {self.url!r}")
+        for name in ("connect_timeout_s", "read_timeout_s", "transfer_timeout_s"):
+            value = getattr(self, name)
+            if not 0 < value <= MAX_TIMEOUT_S:
+                raise FieldValueError(
+                    name, f"expected 0 < seconds <= {MAX_TIMEOUT_S}, found {value}"
+                )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

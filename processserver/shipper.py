@@ -39,8 +39,6 @@ log = logging.getLogger("blockrepl.processserver.ship")
 #: target that is down; the jitter keeps many disks from retrying in step.
 BACKOFF_FIRST_S: Final = 0.5
 BACKOFF_MAX_S: Final = 30.0
-#: Seconds one transfer may take: a 64 MiB file on a slow WAN link.
-TRANSFER_TIMEOUT_S: Final = 300.0
 
 
 class Shipper:
@@ -52,7 +50,11 @@ class Shipper:
         self._slots = asyncio.Semaphore(ps.config.max_in_flight)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=tls),
-            timeout=aiohttp.ClientTimeout(total=TRANSFER_TIMEOUT_S),
+            timeout=aiohttp.ClientTimeout(
+                total=ps.config.master_target.transfer_timeout_s,
+                sock_connect=ps.config.master_target.connect_timeout_s,
+                sock_read=ps.config.master_target.read_timeout_s,
+            ),
         )
         self._tasks = [
             asyncio.create_task(self._ship_disk(disk), name=f"ship-{disk.disk_id}")

@@ -94,6 +94,7 @@ def setup_logging(config: LoggingConfig, *, stream: TextIO | None = None) -> Non
     """
     target = sys.stderr if stream is None else stream
     handler = _InstalledHandler(target)
+    handler.addFilter(_quiet_peer_resets)
     if config.format == "json":
         handler.setFormatter(JsonLineFormatter())
     elif is_journal_stream(target):
@@ -136,3 +137,22 @@ def _nearest_priority(levelno: int) -> int:
     """The priority of the highest standard level at or below a custom level."""
     standard = [level for level in SYSLOG_PRIORITY if level <= levelno]
     return SYSLOG_PRIORITY[max(standard)] if standard else SYSLOG_PRIORITY[logging.DEBUG]
+
+
+def _quiet_peer_resets(record: logging.LogRecord) -> bool:
+    """Log a client that dropped its connection as one INFO line, not an ERROR traceback.
+
+    aiohttp logs "Error handling request" with a traceback at ERROR when a
+    peer resets or closes mid-request: on a replication link that is a
+    network event the sender recovers from (it resends from its last
+    acknowledgement), not an error of the daemon that anyone must act on.
+    """
+    if record.name.startswith("aiohttp.") and record.exc_info:
+        exc = record.exc_info[1]
+        if isinstance(exc, ConnectionError):
+            record.msg = f"{record.getMessage()}: the peer dropped the connection ({exc})"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+    return True

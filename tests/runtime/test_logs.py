@@ -120,3 +120,33 @@ def test_setup_twice_does_not_duplicate_lines_and_keeps_other_handlers() -> None
     assert first.getvalue() == ""
     assert len(second.getvalue().splitlines()) == 1
     assert other in logging.getLogger().handlers
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
+def _raised(exc: BaseException) -> BaseException:
+    try:
+        _raise(exc)
+    except BaseException as caught:
+        return caught
+
+
+def test_a_peer_dropping_its_connection_is_one_info_line() -> None:
+    stream = io.StringIO()
+    setup_logging(LoggingConfig(level="info"), stream=stream)
+    server = logging.getLogger("aiohttp.server")
+    server.error(
+        "Error handling request from %s", "127.0.0.1",
+        exc_info=_raised(ConnectionResetError(104, "Connection reset by peer")),
+    )  # fmt: skip
+    server.error("Error handling request", exc_info=_raised(ValueError("a real bug")))
+    lines = stream.getvalue()
+    assert re.search(
+        r"INFO aiohttp\.server: Error handling request from 127\.0\.0\.1: the peer dropped "
+        r"the connection \(\[Errno 104\] Connection reset by peer\)\n",
+        lines,
+    )
+    assert lines.count("Traceback") == 1  # only the real bug keeps its traceback
+    assert "ERROR aiohttp.server: Error handling request\nTraceback" in lines
