@@ -168,6 +168,9 @@ class DiskReplica:
         #: reader never sees half a file
         self.disk_lock = threading.Lock()
         self._wake = asyncio.Event()
+        #: ends a pause early: set by stop() and when pruning freed retention
+        #: space (a new file arriving does not: the fault is still there)
+        self._resume = asyncio.Event()
         self._progress = asyncio.Condition()
         self._stopping = False
         self._retry_s = RETRY_FIRST_S
@@ -478,10 +481,13 @@ class DiskReplica:
         except DurabilityError as store_exc:  # the state is only a report; keep retrying
             log.error("disk %s: cannot record the paused state: %s", disk_id, store_exc.message)
         self._publish()
-        self._wake.clear()
-        with contextlib.suppress(TimeoutError):  # woken early by stop()
-            await asyncio.wait_for(self._wake.wait(), timeout=self._retry_s)
-        self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
+        self._resume.clear()
+        try:
+            await asyncio.wait_for(self._resume.wait(), timeout=self._retry_s)
+        except TimeoutError:
+            self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
+        else:  # stopping, or room was made: try again at once, back-off from the start
+            self._retry_s = RETRY_FIRST_S
 
     async def recover(
         self, point: RecoveryPoint, output: Path, output_format: OutputFormat
@@ -559,8 +565,10 @@ class DiskReplica:
             return Cutoff(position, expired, keep - expired)
 
         cutoff = await asyncio.get_running_loop().run_in_executor(self._executor, run)
-        if cutoff is not None and cutoff.early:
-            self.pruned_early = True
+        if cutoff is not None:
+            if cutoff.early:
+                self.pruned_early = True
+            self._resume.set()  # a disk paused on a full retention volume may go on
         return cutoff
 
     def points(self) -> list[RecoveryPoint]:
@@ -583,6 +591,7 @@ class DiskReplica:
         """Ask the applier to stop after the file in hand (the caller awaits its task)."""
         self._stopping = True
         self._wake.set()
+        self._resume.set()
 
     # --- reporting -------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -10,6 +11,21 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def small_volume_wrapper(*volumes: tuple[Path, int]) -> tuple[str, ...]:
+    """A wrapper that runs a command with each ``(folder, size_bytes)`` a tmpfs of its own.
+
+    The mounts live in a private mount namespace (root only) and go when the
+    command exits: nothing outside the test sees them. Inside, the test
+    reads them through ``/proc/PID/root``.
+    """
+    mounts = " && ".join(
+        f"mount -t tmpfs -o size={size} blockrepl-test {shlex.quote(str(folder))}"
+        for folder, size in volumes
+    )
+    return ("unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+            f'{mounts} && exec "$@"', "sh")  # fmt: skip
 
 
 def free_port() -> int:
@@ -35,6 +51,9 @@ class Daemon:
     env_once: dict[str, str] | None = None
     #: the daemon's module: mastertarget.cli or processserver.cli
     module: str = "mastertarget.cli"
+    #: a command that runs the daemon's command line (its arguments follow),
+    #: for example to give it a private mount namespace
+    wrapper: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         RUNNING.append(self)
@@ -42,7 +61,8 @@ class Daemon:
     def start(self) -> None:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", self.module, "serve", "--config", str(self.config)],
+                [*self.wrapper, sys.executable, "-m", self.module, "serve", "--config",
+                 str(self.config)],
                 stdout=out, stderr=out, preexec_fn=self.preexec,  # noqa: PLW1509 - setrlimit only
                 env={**os.environ, **(self.env_once or {})},
             )  # fmt: skip
