@@ -50,10 +50,12 @@ def write_ps_config(deployment: Deployment, root: Path, **extra: object) -> Path
     return path
 
 
-def _body(disk: str, first: int, records: list[Record], generation: int = 1) -> bytes:
+def _body(
+    disk: str, first: int, records: list[Record], generation: int = 1, *, capture_ns: int = 1
+) -> bytes:
     return encode_batch(
         disk_id=disk, generation=generation, first_seq=first, records=records,
-        first_capture_ns=1, last_capture_ns=2,
+        first_capture_ns=capture_ns, last_capture_ns=capture_ns + 1,
     )  # fmt: skip
 
 
