@@ -101,7 +101,12 @@ def _replica(request: web.Request) -> DiskReplica:
 async def _body(request: web.Request) -> dict[str, object]:
     if request.content_length is None or request.content_length > MAX_ADMIN_BODY:
         raise MalformedError(f"expected a JSON body of at most {MAX_ADMIN_BODY} bytes")
-    body = await request.json()
+    try:
+        body = await request.json()
+    except ValueError as exc:  # not UTF-8, or not JSON
+        raise MalformedError(
+            f"expected a JSON object, found bytes that do not parse: {exc}"
+        ) from None
     if not isinstance(body, dict):
         raise MalformedError(f"expected a JSON object, found {type(body).__name__}")
     return body
