@@ -63,7 +63,8 @@ class ProcessServerMachine(RuleBasedStateMachine):
 
     def _stop(self) -> None:
         async def stop() -> None:
-            assert self.session is not None and self.ps is not None
+            assert self.session is not None
+            assert self.ps is not None
             await self.session.close()
             await self.ps.close()
 
