@@ -155,11 +155,6 @@ class Vm:
         wanted = key.lower()
         return next((v for k, v in self.extra_config.items() if k.lower() == wanted), None)
 
-    @property
-    def home_datastore(self) -> str:
-        """The name of the datastore holding the VM's configuration file."""
-        return datastore_of_path(self.vmx_path)
-
 
 @dataclass(frozen=True)
 class Network:
@@ -245,10 +240,6 @@ class Inventory:
         """The network (port group) called ``name`` in ``datacenter``."""
         found = [n for n in self.networks if n.name == name and n.datacenter == datacenter]
         return _one("network", name, found)
-
-    def disk_owners(self, file: str) -> list[Vm]:
-        """The VMs with a disk whose descriptor is ``file``."""
-        return [vm for vm in self.vms if any(d.file == file for d in vm.disks)]
 
 
 def load_inventory(session: VsphereSession, datacenter: str | None = None) -> Inventory:

@@ -9,6 +9,7 @@ made are the new disks of :func:`create_vm`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -291,7 +292,4 @@ def _other_vm(inventory: Inventory, mt: Vm, name: str) -> Vm:
 def _with_device(disk: MovedDisk, found: guest.GuestDisk | None) -> MovedDisk:
     if found is None:
         return disk
-    return MovedDisk(
-        file=disk.file, capacity_bytes=disk.capacity_bytes, identity=disk.identity, bus=disk.bus,
-        unit=disk.unit, device=str(found.device), link=str(found.link), changed=disk.changed,
-    )  # fmt: skip
+    return dataclasses.replace(disk, device=str(found.device), link=str(found.link))

@@ -87,14 +87,12 @@ class Found:
         ref: the object.
         props: each property path read and its value: a :class:`Ref` or a
             tuple of them for references, pyvmomi data objects otherwise. A
-            path whose value is unset is absent.
-        denied: paths the account may not read (NoPermission in the
-            collector's missing set).
+            path whose value is unset, or that the account may not read, is
+            absent.
     """
 
     ref: Ref
     props: Mapping[str, Any]
-    denied: tuple[str, ...] = ()
 
     def get(self, path: str, default: Any = None) -> Any:
         """The value of ``path``, or ``default`` when it is unset."""
@@ -372,13 +370,7 @@ def _plain(value: Any) -> Any:
 
 
 def _found(item: Any) -> Found:
-    props = {str(p.name): _plain(p.val) for p in item.propSet}
-    denied = tuple(
-        str(m.path)
-        for m in (item.missingSet or [])
-        if isinstance(m.fault.fault, VIM.fault.NoPermission)
-    )
-    return Found(to_ref(item.obj), props, denied)
+    return Found(to_ref(item.obj), {str(p.name): _plain(p.val) for p in item.propSet})
 
 
 def _tls_context(config: VsphereConfig) -> ssl.SSLContext:
