@@ -17,7 +17,7 @@ import ssl
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -53,7 +53,7 @@ class Vcsim:
     ca_file: Path
     root: Path
     process: subprocess.Popen[bytes]
-    _connections: list[Any] = field(default_factory=list)
+    _admin: Any = None
 
     @property
     def host(self) -> str:
@@ -65,12 +65,12 @@ class Vcsim:
 
     def admin(self) -> Any:
         """A pyvmomi ServiceInstance logged in as the administrator (for setting scenes)."""
-        context = ssl.create_default_context(cafile=str(self.ca_file))
-        si = SmartConnect(
-            host=self.host, port=self.port, user=ADMIN[0], pwd=ADMIN[1], sslContext=context
-        )
-        self._connections.append(si)
-        return si
+        if self._admin is None:
+            context = ssl.create_default_context(cafile=str(self.ca_file))
+            self._admin = SmartConnect(
+                host=self.host, port=self.port, user=ADMIN[0], pwd=ADMIN[1], sslContext=context
+            )
+        return self._admin
 
     def find(self, kind: Any, name: str) -> Any:
         content = self.admin().content
@@ -149,8 +149,8 @@ class Vcsim:
         return config
 
     def close(self) -> None:
-        for si in self._connections:
-            Disconnect(si)
+        if self._admin is not None:
+            Disconnect(self._admin)
         if self.process.stdin is not None:
             self.process.stdin.close()  # the launcher stops when its standard input closes
         try:

@@ -192,9 +192,10 @@ def test_a_master_target_being_storage_vmotioned_fails_preflight(
 
 
 def test_a_free_esxi_licence_fails_preflight(start_vcsim, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    probe = start_vcsim()
-    mt_host = probe.find(vim.VirtualMachine, MASTER_TARGET).runtime.host.name
-    vcsim = start_vcsim(host_editions={mt_host: "esxBasic"})
+    # The simulator places VMs on the cluster's hosts at random: make them all free.
+    cluster = {f"DC0_C0_H{i}": "esxBasic" for i in range(3)}
+    vcsim = start_vcsim(host_editions=cluster)
+    mt_host = vcsim.find(vim.VirtualMachine, MASTER_TARGET).runtime.host.name
     vcsim.ready_master_target()
     config = vcsim.write_config(tmp_path)
 
@@ -211,6 +212,7 @@ def test_a_free_esxi_licence_fails_preflight(start_vcsim, tmp_path: Path) -> Non
     assert hosts[mt_host]["licences"] == [
         {"edition": "esxBasic", "name": "VMware vSphere Hypervisor", "free": True}
     ]
+    assert hosts["DC0_H0"]["licences"][0]["free"] is False
 
 
 def test_a_read_only_account_is_a_permissions_problem(start_vcsim, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
