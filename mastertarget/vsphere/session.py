@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
+from xml.parsers.expat import ExpatError
 
 from pyVim import connect as _connect
 from pyVmomi import VmomiSupport as _support
@@ -347,11 +348,12 @@ class VsphereSession:
 
 @contextlib.contextmanager
 def _faults(config: VsphereConfig, what: str) -> Iterator[None]:
+    # What vCenter or the network can cause; anything else is a bug and keeps its traceback.
     try:
         yield
-    except (VsphereError, VsphereConfigError):
-        raise
-    except Exception as exc:
+    except (OSError, http.client.HTTPException, ExpatError) as exc:
+        raise _translate(exc, what, config) from None
+    except VMODL.MethodFault as exc:
         raise _translate(exc, what, config) from None
 
 
@@ -397,7 +399,7 @@ def _translate(exc: Any, what: str, config: VsphereConfig) -> Exception:
             f" {config.ca_file}: {exc.verify_message}; expected a certificate signed by a CA"
             f" in that file and naming {config.host}"
         )
-    if isinstance(exc, OSError | http.client.HTTPException):
+    if isinstance(exc, OSError | http.client.HTTPException | ExpatError):
         return VsphereConnectionError(
             f"{what}: cannot talk to {where}: {exc or type(exc).__name__}"
         )
