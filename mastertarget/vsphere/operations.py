@@ -118,10 +118,15 @@ def chosen_disks(vm: Vm, files: Sequence[str]) -> list[Disk]:
     return [by_file[f] for f in files]
 
 
-def identity_of(session: VsphereSession, inventory: Inventory, vm: Vm, disk: Disk) -> str:
-    """The SCSI identity of ``disk``: from its backing, or read from its descriptor."""
+def moved_disk(
+    session: VsphereSession, inventory: Inventory, vm: Vm, disk: Disk, *,
+    bus: int | None = None, unit: int | None = None, changed: bool = True,
+) -> MovedDisk:  # fmt: skip
+    """``disk`` of ``vm`` with its SCSI identity: from its backing, or read from its
+    descriptor (vSphere versions that leave the backing's UUID out)."""
     text = disk.uuid or session.disk_uuid(inventory.datacenter(vm.datacenter).ref, disk.file)
-    return guest.scsi_identity(text, disk=disk.file)
+    identity = guest.scsi_identity(text, disk=disk.file)
+    return MovedDisk(disk.file, disk.capacity_bytes, identity, bus, unit, changed=changed)
 
 
 def attach(
@@ -158,12 +163,11 @@ def attach(
         placed = places.get(disk.file)
         if placed is None:
             raise VsphereError(f"{disk.file} is not on {mt.name} after the reconfigure ended")
-        result.append(MovedDisk(
-            file=disk.file, capacity_bytes=disk.capacity_bytes,
-            identity=identity_of(session, inventory, owner, disk),
-            bus=buses_by_key.get(placed.controller_key), unit=placed.unit,
-            changed=disk.file not in attached,
-        ))  # fmt: skip
+        bus = buses_by_key.get(placed.controller_key)
+        changed = disk.file not in attached
+        result.append(
+            moved_disk(session, inventory, owner, disk, bus=bus, unit=placed.unit, changed=changed)
+        )
     if look_inside:
         found = guest.wait_for_devices(config.guest, [d.identity for d in result])
         result = [_with_device(d, found.get(d.identity)) for d in result]
@@ -189,14 +193,7 @@ def detach(
     owner = _other_vm(inventory, mt, vm_name)
     wanted = {disk.file for disk in chosen_disks(owner, files)}
     on_mt = [disk for disk in mt.disks if disk.file in wanted]
-    moved = [
-        MovedDisk(
-            file=d.file,
-            capacity_bytes=d.capacity_bytes,
-            identity=identity_of(session, inventory, mt, d),
-        )
-        for d in on_mt
-    ]
+    moved = [moved_disk(session, inventory, mt, disk) for disk in on_mt]
     if look_inside and moved:
         _release_inside(config, moved)
     if on_mt:
@@ -253,15 +250,7 @@ def create_vm(
                             host.resource_pool, mt.host, what)  # fmt: skip
     log.info("%s: %s", what, ref)
     vm = reload_vm(session, ref, mt.datacenter)
-    disks = [
-        MovedDisk(
-            file=d.file,
-            capacity_bytes=d.capacity_bytes,
-            identity=identity_of(session, inventory, vm, d),
-        )
-        for d in vm.disks
-    ]
-    return checks, vm, disks
+    return checks, vm, [moved_disk(session, inventory, vm, disk) for disk in vm.disks]
 
 
 def check_sizes(sizes: Sequence[int]) -> None:
