@@ -36,7 +36,7 @@ from mastertarget.vsphere.inventory import (
     Vm,
     datastore_of_path,
 )
-from mastertarget.vsphere.session import Licence, Ref, VsphereSession
+from mastertarget.vsphere.session import TASK_UNFINISHED, Licence, Ref, VsphereSession
 
 #: What the master target VM's account must be allowed on it: add the
 #: replicated disks, remove them after failback, add a SCSI controller.
@@ -68,7 +68,6 @@ FREE_EDITION_KEYS: Final = frozenset({"esxBasic"})
 FREE_EDITION_SUFFIX: Final = ".free"
 #: Task types that move a VM: storage vMotion (relocate) and vMotion (migrate).
 RELOCATION_TASKS: Final = frozenset({"VirtualMachine.relocate", "VirtualMachine.migrate"})
-_UNFINISHED: Final = frozenset({"queued", "running"})
 
 
 class Status(enum.StrEnum):
@@ -188,7 +187,7 @@ def _check_not_relocating(session: VsphereSession, mt: Vm) -> Check:
         for task in session.collect_refs(tasks, paths)
         if task.get("info.entity") == mt.ref
         and task.get("info.descriptionId") in RELOCATION_TASKS
-        and task.get("info.state") in _UNFINISHED
+        and task.get("info.state") in TASK_UNFINISHED
     ]
     if not moving:
         return passed("master-target-relocation", f"no migration of VM {mt.name} is under way")
