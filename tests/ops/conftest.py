@@ -83,6 +83,36 @@ class Vcsim:
         assert state == "success", f"{task.info.descriptionId}: {state} {task.info.error}"
         return task.info.result
 
+    def create_vm(self, name: str, host: str, datastore: str, *, folder: Any = None) -> Any:
+        """A powered-off VM on ``host`` with one 1 MiB disk on ``datastore``, in
+        ``folder`` (the datacenter's VM folder by default)."""
+        machine = self.find(vim.HostSystem, host)
+        folder = folder or self.admin().content.rootFolder.childEntity[0].vmFolder
+        controller = vim.vm.device.ParaVirtualSCSIController(
+            key=-1, busNumber=0, sharedBus="noSharing"
+        )
+        backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
+            fileName=f"[{datastore}]", diskMode="persistent"
+        )
+        disk = vim.vm.device.VirtualDisk(
+            key=-2, controllerKey=-1, unitNumber=0, capacityInKB=1024, backing=backing
+        )
+        spec = vim.vm.ConfigSpec(
+            name=name,
+            guestId="otherGuest64",
+            numCPUs=1,
+            memoryMB=64,
+            files=vim.vm.FileInfo(vmPathName=f"[{datastore}]"),
+            deviceChange=[
+                vim.vm.device.VirtualDeviceSpec(operation="add", device=controller),
+                vim.vm.device.VirtualDeviceSpec(
+                    operation="add", fileOperation="create", device=disk
+                ),
+            ],
+        )
+        pool = machine.parent.resourcePool
+        return self.wait(folder.CreateVM_Task(config=spec, pool=pool, host=machine))
+
     def ready_master_target(self, vm: str = MASTER_TARGET) -> None:
         """disk.EnableUUID = TRUE on the master target VM, as the seed asks."""
         option = vim.option.OptionValue(key="disk.EnableUUID", value="TRUE")

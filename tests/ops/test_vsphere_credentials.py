@@ -5,8 +5,6 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from pyVmomi import vim
-
 from mastertarget.vsphere.config import PASSWORD_ENV
 from tests.conftest import Deployment
 
@@ -106,15 +104,7 @@ def test_an_unknown_master_target_vm_is_named(start_vcsim, tmp_path: Path) -> No
     # Names are unique per folder only: the same name in another folder.
     datacenter = vcsim.admin().content.rootFolder.childEntity[0]
     folder = datacenter.vmFolder.CreateFolder("site-b")
-    host = vcsim.find(vim.HostSystem, "DC0_H0")
-    spec = vim.vm.ConfigSpec(
-        name="DC0_H0_VM0",
-        guestId="otherGuest64",
-        numCPUs=1,
-        memoryMB=64,
-        files=vim.vm.FileInfo(vmPathName="[LocalDS_0] site-b"),
-    )
-    vcsim.wait(folder.CreateVM_Task(config=spec, pool=host.parent.resourcePool, host=host))
+    vcsim.create_vm("DC0_H0_VM0", "DC0_H0", "LocalDS_0", folder=folder)
 
     missing = run_vsphere("preflight", "--config", config)
     twice = run_vsphere(

@@ -134,34 +134,7 @@ def test_a_datastore_the_master_targets_host_cannot_reach_fails_preflight(
     local = host.configManager.datastoreSystem.CreateLocalDatastore(
         name="LocalOnly_H0", path=str(tmp_path / "local")
     )
-    pool = host.parent.resourcePool
-    folder = vcsim.admin().content.rootFolder.childEntity[0].vmFolder
-    disk = vim.vm.device.VirtualDisk(
-        key=-2,
-        controllerKey=-1,
-        unitNumber=0,
-        capacityInKB=1024,
-        backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
-            fileName="[LocalOnly_H0]", diskMode="persistent"
-        ),
-    )
-    spec = vim.vm.ConfigSpec(
-        name="onlyOnH0",
-        guestId="otherGuest64",
-        numCPUs=1,
-        memoryMB=64,
-        files=vim.vm.FileInfo(vmPathName="[LocalOnly_H0]"),
-        deviceChange=[
-            vim.vm.device.VirtualDeviceSpec(
-                operation="add",
-                device=vim.vm.device.ParaVirtualSCSIController(
-                    key=-1, busNumber=0, sharedBus="noSharing"
-                ),
-            ),
-            vim.vm.device.VirtualDeviceSpec(operation="add", fileOperation="create", device=disk),
-        ],
-    )
-    vcsim.wait(folder.CreateVM_Task(config=spec, pool=pool, host=host))
+    vcsim.create_vm("onlyOnH0", "DC0_H0", "LocalOnly_H0")
     assert local.name == "LocalOnly_H0"
     config = vcsim.write_config(tmp_path)
 
