@@ -6,6 +6,8 @@
   writes the disk as it was at SPEC, while replication goes on.
 - ``failover --config FILE --disk ID --point SPEC`` rolls the target back in
   place and stops replication of the disk.
+- ``vsphere discover|preflight|attach|detach|create-vm --config VSPHERE.toml``
+  works with vCenter (:mod:`mastertarget.vsphere.cli`).
 
 While the daemon runs, the last three go through its admin socket; when it
 does not, they work on the retention volume directly (and take its lock, so a
@@ -45,6 +47,7 @@ from mastertarget.retention_volume import (
     installed_package_dir,
 )
 from mastertarget.state import StateStore
+from mastertarget.vsphere.cli import add_commands as add_vsphere_commands
 from protocol.errors import BlockreplError
 from runtime.keyfile import load_keyring
 from runtime.logs import setup_logging
@@ -87,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--output", required=True, type=Path, help="the file to write")
             sub.add_argument("--format", choices=("raw", "vmdk"), default="raw")
         sub.set_defaults(handler=handler)
+    add_vsphere_commands(commands)
     return parser
 
 

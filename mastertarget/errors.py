@@ -98,3 +98,75 @@ class PointNotFoundError(BlockreplError):
     code = "point-not-found"
     http_status = 404
     exit_code = 66  # EX_NOINPUT
+
+
+# --- vSphere: the master target's vCenter or ESXi (mastertarget vsphere ...) ------
+
+
+class VsphereError(BlockreplError):
+    """vCenter or ESXi could not do what was asked: the message says what it answered."""
+
+    code = "vsphere"
+    http_status = 502
+    exit_code = 69  # EX_UNAVAILABLE
+
+
+class VsphereConfigError(BlockreplError):
+    """The vSphere config file or the password given is missing, unsafe or malformed."""
+
+    code = "vsphere-config"
+    http_status = 500
+    exit_code = 78  # EX_CONFIG
+
+
+class VsphereConnectionError(VsphereError):
+    """vCenter cannot be reached, or its certificate does not verify against ``ca_file``."""
+
+    code = "vsphere-connection"
+
+
+class VsphereLoginError(VsphereError):
+    """vCenter refused the user name and password."""
+
+    code = "vsphere-login"
+    http_status = 401
+    exit_code = 77  # EX_NOPERM
+
+
+class VspherePermissionError(VsphereError):
+    """The account lacks privileges that an operation needs; ``details`` names them and where."""
+
+    code = "vsphere-permission"
+    http_status = 403
+    exit_code = 77  # EX_NOPERM
+
+
+class VsphereNotFoundError(VsphereError):
+    """A VM, datastore, network or disk named on the command line is not in the inventory."""
+
+    code = "vsphere-not-found"
+    http_status = 404
+    exit_code = 66  # EX_NOINPUT
+
+
+class VsphereAmbiguousError(VsphereError):
+    """A name matches several objects (names are unique per folder only): the message lists them."""
+
+    code = "vsphere-ambiguous"
+    http_status = 409
+    exit_code = 64  # EX_USAGE
+
+
+class PreflightFailedError(VsphereError):
+    """A preflight check failed, so nothing was changed; ``details["checks"]`` has them all."""
+
+    code = "preflight-failed"
+    http_status = 409
+    exit_code = 1
+
+
+class GuestDeviceError(VsphereError):
+    """A disk is attached but its device did not appear inside this machine in time,
+    or a device to detach is still in use (mounted, or held by LVM, md or dm)."""
+
+    code = "guest-device"

@@ -22,7 +22,6 @@ import base64
 import binascii
 import datetime as dt
 import os
-import stat
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -32,13 +31,12 @@ from protocol.errors import MalformedError
 from protocol.keyring import DATA_KEY_BYTES, KeyRing, check_key_id
 from runtime.crashsafe import create_file_exclusive
 from runtime.errors import AlreadyExistsError, KeyFileError
+from runtime.privatefile import read_private_file
 
 #: The ``format`` value of this layout; a later layout gets a new one.
 KEYRING_FORMAT: Final = "blockrepl-keyring-1"
 #: The key file's permission bits: the owner (the daemon's user) alone reads it.
 KEY_FILE_MODE: Final = 0o600
-#: Bits that must be clear on a key file: any access by group or others.
-FORBIDDEN_MODE_BITS: Final = 0o077
 #: Bytes of a key id, drawn at random (u32 on the wire).
 KEY_ID_BYTES: Final = 4
 #: Draws of a random key id before giving up: a zero id (reserved) comes once
@@ -121,22 +119,10 @@ def load_keyring(path: str | Path) -> KeyRing:
             fixes it), or does not hold a valid key ring.
     """
     source = Path(path)
-    try:
-        # A symlink is followed (secret stores mount files that way); the
-        # mode checked below is the target's.
-        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise KeyFileError(f"cannot open key file {source}: {exc.strerror or exc}") from exc
-    with os.fdopen(fd, "rb") as file:
-        # fstat of the open file, not stat of the name: the file checked is
-        # the file read.
-        info = os.fstat(file.fileno())
-        _check_key_file_mode(source, info)
-        data = file.read(MAX_KEY_FILE_BYTES + 1)
-    if len(data) > MAX_KEY_FILE_BYTES:
-        raise KeyFileError(
-            f"key file {source} is larger than {MAX_KEY_FILE_BYTES} bytes: not a key file"
-        )
+    data = read_private_file(
+        source, what="key file", why="anyone who can read it can read every replicated write",
+        max_bytes=MAX_KEY_FILE_BYTES, error=KeyFileError,
+    )  # fmt: skip
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -242,19 +228,6 @@ def _check_known_keys(
         raise KeyFileError(
             f"key file {source}: unknown key {prefix}{unknown[0]}"
             f" (expected: {', '.join(sorted(known))})"
-        )
-
-
-def _check_key_file_mode(source: Path, info: os.stat_result) -> None:
-    """Refuse a key file that is not a regular file or that others may read or change."""
-    if not stat.S_ISREG(info.st_mode):
-        raise KeyFileError(f"key file {source}: expected a regular file")
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & FORBIDDEN_MODE_BITS:
-        raise KeyFileError(
-            f"key file {source} has mode {mode:04o}: expected no access for group or others"
-            f" (anyone who can read it can read every replicated write); fix it with:"
-            f" chmod 600 {source}"
         )
 
 

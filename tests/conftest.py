@@ -12,6 +12,7 @@ import shutil
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -22,14 +23,18 @@ from runtime.pki import init_ca, issue_machine
 from runtime.tls import client_context
 
 
+def missing_peer(message: str) -> NoReturn:
+    """Skip the test because a peer is missing, or fail it under CI."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def require_binary(name: str) -> str:
     """The path of an installed program, or skip (fail under CI) when missing."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed (./scripts/test installs it when run as root)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_peer(f"{name} is not installed (./scripts/test installs it when run as root)")
     return path
 
 
