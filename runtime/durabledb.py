@@ -45,6 +45,8 @@ class DurableDatabase:
             )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            if not created:
+                self._check_whole(path)
             found = self._db.execute("PRAGMA user_version").fetchone()[0]
             if found > version:
                 raise DurabilityError(
@@ -58,6 +60,21 @@ class DurableDatabase:
         if created:
             fsync_dir(path.parent)  # the new file's name must survive too
         self._lock = threading.Lock()
+
+    def _check_whole(self, path: Path) -> None:
+        """Refuse a damaged database at open, before anything is read from it or built on it.
+
+        ``quick_check`` reads every page (milliseconds for the few MiB these
+        databases hold); a torn or bit-flipped page would otherwise surface
+        at some later query, after decisions were made on the pages before it.
+        """
+        problems = [row[0] for row in self._db.execute("PRAGMA quick_check(5)").fetchall()]
+        if problems != ["ok"]:
+            self._db.close()
+            raise DurabilityError(
+                f"{self._what} {path} is damaged ({'; '.join(problems)}); the daemon will not "
+                "start on it: see docs/operations.md, 'A damaged state database'"
+            )
 
     def close(self) -> None:
         with self._lock:

@@ -27,7 +27,7 @@ from protocol.errors import MalformedError
 from protocol.limits import check_id
 from runtime.config import TlsFiles
 from runtime.errors import PeerIdentityError, TlsSetupError
-from runtime.keyfile import FORBIDDEN_MODE_BITS
+from runtime.privatefile import FORBIDDEN_MODE_BITS
 
 #: The only TLS version spoken: 1.3 has no renegotiation, no static-RSA or CBC
 #: suites and encrypts the client certificate, and every peer is our own code.
