@@ -93,7 +93,10 @@ def test_install_into_a_root_then_upgrade(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert (prefix / "share/doc/blockrepl/operations.md").is_file()
-    for example in ("processserver.toml", "mastertarget.toml", "agent-disk.conf"):
+    for example in (
+        "processserver.toml", "mastertarget.toml", "agent-disk.conf", "alerts.yml",
+        "alerts_test.yml", "prometheus.yml", "grafana-dashboard.json",
+    ):  # fmt: skip
         assert (prefix / "share/blockrepl/examples" / example).is_file(), example
 
     users, groups = ids(root, "passwd"), ids(root, "group")

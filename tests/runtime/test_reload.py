@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 
+from mastertarget.config import MasterTargetConfig
+from mastertarget.daemon import RELOADABLE as MT_RELOADABLE
 from processserver.config import ProcessServerConfig
 from processserver.daemon import RELOADABLE as PS_RELOADABLE
 from runtime.config import FieldValueError, LoggingConfig, TlsFiles, from_table
@@ -84,3 +87,24 @@ def test_the_process_server_reloads_what_its_docs_say(tmp_path: Path) -> None:
         ca_file=Path("ca.pem"), cert_file=Path("ps2.pem"), key_file=Path("ps.key")
     )
     assert plan.config.port == running.port
+
+
+@pytest.mark.parametrize(
+    ("daemon", "config", "reloadable"),
+    [
+        ("process server", ProcessServerConfig, PS_RELOADABLE),
+        ("master target", MasterTargetConfig, MT_RELOADABLE),
+    ],
+)
+def test_the_guide_lists_what_reloads_and_what_waits(
+    daemon: str, config: type[object], reloadable: tuple[str, ...]
+) -> None:
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    row = next(line for line in guide.splitlines() if line.startswith(f"| {daemon} | `logging.*`"))
+    _, now, waits = row.strip(" |").split(" | ")
+    keys_now = {key.removesuffix(".*") for key in re.findall(r"`([^`]+)`", now)}
+    keys_waiting = {key.removesuffix(".*") for key in re.findall(r"`([^`]+)`", waits)}
+    assert keys_now == set(reloadable)
+    assert dataclasses.is_dataclass(config)
+    tops = {field.name for field in dataclasses.fields(config)}
+    assert {key.split(".")[0] for key in keys_now | keys_waiting} == tops
