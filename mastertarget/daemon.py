@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import time
@@ -52,7 +51,14 @@ from runtime.inflight import CANCEL_TIMEOUT_S, InFlight
 from runtime.keyfile import load_keyring
 from runtime.logs import setup_logging
 from runtime.metrics import MetricsServer, new_registry, start_metrics_server
-from runtime.reload import Prepared, ReloadMetrics, ReloadPlan, reload_config, touches
+from runtime.reload import (
+    FileContent,
+    Prepared,
+    ReloadMetrics,
+    ReloadPlan,
+    reload_config,
+    touches,
+)
 from runtime.tls import ReloadableServerContext
 
 log = logging.getLogger("blockrepl.mastertarget")
@@ -91,8 +97,8 @@ class MasterTarget:
     retention: RetentionVolume
     store: StateStore
     reloads: ReloadMetrics
-    #: SHA-256 of the key file as loaded: a reload tells when it changed
-    key_file_sha256: str
+    #: the key file as loaded: a reload tells when its content changed
+    key_file: FileContent
     replicas: dict[str, DiskReplica] = field(default_factory=dict)
     _server_tls: ReloadableServerContext | None = None
     _in_flight: InFlight = field(init=False)
@@ -155,14 +161,14 @@ class MasterTarget:
         )
         try:
             keyring = await loop.run_in_executor(executor, load_keyring, config.key_file)
-            key_digest = await loop.run_in_executor(executor, _sha256, config.key_file)
+            key_file = await loop.run_in_executor(executor, FileContent.read, config.key_file)
             store = StateStore(retention.path / STATE_DB)
         except BaseException:
             executor.shutdown()
             retention.lock.release()
             raise
         reloads = ReloadMetrics(registry, PREFIX)
-        mt = cls(config, keyring, metrics, executor, retention, store, reloads, key_digest)
+        mt = cls(config, keyring, metrics, executor, retention, store, reloads, key_file)
         mt.rpo = RpoMonitor(
             config.rpo_threshold_s, log=logging.getLogger("blockrepl.mastertarget.rpo")
         )
@@ -378,10 +384,9 @@ class MasterTarget:
         # TLS files are read even when their names did not change: a renewed
         # certificate usually keeps its file name.
         server = await loop.run_in_executor(self.executor, server_tls.prepare, new.tls)
-        key_digest = await loop.run_in_executor(self.executor, _sha256, new.key_file)
-        restart: tuple[str, ...] = ()
-        if key_digest != self.key_file_sha256 and new.key_file == self.config.key_file:
-            restart = (f"the content of key_file {new.key_file}",)
+        restart = await loop.run_in_executor(
+            self.executor, self.key_file.waits_for_restart, "key_file", new.key_file
+        )
 
         def commit() -> None:
             if touches(plan, "logging"):
@@ -433,8 +438,3 @@ def _open_target(disk: DiskConfig) -> TargetDisk:
                  disk.size_bytes)  # fmt: skip
         return create_disk(disk.target, kind, disk.size_bytes)
     return open_disk(disk.target, disk.format)
-
-
-def _sha256(path: Path) -> str:
-    """The SHA-256 of a small file (the key file), to tell when its content changed."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -14,7 +14,6 @@ requests in flight finish (up to :data:`SHUTDOWN_GRACE_S`) and closes.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import ssl
 import time
@@ -41,7 +40,14 @@ from runtime.inflight import CANCEL_TIMEOUT_S, InFlight
 from runtime.keyfile import load_keyring
 from runtime.logs import setup_logging
 from runtime.metrics import MetricsServer, new_registry, start_metrics_server
-from runtime.reload import Prepared, ReloadMetrics, ReloadPlan, reload_config, touches
+from runtime.reload import (
+    FileContent,
+    Prepared,
+    ReloadMetrics,
+    ReloadPlan,
+    reload_config,
+    touches,
+)
 from runtime.tls import (
     CertificateInfo,
     ReloadableServerContext,
@@ -93,8 +99,8 @@ class ProcessServer:
     executor: ThreadPoolExecutor
     sealers: Sealers
     reloads: ReloadMetrics
-    #: SHA-256 of the key file as loaded: a reload tells when it changed
-    key_file_sha256: str
+    #: the key file as loaded: a reload tells when its content changed
+    key_file: FileContent
     disks: dict[str, DiskIngest] = field(default_factory=dict)
     _server_tls: ReloadableServerContext | None = None
     _client: _ClientTls | None = None
@@ -128,13 +134,13 @@ class ProcessServer:
         executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="ps-io")
         loop = asyncio.get_running_loop()
         keyring = await loop.run_in_executor(executor, load_keyring, config.key_file)
-        key_digest = await loop.run_in_executor(executor, _sha256, config.key_file)
+        key_file = await loop.run_in_executor(executor, FileContent.read, config.key_file)
         cache = Cache(config.cache_dir, high_bytes=config.cache_high_bytes,
                       low_bytes=config.cache_low_bytes)  # fmt: skip
         positions = PositionStore(config.cache_dir / POSITIONS_DB)
         sealers = Sealers(keyring, config.zstd_level)
         reloads = ReloadMetrics(registry, PREFIX)
-        ps = cls(config, metrics, cache, positions, executor, sealers, reloads, key_digest)
+        ps = cls(config, metrics, cache, positions, executor, sealers, reloads, key_file)
         committer = GroupCommitter(cache, positions, executor)
         for machine in config.machines:
             for disk_id in machine.disks:
@@ -278,13 +284,12 @@ class ProcessServer:
         # certificate usually keeps its file name.
         server = await loop.run_in_executor(self.executor, self._server_tls.prepare, new.tls)
         client = await loop.run_in_executor(self.executor, _ClientTls.load, new.master_target.tls)
-        key_digest = await loop.run_in_executor(self.executor, _sha256, new.key_file)
+        restart = await loop.run_in_executor(
+            self.executor, self.key_file.waits_for_restart, "key_file", new.key_file
+        )
         shipper = self._shipper
         renewed = renewal_note("client", client.path, self._client.certificate, client.certificate)
         notes = [server.note, renewed]
-        restart: tuple[str, ...] = ()
-        if key_digest != self.key_file_sha256 and new.key_file == self.config.key_file:
-            restart = (f"the content of key_file {new.key_file}",)
 
         def commit() -> None:
             if touches(plan, "logging"):
@@ -320,8 +325,3 @@ class ProcessServer:
         self.executor.shutdown(wait=True)
         self.positions.close()
         log.info("process server stopped in %.1f s", time.monotonic() - started)
-
-
-def _sha256(path: Path) -> str:
-    """The SHA-256 of a small file (the key file), to tell when its content changed."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterator
@@ -224,6 +225,33 @@ async def reload_config(
     status = "running; restart to apply: " + ", ".join(waiting) if waiting else "running"
     sd_notify(f"STATUS={_one_line(status)}")
     return plan.config
+
+
+@dataclasses.dataclass(frozen=True)
+class FileContent:
+    """A file's content as the daemon loaded it, to tell a reload when it changed.
+
+    For files read only at start (the key file): a new key ring under the
+    same name waits for a restart, and the reload says so.
+    """
+
+    path: Path
+    sha256: str
+
+    @classmethod
+    def read(cls, path: Path) -> FileContent:
+        """The digest of ``path`` now (blocking; a small file)."""
+        return cls(path, hashlib.sha256(path.read_bytes()).hexdigest())
+
+    def waits_for_restart(self, key: str, path: Path) -> tuple[str, ...]:
+        """The restart note for config ``key`` if ``path`` is this file with new content.
+
+        A different path is a key change, which the plan reports itself.
+        Blocking: rereads the file.
+        """
+        if path != self.path or FileContent.read(path).sha256 == self.sha256:
+            return ()
+        return (f"the content of {key} {path}",)
 
 
 def changed_keys(plan: ReloadPlan[Any]) -> Iterator[str]:
