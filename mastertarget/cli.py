@@ -1,6 +1,6 @@
 """The ``mastertarget`` command.
 
-- ``serve --config FILE`` runs the daemon until SIGTERM.
+- ``serve --config FILE`` runs the daemon until SIGTERM; SIGHUP rereads FILE.
 - ``points --config FILE --disk ID [--json]`` lists recovery points, newest first.
 - ``recover --config FILE --disk ID --point SPEC --output PATH [--format raw|vmdk]``
   writes the disk as it was at SPEC, while replication goes on.
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="The recovery-site daemon: receives and applies replicated writes."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = commands.add_parser("serve", help="run the daemon until SIGTERM")
+    serve = commands.add_parser("serve", help="run the daemon until SIGTERM (SIGHUP reloads)")
     serve.add_argument("--config", required=True, type=Path, help="the TOML configuration")
     serve.set_defaults(handler=_serve)
     for name, helptext, handler in (
@@ -98,7 +98,9 @@ def _serve(args: argparse.Namespace) -> int:
     config = mt_config.load(args.config)
     setup_logging(config.logging)
     logging.getLogger("blockrepl.mastertarget").info("starting with %s", args.config)
-    run_daemon(lambda: MasterTarget.start(config), lambda mt: mt.close())
+    run_daemon(
+        lambda: MasterTarget.start(config), lambda mt: mt.close(), lambda mt: mt.reload(args.config)
+    )
     return 0
 
 

@@ -6,7 +6,8 @@ invariants: the retention volume is checked and locked first (so a second
 master target cannot share it), the state and inbox are recovered as a crash
 left them, and the data port opens last, when every disk can take files.
 ``close`` runs the other way: the port closes (requests in flight finish),
-the appliers finish the file in hand, then files are closed.
+the appliers finish the file in hand, then files are closed. ``reload``
+(SIGHUP) applies the keys of :data:`RELOADABLE` and rereads the TLS files.
 """
 
 from __future__ import annotations
@@ -18,18 +19,20 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from mastertarget import config as mt_config
 from mastertarget.admin import SOCKET_MODE, build_admin_app
 from mastertarget.config import DiskConfig, MasterTargetConfig
 from mastertarget.disks import CreateFormat, create_disk, open_disk
 from mastertarget.disks.base import TargetDisk
 from mastertarget.inbox import Inbox
 from mastertarget.journal import UndoJournal
-from mastertarget.metrics import MasterTargetMetrics
+from mastertarget.metrics import PREFIX, MasterTargetMetrics
 from mastertarget.points import PointKind, RecoveryPoint
 from mastertarget.replica import DiskReplica
 from mastertarget.retention import Cutoff, point_age_ns
@@ -44,14 +47,25 @@ from mastertarget.server import build_app
 from mastertarget.state import StateStore
 from protocol.errors import BlockreplError
 from protocol.keyring import KeyRing
+from runtime.inflight import CANCEL_TIMEOUT_S, InFlight
 from runtime.keyfile import load_keyring
+from runtime.logs import setup_logging
 from runtime.metrics import MetricsServer, new_registry, start_metrics_server
-from runtime.tls import server_context
+from runtime.reload import (
+    FileContent,
+    Prepared,
+    ReloadMetrics,
+    ReloadPlan,
+    reload_config,
+    touches,
+)
+from runtime.tls import ReloadableServerContext
 
 log = logging.getLogger("blockrepl.mastertarget")
 
-#: Seconds the data port waits for requests in flight when it closes: one
-#: largest file at a slow link's pace; systemd's stop timeout must exceed it.
+#: Seconds the requests in flight may take to finish when the daemon stops:
+#: one largest file at a slow link's pace. The unit's TimeoutStopSec= is
+#: above it and the appliers' last group (systemd/mastertarget.service).
 SHUTDOWN_GRACE_S: Final = 30.0
 #: Threads for verification, applying and hashing: every disk can apply while
 #: another thread stores a received file. AES, zstd and pwrite release the GIL.
@@ -63,6 +77,13 @@ STATE_DB: Final = "state.db"
 HOUSEKEEPING_S: Final = 5.0
 #: The retention journal's folder on the retention volume.
 JOURNAL_DIR: Final = "journal"
+#: Keys a reload (SIGHUP) applies while the daemon runs; any other change
+#: waits for a restart. The TLS files are read again at every reload, so a
+#: certificate renewed under the same name is taken too.
+RELOADABLE: Final = (
+    "logging", "tls", "process_servers", "inbox_quota_bytes", "rpo_threshold_s",
+    "retention.window_s", "retention.high_water_percent",
+)  # fmt: skip
 
 
 @dataclass
@@ -75,7 +96,12 @@ class MasterTarget:
     executor: ThreadPoolExecutor
     retention: RetentionVolume
     store: StateStore
+    reloads: ReloadMetrics
+    #: the key file as loaded: a reload tells when its content changed
+    key_file: FileContent
     replicas: dict[str, DiskReplica] = field(default_factory=dict)
+    _server_tls: ReloadableServerContext | None = None
+    _in_flight: InFlight = field(init=False)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     rpo: RpoMonitor | None = None
     _housekeeper: asyncio.Task[None] | None = None
@@ -83,6 +109,9 @@ class MasterTarget:
     _admin_runner: web.AppRunner | None = None
     _metrics_server: MetricsServer | None = None
     _closing: bool = False
+
+    def __post_init__(self) -> None:
+        self._in_flight = InFlight(self.metrics.requests_in_flight)
 
     @classmethod
     async def start(
@@ -132,18 +161,22 @@ class MasterTarget:
         )
         try:
             keyring = await loop.run_in_executor(executor, load_keyring, config.key_file)
+            key_file = await loop.run_in_executor(executor, FileContent.read, config.key_file)
             store = StateStore(retention.path / STATE_DB)
         except BaseException:
             executor.shutdown()
             retention.lock.release()
             raise
-        mt = cls(config, keyring, metrics, executor, retention, store)
+        reloads = ReloadMetrics(registry, PREFIX)
+        mt = cls(config, keyring, metrics, executor, retention, store, reloads, key_file)
         mt.rpo = RpoMonitor(
             config.rpo_threshold_s, log=logging.getLogger("blockrepl.mastertarget.rpo")
         )
         metrics.rpo_threshold.set(config.rpo_threshold_s)
         metrics.window_target.set(config.retention.window_s)
         try:
+            mt._server_tls = ReloadableServerContext(config.tls)
+            reloads.certificate_expiry.labels("server").set(mt._server_tls.certificate.not_after_s)
             await mt._open_disks()
             await mt.housekeep()
             mt._housekeeper = asyncio.create_task(mt._housekeeping(), name="housekeeping")
@@ -219,7 +252,9 @@ class MasterTarget:
         self.metrics.retention_used.set(used)
         self.metrics.retention_free.set(free)
         self.metrics.retention_capacity.set(capacity)
-        over = capacity > 0 and used * 100 > capacity * self.config.retention.high_water_percent
+        high_water_percent = self.config.retention.high_water_percent
+        self.metrics.retention_high_water.set(capacity * high_water_percent / 100)
+        over = capacity > 0 and used * 100 > capacity * high_water_percent
         now = time.time_ns()
         for disk_id, replica in self.replicas.items():
             cutoff = await replica.prune(
@@ -264,18 +299,19 @@ class MasterTarget:
         self, registry: CollectorRegistry, data_port: int | None, metrics_port: int | None
     ) -> None:
         listen = self.config.listen
+        assert self._server_tls is not None
+        app = build_app(self)
+        self._in_flight.install(app)
         self._runner = web.AppRunner(
-            build_app(self),
-            access_log=None,
-            shutdown_timeout=SHUTDOWN_GRACE_S,
+            app, access_log=None, shutdown_timeout=CANCEL_TIMEOUT_S,
             keepalive_timeout=self.config.connections.idle_timeout_s,
-        )
+        )  # fmt: skip
         await self._runner.setup()
         site = web.TCPSite(
             self._runner,
             listen.host,
             listen.port if data_port is None else data_port,
-            ssl_context=server_context(self.config.tls),
+            ssl_context=self._server_tls.context,
         )
         await site.start()
         await self._open_admin()
@@ -320,6 +356,53 @@ class MasterTarget:
             return False, f"inbox over quota for disks {', '.join(full)}"
         return True, "ready"
 
+    async def reload(self, path: Path) -> bool:
+        """Reread the config file and apply what can change while running (SIGHUP).
+
+        Returns:
+            False if the reload was refused (the reason is logged and the
+            running configuration stays), True otherwise.
+        """
+        running = await reload_config(
+            path=path, load=mt_config.load, running=self.config, reloadable=RELOADABLE,
+            prepare=self._prepare_reload, metrics=self.reloads, log=log,
+        )  # fmt: skip
+        if running is None:
+            return False
+        self.config = running
+        return True
+
+    async def _prepare_reload(self, plan: ReloadPlan[MasterTargetConfig]) -> Prepared:
+        """Everything of a reload that can fail; the commit it returns cannot.
+
+        The quota, the window and the high-water mark are read from
+        ``self.config`` where they are used, so the new config is enough for
+        them; the RPO threshold and the gauges are set here.
+        """
+        new = plan.config
+        assert self._server_tls is not None
+        assert self.rpo is not None
+        server_tls, rpo = self._server_tls, self.rpo
+        loop = asyncio.get_running_loop()
+        # TLS files are read even when their names did not change: a renewed
+        # certificate usually keeps its file name.
+        server = await loop.run_in_executor(self.executor, server_tls.prepare, new.tls)
+        restart = await loop.run_in_executor(
+            self.executor, self.key_file.waits_for_restart, "key_file", new.key_file
+        )
+
+        def commit() -> None:
+            if touches(plan, "logging"):
+                setup_logging(new.logging)
+            server.commit()
+            self.reloads.certificate_expiry.labels("server").set(server.certificate.not_after_s)
+            rpo.threshold_s = new.rpo_threshold_s
+            self.metrics.rpo_threshold.set(new.rpo_threshold_s)
+            self.metrics.inbox_quota_bytes.set(new.inbox_quota_bytes)
+            self.metrics.window_target.set(new.retention.window_s)
+
+        return Prepared(commit, (server.note,) if server.note else (), restart)
+
     async def close(self) -> None:
         """Stop taking requests, let the appliers finish the file in hand, close everything."""
         self._closing = True
@@ -329,7 +412,7 @@ class MasterTarget:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._housekeeper
         if self._runner is not None:
-            await self._runner.cleanup()
+            await self._in_flight.drain(self._runner, SHUTDOWN_GRACE_S)
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self.config.admin_socket.unlink(missing_ok=True)

@@ -101,6 +101,10 @@ class MasterTargetMetrics:
             f"{PREFIX}_requests", "Data API requests answered, by route and status.",
             ["route", "status"], registry=registry,
         )  # fmt: skip
+        self.requests_in_flight = Gauge(
+            f"{PREFIX}_requests_in_flight", "Data API requests being handled now.",
+            registry=registry,
+        )  # fmt: skip
         self.errors = Counter(
             f"{PREFIX}_errors", "Errors by kind (the error code of docs/protocol.md and api.md).",
             ["kind"], registry=registry,
@@ -160,6 +164,11 @@ class MasterTargetMetrics:
         )  # fmt: skip
         self.retention_capacity = Gauge(
             f"{PREFIX}_retention_capacity_bytes", "Size of the retention volume.",
+            registry=registry,
+        )  # fmt: skip
+        self.retention_high_water = Gauge(
+            f"{PREFIX}_retention_high_water_bytes",
+            "Retention volume usage above which the oldest history goes early.",
             registry=registry,
         )  # fmt: skip
         self.pruned_points = Counter(

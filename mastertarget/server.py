@@ -329,7 +329,10 @@ def _hash_chunks(replica: DiskReplica, starts: list[int], chunk: int, end: int) 
 
 def build_app(mt: MasterTarget) -> web.Application:
     """The data API application of one master target."""
-    app = web.Application(middlewares=[authorise], client_max_size=1024)
+    app = web.Application(
+        middlewares=[authorise],
+        client_max_size=1024,
+    )
     app[MT] = mt
     app.router.add_put(r"/v1/disks/{disk}/hrl/{generation}/{seq}", put_hrl)
     app.router.add_get("/v1/disks", get_disks)

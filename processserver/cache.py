@@ -85,6 +85,12 @@ class Cache:
         self._bytes = 0
         self._full = False
 
+    def set_marks(self, *, high_bytes: int, low_bytes: int) -> None:
+        """New watermarks (a reload); the next admission decision uses them."""
+        with self._lock:
+            self.high_bytes = high_bytes
+            self.low_bytes = low_bytes
+
     def _folder(self, disk_id: str) -> Path:
         return self.root / "disks" / disk_id
 

@@ -1,6 +1,7 @@
 """The ``processserver`` command.
 
-``processserver serve --config FILE`` runs the daemon until SIGTERM.
+``processserver serve --config FILE`` runs the daemon until SIGTERM; SIGHUP
+rereads FILE (docs/operations.md, "Reloading").
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="The replication gateway: caches, seals and ships disk writes."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = commands.add_parser("serve", help="run the daemon until SIGTERM")
+    serve = commands.add_parser("serve", help="run the daemon until SIGTERM (SIGHUP reloads)")
     serve.add_argument("--config", required=True, type=Path, help="the TOML configuration")
     return parser
 
@@ -38,7 +39,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = ps_config.load(args.config)
         setup_logging(config.logging)
         logging.getLogger("blockrepl.processserver").info("starting with %s", args.config)
-        run_daemon(lambda: ProcessServer.start(config), lambda ps: ps.close())
+        run_daemon(
+            lambda: ProcessServer.start(config),
+            lambda ps: ps.close(),
+            lambda ps: ps.reload(args.config),
+        )
     except BlockreplError as exc:
         print(f"{PROG}: error: {exc.message}", file=sys.stderr)
         return exc.exit_code

@@ -5,41 +5,87 @@ and the metrics listener, wired together.
 header checked, torn or corrupt ones quarantined and their disks marked
 resync-required), takes each disk's position as the later of the position
 database and the cache, then opens the ports.
+
+``ProcessServer.reload`` (SIGHUP) applies the keys of :data:`RELOADABLE` and
+rereads the TLS files; ``close`` (SIGTERM) stops taking connections, lets the
+requests in flight finish (up to :data:`SHUTDOWN_GRACE_S`) and closes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Final
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from processserver import config as ps_config
 from processserver.cache import Cache, CachedFile
 from processserver.committer import GroupCommitter
 from processserver.config import ProcessServerConfig
 from processserver.ingest import DiskIngest, Sealers
-from processserver.metrics import ProcessServerMetrics
+from processserver.metrics import PREFIX, ProcessServerMetrics
 from processserver.positions import DiskPosition, PositionStore
 from processserver.server import build_app
 from processserver.shipper import Shipper
 from protocol.sequencing import StreamPosition
+from runtime.config import TlsFiles
+from runtime.inflight import CANCEL_TIMEOUT_S, InFlight
 from runtime.keyfile import load_keyring
+from runtime.logs import setup_logging
 from runtime.metrics import MetricsServer, new_registry, start_metrics_server
-from runtime.tls import client_context, server_context
+from runtime.reload import (
+    FileContent,
+    Prepared,
+    ReloadMetrics,
+    ReloadPlan,
+    reload_config,
+    touches,
+)
+from runtime.tls import (
+    CertificateInfo,
+    ReloadableServerContext,
+    certificate_info,
+    client_context,
+    renewal_note,
+)
 
 log = logging.getLogger("blockrepl.processserver")
 
-#: Seconds the data port waits for requests in flight when it closes.
+#: Seconds the requests in flight may take to finish when the daemon stops:
+#: a batch of the largest size still arriving over a slow link. The units'
+#: TimeoutStopSec= is above it (systemd/processserver.service).
 SHUTDOWN_GRACE_S: Final = 30.0
 #: Threads for sealing, group commits and scans: both cores sealing while a
 #: group is written.
 WORKERS: Final = 4
 POSITIONS_DB: Final = "positions.db"
+#: Keys a reload (SIGHUP) applies while the daemon runs; any other change
+#: waits for a restart. The TLS files are read again at every reload, so a
+#: certificate renewed under the same name is taken too.
+RELOADABLE: Final = (
+    "logging", "tls", "master_target.tls", "cache_high_bytes", "cache_low_bytes", "zstd_level",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _ClientTls:
+    """The process server's client identity toward the master target, loaded."""
+
+    path: Path
+    context: ssl.SSLContext
+    certificate: CertificateInfo
+
+    @classmethod
+    def load(cls, files: TlsFiles) -> _ClientTls:
+        """Raises TlsSetupError naming the file at fault."""
+        return cls(files.cert_file, client_context(files), certificate_info(files.cert_file))
 
 
 @dataclass
@@ -51,12 +97,22 @@ class ProcessServer:
     cache: Cache
     positions: PositionStore
     executor: ThreadPoolExecutor
+    sealers: Sealers
+    reloads: ReloadMetrics
+    #: the key file as loaded: a reload tells when its content changed
+    key_file: FileContent
     disks: dict[str, DiskIngest] = field(default_factory=dict)
+    _server_tls: ReloadableServerContext | None = None
+    _client: _ClientTls | None = None
+    _in_flight: InFlight = field(init=False)
     _runner: web.AppRunner | None = None
     _metrics_server: MetricsServer | None = None
     _shipper: Shipper | None = None
     _failed_over: set[str] = field(default_factory=set)
     _closing: bool = False
+
+    def __post_init__(self) -> None:
+        self._in_flight = InFlight(self.metrics.requests_in_flight)
 
     @classmethod
     async def start(
@@ -78,12 +134,14 @@ class ProcessServer:
         executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="ps-io")
         loop = asyncio.get_running_loop()
         keyring = await loop.run_in_executor(executor, load_keyring, config.key_file)
+        key_file = await loop.run_in_executor(executor, FileContent.read, config.key_file)
         cache = Cache(config.cache_dir, high_bytes=config.cache_high_bytes,
                       low_bytes=config.cache_low_bytes)  # fmt: skip
         positions = PositionStore(config.cache_dir / POSITIONS_DB)
-        ps = cls(config, metrics, cache, positions, executor)
-        committer = GroupCommitter(cache, positions, executor)
         sealers = Sealers(keyring, config.zstd_level)
+        reloads = ReloadMetrics(registry, PREFIX)
+        ps = cls(config, metrics, cache, positions, executor, sealers, reloads, key_file)
+        committer = GroupCommitter(cache, positions, executor)
         for machine in config.machines:
             for disk_id in machine.disks:
                 position, files = await loop.run_in_executor(executor, ps._recover, disk_id)
@@ -99,7 +157,10 @@ class ProcessServer:
         metrics.cache_high_bytes.set(config.cache_high_bytes)
         metrics.cache_low_bytes.set(config.cache_low_bytes)
         try:
-            ps._shipper = Shipper(ps, client_context(config.master_target.tls))
+            ps._client = _ClientTls.load(config.master_target.tls)
+            ps._shipper = Shipper(ps, ps._client.context)
+            ps._server_tls = ReloadableServerContext(config.tls)
+            ps._show_certificates()
             await ps._open_ports(registry, data_port, metrics_port)
         except BaseException:
             await ps.close()
@@ -127,16 +188,17 @@ class ProcessServer:
     async def _open_ports(
         self, registry: CollectorRegistry, data_port: int | None, metrics_port: int | None
     ) -> None:
+        app = build_app(self)
+        self._in_flight.install(app)
         self._runner = web.AppRunner(
-            build_app(self),
-            access_log=None,
-            shutdown_timeout=SHUTDOWN_GRACE_S,
+            app, access_log=None, shutdown_timeout=CANCEL_TIMEOUT_S,
             keepalive_timeout=self.config.connections.idle_timeout_s,
-        )
+        )  # fmt: skip
         await self._runner.setup()
+        assert self._server_tls is not None
         site = web.TCPSite(
             self._runner, self.config.host, self.config.port if data_port is None else data_port,
-            ssl_context=server_context(self.config.tls),
+            ssl_context=self._server_tls.context,
         )  # fmt: skip
         await site.start()
         self._metrics_server = await start_metrics_server(
@@ -198,12 +260,67 @@ class ProcessServer:
         self.metrics.resync_required.labels(disk.disk_id).set(0)
         log.info("disk %s: generation %d started", disk.disk_id, position.generation)
 
+    async def reload(self, path: Path) -> bool:
+        """Reread the config file and apply what can change while running (SIGHUP).
+
+        Returns:
+            False if the reload was refused (the reason is logged and the
+            running configuration stays), True otherwise.
+        """
+        running = await reload_config(
+            path=path, load=ps_config.load, running=self.config, reloadable=RELOADABLE,
+            prepare=self._prepare_reload, metrics=self.reloads, log=log,
+        )  # fmt: skip
+        if running is None:
+            return False
+        self.config = running
+        return True
+
+    async def _prepare_reload(self, plan: ReloadPlan[ProcessServerConfig]) -> Prepared:
+        """Everything of a reload that can fail; the commit it returns cannot."""
+        new = plan.config
+        assert self._server_tls is not None
+        assert self._client is not None
+        assert self._shipper is not None
+        loop = asyncio.get_running_loop()
+        # TLS files are read even when their names did not change: a renewed
+        # certificate usually keeps its file name.
+        server = await loop.run_in_executor(self.executor, self._server_tls.prepare, new.tls)
+        client = await loop.run_in_executor(self.executor, _ClientTls.load, new.master_target.tls)
+        restart = await loop.run_in_executor(
+            self.executor, self.key_file.waits_for_restart, "key_file", new.key_file
+        )
+        shipper = self._shipper
+        renewed = renewal_note("client", client.path, self._client.certificate, client.certificate)
+        notes = [server.note, renewed]
+
+        def commit() -> None:
+            if touches(plan, "logging"):
+                setup_logging(new.logging)
+            server.commit()
+            shipper.replace_tls(client.context)
+            self._client = client
+            self.cache.set_marks(high_bytes=new.cache_high_bytes, low_bytes=new.cache_low_bytes)
+            self.metrics.cache_high_bytes.set(new.cache_high_bytes)
+            self.metrics.cache_low_bytes.set(new.cache_low_bytes)
+            self.sealers.set_level(new.zstd_level)
+            self._show_certificates()
+
+        return Prepared(commit, tuple(n for n in notes if n), restart)
+
+    def _show_certificates(self) -> None:
+        assert self._server_tls is not None
+        assert self._client is not None
+        expiry = self.reloads.certificate_expiry
+        expiry.labels("server").set(self._server_tls.certificate.not_after_s)
+        expiry.labels("client").set(self._client.certificate.not_after_s)
+
     async def close(self) -> None:
         """Stop taking requests (those in flight finish), then close everything."""
         self._closing = True
         started = time.monotonic()
         if self._runner is not None:
-            await self._runner.cleanup()
+            await self._in_flight.drain(self._runner, SHUTDOWN_GRACE_S)
         if self._shipper is not None:
             await self._shipper.close()
         if self._metrics_server is not None:

@@ -45,10 +45,16 @@ class Sealers:
         self._level = zstd_level
         self._local = threading.local()
 
+    def set_level(self, zstd_level: int) -> None:
+        """Seal with this zstd level from now on (a reload); each thread makes a new sealer."""
+        self._level = zstd_level
+
     def seal(self, batch: Batch, receive_ns: int) -> SealedHrl:
         sealer: HrlSealer | None = getattr(self._local, "sealer", None)
-        if sealer is None:
-            sealer = self._local.sealer = HrlSealer(self._keyring, zstd_level=self._level)
+        if sealer is None or getattr(self._local, "level", None) != self._level:
+            level = self._level
+            sealer = self._local.sealer = HrlSealer(self._keyring, zstd_level=level)
+            self._local.level = level
         h = batch.header
         return sealer.seal(
             disk_id=h.disk_id, generation=h.generation, first_seq=h.first_seq,

@@ -42,6 +42,10 @@ class ProcessServerMetrics:
             f"{PREFIX}_rejects", "Requests refused, by reason (an error code).", ["reason"],
             registry=registry,
         )  # fmt: skip
+        self.requests_in_flight = Gauge(
+            f"{PREFIX}_requests_in_flight", "Data API requests being handled now.",
+            registry=registry,
+        )  # fmt: skip
         self.ack_seconds = Histogram(
             f"{PREFIX}_ack_seconds", "Time from a request's start to its acknowledgement.",
             buckets=ACK_BUCKETS, registry=registry,

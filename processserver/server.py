@@ -235,7 +235,10 @@ async def get_checksums(request: web.Request) -> web.StreamResponse:
 
 def build_app(ps: ProcessServer) -> web.Application:
     """The data API application of one process server."""
-    app = web.Application(middlewares=[authorise], client_max_size=MAX_SMALL_BODY)
+    app = web.Application(
+        middlewares=[authorise],
+        client_max_size=MAX_SMALL_BODY,
+    )
     app[PS] = ps
     app.router.add_post("/v1/disks/{disk}/batches", post_batches)
     app.router.add_get("/v1/disks/{disk}/state", get_state)

@@ -14,6 +14,10 @@ invariant 1). On a refusal the master target's answer decides:
   older generations are dropped;
 - ``failed-over``: the disk takes no more data; shipping stops;
 - 503 or no answer: back-off with jitter, doubling from 0.5 s to 30 s.
+
+A reload with new client TLS files (:meth:`Shipper.replace_tls`) opens a new
+session for new transfers; transfers in flight finish on the old one, which
+closes once no transfer can still use it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import TYPE_CHECKING, Final
 import aiohttp
 
 from processserver.cache import CachedFile
+from processserver.config import MasterTargetLink
 from processserver.ingest import DiskIngest
 
 if TYPE_CHECKING:
@@ -48,14 +53,8 @@ class Shipper:
         self._ps = ps
         self._base = ps.config.master_target.url.rstrip("/")
         self._slots = asyncio.Semaphore(ps.config.max_in_flight)
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=tls),
-            timeout=aiohttp.ClientTimeout(
-                total=ps.config.master_target.transfer_timeout_s,
-                sock_connect=ps.config.master_target.connect_timeout_s,
-                sock_read=ps.config.master_target.read_timeout_s,
-            ),
-        )
+        self._session = _new_session(tls, ps.config.master_target)
+        self._retiring: set[asyncio.Task[None]] = set()
         self._tasks = [
             asyncio.create_task(self._ship_disk(disk), name=f"ship-{disk.disk_id}")
             for disk in ps.disks.values()
@@ -71,11 +70,28 @@ class Shipper:
     def base_url(self) -> str:
         return self._base
 
+    def replace_tls(self, tls: ssl.SSLContext) -> None:
+        """Make new connections to the master target with ``tls`` (a reload).
+
+        Requests in flight keep their connection; the old session closes
+        after the transfer timeout, when no request on it can still run.
+        """
+        old, self._session = self._session, _new_session(tls, self._ps.config.master_target)
+        task = asyncio.create_task(self._retire(old), name="retire-session")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, session: aiohttp.ClientSession) -> None:
+        try:
+            await asyncio.sleep(self._ps.config.master_target.transfer_timeout_s)
+        finally:
+            await session.close()
+
     async def close(self) -> None:
         self._stopping = True
-        for task in self._tasks:
+        for task in (*self._tasks, *self._retiring):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._retiring, return_exceptions=True)
         await self._session.close()
 
     async def _ship_disk(self, disk: DiskIngest) -> None:
@@ -162,3 +178,15 @@ class Shipper:
     async def _drop_older(self, disk: DiskIngest, generation: int) -> None:
         while disk.cached and disk.cached[0].generation < generation:
             await self._shipped(disk, disk.cached[0], 0)
+
+
+def _new_session(tls: ssl.SSLContext, link: MasterTargetLink) -> aiohttp.ClientSession:
+    """A session to the master target: mutual TLS, each transfer bounded in time."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=tls),
+        timeout=aiohttp.ClientTimeout(
+            total=link.transfer_timeout_s,
+            sock_connect=link.connect_timeout_s,
+            sock_read=link.read_timeout_s,
+        ),
+    )

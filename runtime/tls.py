@@ -9,14 +9,21 @@ the system's CA store is never loaded, so no public certificate can pass.
 OpenSSL also checks each certificate's extended key usage against its role: a
 server certificate (serverAuth only) is refused as a client certificate and a
 machine certificate (clientAuth only) is refused as a server certificate.
+
+A listening server swaps its certificates on a reload with
+:class:`ReloadableServerContext`: each new connection takes the newest
+context, connections already open keep the one they began with.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import ssl
 import stat
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -52,6 +59,110 @@ def server_context(files: TlsFiles) -> ssl.SSLContext:
     context.verify_mode = ssl.CERT_REQUIRED
     _load_files(context, files)
     return context
+
+
+class ReloadableServerContext:
+    """A server context whose CA, certificate and key can be replaced while it listens.
+
+    The listener keeps :attr:`context` for good; its SNI callback, which
+    OpenSSL calls for every handshake (with ``None`` as the name when the
+    client sent none), hands the connection the newest context. OpenSSL then
+    takes the certificate, the key and the trusted CA from that context, so
+    after :meth:`prepare` and the commit it returns, new connections present
+    the new certificate and accept only clients of the new CA.
+
+    Args:
+        files: the CA, this server's certificate and its key.
+
+    Raises:
+        TlsSetupError: as :func:`server_context`.
+    """
+
+    def __init__(self, files: TlsFiles) -> None:
+        self.context = server_context(files)
+        self.context.sni_callback = self._choose
+        self._current = self.context
+        self.files = files
+        self.certificate = certificate_info(files.cert_file)
+
+    def _choose(
+        self, connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext
+    ) -> None:
+        if self._current is not context:
+            connection.context = self._current
+
+    def prepare(self, files: TlsFiles) -> ServerTlsChange:
+        """Load ``files`` into a new context; its commit makes new connections use it.
+
+        Raises:
+            TlsSetupError: a file cannot be read or parsed, or the key does
+                not match the certificate; the running context stays.
+        """
+        context = server_context(files)
+        certificate = certificate_info(files.cert_file)
+
+        def commit() -> None:
+            self._current = context
+            self.files = files
+            self.certificate = certificate
+
+        note = renewal_note("server", files.cert_file, self.certificate, certificate)
+        return ServerTlsChange(commit, certificate, note)
+
+
+@dataclass(frozen=True)
+class ServerTlsChange:
+    """New server TLS files, loaded and checked: :attr:`commit` puts them in use."""
+
+    commit: Callable[[], None]
+    certificate: CertificateInfo
+    #: a line for the log when the certificate differs from the one in use
+    note: str | None
+
+
+@dataclass(frozen=True)
+class CertificateInfo:
+    """What an operator needs to know of a loaded certificate."""
+
+    subject: str
+    not_after: dt.datetime
+    sha256: str
+
+    @property
+    def not_after_s(self) -> float:
+        """``notAfter`` as seconds since the epoch (the expiry metrics' value)."""
+        return self.not_after.timestamp()
+
+
+def certificate_info(path: Path) -> CertificateInfo:
+    """Subject, expiry and fingerprint of the first certificate in a PEM file.
+
+    Raises:
+        TlsSetupError: the file cannot be read or holds no PEM certificate.
+    """
+    try:
+        certificate = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise TlsSetupError(
+            f"cannot read certificate {path}: expected a PEM certificate, found "
+            f"{exc.strerror if isinstance(exc, OSError) else exc}"
+        ) from exc
+    digest = hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
+    return CertificateInfo(
+        certificate.subject.rfc4514_string(), certificate.not_valid_after_utc, digest
+    )
+
+
+def renewal_note(
+    role: str, path: Path, running: CertificateInfo | None, loaded: CertificateInfo
+) -> str | None:
+    """A log line when a reloaded certificate differs from the one in use, else None."""
+    if running is not None and running.sha256 == loaded.sha256:
+        return None
+    return (
+        f"{role} certificate {path} is new ({loaded.subject}, valid until "
+        f"{loaded.not_after:%Y-%m-%dT%H:%M:%SZ}): new connections use it"
+    )
 
 
 def client_context(files: TlsFiles) -> ssl.SSLContext:

@@ -38,6 +38,15 @@ def require_binary(name: str) -> str:
     return path
 
 
+def require_root(why: str) -> None:
+    """Skip (fail under CI) unless the tests run as root, as ./scripts/test does in CI."""
+    if os.geteuid() != 0:
+        message = f"not root: {why}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 @dataclass(frozen=True)
 class Deployment:
     pki: Path

@@ -6,6 +6,9 @@ standalone host DC0_H0 and a cluster DC0_C0 of three hosts, datastore
 LocalDS_0 on every host, VMs DC0_H0_VM0/1 and DC0_C0_RP0_VM0/1 (powered on,
 one disk each). The launcher (tests/ops/vcsim/launcher.go) adds accounts with
 roles, host licence editions and a storage vMotion in progress.
+
+The other operations tests start the daemons as processes: none may outlive
+its test.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pyVmomi import vim
 
 from mastertarget.vsphere.config import PASSWORD_ENV
 from tests.conftest import missing_peer
+from tests.faults.daemons import RUNNING
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = ROOT / ".cache" / "vcsim" / "vcsim-launcher"
@@ -263,3 +267,10 @@ def run_vsphere(*args: str | Path, env: dict[str, str] | None = None) -> Result:
         env={**{k: v for k, v in os.environ.items() if k != PASSWORD_ENV}, **(env or {})},
     )
     return Result(done.returncode, done.stdout.decode(), done.stderr.decode())
+
+
+@pytest.fixture(autouse=True)
+def _no_daemon_outlives_its_test() -> Iterator[None]:
+    yield
+    while RUNNING:
+        RUNNING.pop().kill_if_running()
