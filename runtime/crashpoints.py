@@ -1,13 +1,20 @@
-"""Named crash points, for the fault tests that kill a daemon at an exact step.
+"""Named crash points and fsync faults, for the fault tests.
 
 ``BLOCKREPL_CRASH_AT=NAME:N`` in a daemon's environment makes the N-th pass
 through :func:`crash_point` ``NAME`` kill the process with SIGKILL, as power
-loss or ``kill -9`` would at that instant. Unset (always, in production), a
-crash point is one dictionary lookup.
+loss or ``kill -9`` would at that instant.
+
+``BLOCKREPL_FAIL_FSYNC=TEXT:N`` makes the N-th fsync of a path containing
+TEXT fail with EIO, as a failing disk does; ``TEXT:N:persistent`` makes that
+one and every later one fail. Every fsync of runtime/crashsafe.py goes
+through :func:`fsync_fault`.
+
+Unset (always, in production), each is one comparison.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import threading
@@ -15,6 +22,8 @@ from typing import Final
 
 #: The environment variable that arms one crash point.
 ENV: Final = "BLOCKREPL_CRASH_AT"
+#: The environment variable that arms an fsync fault.
+FSYNC_ENV: Final = "BLOCKREPL_FAIL_FSYNC"
 
 
 def _armed() -> tuple[str, int] | None:
@@ -38,3 +47,25 @@ def crash_point(name: str) -> None:
         _passes[name] = _passes.get(name, 0) + 1
         if _passes[name] == _ARMED[1]:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_armed() -> tuple[str, int, bool] | None:
+    text, _, rest = os.environ.get(FSYNC_ENV, "").partition(":")
+    if not text:
+        return None
+    count, _, mode = rest.partition(":")
+    return text, int(count or "1"), mode == "persistent"
+
+
+_FSYNC_ARMED: Final = _fsync_armed()
+
+
+def fsync_fault(path: str | os.PathLike[str]) -> None:
+    """Raise EIO here if ``BLOCKREPL_FAIL_FSYNC`` names this fsync of ``path``."""
+    if _FSYNC_ARMED is None or _FSYNC_ARMED[0] not in os.fspath(path):
+        return
+    with _lock:
+        count = _passes[FSYNC_ENV] = _passes.get(FSYNC_ENV, 0) + 1
+    text, nth, persistent = _FSYNC_ARMED
+    if count == nth or (persistent and count > nth):
+        raise OSError(errno.EIO, f"fsync fault injected ({FSYNC_ENV}={text}:{nth})")

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
+from runtime.crashpoints import fsync_fault
 from runtime.errors import AlreadyExistsError, DurabilityError
 
 BytesLike = bytes | bytearray | memoryview
@@ -62,6 +63,7 @@ def fsync_dir(path: StrPath) -> None:
     except OSError as exc:
         raise _durability("open directory for fsync", path, exc) from exc
     try:
+        fsync_fault(path)
         os.fsync(fd)
     except OSError as exc:
         raise _durability("fsync directory", path, exc) from exc
@@ -255,6 +257,7 @@ def _write_temp(final: Path, data: BytesLike | Sequence[BytesLike], mode: int) -
     try:
         os.fchmod(fd, mode)
         _write_all(fd, data)
+        fsync_fault(final)
         os.fsync(fd)
     except OSError as exc:
         os.close(fd)
