@@ -146,6 +146,14 @@ async def test_random_requests_get_declared_answers_and_the_daemons_keep_serving
                     verb = method if rng.random() < 0.9 else rng.choice(["GET", "PUT", "DELETE"])
                     body = _junk(rng, valid) if verb in ("POST", "PUT") else b""
                     await _check(session, verb, base + path + _query(rng), body, tally)
+            # The kept inputs that once broke the admin API (tests/faults/corpus/admin).
+            for kept in sorted((Path(__file__).parent / "corpus" / "admin").glob("*.bin")):
+                for action in ("recover", "failover"):
+                    async with admin.post(
+                        f"http://mt/v1/disks/vm01-d0/{action}", data=kept.read_bytes()
+                    ) as answer:
+                        assert answer.status == 400, (kept.name, await answer.text())
+                        assert (await answer.json())["error"] == "malformed"
             # Still serving: a valid batch goes all the way.
             async with ps_session.post(f"{ps_base}/v1/disks/vm01-d0/batches", data=batch) as answer:
                 assert answer.status == 200, await answer.text()
