@@ -1,4 +1,4 @@
-"""The ``blockrepl`` command: administration (certificates, keys) and, later, the agent.
+"""The ``blockrepl`` command: administration (certificates, keys) and the agent.
 
 The command is a thin shell: each subcommand group lives in agent/commands/
 and does its work through runtime/ and agent/ objects. Here: parsing,
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from typing import Final
 
-from agent.commands import CommandResult, certs, keys
+from agent.commands import CommandResult, agent, certs, keys
 from protocol.errors import BlockreplError
 
 PROG: Final = "blockrepl"
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print the result as one JSON object")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (certs, keys):
+    for group in (certs, keys, agent):
         group.add_parser(subparsers, common)
     return parser
 

@@ -333,7 +333,7 @@ class ProcessServerPool:
             await asyncio.sleep(min(exc.retry_after_s, RETRY_AFTER_MAX_S))
             return
         self._failures += 1
-        log.info("%s: %s (failure %d in a row)", self.current.url, exc.message, self._failures)
+        log.debug("%s (failure %d in a row)", exc.message, self._failures)
         if self._failures >= FAILOVER_AFTER_FAILURES and len(self.clients) > 1:
             self._move_on()
             return
