@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,20 +64,22 @@ class Site:
     def __post_init__(self) -> None:
         self.context = self.deployment.client_tls("ps01")
 
-    def mt_state(self) -> dict[str, object]:
+    def mt_state(self) -> dict[str, Any]:
         """The master target's state of the disk (docs/api.md)."""
         url = f"https://127.0.0.1:{self.mt_port}/v1/disks/{DISK}/state"
         with urllib.request.urlopen(url, context=self.context, timeout=10) as answer:
-            return json.loads(answer.read())  # type: ignore[no-any-return]
+            state: dict[str, Any] = json.loads(answer.read())
+            return state
 
-    def ps_state(self, index: int = 0) -> dict[str, object]:
+    def ps_state(self, index: int = 0) -> dict[str, Any]:
         """A process server's state of the disk, as the agent's machine sees it."""
         url = f"https://127.0.0.1:{self.ps_ports[index]}/v1/disks/{DISK}/state"
         context = self.deployment.client_tls("vm01")
         with urllib.request.urlopen(url, context=context, timeout=10) as answer:
-            return json.loads(answer.read())  # type: ignore[no-any-return]
+            state: dict[str, Any] = json.loads(answer.read())
+            return state
 
-    def wait_applied(self, generation: int, seq: int, timeout: float = 60.0) -> dict[str, object]:
+    def wait_applied(self, generation: int, seq: int, timeout: float = 60.0) -> dict[str, Any]:
         """Until the master target has applied ``seq`` of ``generation``; its state then."""
         deadline = time.monotonic() + timeout
         while True:
@@ -93,14 +96,15 @@ class Site:
             "--source", str(source), "--json", *extra,
         ]  # fmt: skip
 
-    def sync(self, source: Path, timeout: float = 120.0) -> dict[str, object]:
+    def sync(self, source: Path, timeout: float = 120.0) -> dict[str, Any]:
         """Run ``blockrepl agent sync --json`` to the end; its JSON answer."""
         result = subprocess.run(
             self.sync_command(source), capture_output=True, text=True, timeout=timeout,
             check=False,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)  # type: ignore[no-any-return]
+        report: dict[str, Any] = json.loads(result.stdout)
+        return report
 
     def assert_identical(self, source: Path) -> None:
         """``qemu-img compare`` of the source and the target says identical."""
