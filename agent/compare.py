@@ -102,6 +102,9 @@ class ComparePlan:
     _recent: collections.deque[bool] = field(
         init=False, default_factory=lambda: collections.deque(maxlen=RECENT_REGIONS)
     )
+    _observed: int = field(init=False, default=0)
+    _spans: int = field(init=False, default=0)
+    _first_span_regions: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self._next = self.start
@@ -113,35 +116,40 @@ class ComparePlan:
     def observe(self, differed: bool) -> None:
         """A region was compared; ``differed`` says whether any chunk differed."""
         self._recent.append(differed)
+        self._observed += 1
+
+    @property
+    def decided(self) -> bool:
+        """Whether the next span can be planned on evidence: the first span is a
+        probe, and the one after it waits for the probe's regions to be seen."""
+        return self._spans != 1 or self._observed >= self._first_span_regions
 
     def next_span(self) -> Span | None:
         """The next span to ask for, or None at the end of the disk."""
         if self._next >= self.size:
             return None
-        self._turn()
+        # The share of recent regions that differed; None until enough were seen.
+        share = sum(self._recent) / len(self._recent) if len(self._recent) >= 4 else None
+        if share is not None and not self._dense and share >= DENSE_ABOVE:
+            self._dense = True
+        elif share is not None and self._dense and share <= SPARSE_BELOW:
+            self._dense, self._span_regions = False, FIRST_SPAN_REGIONS
         count = DENSE_SPAN_REGIONS if self._dense else self._span_regions
+        if not self._dense:
+            # Longer spans only on evidence that regions compare equal.
+            quiet = share is not None and share <= SPARSE_BELOW
+            grown = min(self._span_regions * 2, MAX_SPAN_REGIONS)
+            self._span_regions = grown if quiet else FIRST_SPAN_REGIONS
         regions: list[Region] = []
         while len(regions) < count and self._next < self.size:
             end = min(self.size, self._next + self.region_bytes)
             regions.append(Region(self._next, end - self._next))
             self._next = end
-        if not self._dense:
-            self._span_regions = min(self._span_regions * 2, MAX_SPAN_REGIONS)
         granularity = Granularity.CHUNK if self._dense else Granularity.REGION
+        self._spans += 1
+        if self._spans == 1:
+            self._first_span_regions = len(regions)
         return Span(tuple(regions), granularity)
-
-    def _turn(self) -> None:
-        if len(self._recent) < RECENT_REGIONS // 2:
-            return
-        share = sum(self._recent) / len(self._recent)
-        if not self._dense and share >= DENSE_ABOVE:
-            self._dense = True
-        elif self._dense and share <= SPARSE_BELOW:
-            self._dense = False
-            self._span_regions = FIRST_SPAN_REGIONS
-        elif not self._dense and share > SPARSE_BELOW:
-            # Regions keep differing now and then: stop growing the span.
-            self._span_regions = FIRST_SPAN_REGIONS
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,16 +161,20 @@ class SourceDigests:
     chunks: bytes
 
 
-def hash_region(source: SourceDisk, region: Region, chunk: int, buffer: bytearray) -> SourceDigests:
-    """Read ``region`` once and hash it whole and chunk by chunk (runs on a thread).
+def hash_region(
+    source: SourceDisk, region: Region, chunk: int, buffer: bytearray, *, whole: bool = True
+) -> SourceDigests:
+    """Read ``region`` once and hash it chunk by chunk, and whole (runs on a thread).
 
     Args:
         buffer: at least :data:`~agent.source.READ_PIECE_BYTES` bytes to read into.
+        whole: also hash the whole region (for a sparse span); ``SourceDigests.whole``
+            is empty otherwise.
 
     Raises:
         SourceError: the source cannot be read.
     """
-    whole = xxhash.xxh3_128()
+    whole_digest = xxhash.xxh3_128() if whole else None
     chunks = bytearray()
     view = memoryview(buffer)
     position = region.offset
@@ -170,11 +182,14 @@ def hash_region(source: SourceDisk, region: Region, chunk: int, buffer: bytearra
         length = min(READ_PIECE_BYTES, region.end - position)
         piece = view[:length]
         source.read_into(position, piece)
-        whole.update(piece)
+        if whole_digest is not None:
+            whole_digest.update(piece)
         for start in range(0, length, chunk):
             chunks += xxhash.xxh3_128_digest(piece[start : start + chunk])
         position += length
-    return SourceDigests(region, whole.digest(), bytes(chunks))
+    return SourceDigests(
+        region, whole_digest.digest() if whole_digest is not None else b"", bytes(chunks)
+    )
 
 
 def differing_chunks(source: bytes, target: bytes) -> list[int]:

@@ -65,10 +65,11 @@ MAX_UNACKED_BYTES: Final = 64 * 2**20
 MAX_JOURNAL_BYTES: Final = 4 * 2**30
 #: How often the sender asks for the process server's state while it sends
 #: (to trim) and, growing to :data:`STATE_POLL_MAX_S`, while it waits for the
-#: master target to receive the rest.
+#: master target to receive the rest: a state answer is a few hundred bytes,
+#: and a sync that is done should not wait long to hear it.
 STATE_POLL_S: Final = 0.5
-STATE_POLL_MIN_S: Final = 0.05
-STATE_POLL_MAX_S: Final = 1.0
+STATE_POLL_MIN_S: Final = 0.02
+STATE_POLL_MAX_S: Final = 0.25
 
 
 @dataclass

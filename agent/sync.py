@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Final
 
 from agent.client import ProcessServerClient, ProcessServerPool
@@ -69,6 +70,10 @@ TARGET_BEHIND_WAIT_S: Final = 0.2
 #: Seconds between saves of the cursor while regions compare equal: an
 #: interrupted pass of a large, unchanged disk repeats at most this much.
 CURSOR_SAVE_S: Final = 1.0
+#: Seconds a batch waits for more records before it is journaled and sent
+#: (all but its last record, kept to carry RESYNC_END): the sender is not left
+#: idle while the comparison goes on, and the last batch of a pass is small.
+BATCH_LINGER_S: Final = 0.2
 #: Bytes read from the source at a time for sending: one WRITE at most.
 READ_FOR_SEND_BYTES: Final = MAX_WRITE_BYTES
 RESYNC: Final = StreamFlags.RESYNC
@@ -204,8 +209,10 @@ class SyncPass:
     _payload: int = 0
     _capture_ns: tuple[int, int] = (0, 0)
     _processed_to: int = 0
+    _opened_at: float = 0.0
     _saved_at: float = 0.0
     _spans: list[SpanDigests] = field(default_factory=list)
+    _observed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def chunk(self) -> int:
@@ -225,15 +232,15 @@ class SyncPass:
         producer = asyncio.create_task(self._produce(plan, queue, buffer), name="compare")
         try:
             while (task := await queue.get()) is not None:
-                diff = await task
-                plan.observe(bool(diff.chunks))
-                await self._emit(diff)
+                await self._emit(await task)
             await producer
         finally:
             producer.cancel()
             while not queue.empty():
                 if (task := queue.get_nowait()) is not None:
                     task.cancel()
+                    # A region that failed already: its error is the one raised, or moot.
+                    task.add_done_callback(lambda t: t.cancelled() or t.exception())
             for span in self._spans:
                 span.cancel()
         await self._end()
@@ -244,14 +251,20 @@ class SyncPass:
         queue: asyncio.Queue[asyncio.Task[RegionDiff] | None],
         buffer: bytearray,
     ) -> None:
-        while (span := plan.next_span()) is not None:
+        while True:
+            while not plan.decided:
+                self._observed.clear()
+                await self._observed.wait()
+            if (span := plan.next_span()) is None:
+                break
             if span.granularity is Granularity.CHUNK:
                 self.stats.dense_spans += 1
             else:
                 self.stats.sparse_spans += 1
             fetch = self._fetch(span)
             for index, region in enumerate(span.regions):
-                await queue.put(asyncio.create_task(self._diff(fetch, index, region, buffer)))
+                diff = self._diff(plan, fetch, index, region, buffer)
+                await queue.put(asyncio.create_task(diff))
         await queue.put(None)
 
     def _fetch(self, span: Span) -> SpanDigests:
@@ -264,18 +277,29 @@ class SyncPass:
         return fetch
 
     async def _diff(
-        self, fetch: SpanDigests, index: int, region: Region, buffer: bytearray
+        self, plan: ComparePlan, fetch: SpanDigests, index: int, region: Region, buffer: bytearray
     ) -> RegionDiff:
+        """Which chunks of ``region`` differ; the plan learns whether any did as soon as known."""
         loop = asyncio.get_running_loop()
+        sparse = fetch.span.granularity is Granularity.REGION
         source = await loop.run_in_executor(
-            self.hash_executor, hash_region, self.source, region, self.chunk, buffer
+            self.hash_executor,
+            partial(hash_region, self.source, region, self.chunk, buffer, whole=sparse),
         )
         target = await fetch.digests(index)
-        if fetch.span.granularity is Granularity.REGION:
+        if sparse:
+            self._observe(plan, differed=target != source.whole)
             if target == source.whole:
                 return RegionDiff(region, [])
             target = await self._fetch(Span((region,), Granularity.CHUNK)).digests(0)
-        return RegionDiff(region, differing_chunks(source.chunks, target))
+        chunks = differing_chunks(source.chunks, target)
+        if not sparse:
+            self._observe(plan, differed=bool(chunks))
+        return RegionDiff(region, chunks)
+
+    def _observe(self, plan: ComparePlan, *, differed: bool) -> None:
+        plan.observe(differed)
+        self._observed.set()
 
     async def _emit(self, diff: RegionDiff) -> None:
         self.stats.differing_chunks += len(diff.chunks)
@@ -289,11 +313,22 @@ class SyncPass:
                 now = time.time_ns()
                 for record in _records_of(piece, data, self.chunk):
                     await self._add(record, now)
+        await self._flush_lingering()
         self.stats.compared_bytes += diff.region.length
         self._processed_to = diff.region.end
         self.on_progress(self._processed_to)
         if time.monotonic() - self._saved_at >= CURSOR_SAVE_S:
             await self._save(self._records[0].offset if self._records else self._processed_to)
+
+    async def _flush_lingering(self) -> None:
+        """Journal the open batch, but its last record, if it waited long enough."""
+        if len(self._records) < 2 or time.monotonic() - self._opened_at < BATCH_LINGER_S:
+            return
+        kept = self._records.pop()
+        await self._journal(final=False, cursor=kept.offset)
+        self._records, self._payload = [kept], encoded_size(kept)
+        self._capture_ns = (self._capture_ns[1], self._capture_ns[1])
+        self._opened_at = time.monotonic()
 
     async def _add(self, record: Write | Zero, capture_ns: int) -> None:
         last = self._records[-1] if self._records else None
@@ -312,6 +347,7 @@ class SyncPass:
             await self._journal(final=False, cursor=record.offset)
         if not self._records:
             self._capture_ns = (capture_ns, capture_ns)
+            self._opened_at = time.monotonic()
         self._records.append(record)
         self._payload += size
         self._capture_ns = (self._capture_ns[0], capture_ns)

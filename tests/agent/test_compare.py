@@ -101,3 +101,21 @@ def test_differing_chunks_and_their_runs() -> None:
     assert list(runs([])) == []
     with pytest.raises(ValueError, match="expected 10 target digests, found 9"):
         differing_chunks(source, source[:-16])
+
+
+def test_the_first_span_is_a_probe_the_next_waits_for() -> None:
+    plan = ComparePlan(0, 64 * REGION, REGION, CHUNK)
+    assert plan.decided
+    first = plan.next_span()
+    assert first is not None
+    assert first.granularity is Granularity.REGION
+    assert not plan.decided  # the probe's regions are not seen yet
+    for _ in range(len(first.regions) - 1):
+        plan.observe(True)
+    assert not plan.decided
+    plan.observe(True)
+    assert plan.decided
+    second = plan.next_span()
+    assert second is not None
+    assert second.granularity is Granularity.CHUNK  # every probed region differed
+    assert plan.decided  # later spans do not wait
