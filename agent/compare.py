@@ -176,6 +176,15 @@ def hash_region(
     """
     whole_digest = xxhash.xxh3_128() if whole else None
     chunks = bytearray()
+    with source.mapped(region.offset, region.length) as mapped:
+        if mapped is not None:
+            if whole_digest is not None:
+                whole_digest.update(mapped)
+            for start in range(0, region.length, chunk):
+                chunks += xxhash.xxh3_128_digest(mapped[start : start + chunk])
+            return SourceDigests(
+                region, whole_digest.digest() if whole_digest is not None else b"", bytes(chunks)
+            )
     view = memoryview(buffer)
     position = region.offset
     while position < region.end:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from agent.compare import (
     hash_region,
     runs,
 )
+from agent.errors import SourceError
 from agent.source import READ_PIECE_BYTES, SourceDisk
 from protocol.limits import KiB, MiB
 
@@ -75,12 +77,14 @@ def test_regions_start_at_the_cursor_and_stop_at_the_end() -> None:
     assert plan.next_span() is None
 
 
-def test_hashing_a_region_matches_the_master_targets_digests(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mapped", [True, False], ids=["image-file", "block-device-reads"])
+def test_hashing_a_region_matches_the_master_targets_digests(tmp_path: Path, mapped: bool) -> None:
     data = random.Random(1).randbytes(READ_PIECE_BYTES + 3 * CHUNK + 1000)
     path = tmp_path / "s.raw"
     path.write_bytes(data)
     region = Region(CHUNK, len(data) - CHUNK)
     with SourceDisk(path) as source:
+        source.mappable = mapped  # a block device is read, never mapped
         digests = hash_region(source, region, CHUNK, bytearray(READ_PIECE_BYTES))
     part = data[CHUNK:]
     assert digests.whole == xxhash.xxh3_128_digest(part)
@@ -119,3 +123,12 @@ def test_the_first_span_is_a_probe_the_next_waits_for() -> None:
     assert second is not None
     assert second.granularity is Granularity.CHUNK  # every probed region differed
     assert plan.decided  # later spans do not wait
+
+
+def test_a_source_file_that_shrank_is_not_mapped(tmp_path: Path) -> None:
+    path = tmp_path / "s.raw"
+    path.write_bytes(bytes(4 * CHUNK))
+    with SourceDisk(path) as source:
+        os.truncate(path, 2 * CHUNK)
+        with pytest.raises(SourceError, match="is now 131072 bytes, expected at least 262144"):
+            hash_region(source, Region(0, 4 * CHUNK), CHUNK, bytearray(READ_PIECE_BYTES))

@@ -224,9 +224,9 @@ async def test_batches_are_cut_where_the_process_server_stands(
         executor=site.executor,
     )  # fmt: skip
     assert stream is not None
-    stream.start()
     await _append(stream, records[:3])
     await _append(stream, records[3:])  # 4..6: the process server holds 4 already
+    stream.start()
     await asyncio.wait_for(stream.wait_shipped(), 30)
     await asyncio.wait_for(mt.replicas[DISK].wait_applied(StreamPosition(1, 6)), 30)
     await stream.close()
