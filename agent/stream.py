@@ -435,18 +435,20 @@ class ReplicationStream:
             await self._pool.failed(exc)
             return
         self._pool.succeeded()
-        if state.resync_required:
-            raise StreamBrokenError(
-                f"disk {self.disk_id}: {client.url} says the disk needs a resync (seqs the "
-                "master target needs are lost)"
-            )
         if state.generation > self.generation:
             raise StreamBrokenError(
                 f"disk {self.disk_id}: {client.url} is on generation {state.generation}, "
                 f"newer than this stream's {self.generation}"
             )
         if state.generation < self.generation:
-            return  # it has not seen this generation yet
+            # It has not seen this generation yet: what it says is about older ones
+            # (it takes the master target's position when the batches come).
+            return
+        if state.resync_required:
+            raise StreamBrokenError(
+                f"disk {self.disk_id}: {client.url} says the disk needs a resync (seqs the "
+                "master target needs are lost)"
+            )
         if state.acked_seq > self.end_seq:
             raise StreamBrokenError(
                 f"disk {self.disk_id}: {client.url} holds seqs up to {state.acked_seq} of "

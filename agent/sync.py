@@ -136,6 +136,11 @@ class SpanDigests:
         """The digests of region ``index`` of the span."""
         return await self._futures[index]
 
+    @property
+    def done(self) -> bool:
+        """Every digest of the span arrived, or the request failed for good."""
+        return self._task.done()
+
     def cancel(self) -> None:
         self._task.cancel()
         for future in self._futures:
@@ -228,7 +233,7 @@ class SyncPass:
         self._processed_to = self.progress.cursor
         buffer = bytearray(READ_PIECE_BYTES)
         plan = ComparePlan(self.progress.cursor, self.source.size, self.region_bytes, self.chunk)
-        queue: asyncio.Queue[asyncio.Task[RegionDiff] | None] = asyncio.Queue(REGIONS_AHEAD)
+        queue: asyncio.Queue[asyncio.Future[RegionDiff] | None] = asyncio.Queue(REGIONS_AHEAD)
         producer = asyncio.create_task(self._produce(plan, queue, buffer), name="compare")
         try:
             while (task := await queue.get()) is not None:
@@ -248,27 +253,32 @@ class SyncPass:
     async def _produce(
         self,
         plan: ComparePlan,
-        queue: asyncio.Queue[asyncio.Task[RegionDiff] | None],
+        queue: asyncio.Queue[asyncio.Future[RegionDiff] | None],
         buffer: bytearray,
     ) -> None:
-        while True:
-            while not plan.decided:
-                self._observed.clear()
-                await self._observed.wait()
-            if (span := plan.next_span()) is None:
-                break
-            if span.granularity is Granularity.CHUNK:
-                self.stats.dense_spans += 1
-            else:
-                self.stats.sparse_spans += 1
-            fetch = self._fetch(span)
-            for index, region in enumerate(span.regions):
-                diff = self._diff(plan, fetch, index, region, buffer)
-                await queue.put(asyncio.create_task(diff))
+        try:
+            while True:
+                while not plan.decided:
+                    self._observed.clear()
+                    await self._observed.wait()
+                if (span := plan.next_span()) is None:
+                    break
+                if span.granularity is Granularity.CHUNK:
+                    self.stats.dense_spans += 1
+                else:
+                    self.stats.sparse_spans += 1
+                fetch = self._fetch(span)
+                for index, region in enumerate(span.regions):
+                    diff = self._diff(plan, fetch, index, region, buffer)
+                    await queue.put(asyncio.create_task(diff))
+        except Exception as exc:  # the consumer raises it in order
+            failed: asyncio.Future[RegionDiff] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            await queue.put(failed)
         await queue.put(None)
 
     def _fetch(self, span: Span) -> SpanDigests:
-        self._spans = [s for s in self._spans if not s._task.done()]
+        self._spans = [s for s in self._spans if not s.done]
         fetch = SpanDigests(
             span, disk_id=self.disk_id, pool=self.pool, chunk_bytes=self.chunk,
             region_bytes=self.region_bytes, baseline=self.progress.baseline, stats=self.stats,

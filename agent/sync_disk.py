@@ -301,8 +301,8 @@ class _SyncRun:
         at_ps = await self.pool.call(lambda client: client.state(self.disk_id))
         broken = (
             stream is None
-            or at_ps.resync_required
             or at_ps.generation > stream.generation
+            or (at_ps.resync_required and at_ps.generation == stream.generation)
             or (at_ps.generation == stream.generation and at_ps.acked_seq > stream.end_seq)
             or applied.generation > stream.generation
         )
