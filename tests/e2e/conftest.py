@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import Deployment, require_binary
-from tests.faults.daemons import RUNNING, Daemon, free_port
+from tests.faults.conftest import _no_daemon_outlives_its_test  # noqa: F401 - autouse here too
+from tests.faults.daemons import Daemon, free_port
 from tests.mastertarget.conftest import write_config
 from tests.processserver.test_api import write_ps_config
 
@@ -190,13 +190,6 @@ def start(site: Site) -> None:
     wait_listening(site.mt_port, site.mt)
     for port, daemon in zip(site.ps_ports, site.process_servers, strict=True):
         wait_listening(port, daemon)
-
-
-@pytest.fixture(autouse=True)
-def _no_daemon_outlives_its_test() -> Iterator[None]:
-    yield
-    while RUNNING:
-        RUNNING.pop().kill_if_running()
 
 
 def make_source(path: Path, size: int, extents: list[tuple[int, bytes]]) -> None:
