@@ -22,7 +22,7 @@ from pathlib import Path
 from protocol.limits import MiB
 from tests.conftest import Deployment
 from tests.e2e.conftest import DISK, Site, build_site, make_source, start
-from tests.faults.proxy import PausableProxy
+from tests.faults.pausable_proxy import PausableProxy
 
 SIZE = 128 * MiB
 #: One record (and one batch) per 4 MiB: many batches to be killed between.
