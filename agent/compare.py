@@ -232,3 +232,56 @@ def runs(indexes: list[int]) -> Iterator[tuple[int, int]]:
         previous = index
     if previous >= 0:
         yield first, previous - first + 1
+
+
+@dataclass
+class RangesPlan:
+    """Spans over some ranges of the disk only: a resync of the regions that
+    live capture marked dirty (agent/capture/).
+
+    A range of at most :data:`DENSE_SPAN_REGIONS` regions is asked for chunk
+    by chunk at once, in one request: it was written to, so it likely
+    differs. A longer one (after a new generation, the whole disk) is planned
+    as the whole-disk comparison is, by a :class:`ComparePlan` of its own.
+
+    Args:
+        ranges: ``(offset, length)``, sorted, apart, each starting at a
+            multiple of ``chunk_bytes`` and ending at one or at the disk's end.
+        region_bytes, chunk_bytes: as in the sync settings.
+    """
+
+    ranges: list[tuple[int, int]]
+    region_bytes: int
+    chunk_bytes: int
+    _next: int = field(init=False, default=0)
+    _current: ComparePlan | None = field(init=False, default=None)
+
+    @property
+    def decided(self) -> bool:
+        return self._current is None or self._current.decided
+
+    def observe(self, differed: bool) -> None:
+        if self._current is not None:
+            self._current.observe(differed)
+
+    def next_span(self) -> Span | None:
+        """The next span to ask for, or None after the last range."""
+        while True:
+            if self._current is not None:
+                span = self._current.next_span()
+                if span is not None:
+                    return span
+                self._current = None
+            if self._next >= len(self.ranges):
+                return None
+            offset, length = self.ranges[self._next]
+            self._next += 1
+            end = offset + length
+            if length > self.region_bytes * DENSE_SPAN_REGIONS:
+                self._current = ComparePlan(offset, end, self.region_bytes, self.chunk_bytes)
+                continue
+            regions = tuple(
+                Region(at, min(self.region_bytes, end - at))
+                for at in range(offset, end, self.region_bytes)
+            )
+            return Span(regions, Granularity.CHUNK)

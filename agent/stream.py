@@ -70,6 +70,10 @@ MAX_JOURNAL_BYTES: Final = 4 * 2**30
 STATE_POLL_S: Final = 0.5
 STATE_POLL_MIN_S: Final = 0.02
 STATE_POLL_MAX_S: Final = 0.25
+#: The ``details`` of a StreamBrokenError raised because the process server
+#: holds seqs this agent's journal does not reach (it was lost, or restored
+#: from an old backup): everything the master target received is still good.
+JOURNAL_BEHIND: Final = {"cause": "journal-behind"}
 
 
 @dataclass
@@ -194,6 +198,39 @@ class ReplicationStream:
         return cls(disk_id, state=state, pool=pool, journal=journal, record=record,
                    source=source, executor=executor)  # fmt: skip
 
+    @classmethod
+    async def create_after(
+        cls,
+        disk_id: str,
+        known: int,
+        *,
+        state: AgentState,
+        pool: ProcessServerPool,
+        journal_dir: Path,
+        source: SourceDisk | None,
+        executor: Executor,
+    ) -> ReplicationStream:
+        """Start a generation above ``known`` (the highest the caller knows of) — or
+        above the process server's, if another was started there meanwhile.
+
+        Raises:
+            as :meth:`create`.
+        """
+
+        async def start(generation: int) -> ReplicationStream:
+            return await cls.create(
+                disk_id, generation, state=state, pool=pool, journal_dir=journal_dir,
+                source=source, executor=executor,
+            )  # fmt: skip
+
+        try:
+            return await start(known + 1)
+        except StreamBrokenError as exc:
+            current = exc.details.get("current_generation")
+            if not isinstance(current, int):
+                raise
+            return await start(current + 1)
+
     # --- position ------------------------------------------------------------------------
 
     @property
@@ -225,13 +262,16 @@ class ReplicationStream:
         first_capture_ns: int,
         last_capture_ns: int,
         kind: EntryKind = EntryKind.INLINE,
+        wait: bool = True,
     ) -> JournalEntry:
         """Give ``records`` the next seqs, journal them as one batch, and queue it.
 
         ``kind`` is INLINE when the records' data exist nowhere else (live
         capture), SOURCE when every WRITE holds the source's bytes at its
-        offset now (a sync). Returns once the entry is durable; waits first
-        while too much is unacknowledged or journaled.
+        offset now (a sync). Returns once the entry is durable; with ``wait``,
+        waits first while too much is unacknowledged or journaled. Without it
+        (live capture bounds its journal itself) nothing waits, and a batch
+        above the memory bound is sent from the journal file.
 
         Raises:
             whatever stopped the sender (StreamBrokenError, ProcessServerUnavailableError, ...).
@@ -239,11 +279,8 @@ class ReplicationStream:
             DurabilityError: the journal write failed; nothing was queued.
         """
         async with self._changed:
-            await self._changed.wait_for(
-                lambda: self._error is not None
-                or (self._unacked_bytes < MAX_UNACKED_BYTES
-                    and self._journal.bytes < MAX_JOURNAL_BYTES)
-            )  # fmt: skip
+            if wait:
+                await self._changed.wait_for(lambda: self._error is not None or self.has_room)
             self._raise_if_failed()
         batch = encode(
             disk_id=self.disk_id, generation=self.generation, first_seq=self.end_seq + 1,
@@ -253,10 +290,36 @@ class ReplicationStream:
         loop = asyncio.get_running_loop()
         entry = await loop.run_in_executor(self._executor, self._journal.append, batch, kind)
         async with self._changed:
-            self._unacked[entry.first_seq] = batch.segments
-            self._unacked_bytes += batch.wire_bytes
+            if self._unacked_bytes < MAX_UNACKED_BYTES:
+                self._unacked[entry.first_seq] = batch.segments
+                self._unacked_bytes += batch.wire_bytes
             self._changed.notify_all()
         return entry
+
+    @property
+    def has_room(self) -> bool:
+        """Whether :meth:`append` would go on without waiting."""
+        return self._unacked_bytes < MAX_UNACKED_BYTES and self._journal.bytes < MAX_JOURNAL_BYTES
+
+    @property
+    def journal_bytes(self) -> int:
+        """Bytes of the journal entries not yet at the master target."""
+        return self._journal.bytes
+
+    async def wait_until(self, done: Callable[[], bool]) -> None:
+        """Until ``done()`` holds, checked whenever the stream moves (acks, trims, appends).
+
+        Raises:
+            whatever stopped the sender.
+        """
+        await self._wait(done)
+
+    async def wait_failed(self) -> BaseException:
+        """Until the sender stops on an error; that error."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._error is not None)
+            assert self._error is not None
+            return self._error
 
     async def wait_acked(self) -> None:
         """Until the process server has acknowledged every journaled batch."""
@@ -398,7 +461,8 @@ class ReplicationStream:
             raise StreamBrokenError(
                 f"disk {self.disk_id}: the process server expects seq {expected} of generation "
                 f"{self.generation}, but this agent gave out seqs only up to {self.end_seq}: "
-                "its state is older than the stream"
+                "its state is older than the stream",
+                details=JOURNAL_BEHIND,
             )
         if expected <= self._record.trimmed_seq:
             # It lags behind what the master target holds (it still ships
@@ -417,7 +481,8 @@ class ReplicationStream:
         if seq > self.end_seq:
             raise StreamBrokenError(
                 f"disk {self.disk_id}: the process server acknowledged seq {seq} of generation "
-                f"{self.generation}, but this agent gave out seqs only up to {self.end_seq}"
+                f"{self.generation}, but this agent gave out seqs only up to {self.end_seq}",
+                details=JOURNAL_BEHIND,
             )
         async with self._changed:
             self._acked = seq
@@ -452,7 +517,8 @@ class ReplicationStream:
         if state.acked_seq > self.end_seq:
             raise StreamBrokenError(
                 f"disk {self.disk_id}: {client.url} holds seqs up to {state.acked_seq} of "
-                f"generation {self.generation}, but this agent gave out only up to {self.end_seq}"
+                f"generation {self.generation}, but this agent gave out only up to {self.end_seq}",
+                details=JOURNAL_BEHIND,
             )
         if state.acked_seq > self._acked:
             await self._set_acked(state.acked_seq)

@@ -37,13 +37,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Final
+from typing import Final, Protocol
 
 from agent.client import ProcessServerClient, ProcessServerPool
 from agent.compare import (
     DIGEST_BYTES,
     ComparePlan,
     Granularity,
+    RangesPlan,
     Region,
     Span,
     differing_chunks,
@@ -192,25 +193,79 @@ class SpanDigests:
         self._stats.hash_requests += 1
 
 
+class PassOutput(Protocol):
+    """Where a pass's records go, and how it reads what it sends."""
+
+    async def read(self, pieces: list[tuple[int, int]]) -> list[bytearray]:
+        """The source's bytes of each ``(offset, length)``, to be sent."""
+
+    async def append(
+        self, records: list[Write | Zero], *, final: bool, capture_ns: tuple[int, int]
+    ) -> None:
+        """Journal and send ``records``; ``final`` for the pass's last batch."""
+
+    async def save(self, progress: SyncProgress) -> None:
+        """Keep the pass's progress (its cursor, whether its window is open)."""
+
+    async def finish(self) -> None:
+        """The pass is over: its progress is no longer needed."""
+
+
+@dataclass
+class SyncOutput:
+    """The output of ``agent sync``: batches journaled by reference to the source
+    (``.brs``), flagged RESYNC and, the last, RESYNC_END; progress kept in the
+    state database so that an interrupted pass goes on where it stopped."""
+
+    disk_id: str
+    source: SourceDisk
+    stream: ReplicationStream
+    state: AgentState
+    executor: ThreadPoolExecutor
+
+    async def read(self, pieces: list[tuple[int, int]]) -> list[bytearray]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, _read_pieces, self.source, pieces)
+
+    async def append(
+        self, records: list[Write | Zero], *, final: bool, capture_ns: tuple[int, int]
+    ) -> None:
+        await self.stream.append(
+            records, flags=RESYNC_END if final else RESYNC, first_capture_ns=capture_ns[0],
+            last_capture_ns=capture_ns[1], kind=EntryKind.SOURCE,
+        )  # fmt: skip
+
+    async def save(self, progress: SyncProgress) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self.state.put_sync, self.disk_id, progress)
+
+    async def finish(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self.state.delete_sync, self.disk_id)
+
+
 @dataclass
 class SyncPass:
-    """One pass of a sync over ``source``, from ``progress.cursor`` to the end.
+    """One pass of a sync over ``source``, from ``progress.cursor`` to the end
+    (or over the ranges of ``plan``).
 
     Args:
+        output: where the records go (:class:`SyncOutput` for ``agent sync``).
+        plan: which parts of the disk to compare; the whole disk from the
+            cursor by default.
         on_progress: called with the bytes compared so far (resumed part
             included) after each region.
     """
 
     disk_id: str
     source: SourceDisk
-    stream: ReplicationStream
     pool: ProcessServerPool
-    state: AgentState
     progress: SyncProgress
     region_bytes: int
     batch_bytes: int
-    executor: ThreadPoolExecutor
     hash_executor: ThreadPoolExecutor
+    output: PassOutput
+    plan: ComparePlan | RangesPlan | None = None
     on_progress: Callable[[int], None] = lambda _: None
     stats: PassStats = field(default_factory=PassStats)
     _records: list[Write | Zero] = field(default_factory=list)
@@ -235,7 +290,9 @@ class SyncPass:
         """
         self._processed_to = self.progress.cursor
         buffer = bytearray(READ_PIECE_BYTES)
-        plan = ComparePlan(self.progress.cursor, self.source.size, self.region_bytes, self.chunk)
+        plan = self.plan or ComparePlan(
+            self.progress.cursor, self.source.size, self.region_bytes, self.chunk
+        )
         queue: asyncio.Queue[asyncio.Future[RegionDiff] | None] = asyncio.Queue(REGIONS_AHEAD)
         producer = asyncio.create_task(self._produce(plan, queue, buffer), name="compare")
         try:
@@ -255,7 +312,7 @@ class SyncPass:
 
     async def _produce(
         self,
-        plan: ComparePlan,
+        plan: ComparePlan | RangesPlan,
         queue: asyncio.Queue[asyncio.Future[RegionDiff] | None],
         buffer: bytearray,
     ) -> None:
@@ -290,7 +347,12 @@ class SyncPass:
         return fetch
 
     async def _diff(
-        self, plan: ComparePlan, fetch: SpanDigests, index: int, region: Region, buffer: bytearray
+        self,
+        plan: ComparePlan | RangesPlan,
+        fetch: SpanDigests,
+        index: int,
+        region: Region,
+        buffer: bytearray,
     ) -> RegionDiff:
         """Which chunks of ``region`` differ; the plan learns whether any did as soon as known."""
         loop = asyncio.get_running_loop()
@@ -310,13 +372,12 @@ class SyncPass:
             self._observe(plan, differed=bool(chunks))
         return RegionDiff(region, chunks)
 
-    def _observe(self, plan: ComparePlan, *, differed: bool) -> None:
+    def _observe(self, plan: ComparePlan | RangesPlan, *, differed: bool) -> None:
         plan.observe(differed)
         self._observed.set()
 
     async def _emit(self, diff: RegionDiff) -> None:
         self.stats.differing_chunks += len(diff.chunks)
-        loop = asyncio.get_running_loop()
         pieces: list[tuple[int, int]] = []
         for first, count in runs(diff.chunks):
             start = diff.region.offset + first * self.chunk
@@ -324,10 +385,10 @@ class SyncPass:
             for piece in range(start, end, READ_FOR_SEND_BYTES):
                 pieces.append((piece, min(READ_FOR_SEND_BYTES, end - piece)))
         for group in _groups(pieces, READ_GROUP_BYTES):
-            datas = await loop.run_in_executor(self.executor, _read_pieces, self.source, group)
+            datas = await self.output.read(group)
             now = time.time_ns()
             for (offset, _), data in zip(group, datas, strict=True):
-                for record in _records_of(offset, data, self.chunk):
+                for record in records_of(offset, data, self.chunk):
                     await self._add(record, now)
         await self._flush_lingering()
         self.stats.compared_bytes += diff.region.length
@@ -377,11 +438,7 @@ class SyncPass:
         if not self.progress.window_open:
             # Durable before the first RESYNC batch: a resumed pass must end the window.
             await self._save(self.progress.cursor, window_open=True)
-        await self.stream.append(
-            self._records, flags=RESYNC_END if final else RESYNC,
-            first_capture_ns=self._capture_ns[0], last_capture_ns=self._capture_ns[1],
-            kind=EntryKind.SOURCE,
-        )  # fmt: skip
+        await self.output.append(self._records, final=final, capture_ns=self._capture_ns)
         self.stats.batches += 1
         self._records, self._payload = [], 0
         if not final:
@@ -393,8 +450,7 @@ class SyncPass:
             self.progress.generation, self.progress.source, self.progress.source_size,
             self.chunk, cursor, opened, self.progress.started_ns, self.progress.baseline,
         )  # fmt: skip
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self.state.put_sync, self.disk_id, moved)
+        await self.output.save(moved)
         self.progress = moved
         self._saved_at = time.monotonic()
 
@@ -404,17 +460,13 @@ class SyncPass:
             # Nothing left to send, but the window is open: send the disk's
             # last chunk again, as it reads now, to carry RESYNC_END.
             offset = (self.source.size - 1) // self.chunk * self.chunk
-            loop = asyncio.get_running_loop()
-            data = await loop.run_in_executor(
-                self.executor, self.source.read, offset, self.source.size - offset
-            )
-            for record in _records_of(offset, data, self.chunk):
+            (data,) = await self.output.read([(offset, self.source.size - offset)])
+            for record in records_of(offset, data, self.chunk):
                 self._records.append(record)
             self._capture_ns = (time.time_ns(), time.time_ns())
         if self._records:
             await self._journal(final=True, cursor=self.source.size)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self.state.delete_sync, self.disk_id)
+        await self.output.finish()
 
 
 def _groups(pieces: list[tuple[int, int]], most: int) -> Iterator[list[tuple[int, int]]]:
@@ -435,7 +487,7 @@ def _read_pieces(source: SourceDisk, pieces: list[tuple[int, int]]) -> list[byte
     return [source.read(offset, length) for offset, length in pieces]
 
 
-def _records_of(offset: int, data: bytearray, chunk: int) -> Iterator[Write | Zero]:
+def records_of(offset: int, data: bytearray, chunk: int) -> Iterator[Write | Zero]:
     """ZERO records for the all-zero chunks of ``data``, WRITEs for the rest, merged."""
     view = memoryview(data)
     zeros = bytes(chunk)

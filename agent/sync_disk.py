@@ -41,7 +41,7 @@ from agent.errors import (
 from agent.source import SourceDisk
 from agent.state import AgentState, DiskLock, SyncProgress
 from agent.stream import ReplicationStream
-from agent.sync import PassStats, SyncPass, executors
+from agent.sync import PassStats, SyncOutput, SyncPass, executors
 from protocol.sequencing import StreamPosition
 from runtime.errors import InvalidArgumentError
 from runtime.tls import client_context
@@ -203,11 +203,11 @@ class _SyncRun:
         try:
             first_seq = stream.end_seq + 1
             settings = self.config.sync
+            output = SyncOutput(self.disk_id, self.source, stream, self.state, self.general)
             sync = SyncPass(
-                disk_id=self.disk_id, source=self.source, stream=stream, pool=self.pool,
-                state=self.state, progress=begin.progress, region_bytes=settings.region_bytes,
-                batch_bytes=settings.batch_bytes, executor=self.general,
-                hash_executor=self.hashing,
+                disk_id=self.disk_id, source=self.source, pool=self.pool,
+                progress=begin.progress, region_bytes=settings.region_bytes,
+                batch_bytes=settings.batch_bytes, hash_executor=self.hashing, output=output,
                 on_progress=lambda done: self._progress(done, stream, ""),
             )  # fmt: skip
             await sync.run()
@@ -309,7 +309,7 @@ class _SyncRun:
         chunk = self.config.sync.chunk_bytes
         if broken:
             known = max(stream.generation if stream else 0, at_ps.generation, applied.generation)
-            stream = await self._new_generation(known + 1)
+            stream = await self._new_generation(known)
             progress = self._new_progress(stream.generation, chunk, NO_BASELINE)
             await self._save(progress)
             stream.start()
@@ -331,21 +331,11 @@ class _SyncRun:
         await self._save(progress)
         return _Start(stream, progress, new_generation=False, resumed=False)
 
-    async def _new_generation(self, generation: int) -> ReplicationStream:
-        try:
-            return await self._create(generation)
-        except StreamBrokenError as exc:  # another generation was started meanwhile
-            current = exc.details.get("current_generation")
-            if not isinstance(current, int):
-                raise
-            return await self._create(current + 1)
-
-    async def _create(self, generation: int) -> ReplicationStream:
+    async def _new_generation(self, known: int) -> ReplicationStream:
         await self._delete_progress()
-        return await ReplicationStream.create(
-            self.disk_id, generation, state=self.state, pool=self.pool,
-            journal_dir=self.journal_dir, source=self.source,
-            executor=self.general,
+        return await ReplicationStream.create_after(
+            self.disk_id, known, state=self.state, pool=self.pool,
+            journal_dir=self.journal_dir, source=self.source, executor=self.general,
         )  # fmt: skip
 
     def _new_progress(self, generation: int, chunk: int, baseline: StreamPosition) -> SyncProgress:
