@@ -13,7 +13,14 @@ from urllib.parse import urlsplit
 
 from protocol.errors import MalformedError
 from protocol.limits import MAX_BATCH_PAYLOAD, MAX_WRITE_BYTES, GiB, KiB, MiB, check_id
-from runtime.config import FieldValueError, LoggingConfig, MetricsListen, TlsFiles, load_config
+from runtime.config import (
+    MAX_TIMEOUT_S,
+    FieldValueError,
+    LoggingConfig,
+    MetricsListen,
+    TlsFiles,
+    load_config,
+)
 
 #: The agent's metrics listener (DESIGN.md).
 DEFAULT_METRICS_PORT: Final = 9103
@@ -50,6 +57,23 @@ DEFAULT_CONNECT_TIMEOUT_S: Final = 10.0
 #: Seconds without progress (no acknowledgement, no answer) on any process
 #: server after which a command gives up with an error.
 DEFAULT_GIVE_UP_AFTER_S: Final = 600.0
+
+#: Journal bytes live capture keeps for batches not yet at the master target,
+#: beyond which writes are only marked dirty and resynced later. 2 GiB hold
+#: about 2 minutes of a server writing 16 MiB/s while a process server
+#: restarts or a link drops; a longer outage costs a resync of the regions
+#: written meanwhile, never lost data.
+DEFAULT_CAPTURE_JOURNAL_BYTES: Final = 2 * GiB
+#: The least that works: four of the largest records. A resync batch is
+#: appended only below half of the bound and holds at most one of them, so
+#: a resync alone never fills the journal and live writes keep room.
+MIN_CAPTURE_JOURNAL_BYTES: Final = 4 * MAX_WRITE_BYTES
+#: Seconds nbdkit may take to start and listen: it loads Python and the plugin.
+DEFAULT_NBDKIT_START_TIMEOUT_S: Final = 30.0
+#: The longest a tag round may hold a disk's writes if its coordinator goes
+#: silent: writes wait while held, so a dead coordinator must not stall the
+#: machine for more than a few seconds.
+DEFAULT_HOLD_MAX_S: Final = 10.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -115,6 +139,33 @@ class SyncSettings:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class CaptureSettings:
+    """How ``agent capture`` runs (docs/operations.md, "Live capture").
+
+    Args:
+        journal_max_bytes: journal bytes above which writes are only marked
+            dirty (and resynced once the journal drained to half of it).
+        nbdkit: the nbdkit program (default: ``nbdkit`` on the PATH).
+        start_timeout_s: how long nbdkit may take to listen.
+        hold_max_s: the longest a tag round may hold this disk's writes.
+    """
+
+    journal_max_bytes: int = DEFAULT_CAPTURE_JOURNAL_BYTES
+    nbdkit: Path | None = None
+    start_timeout_s: float = DEFAULT_NBDKIT_START_TIMEOUT_S
+    hold_max_s: float = DEFAULT_HOLD_MAX_S
+
+    def __post_init__(self) -> None:
+        if self.journal_max_bytes < MIN_CAPTURE_JOURNAL_BYTES:
+            raise FieldValueError(
+                "journal_max_bytes",
+                f"expected at least {MIN_CAPTURE_JOURNAL_BYTES}, found {self.journal_max_bytes}",
+            )
+        _check_seconds("start_timeout_s", self.start_timeout_s)
+        _check_seconds("hold_max_s", self.hold_max_s)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class AgentConfig:
     """Everything the agent's commands need.
 
@@ -136,6 +187,7 @@ class AgentConfig:
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     give_up_after_s: float = DEFAULT_GIVE_UP_AFTER_S
     sync: SyncSettings = dataclasses.field(default_factory=SyncSettings)
+    capture: CaptureSettings = dataclasses.field(default_factory=CaptureSettings)
     metrics: MetricsListen = dataclasses.field(
         default_factory=lambda: MetricsListen(port=DEFAULT_METRICS_PORT)
     )
@@ -160,6 +212,11 @@ class AgentConfig:
     def disk(self, disk_id: str) -> AgentDisk | None:
         """The configured disk ``disk_id``, or None."""
         return next((disk for disk in self.disks if disk.id == disk_id), None)
+
+
+def _check_seconds(name: str, value: float) -> None:
+    if not 0 < value <= MAX_TIMEOUT_S:
+        raise FieldValueError(name, f"expected 0 < seconds <= {MAX_TIMEOUT_S:g}, found {value}")
 
 
 def _check_url(url: str) -> None:

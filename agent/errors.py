@@ -105,3 +105,10 @@ class StreamBrokenError(AgentError):
 
     code = "stream-broken"
     exit_code = 75  # EX_TEMPFAIL
+
+
+class CaptureError(AgentError):
+    """Live capture cannot run: nbdkit or its plugin failed, or broke the capture socket."""
+
+    code = "capture"
+    exit_code = 71  # EX_OSERR: a program it needs failed; a restart may mend it

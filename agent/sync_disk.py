@@ -29,6 +29,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
+from agent.capture.dirty import (
+    CleanMarker,
+    create_map,
+    forget_map,
+    map_path,
+    marker_path,
+    write_marker,
+)
 from agent.client import ProcessServerClient, ProcessServerPool
 from agent.config import AgentConfig
 from agent.errors import (
@@ -182,6 +190,11 @@ class _SyncRun:
         self.journal_dir = config.state_dir / "journal" / disk_id
 
     async def attempts(self, started: float) -> SyncReport:
+        # What live capture knew of the disk's dirty regions does not hold
+        # while the disk is compared: a capture after an interrupted sync
+        # compares the whole disk; after a finished one, nothing.
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.general, forget_map, self.config.state_dir, self.disk_id)
         force_new = False
         for attempt in range(1, PASS_ATTEMPTS + 1):
             try:
@@ -213,9 +226,19 @@ class _SyncRun:
             await sync.run()
             self._progress(self.source.size, stream, "waiting for the master target")
             await stream.wait_shipped()
+            marker = CleanMarker(stream.generation, stream.end_seq)
+            await asyncio.get_running_loop().run_in_executor(
+                self.general, self._leave_clean, marker
+            )
             return self._report(begin, sync.stats, first_seq, attempt, started)
         finally:
             await stream.close()
+
+    def _leave_clean(self, marker: CleanMarker) -> None:
+        """The target equals the source: a capture may start from a clean dirty map."""
+        state_dir = self.config.state_dir
+        create_map(map_path(state_dir, self.disk_id), self.source.size, dirty=False)
+        write_marker(marker_path(state_dir, self.disk_id), marker)
 
     def _progress(self, done: int, stream: ReplicationStream, phase: str) -> None:
         self.report(done, self.source.size, stream.stats.sent_bytes, phase)

@@ -9,7 +9,7 @@ from pathlib import Path
 import uvloop
 
 from agent import config as agent_config
-from agent.commands import CommandResult, Subparsers
+from agent.commands import CommandResult, Subparsers, capture
 from agent.progress import ProgressLine, human_bytes, human_duration
 from agent.sync_disk import SyncReport, sync_disk
 from runtime.logs import setup_logging
@@ -18,7 +18,7 @@ from runtime.logs import setup_logging
 def add_parser(
     subparsers: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser
 ) -> None:
-    """Add ``agent sync``."""
+    """Add ``agent sync``, ``capture`` and ``status``."""
     group = subparsers.add_parser(
         "agent",
         help="replicate this machine's disks",
@@ -46,6 +46,7 @@ def add_parser(
         help="the block device or raw image to read (default: the disk's source in the config)",
     )
     sync.set_defaults(handler=run_sync)
+    capture.add_commands(commands, common)
 
 
 def run_sync(args: argparse.Namespace) -> CommandResult:

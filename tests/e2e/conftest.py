@@ -59,14 +59,16 @@ class Site:
     agent_config: Path
     state_dir: Path
     target: Path
+    #: every disk's target, by disk id
+    targets: dict[str, Path] = field(default_factory=dict)
     context: ssl.SSLContext = field(init=False)
 
     def __post_init__(self) -> None:
         self.context = self.deployment.client_tls("ps01")
 
-    def mt_state(self) -> dict[str, Any]:
+    def mt_state(self, disk: str = DISK) -> dict[str, Any]:
         """The master target's state of the disk (docs/api.md)."""
-        url = f"https://127.0.0.1:{self.mt_port}/v1/disks/{DISK}/state"
+        url = f"https://127.0.0.1:{self.mt_port}/v1/disks/{disk}/state"
         with urllib.request.urlopen(url, context=self.context, timeout=10) as answer:
             state: dict[str, Any] = json.loads(answer.read())
             return state
@@ -79,11 +81,13 @@ class Site:
             state: dict[str, Any] = json.loads(answer.read())
             return state
 
-    def wait_applied(self, generation: int, seq: int, timeout: float = 60.0) -> dict[str, Any]:
+    def wait_applied(
+        self, generation: int, seq: int, timeout: float = 60.0, disk: str = DISK
+    ) -> dict[str, Any]:
         """Until the master target has applied ``seq`` of ``generation``; its state then."""
         deadline = time.monotonic() + timeout
         while True:
-            state = self.mt_state()
+            state = self.mt_state(disk)
             applied = (state["applied_generation"], state["applied_seq"])
             if applied >= (generation, seq):
                 return state
@@ -106,11 +110,12 @@ class Site:
         report: dict[str, Any] = json.loads(result.stdout)
         return report
 
-    def assert_identical(self, source: Path) -> None:
+    def assert_identical(self, source: Path, target: Path | None = None) -> None:
         """``qemu-img compare`` of the source and the target says identical."""
         qemu_img = require_binary("qemu-img")
+        target = target or self.target
         result = subprocess.run(
-            [qemu_img, "compare", "-f", "raw", "-F", "raw", str(source), str(self.target)],
+            [qemu_img, "compare", "-f", "raw", "-F", "raw", str(source), str(target)],
             capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
         assert result.returncode == 0, result.stdout + result.stderr
@@ -124,20 +129,25 @@ def build_site(
     process_servers: int = 1,
     sync: dict[str, int] | None = None,
     mt_url_of: dict[int, str] | None = None,
+    disks: tuple[str, ...] = (DISK,),
+    agent_tables: dict[str, dict[str, object]] | None = None,
 ) -> Site:
     """Write the configs of a site; start nothing.
 
     Args:
         mt_url_of: the master target URL a process server (by index) uses, to
             put a proxy between them.
+        disks: the machine's disks (vm01 may write vm01-d0 and vm01-d1).
+        agent_tables: more tables of the agent's config (``{"capture": {...}}``).
     """
     mt_root = root / "mt"
     mt_root.mkdir(parents=True)
     mt_port = free_port()
-    target = mt_root / f"{DISK}.raw"
+    targets = {disk: mt_root / f"{disk}.raw" for disk in disks}
     mt_conf = write_config(
         deployment, mt_root,
-        [{"id": DISK, "target": target, "create": True, "size_bytes": size}],
+        [{"id": disk, "target": targets[disk], "create": True, "size_bytes": size}
+         for disk in disks],
     )  # fmt: skip
     with mt_conf.open("a") as extra:
         extra.write(f'[listen]\nhost = "127.0.0.1"\nport = {mt_port}\n')
@@ -171,15 +181,28 @@ def build_site(
         "[sync]",
         *(f"{key} = {value}" for key, value in (sync or {}).items()),
         "[logging]",
-        'level = "warning"',
-        "[[disks]]",
-        f'id = "{DISK}"',
+        'level = "info"',
     ]
+    for table, values in (agent_tables or {}).items():
+        lines.append(f"[{table}]")
+        lines += [f"{key} = {_toml(value)}" for key, value in values.items()]
+    for disk in disks:
+        lines += ["[[disks]]", f'id = "{disk}"']
     agent_config = root / "agent.toml"
     agent_config.write_text("\n".join(lines) + "\n")
     return Site(
-        deployment, root, size, mt_port, mt, ps_ports, daemons, agent_config, state_dir, target
-    )
+        deployment, root, size, mt_port, mt, ps_ports, daemons, agent_config, state_dir,
+        targets[disks[0]], targets,
+    )  # fmt: skip
+
+
+def _toml(value: object) -> str:
+    """A TOML value: strings quoted, lists of them as arrays."""
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def start(site: Site) -> None:

@@ -1,10 +1,11 @@
-"""The daemons run as the units run them: without any capability
+"""The daemons and the agent's capture run as the units run them: without any capability
 (CapabilityBoundingSet= empty), without gaining privileges (NoNewPrivileges=)
 and without writable-and-executable memory (MemoryDenyWriteExecute=). No
 systemd runs here, so setpriv(1) and prctl(2) impose the same limits."""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import subprocess
 import sys
@@ -14,6 +15,12 @@ import aiohttp
 import pytest
 
 from tests.conftest import Deployment, require_binary, require_root
+from tests.e2e.capture import (
+    CaptureProcess,
+    _no_capture_outlives_its_test,  # noqa: F401 - autouse here
+    require_capture_peers,
+)
+from tests.e2e.conftest import build_site, make_source, start
 from tests.faults.daemons import Daemon
 
 from .running import Ports, mt_config_text, ps_config_text, wait_ready
@@ -99,3 +106,33 @@ async def test_the_daemons_need_no_capability_and_no_writable_code(
     async with aiohttp.ClientSession() as plain, plain.get(f"{ports.metrics_url}/metrics") as m:
         assert b"process_start_time_seconds" in await m.read()
     assert daemon.stop() == 0
+
+
+async def test_the_capture_runs_without_capability_and_writable_code(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """nbdkit, its embedded Python and the plugin's ctypes calls, as blockrepl-agent@ runs them."""
+    require_root("setpriv empties the capability bounding set")
+    if not _mdwe_supported():
+        pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3 and later)")
+    require_capture_peers()
+    setpriv = require_binary("setpriv")
+    site = build_site(deployment, tmp_path, size=8 * 2**20)
+    source = tmp_path / "source.raw"
+    make_source(source, 8 * 2**20, [(0, b"data" * 1024)])
+    await asyncio.to_thread(start, site)
+    capture = CaptureProcess(
+        site, source, preexec=_deny_write_execute,
+        wrapper=(setpriv, "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all",
+                 "--ambient-caps=-all", "--"),
+    )  # fmt: skip
+    await asyncio.to_thread(capture.start)
+    assert capture.proc is not None
+    caps = capabilities(capture.proc.pid)
+    assert {caps[k] for k in ("CapPrm", "CapEff", "CapBnd", "CapAmb")} == {"0000000000000000"}
+    await asyncio.to_thread(capture.qemu_io, "write -P 3 0 64k", "write -z 1M 1M", "discard 2M 1M")
+    await asyncio.to_thread(capture.settle)
+    site.assert_identical(source)
+    status, report = await asyncio.to_thread(capture.stop)
+    assert status == 0
+    assert report["clean_stop"] is True

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.capture.daemon import DRAIN_TIMEOUT_S, NBDKIT_STOP_TIMEOUT_S
 from mastertarget.daemon import SHUTDOWN_GRACE_S as MT_GRACE_S
 from processserver.daemon import SHUTDOWN_GRACE_S as PS_GRACE_S
 from runtime.inflight import CANCEL_TIMEOUT_S
@@ -65,6 +66,10 @@ def test_the_units_are_the_three_daemons() -> None:
     ]  # fmt: skip
 
 
+#: No unit needs a capability.
+CAPABILITIES: dict[str, str] = {}
+
+
 def test_systemd_analyze_verify_passes() -> None:
     analyze = require_binary("systemd-analyze")
     result = subprocess.run(
@@ -96,11 +101,13 @@ def test_each_unit_is_a_hardened_notify_service(path: Path) -> None:
     assert service["User"].startswith("blockrepl-")
     assert service["Group"] == "blockrepl"
     for key, expected in {
-        "ProtectSystem": "strict", "NoNewPrivileges": "yes", "CapabilityBoundingSet": "",
+        "ProtectSystem": "strict", "NoNewPrivileges": "yes",
+        "CapabilityBoundingSet": CAPABILITIES.get(path.name, ""),
         "PrivateTmp": "yes", "ProtectHome": "yes", "MemoryDenyWriteExecute": "yes",
         "UMask": "0077", "RestrictNamespaces": "yes", "SystemCallArchitectures": "native",
     }.items():  # fmt: skip
         assert service[key] == expected, key
+    assert values(service, "AmbientCapabilities") in ([], [""], [CAPABILITIES.get(path.name)])
     assert values(service, "SystemCallFilter")[0] == "@system-service"
     assert service["ExecStart"].startswith("/usr/bin/env ")
     assert "/opt/blockrepl/bin" in service["Environment"]
@@ -130,6 +137,12 @@ def test_stop_timeout_leaves_room_for_the_drain(name: str, grace_s: float) -> No
     drain = grace_s + 2 * CANCEL_TIMEOUT_S + METRICS_CLOSE_S
     assert seconds(service["TimeoutStopSec"]) >= drain + 10
     assert seconds(service["WatchdogSec"]) >= 30  # pinged every half of it from the loop
+
+
+def test_the_capture_stop_timeout_leaves_room_for_nbdkit_and_the_drain() -> None:
+    """nbdkit finishes the writes in flight, then the agent answers what it received."""
+    service = unit(SYSTEMD / "blockrepl-agent@.service")["Service"]
+    assert seconds(service["TimeoutStopSec"]) >= NBDKIT_STOP_TIMEOUT_S + DRAIN_TIMEOUT_S + 10
 
 
 def test_reload_sends_sighup() -> None:

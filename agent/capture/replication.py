@@ -1,0 +1,517 @@
+"""A captured disk's stream: live writes, resyncs and tags, in one order.
+
+:class:`CaptureReplication` owns the disk's :class:`~agent.stream.ReplicationStream`
+and decides, for each group of requests from the plugin, whether it is
+journaled (acknowledged JOURNALED) or only left dirty (DIRTY) — never lost:
+
+- **journaling**: the stream is up and its journal under ``journal_max_bytes``;
+- **overflow**: the journal reached ``journal_max_bytes`` (a process server
+  away for long): requests are left dirty until it drained to half, then a
+  resync sends the regions written meanwhile;
+- **down**: no stream (being started or started again, a new generation
+  being made, a process server refusing): requests are left dirty.
+
+A request left dirty means the target misses a write that later ones may
+follow: from then until a resync pass ends, every batch carries the stream
+flag RESYNC (the *window*), so the master target offers no recovery point
+there (DESIGN.md invariant 6). The pass's last batch carries RESYNC_END.
+
+The plugin keeps the dirty map; this side tells it what became clean:
+SHIPPED once the master target holds a batch of live requests, RESYNCED once
+it holds a resync pass. A new generation turns every journaled request not
+yet shipped into a region to resync (PENDING with flag LIVE): its journal is
+gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from agent.capture.plugin import wire
+from agent.capture.plugin.dirtymap import Geometry, merge_regions
+from agent.capture.records import Request, pack, records_of, regions_of
+from agent.client import ProcessServerPool
+from agent.config import AgentConfig
+from agent.errors import (
+    JournalError,
+    ProcessServerUnavailableError,
+    StreamBrokenError,
+)
+from agent.journal import EntryKind
+from agent.source import SourceDisk
+from agent.state import AgentState
+from agent.stream import JOURNAL_BEHIND, ReplicationStream
+from protocol.errors import BlockreplError
+from protocol.limits import MAX_BATCH_PAYLOAD
+from protocol.records import NO_FLAGS, Record, StreamFlags, Tag, Write, Zero
+from protocol.sequencing import StreamPosition
+
+log = logging.getLogger("blockrepl.agent.capture")
+
+#: Payload a batch of live requests is filled to at most: a group commit of
+#: many small writes makes few, large batches (few fsyncs everywhere after).
+LIVE_BATCH_BYTES: Final = 16 * 2**20
+#: Room kept below the batch limit for the record table.
+TABLE_RESERVE_BYTES: Final = 2 * 2**20
+#: What a batch of capture is filled to.
+BATCH_PAYLOAD_BYTES: Final = min(LIVE_BATCH_BYTES, MAX_BATCH_PAYLOAD - TABLE_RESERVE_BYTES)
+#: Seconds between looks at what the master target holds, to tell the plugin
+#: which regions are clean: as often as the stream itself asks.
+SHIP_POLL_S: Final = 0.2
+#: Seconds before a stream that a process server refused (or whose journal
+#: could not be written) is tried again: long enough not to flood the logs.
+REOPEN_AFTER_S: Final = 30.0
+#: Seconds before a new generation is asked for again when no process
+#: server answered.
+RETRY_AFTER_S: Final = 5.0
+#: The position before any generation.
+NOTHING_YET: Final = StreamPosition(0, 0)
+RESYNC: Final = StreamFlags.RESYNC
+RESYNC_END: Final = StreamFlags.RESYNC | StreamFlags.RESYNC_END
+
+
+class Mode(enum.Enum):
+    JOURNALING = "journaling"
+    OVERFLOW = "overflow"
+    DOWN = "down"
+
+
+@dataclass(frozen=True, slots=True)
+class NewGeneration:
+    """What the next stream must be: a new generation; ``full`` compares the whole disk."""
+
+    full: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Reopen:
+    """The same generation, from the journal, after ``delay_s``."""
+
+    delay_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class ShipAction:
+    """A frame for the plugin once the master target holds seq ``seq`` of ``generation``."""
+
+    generation: int
+    seq: int
+    frame: wire.Frame
+
+
+@dataclass
+class CaptureStats:
+    """What capture did since it started."""
+
+    write_requests: int = 0
+    zero_requests: int = 0
+    trim_requests: int = 0
+    failed_requests: int = 0
+    requested_bytes: int = 0
+    journaled_requests: int = 0
+    dirty_requests: int = 0
+    data_bytes: int = 0
+    zero_bytes: int = 0
+    batches: int = 0
+    tags: int = 0
+    generations_started: int = 0
+    overflows: int = 0
+    resync_passes: int = 0
+    resync_regions: int = 0
+    resync_compared_bytes: int = 0
+    resync_data_bytes: int = 0
+    resync_zero_bytes: int = 0
+    resync_refreshed: int = 0
+
+
+#: Asks the plugin to mark ranges pending (PENDING), returns what is pending then.
+MarkPending = Callable[[list[tuple[int, int]], int, bool], Awaitable[list[tuple[int, int]]]]
+
+
+@dataclass
+class CaptureReplication:
+    """The stream side of one captured disk.
+
+    Args:
+        send: queues a frame to the plugin.
+        mark_pending: sends PENDING and waits for PENDING_DONE.
+    """
+
+    disk_id: str
+    config: AgentConfig
+    state: AgentState
+    pool: ProcessServerPool
+    source: SourceDisk
+    geometry: Geometry
+    executor: ThreadPoolExecutor
+    send: Callable[[wire.Frame], None]
+    mark_pending: MarkPending
+    #: one appender at a time: a group of requests, a resync batch, or a tag round
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    stream: ReplicationStream | None = None
+    #: regions that need a resync (the plugin keeps the same, durably)
+    pending: set[int] = field(default_factory=set)
+    #: regions the resync pass under way took from :attr:`pending`
+    resyncing: int = 0
+    #: every batch carries RESYNC until a pass ends the window
+    window_open: bool = False
+    #: the highest request id seen from the plugin
+    received_rid: int = 0
+    stats: CaptureStats = field(default_factory=CaptureStats)
+    next_stream: NewGeneration | Reopen | None = None
+    _overflow: bool = False
+    _ship_actions: deque[ShipAction] = field(default_factory=deque)
+    #: counts live appends; regions -> the count at their latest live append,
+    #: kept while a resync pass runs (it re-reads what changed after it read)
+    stamp: int = 0
+    live_stamps: dict[int, int] | None = None
+    _failures: dict[int, BaseException] = field(default_factory=dict)
+    #: what the master target is known to hold from before the current
+    #: generation: a pass compares digests only once it is applied
+    floor: StreamPosition = NOTHING_YET
+    #: grows at every change of the stream, the mode or the pending regions
+    version: int = 0
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.config.state_dir / "journal" / self.disk_id
+
+    @property
+    def journal_max_bytes(self) -> int:
+        return self.config.capture.journal_max_bytes
+
+    @property
+    def mode(self) -> Mode:
+        if self.stream is None:
+            return Mode.DOWN
+        return Mode.OVERFLOW if self._overflow else Mode.JOURNALING
+
+    def changed(self) -> None:
+        """Wake whoever waits for the stream, the mode or the pending regions to change."""
+        self.version += 1
+        self._changed.set()
+
+    async def wait_change(self, seen: int) -> None:
+        """Until :attr:`version` is no longer ``seen`` (read it before looking at the state)."""
+        while self.version == seen:
+            self._changed.clear()
+            await self._changed.wait()
+
+    # --- requests ------------------------------------------------------------------------
+
+    def received(self, request: Request) -> None:
+        """A request came from the plugin (before it is committed)."""
+        frame = request.frame
+        self.received_rid = max(self.received_rid, frame.rid)
+        if frame.type is wire.FrameType.WRITE:
+            self.stats.write_requests += 1
+        elif frame.flags & wire.WriteFlags.TRIM:
+            self.stats.trim_requests += 1
+        else:
+            self.stats.zero_requests += 1
+        self.stats.requested_bytes += frame.length
+
+    def failed(self, frame: wire.Frame) -> None:
+        """The source write of a request failed: its range needs a resync."""
+        self.received_rid = max(self.received_rid, frame.rid)
+        self.stats.failed_requests += 1
+        self.pending.update(self.geometry.regions_of(frame.offset, frame.length))
+        self.window_open = True
+        self.changed()
+
+    async def commit(self, requests: Sequence[Request]) -> wire.AckStatus:
+        """Journal ``requests`` as batches (group commit), or leave their regions dirty."""
+        async with self.lock:
+            stream = self.stream
+            if stream is None or self._full(stream):
+                return self._leave_dirty(requests)
+            records = [record for request in requests for record in records_of(request)]
+            capture_ns = (requests[0].received_ns, requests[-1].received_ns)
+            try:
+                data, zeros = await self.append_batches(stream, records, self._flags(), capture_ns)
+            except BlockreplError as exc:
+                self.report_failure(stream, exc)
+                return self._leave_dirty(requests)
+            self.stamp += 1
+            if self.live_stamps is not None:
+                for region in regions_of(self.geometry, requests):
+                    self.live_stamps[region] = self.stamp
+            shipped = wire.Frame(wire.FrameType.SHIPPED, rid=requests[-1].rid)
+            self._ship_actions.append(ShipAction(stream.generation, stream.end_seq, shipped))
+            self.stats.journaled_requests += len(requests)
+            self.stats.data_bytes += data
+            self.stats.zero_bytes += zeros
+            return wire.AckStatus.JOURNALED
+
+    async def append_batches(
+        self,
+        stream: ReplicationStream,
+        records: Sequence[Record],
+        flags: StreamFlags,
+        capture_ns: tuple[int, int],
+        *,
+        final_flags: StreamFlags | None = None,
+    ) -> tuple[int, int]:
+        """Append ``records`` in as many batches as they need; the last gets ``final_flags``.
+
+        Returns:
+            The bytes of WRITE data and of ZERO ranges appended.
+        """
+        batches = list(pack(records, BATCH_PAYLOAD_BYTES))
+        for index, batch in enumerate(batches):
+            last = index == len(batches) - 1
+            await stream.append(
+                batch, flags=final_flags if last and final_flags is not None else flags,
+                first_capture_ns=capture_ns[0], last_capture_ns=capture_ns[1],
+                kind=EntryKind.INLINE, wait=False,
+            )  # fmt: skip
+            self.stats.batches += 1
+        data = sum(r.length for r in records if isinstance(r, Write))
+        zeros = sum(r.length for r in records if isinstance(r, Zero))
+        return data, zeros
+
+    def _flags(self) -> StreamFlags:
+        return RESYNC if self.window_open else NO_FLAGS
+
+    def _full(self, stream: ReplicationStream) -> bool:
+        """Whether the journal is over its bound (with a way back at half of it)."""
+        used = stream.journal_bytes
+        if not self._overflow and used >= self.journal_max_bytes:
+            self._overflow = True
+            self.stats.overflows += 1
+            log.warning(
+                "disk %s: the journal holds %d bytes, its limit (capture.journal_max_bytes): "
+                "writes are now only marked dirty, and resynced once it drained",
+                self.disk_id, used,
+            )  # fmt: skip
+            self.changed()
+        elif self._overflow and used <= self.journal_max_bytes // 2:
+            self._overflow = False
+            log.info("disk %s: the journal drained to %d bytes, journaling", self.disk_id, used)
+            self.changed()
+        return self._overflow
+
+    def _leave_dirty(self, requests: Sequence[Request]) -> wire.AckStatus:
+        self.pending.update(regions_of(self.geometry, requests))
+        self.window_open = True
+        self.stats.dirty_requests += len(requests)
+        self.changed()
+        return wire.AckStatus.DIRTY
+
+    # --- tags ----------------------------------------------------------------------------
+
+    async def append_tag(self, tag: Tag) -> tuple[int, int, bool]:
+        """Append a TAG record; the caller holds :attr:`lock` (a tag round's hold).
+
+        Returns:
+            The tag's generation and seq, and whether the point is consistent
+            (no resync window open).
+
+        Raises:
+            StreamBrokenError: there is no stream to put it in now.
+        """
+        stream = self.stream
+        if stream is None:
+            raise StreamBrokenError(f"disk {self.disk_id}: no stream is up to put the tag in")
+        now = time.time_ns()
+        await self.append_batches(stream, [tag], self._flags(), (now, now))
+        self.stats.tags += 1
+        return stream.generation, stream.end_seq, not self.window_open
+
+    # --- the stream's life -----------------------------------------------------------------
+
+    def report_failure(self, stream: ReplicationStream, exc: BaseException) -> None:
+        """An append on ``stream`` failed: the supervisor takes it down."""
+        self._failures.setdefault(id(stream), exc)
+        self.changed()
+
+    async def supervise(self) -> None:
+        """Keep a stream up: start one, watch it, replace it when it fails (runs forever)."""
+        while True:
+            if self.stream is None:
+                await self._bring_up()
+                continue
+            stream = self.stream
+            failed = asyncio.ensure_future(stream.wait_failed())
+            try:
+                while not failed.done() and id(stream) not in self._failures:
+                    waker = asyncio.ensure_future(self.wait_change(self.version))
+                    await asyncio.wait({failed, waker}, return_when=asyncio.FIRST_COMPLETED)
+                    waker.cancel()
+            finally:
+                failed.cancel()
+            exc = self._failures.pop(id(stream), None)
+            if exc is None:
+                exc = failed.result()
+            await self._take_down(stream, exc)
+
+    async def _take_down(self, stream: ReplicationStream, exc: BaseException) -> None:
+        async with self.lock:
+            if self.stream is stream:
+                self.stream = None
+        await stream.close()
+        message = exc.message if isinstance(exc, BlockreplError) else repr(exc)
+        if not message.startswith(f"disk {self.disk_id}: "):
+            message = f"disk {self.disk_id}: {message}"
+        if isinstance(exc, StreamBrokenError):
+            full = exc.details.get("cause") != JOURNAL_BEHIND["cause"]
+            log.warning(
+                "%s; a new generation starts and %s is compared", message,
+                "the whole disk" if full else "every region not known to be shipped",
+            )  # fmt: skip
+            self.next_stream = NewGeneration(full=full)
+        elif isinstance(exc, JournalError):
+            log.error("%s; a new generation starts", message)
+            self.next_stream = NewGeneration(full=False)
+        elif isinstance(exc, ProcessServerUnavailableError):
+            log.warning("%s; trying again", message)
+            self.next_stream = Reopen(0.0)
+        else:
+            log.error(
+                "%s; replication stopped: writes are marked dirty and the stream is tried "
+                "again in %g s", message, REOPEN_AFTER_S,
+            )  # fmt: skip
+            self.next_stream = Reopen(REOPEN_AFTER_S)
+        self.changed()
+
+    async def _bring_up(self) -> None:
+        plan = self.next_stream or Reopen(0.0)
+        try:
+            if isinstance(plan, NewGeneration):
+                await self._start_generation(plan)
+            else:
+                await asyncio.sleep(plan.delay_s)
+                await self._reopen()
+        except BlockreplError as exc:
+            log.warning(
+                "disk %s: the stream cannot start yet: %s; again in %g s",
+                self.disk_id, exc.message, RETRY_AFTER_S,
+            )  # fmt: skip
+            await asyncio.sleep(RETRY_AFTER_S)
+
+    async def _reopen(self) -> None:
+        try:
+            stream = ReplicationStream.open(
+                self.disk_id, state=self.state, pool=self.pool, journal_dir=self.journal_dir,
+                source=None, executor=self.executor,
+            )  # fmt: skip
+        except JournalError as exc:
+            log.error("disk %s: %s; a new generation starts", self.disk_id, exc.message)
+            self.next_stream = NewGeneration(full=False)
+            return
+        if stream is None:
+            self.next_stream = NewGeneration(full=True)
+            return
+        await self._set_stream(stream)
+
+    async def _start_generation(self, plan: NewGeneration) -> None:
+        """Mark what must be resynced (durably, in the plugin), then start the generation."""
+        async with self.lock:
+            whole = [(0, self.geometry.disk_bytes)] if plan.full else []
+            pending = await self.mark_pending(whole, self.received_rid, True)
+            for offset, length in pending:
+                self.pending.update(self.geometry.regions_of(offset, length))
+            self.window_open = True
+            self._ship_actions.clear()
+        record = self.state.stream(self.disk_id)
+        known = record.generation if record is not None else 0
+        if record is not None:
+            self.floor = StreamPosition(record.generation, record.trimmed_seq)
+        stream = await ReplicationStream.create_after(
+            self.disk_id, known, state=self.state, pool=self.pool, journal_dir=self.journal_dir,
+            source=None, executor=self.executor,
+        )  # fmt: skip
+        self.stats.generations_started += 1
+        await self._set_stream(stream)
+
+    async def _set_stream(self, stream: ReplicationStream) -> None:
+        stream.start()
+        async with self.lock:
+            self.stream = stream
+            self.next_stream = None
+        log.info(
+            "disk %s: streaming generation %d from seq %d", self.disk_id, stream.generation,
+            stream.end_seq + 1,
+        )  # fmt: skip
+        self.changed()
+
+    async def close(self) -> None:
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            await stream.close()
+
+    # --- what the master target holds ------------------------------------------------------
+
+    def after_ship(self, generation: int, seq: int, frame: wire.Frame) -> None:
+        """Send ``frame`` to the plugin once the master target holds ``seq`` of ``generation``."""
+        self._ship_actions.append(ShipAction(generation, seq, frame))
+
+    async def notify_shipped(self) -> None:
+        """Tell the plugin what became clean, as the master target receives batches (forever)."""
+        while True:
+            await asyncio.sleep(SHIP_POLL_S)
+            stream = self.stream
+            if stream is None:
+                continue
+            self._full(stream)  # an overflow ends once the journal drained, writes or not
+            shipped: wire.Frame | None = None
+            while self._ship_actions:
+                head = self._ship_actions[0]
+                if head.generation != stream.generation:
+                    self._ship_actions.popleft()  # of a generation given up: never shipped
+                    continue
+                if head.seq > stream.trimmed_seq:
+                    break
+                self._ship_actions.popleft()
+                if head.frame.type is wire.FrameType.SHIPPED:
+                    shipped = head.frame  # only the latest SHIPPED matters
+                    continue
+                if shipped is not None:
+                    self.send(shipped)
+                    shipped = None
+                self.send(head.frame)
+            if shipped is not None:
+                self.send(shipped)
+
+    # --- status --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        stream = self.stream
+        return {
+            "disk": self.disk_id,
+            "mode": self.mode.value,
+            "generation": stream.generation if stream else None,
+            "end_seq": stream.end_seq if stream else None,
+            "acked_seq": stream.acked_seq if stream else None,
+            "shipped_seq": stream.trimmed_seq if stream else None,
+            "journal_bytes": stream.journal_bytes if stream else None,
+            "journal_max_bytes": self.journal_max_bytes,
+            "window_open": self.window_open,
+            "pending_regions": len(self.pending),
+            "resyncing_regions": self.resyncing,
+            "region_bytes": self.geometry.region_bytes,
+            "size_bytes": self.geometry.disk_bytes,
+            "received_rid": self.received_rid,
+            "stats": dict(vars(self.stats)),
+        }
+
+    def baseline(self, stream: ReplicationStream) -> StreamPosition:
+        """What the master target must have applied before a pass compares digests:
+        everything journaled so far, or, before anything was in this generation, what
+        was shipped of the last one."""
+        if stream.end_seq == 0:
+            return self.floor
+        return StreamPosition(stream.generation, stream.end_seq)
+
+    def pending_ranges(self) -> list[tuple[int, int]]:
+        return merge_regions(self.geometry, self.pending)

@@ -1,0 +1,69 @@
+"""What capture and tags accept from the config and the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.capture.daemon import Listen, parse_listen
+from agent.config import load
+from runtime.errors import ConfigError, InvalidArgumentError
+
+BASE = """
+process_servers = ["https://ps1:9443"]
+[tls]
+ca_file = "ca.pem"
+cert_file = "m.pem"
+key_file = "m.key"
+[[disks]]
+id = "vm01-d0"
+[[disks]]
+id = "vm01-d1"
+"""
+
+
+def test_defaults_follow_the_policy(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(BASE)
+    config = load(path)
+    assert config.capture.journal_max_bytes == 2 * 2**30
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[capture]\njournal_max_bytes = 1048576\n", "journal_max_bytes: expected at least"),
+        ("[capture]\nhold_max_s = 0\n", "hold_max_s: expected 0 < seconds"),
+    ],
+    ids=["journal", "hold"],
+)
+def test_bad_values_are_refused_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
+    # Top-level tables must come after the top-level keys: put them last.
+    path = tmp_path / "agent.toml"
+    path.write_text(BASE.replace("[tls]", text + "[tls]", 1))
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:10809", Listen("127.0.0.1", 10809)),
+        ("[::1]:9000", Listen("::1", 9000)),
+        ("127.0.0.2:1", Listen("127.0.0.2", 1)),
+    ],
+)
+def test_the_export_listens_on_loopback(text: str, expected: Listen) -> None:
+    assert parse_listen(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("0.0.0.0:10809", "not a loopback address"), ("10.1.2.3:10809", "not a loopback"),
+     ("localhost:10809", "expected HOST:PORT"), ("127.0.0.1", "expected HOST:PORT"),
+     ("127.0.0.1:0", "expected HOST:PORT"), ("127.0.0.1:70000", "expected HOST:PORT")],
+)  # fmt: skip
+def test_other_addresses_are_refused(text: str, message: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=message):
+        parse_listen(text)
