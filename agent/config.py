@@ -75,6 +75,16 @@ DEFAULT_NBDKIT_START_TIMEOUT_S: Final = 30.0
 #: machine for more than a few seconds.
 DEFAULT_HOLD_MAX_S: Final = 10.0
 
+#: Tags: crash-consistent every 5 minutes and app-consistent every 60 (the
+#: failback policy of the seeds; DESIGN.md), writes held at most 5 s for a
+#: round, applications frozen at most 10 s (as VSS allows a writer).
+DEFAULT_CRASH_INTERVAL_S: Final = 300.0
+DEFAULT_APP_INTERVAL_S: Final = 3600.0
+DEFAULT_ROUND_TIMEOUT_S: Final = 5.0
+DEFAULT_FREEZE_MAX_S: Final = 10.0
+#: The shortest interval between tags: a second, as DESIGN.md asks ("aim for seconds").
+MIN_TAG_INTERVAL_S: Final = 1.0
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AgentDisk:
@@ -166,6 +176,54 @@ class CaptureSettings:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class TagSettings:
+    """Consistency tags across the disks of this machine (docs/operations.md, "Tags").
+
+    Args:
+        crash_interval_s: seconds between crash-consistent tags (0: none).
+        app_interval_s: seconds between app-consistent tags (0: none).
+        quiesce: commands that freeze the applications before an
+            app-consistent tag (``"fsfreeze -f /data"``), run in order, no shell.
+        unquiesce: commands that thaw them, run after the tag, in order,
+            whatever happened.
+        freeze_max_s: the longest applications stay frozen: quiesce and the
+            round must be done by then, or the tag is abandoned.
+        round_timeout_s: the longest writes are held on every disk for a tag.
+        disks: the disks tagged together (default: every disk of the config).
+    """
+
+    crash_interval_s: float = DEFAULT_CRASH_INTERVAL_S
+    app_interval_s: float = DEFAULT_APP_INTERVAL_S
+    quiesce: tuple[str, ...] = ()
+    unquiesce: tuple[str, ...] = ()
+    freeze_max_s: float = DEFAULT_FREEZE_MAX_S
+    round_timeout_s: float = DEFAULT_ROUND_TIMEOUT_S
+    disks: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("crash_interval_s", "app_interval_s"):
+            value = getattr(self, name)
+            if value != 0 and not MIN_TAG_INTERVAL_S <= value <= MAX_TIMEOUT_S:
+                raise FieldValueError(
+                    name,
+                    f"expected 0 (no tags) or {MIN_TAG_INTERVAL_S:g}..{MAX_TIMEOUT_S:g} seconds, "
+                    f"found {value}",
+                )
+        _check_seconds("freeze_max_s", self.freeze_max_s)
+        _check_seconds("round_timeout_s", self.round_timeout_s)
+        if self.round_timeout_s >= self.freeze_max_s:
+            raise FieldValueError(
+                "round_timeout_s",
+                f"expected less than freeze_max_s ({self.freeze_max_s:g}), found "
+                f"{self.round_timeout_s:g}: the round happens while applications are frozen",
+            )
+        for name in ("quiesce", "unquiesce"):
+            for command in getattr(self, name):
+                if not command.strip():
+                    raise FieldValueError(name, "expected command lines, found an empty one")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class AgentConfig:
     """Everything the agent's commands need.
 
@@ -188,6 +246,7 @@ class AgentConfig:
     give_up_after_s: float = DEFAULT_GIVE_UP_AFTER_S
     sync: SyncSettings = dataclasses.field(default_factory=SyncSettings)
     capture: CaptureSettings = dataclasses.field(default_factory=CaptureSettings)
+    tags: TagSettings = dataclasses.field(default_factory=TagSettings)
     metrics: MetricsListen = dataclasses.field(
         default_factory=lambda: MetricsListen(port=DEFAULT_METRICS_PORT)
     )
@@ -208,6 +267,16 @@ class AgentConfig:
             value = getattr(self, name)
             if not value > 0:
                 raise FieldValueError(name, f"expected a number of seconds above 0, found {value}")
+        unknown = [disk for disk in self.tags.disks if disk not in ids]
+        if unknown:
+            raise FieldValueError(
+                "tags", f"disks: expected ids of [[disks]] ({', '.join(ids)}), found {unknown[0]!r}"
+            )
+
+    @property
+    def tagged_disks(self) -> tuple[str, ...]:
+        """The disks a tag round covers."""
+        return self.tags.disks or tuple(disk.id for disk in self.disks)
 
     def disk(self, disk_id: str) -> AgentDisk | None:
         """The configured disk ``disk_id``, or None."""

@@ -112,3 +112,14 @@ class CaptureError(AgentError):
 
     code = "capture"
     exit_code = 71  # EX_OSERR: a program it needs failed; a restart may mend it
+
+
+class TagError(AgentError):
+    """A tag round was abandoned: a disk did not answer in time, or quiescing failed.
+
+    No disk keeps a tag of an abandoned round unless ``details["tagged"]``
+    lists it (a disk failed after others inserted theirs).
+    """
+
+    code = "tag"
+    exit_code = 75  # EX_TEMPFAIL: the next round may succeed

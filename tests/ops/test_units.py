@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.capture.daemon import DRAIN_TIMEOUT_S, NBDKIT_STOP_TIMEOUT_S
+from agent.tags import UNQUIESCE_TIMEOUT_S
 from mastertarget.daemon import SHUTDOWN_GRACE_S as MT_GRACE_S
 from processserver.daemon import SHUTDOWN_GRACE_S as PS_GRACE_S
 from runtime.inflight import CANCEL_TIMEOUT_S
@@ -60,14 +61,15 @@ def seconds(text: str) -> float:
     return int(match[1]) * (60 if match[2] == "min" else 1)
 
 
-def test_the_units_are_the_three_daemons() -> None:
+def test_the_units_are_the_three_daemons_and_the_tags() -> None:
     assert [u.name for u in UNITS] == [
-        "blockrepl-agent@.service", "mastertarget.service", "processserver.service",
+        "blockrepl-agent-tags.service", "blockrepl-agent@.service", "mastertarget.service",
+        "processserver.service",
     ]  # fmt: skip
 
 
-#: No unit needs a capability.
-CAPABILITIES: dict[str, str] = {}
+#: The one capability a unit has: the tags' quiesce commands run `fsfreeze`.
+CAPABILITIES = {"blockrepl-agent-tags.service": "CAP_SYS_ADMIN"}
 
 
 def test_systemd_analyze_verify_passes() -> None:
@@ -117,6 +119,7 @@ def test_only_disk_daemons_see_block_devices() -> None:
     ps = unit(SYSTEMD / "processserver.service")["Service"]
     assert ps["PrivateDevices"] == "yes"
     assert ps["PrivateUsers"] == "yes"
+    assert unit(SYSTEMD / "blockrepl-agent-tags.service")["Service"]["PrivateDevices"] == "yes"
     for name in ("mastertarget.service", "blockrepl-agent@.service"):
         service = unit(SYSTEMD / name)["Service"]
         assert service["PrivateDevices"] == "no"
@@ -143,6 +146,8 @@ def test_the_capture_stop_timeout_leaves_room_for_nbdkit_and_the_drain() -> None
     """nbdkit finishes the writes in flight, then the agent answers what it received."""
     service = unit(SYSTEMD / "blockrepl-agent@.service")["Service"]
     assert seconds(service["TimeoutStopSec"]) >= NBDKIT_STOP_TIMEOUT_S + DRAIN_TIMEOUT_S + 10
+    tags = unit(SYSTEMD / "blockrepl-agent-tags.service")["Service"]
+    assert seconds(tags["TimeoutStopSec"]) > UNQUIESCE_TIMEOUT_S
 
 
 def test_reload_sends_sighup() -> None:

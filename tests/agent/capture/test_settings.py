@@ -8,6 +8,7 @@ import pytest
 
 from agent.capture.daemon import Listen, parse_listen
 from agent.config import load
+from agent.tags import auto_name
 from runtime.errors import ConfigError, InvalidArgumentError
 
 BASE = """
@@ -27,6 +28,9 @@ def test_defaults_follow_the_policy(tmp_path: Path) -> None:
     path = tmp_path / "agent.toml"
     path.write_text(BASE)
     config = load(path)
+    assert config.tags.crash_interval_s == 300
+    assert config.tags.app_interval_s == 3600
+    assert config.tagged_disks == ("vm01-d0", "vm01-d1")
     assert config.capture.journal_max_bytes == 2 * 2**30
 
 
@@ -35,8 +39,12 @@ def test_defaults_follow_the_policy(tmp_path: Path) -> None:
     [
         ("[capture]\njournal_max_bytes = 1048576\n", "journal_max_bytes: expected at least"),
         ("[capture]\nhold_max_s = 0\n", "hold_max_s: expected 0 < seconds"),
+        ("[tags]\ncrash_interval_s = 0.5\n", "crash_interval_s: expected 0 (no tags) or 1.."),
+        ("[tags]\nround_timeout_s = 10\nfreeze_max_s = 10\n", "expected less than freeze_max_s"),
+        ('[tags]\nquiesce = [" "]\n', "quiesce: expected command lines, found an empty one"),
+        ('[tags]\ndisks = ["vm02-d0"]\n', "found 'vm02-d0'"),
     ],
-    ids=["journal", "hold"],
+    ids=["journal", "hold", "interval", "round", "quiesce", "disks"],
 )
 def test_bad_values_are_refused_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
     # Top-level tables must come after the top-level keys: put them last.
@@ -67,3 +75,7 @@ def test_the_export_listens_on_loopback(text: str, expected: Listen) -> None:
 def test_other_addresses_are_refused(text: str, message: str) -> None:
     with pytest.raises(InvalidArgumentError, match=message):
         parse_listen(text)
+
+
+def test_scheduled_tags_are_named_by_their_time() -> None:
+    assert auto_name("crash", 1_795_318_500_000_000_000) == "crash-20261122T033500Z"
