@@ -148,6 +148,8 @@ class CaptureDaemon:
         self._resync: asyncio.Task[None] | None = None
         self._pidfile: Path | None = None
         self.listen: Listen | None = None
+        #: the status when the capture stopped (the stream is closed after it)
+        self._final_status: dict[str, object] = {}
 
     # --- start -----------------------------------------------------------------------------
 
@@ -434,6 +436,7 @@ class CaptureDaemon:
             and not replication.pending and not replication.window_open
         )  # fmt: skip
         if replication is not None:
+            self._final_status = replication.status()
             await replication.close()
         if self.clean_stop and stream is not None:
             marker = CleanMarker(stream.generation, stream.end_seq)
@@ -486,8 +489,7 @@ class CaptureDaemon:
 
     def report(self) -> dict[str, object]:
         """What the command prints when it ends."""
-        data = self.replication.status() if self.replication is not None else {}
-        return {**data, "clean_stop": self.clean_stop}
+        return {**self._final_status, "clean_stop": self.clean_stop}
 
 
 def _find_nbdkit(configured: Path | None) -> str:

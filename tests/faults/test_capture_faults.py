@@ -182,6 +182,7 @@ async def test_sigterm_finishes_writes_in_flight_and_the_next_start_needs_no_res
     assert status == 0
     assert report["clean_stop"] is True
     assert report["stats"]["dirty_requests"] == 0
+    assert report["end_seq"] > report["shipped_seq"]  # stopped with the journal still full
     assert (site.state_dir / "capture" / f"{DISK}.clean").exists()
 
     await asyncio.to_thread(capture.start)
