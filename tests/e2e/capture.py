@@ -165,10 +165,9 @@ class CaptureProcess:
 
     def qemu_io(self, *commands: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run qemu-io on the export (writeback cache: FUA only with ``write -f``)."""
-        args = [require_binary("qemu-io"), "-f", "raw", "-t", "none", self.url]
-        for command in commands:
-            args += ["-c", command]
-        result = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+        result = subprocess.run(
+            self._qemu_io_args(commands), capture_output=True, text=True, timeout=300, check=False
+        )
         if check:
             assert result.returncode == 0, result.stdout + result.stderr
             assert "error" not in result.stdout.lower(), result.stdout
@@ -176,10 +175,16 @@ class CaptureProcess:
 
     def qemu_io_background(self, *commands: str) -> subprocess.Popen[str]:
         """qemu-io on the export, running while the test goes on."""
+        return subprocess.Popen(
+            self._qemu_io_args(commands), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+
+    def _qemu_io_args(self, commands: tuple[str, ...]) -> list[str]:
         args = [require_binary("qemu-io"), "-f", "raw", "-t", "none", self.url]
         for command in commands:
             args += ["-c", command]
-        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return args
 
     def stop(self) -> tuple[int, dict[str, Any]]:
         """SIGTERM; the exit status and the JSON report."""

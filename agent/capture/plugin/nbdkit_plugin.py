@@ -218,6 +218,8 @@ class Capture:
             self.tracker.begin(offset, length, rid)
             try:
                 change()
+            except sourceio.NotFastError:
+                raise  # the source is untouched: the client falls back to writing zeros
             except OSError:
                 self.tracker.left_dirty(offset, length, rid)
                 self._send(wire.Frame(wire.FrameType.FAILED, rid=rid, offset=offset,
