@@ -40,6 +40,9 @@ async def test_random_writes_while_the_initial_sync_runs_end_identical(
     start(site)
     capture = CaptureProcess(site, source)
     capture.start()
+    # A new disk's first generation starts just after the export listens;
+    # writes before it are only marked dirty (the whole disk is compared anyway).
+    capture.wait_status("streaming", lambda s: s["generation"] is not None)
     writer = capture.qemu_io_background(*random_writes(rng, size, 200, zeros_every=10))
     # Writes were answered while the initial sync (the window it opens) went on.
     capture.wait_status(
