@@ -75,8 +75,9 @@ PLUGIN: Final = Path(__file__).resolve().parent / "plugin" / "nbdkit_plugin.py"
 NBDKIT_STOP_TIMEOUT_S: Final = 20.0
 #: Seconds the requests received before nbdkit stopped have to be answered.
 DRAIN_TIMEOUT_S: Final = 20.0
-#: How often the start looks for nbdkit's pid file (it is written once nbdkit listens).
-PIDFILE_POLL_S: Final = 0.02
+#: How often the start looks for nbdkit's pid file (written once nbdkit listens),
+#: and the stop for the last requests answered.
+POLL_S: Final = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,7 +329,7 @@ class CaptureDaemon:
     async def _pidfile_written(self) -> None:
         assert self._pidfile is not None
         while not self._pidfile.exists():
-            await asyncio.sleep(PIDFILE_POLL_S)
+            await asyncio.sleep(POLL_S)
 
     async def _before_nbdkit_exits(self, step: Awaitable[T], what: str) -> T:
         assert self._nbdkit is not None
@@ -450,7 +451,7 @@ class CaptureDaemon:
     @staticmethod
     async def _drained(intake: Intake) -> None:
         while not intake.idle:
-            await asyncio.sleep(PIDFILE_POLL_S)
+            await asyncio.sleep(POLL_S)
 
     async def _stop_nbdkit(self) -> int | None:
         process = self._nbdkit

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Final
 
 from agent.capture.plugin import wire
 from agent.capture.plugin.dirtymap import Geometry
@@ -23,10 +22,6 @@ class Request:
     @property
     def rid(self) -> int:
         return self.frame.rid
-
-
-#: A batch's payload is filled to at most this; the largest WRITE still fits with its entry.
-MIN_BATCH_BYTES: Final = MAX_WRITE_BYTES + 64
 
 
 def records_of(request: Request) -> Iterator[Write | Zero]:

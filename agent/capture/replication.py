@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import Final
 
 from agent.capture.plugin import wire
-from agent.capture.plugin.dirtymap import Geometry, merge_regions
+from agent.capture.plugin.dirtymap import Geometry
 from agent.capture.records import Request, pack, records_of, regions_of
 from agent.client import ProcessServerPool
-from agent.config import AgentConfig
+from agent.config import TABLE_RESERVE_BYTES, AgentConfig
 from agent.errors import (
     JournalError,
     ProcessServerUnavailableError,
@@ -60,8 +60,6 @@ log = logging.getLogger("blockrepl.agent.capture")
 #: Payload a batch of live requests is filled to at most: a group commit of
 #: many small writes makes few, large batches (few fsyncs everywhere after).
 LIVE_BATCH_BYTES: Final = 16 * 2**20
-#: Room kept below the batch limit for the record table.
-TABLE_RESERVE_BYTES: Final = 2 * 2**20
 #: What a batch of capture is filled to.
 BATCH_PAYLOAD_BYTES: Final = min(LIVE_BATCH_BYTES, MAX_BATCH_PAYLOAD - TABLE_RESERVE_BYTES)
 #: Seconds between looks at what the master target holds, to tell the plugin
@@ -512,6 +510,3 @@ class CaptureReplication:
         if stream.end_seq == 0:
             return self.floor
         return StreamPosition(stream.generation, stream.end_seq)
-
-    def pending_ranges(self) -> list[tuple[int, int]]:
-        return merge_regions(self.geometry, self.pending)

@@ -261,7 +261,7 @@ class RegionTracker:
                 not yet shipped need one too (their journal is gone).
 
         Returns:
-            Every range that needs a resync now (:meth:`pending_ranges`).
+            Every range that needs a resync now, regions merged.
         """
         with self._lock:
             regions = [r for o, n in ranges for r in self.geometry.regions_of(o, n)]
@@ -275,15 +275,7 @@ class RegionTracker:
                     newly.append(region)
             if newly:
                 self._persist(min(newly), max(newly) + 1)
-            return self._ranges(self._pending)
-
-    def pending_ranges(self) -> list[tuple[int, int]]:
-        """The regions that need a resync, merged into ``(offset, length)`` ranges."""
-        with self._lock:
-            return self._ranges(self._pending)
-
-    def _ranges(self, regions: Iterable[int]) -> list[tuple[int, int]]:
-        return merge_regions(self.geometry, regions)
+            return merge_regions(self.geometry, self._pending)
 
     def resynced(self, ranges: Iterable[tuple[int, int]], rid: int) -> int:
         """``ranges`` were resynced after request ``rid``.
