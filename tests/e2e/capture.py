@@ -7,7 +7,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,20 +17,10 @@ import pytest
 from agent.capture.plugin.dirtymap import read_map
 from tests.conftest import require_binary
 from tests.e2e.conftest import BLOCKREPL, DISK, START_TIMEOUT_S, Site
-from tests.faults.daemons import free_port
+from tests.faults.daemons import RUNNING, ChildProcess, free_port
 
 #: Seconds a test waits for a capture to settle (everything at the master target).
 SETTLE_S = 90.0
-
-#: Every capture a test started; the autouse fixture kills what is left.
-RUNNING: list[CaptureProcess] = []
-
-
-@pytest.fixture(autouse=True)
-def _no_capture_outlives_its_test() -> Iterator[None]:
-    yield
-    while RUNNING:
-        RUNNING.pop().kill_if_running()
 
 
 def require_capture_peers() -> None:
@@ -47,8 +37,9 @@ def require_capture_peers() -> None:
 
 
 @dataclass
-class CaptureProcess:
-    """One disk's ``blockrepl agent capture``, started and stopped by a test."""
+class CaptureProcess(ChildProcess):
+    """One disk's ``blockrepl agent capture``, started and stopped by a test
+    (none outlives its test: see :data:`~tests.faults.daemons.RUNNING`)."""
 
     site: Site
     source: Path
@@ -193,16 +184,6 @@ class CaptureProcess:
         status = self.proc.wait(timeout=60)
         text = self.out.read_text()
         return status, (json.loads(text) if text.strip() else {})
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def kill_if_running(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
 
 
 def random_writes(rng: Any, size: int, count: int, *, zeros_every: int = 0) -> list[str]:

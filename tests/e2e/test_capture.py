@@ -14,7 +14,6 @@ from protocol.limits import KiB, MiB
 from tests.conftest import Deployment, require_binary
 from tests.e2e.capture import (
     CaptureProcess,
-    _no_capture_outlives_its_test,  # noqa: F401 - autouse here
     random_writes,
     require_capture_peers,
 )

@@ -48,12 +48,29 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-#: Every daemon a test made; tests/faults/conftest.py kills what is left.
-RUNNING: list[Daemon] = []
+class ChildProcess:
+    """A process a test started; registered in :data:`RUNNING` by its constructor."""
+
+    proc: subprocess.Popen[bytes] | None
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def kill_if_running(self) -> None:
+        """Make sure no such process outlives its test, whatever happened."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+#: Every process a test made; the conftests' autouse fixtures kill what is left.
+RUNNING: list[ChildProcess] = []
 
 
 @dataclass
-class Daemon:
+class Daemon(ChildProcess):
     config: Path
     log: Path
     proc: subprocess.Popen[bytes] | None = None
@@ -81,17 +98,6 @@ class Daemon:
             )  # fmt: skip
         self.starts += 1
         self.env_once = None
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def kill_if_running(self) -> None:
-        """Make sure no process of this daemon outlives its test, whatever happened."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
 
     def stop(self) -> int:
         assert self.proc is not None

@@ -36,7 +36,6 @@ from protocol.limits import KiB, MiB
 from tests.conftest import Deployment, require_binary, require_root
 from tests.e2e.capture import (
     CaptureProcess,
-    _no_capture_outlives_its_test,  # noqa: F401 - autouse here
     require_capture_peers,
 )
 from tests.e2e.conftest import DISK, Site, build_site, make_source, start

@@ -17,7 +17,6 @@ import pytest
 from tests.conftest import Deployment, require_binary, require_root
 from tests.e2e.capture import (
     CaptureProcess,
-    _no_capture_outlives_its_test,  # noqa: F401 - autouse here
     require_capture_peers,
 )
 from tests.e2e.conftest import build_site, make_source, start
