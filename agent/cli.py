@@ -1,4 +1,4 @@
-"""The ``blockrepl`` command: administration (certificates, keys) and, later, the agent.
+"""The ``blockrepl`` command: administration (certificates, keys) and the agent.
 
 The command is a thin shell: each subcommand group lives in agent/commands/
 and does its work through runtime/ and agent/ objects. Here: parsing,
@@ -14,10 +14,9 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from importlib import metadata
 from typing import Final
 
-from agent.commands import CommandResult, certs, keys
+from agent.commands import CommandResult, agent, certs, keys
 from protocol.errors import BlockreplError
 
 PROG: Final = "blockrepl"
@@ -30,12 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Disk replication for disaster recovery: administration and agent."
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action=_VersionAction, help="show the version and exit")
     # Options every leaf command takes, after its own name (``certs init --json``).
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print the result as one JSON object")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (certs, keys):
+    for group in (certs, keys, agent):
         group.add_parser(subparsers, common)
     return parser
 
@@ -67,7 +66,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: the installed version, looked up only when asked for.
+
+    Reading the package metadata costs tens of milliseconds at every start,
+    which every ``agent sync`` would pay for nothing.
+    """
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help=str(kwargs.get("help", "")))
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(f"{parser.prog} {_version()}")
+        parser.exit()
+
+
 def _version() -> str:
+    from importlib import metadata  # noqa: PLC0415 - see _VersionAction
+
     try:
         return metadata.version("blockrepl")
     except metadata.PackageNotFoundError:

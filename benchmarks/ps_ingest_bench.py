@@ -35,15 +35,10 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -56,11 +51,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.datagen import synthetic_blocks
+from benchmarks.deploy import Deployment, cpu_seconds, default_dir, peak_rss_mib
+from benchmarks.deploy import deploy as deploy_site
 from protocol.batch import encode_batch
 from protocol.records import Record, Write
-from runtime.config import TlsFiles
-from runtime.keyfile import write_new_keyring
-from runtime.pki import init_ca, issue_machine
 from runtime.tls import client_context
 
 #: Distinct blocks generated once and reused round-robin: enough that batches
@@ -73,161 +67,18 @@ DISK_BYTES: Final = 256 * 2**20
 #: floor the config requires.
 CACHE_HIGH_BYTES: Final = 512 * 2**20
 CACHE_LOW_BYTES: Final = 448 * 2**20
-#: Seconds a daemon may take to answer its health probe after starting.
-START_TIMEOUT_S: Final = 30.0
 #: Seconds the master-target-down phase may take to fill the cache.
 FILL_TIMEOUT_S: Final = 120.0
 #: Seconds one POST may take before the source counts it as failed.
 POST_TIMEOUT_S: Final = 60.0
 
 
-@dataclass
-class Daemon:
-    """A daemon run as ``python -m MODULE serve --config FILE``."""
-
-    module: str
-    config: Path
-    log: Path
-    metrics_port: int
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-                [sys.executable, "-m", self.module, "serve", "--config", str(self.config)],
-                stdout=out, stderr=out,
-            )  # fmt: skip
-
-    def wait_healthy(self) -> None:
-        """Poll ``/healthz`` until it answers; raise with the log's tail if it never does."""
-        url = f"http://127.0.0.1:{self.metrics_port}/healthz"
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                break
-            try:
-                with urllib.request.urlopen(url, timeout=1) as answer:
-                    if answer.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        tail = self.log.read_text(errors="replace")[-2000:]
-        raise SystemExit(f"ps_ingest_bench: {self.module} did not start:\n{tail}")
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-
-@dataclass(frozen=True)
-class Deployment:
-    """The files of one run: PKI, key ring, configs, and the two daemons."""
-
-    root: Path
-    disks: tuple[str, ...]
-    ps_port: int
-    ps: Daemon
-    mt: Daemon
-
-    def client_tls(self, machine: str) -> TlsFiles:
-        pki = self.root / "pki"
-        return TlsFiles(
-            ca_file=pki / "ca.pem",
-            cert_file=pki / f"machine-{machine}.pem",
-            key_file=pki / f"machine-{machine}.key",
-        )
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _tls_table(name: str, pki: Path, cert: str) -> list[str]:
-    return [
-        f"[{name}]",
-        f'ca_file = "{pki / "ca.pem"}"',
-        f'cert_file = "{pki / cert}.pem"',
-        f'key_file = "{pki / cert}.key"',
-    ]
-
-
 def deploy(root: Path, sources: int) -> Deployment:
-    """Write a PKI, a key ring and both daemons' configs under ``root``."""
-    pki = root / "pki"
-    init_ca(pki)
-    issue_machine(pki, "ps01")
-    for n in range(sources):
-        issue_machine(pki, f"src{n}")
-    key_file = root / "data-keys.toml"
-    write_new_keyring(key_file)
-    disks = tuple(f"disk{n}" for n in range(sources))
-    mt_port, ps_port = free_port(), free_port()
-    mt_metrics, ps_metrics = free_port(), free_port()
-    mt_root, ps_root = root / "mt", root / "ps"
-    (mt_root / "retention").mkdir(parents=True)
-    ps_root.mkdir()
-    mt_lines = [
-        'process_servers = ["ps01"]',
-        f'key_file = "{key_file}"',
-        f'cache_dir = "{mt_root / "cache"}"',
-        f'admin_socket = "{mt_root / "admin.sock"}"',
-        *_tls_table("tls", pki, "mastertarget"),
-        "[listen]",
-        'host = "127.0.0.1"',
-        f"port = {mt_port}",
-        "[metrics]",
-        f"port = {mt_metrics}",
-        "[retention]",
-        f'dir = "{mt_root / "retention"}"',
-        "allow_shared_volume = true",
-    ]
-    for disk in disks:
-        mt_lines += [
-            "[[disks]]",
-            f'id = "{disk}"',
-            f'target = "{mt_root / disk}.raw"',
-            "create = true",
-            f"size_bytes = {DISK_BYTES}",
-        ]
-    ps_lines = [
-        f'key_file = "{key_file}"',
-        f'cache_dir = "{ps_root / "cache"}"',
-        'host = "127.0.0.1"',
-        f"port = {ps_port}",
-        f"cache_high_bytes = {CACHE_HIGH_BYTES}",
-        f"cache_low_bytes = {CACHE_LOW_BYTES}",
-        *_tls_table("tls", pki, "processserver"),
-        "[metrics]",
-        f"port = {ps_metrics}",
-        "[master_target]",
-        f'url = "https://127.0.0.1:{mt_port}"',
-        *_tls_table("master_target.tls", pki, "machine-ps01"),
-    ]
-    for n, disk in enumerate(disks):
-        ps_lines += ["[[machines]]", f'id = "src{n}"', f'disks = ["{disk}"]']
-    mt_config, ps_config = mt_root / "mastertarget.toml", ps_root / "processserver.toml"
-    mt_config.write_text("\n".join(mt_lines) + "\n")
-    ps_config.write_text("\n".join(ps_lines) + "\n")
-    return Deployment(
-        root=root, disks=disks, ps_port=ps_port,
-        ps=Daemon("processserver.cli", ps_config, root / "ps.log", ps_metrics),
-        mt=Daemon("mastertarget.cli", mt_config, root / "mt.log", mt_metrics),
+    """Write a PKI, a key ring and both daemons' configs under ``root``: one
+    machine ``srcN`` with disk ``diskN`` per source."""
+    return deploy_site(
+        root, {f"src{n}": f"disk{n}" for n in range(sources)}, disk_bytes=DISK_BYTES,
+        cache_high_bytes=CACHE_HIGH_BYTES, cache_low_bytes=CACHE_LOW_BYTES,
     )  # fmt: skip
 
 
@@ -347,21 +198,6 @@ async def load(
     return tallies, time.monotonic() - started
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def peak_rss_mib(pid: int) -> float:
-    """Peak resident memory of process ``pid`` (VmHWM) in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise SystemExit(f"ps_ingest_bench: no VmHWM for process {pid}")
-
-
 def _percentile_ms(values: list[float], q: int) -> float:
     if len(values) < 2:
         return round(values[0] * 1e3, 1) if values else 0.0
@@ -420,7 +256,7 @@ def measure(args: argparse.Namespace, root: Path, blocks: list[bytes]) -> dict[s
 def run(args: argparse.Namespace) -> dict[str, object]:
     blocks = synthetic_blocks(POOL_BLOCKS, args.block_size, seed=args.seed)
     limit = limit_encode_mbps(blocks, args.writes_per_batch, args.rounds)
-    base = Path(args.dir) if args.dir else _default_dir()
+    base = Path(args.dir) if args.dir else default_dir()
     root = Path(tempfile.mkdtemp(prefix="ps-ingest-bench-", dir=base))
     try:
         figures = measure(args, root, blocks)
@@ -438,11 +274,6 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "dir": str(base),
         "cpu_count": os.cpu_count(),
     }
-
-
-def _default_dir() -> Path:
-    shm = Path("/dev/shm")  # noqa: S108 - each run makes its own mkdtemp folder in it
-    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
 
 
 def main(argv: list[str] | None = None) -> int:

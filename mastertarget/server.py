@@ -46,6 +46,12 @@ MAX_CHECKSUM_CHUNK: Final = GiB
 MAX_CHECKSUM_CHUNKS: Final = 1 << 20
 #: Bytes hashed per executor call: holds the disk lock for a bounded time.
 CHECKSUM_READ_BYTES: Final = 64 * MiB
+#: Bytes read from the target at a time while hashing. Chunks smaller than
+#: this are hashed several to a read: one read per 64 KiB chunk spent a
+#: quarter of the time in the calls around it; a read of 1 MiB still stays in
+#: the CPU's cache while its chunks are hashed. Larger chunks are fed to
+#: their digest a piece at a time.
+CHECKSUM_PIECE_BYTES: Final = MiB
 DIGEST_BYTES: Final = 16
 
 MT: Final = web.AppKey["MasterTarget"]("mastertarget")
@@ -316,14 +322,25 @@ def _check_checksum_range(offset: int, length: int, chunk: int, size: int) -> No
 
 
 def _hash_chunks(replica: DiskReplica, starts: list[int], chunk: int, end: int) -> bytes:
+    """The digests of the consecutive chunks at ``starts``; the last ends at ``end`` at most."""
     out = bytearray()
     with replica.disk_lock:  # a whole file applied, or none of it
-        for start in starts:
-            digest = xxhash.xxh3_128()
-            stop = min(start + chunk, end)
-            for piece in range(start, stop, 4 * MiB):
-                digest.update(replica.target.read(piece, min(4 * MiB, stop - piece)))
-            out += digest.digest()
+        if chunk >= CHECKSUM_PIECE_BYTES:
+            for start in starts:
+                digest = xxhash.xxh3_128()
+                stop = min(start + chunk, end)
+                for piece in range(start, stop, CHECKSUM_PIECE_BYTES):
+                    length = min(CHECKSUM_PIECE_BYTES, stop - piece)
+                    digest.update(replica.target.read(piece, length))
+                out += digest.digest()
+            return bytes(out)
+        # Small chunks: several whole chunks per read, each hashed from it.
+        per_piece = CHECKSUM_PIECE_BYTES // chunk * chunk
+        stop = min(starts[-1] + chunk, end)
+        for base in range(starts[0], stop, per_piece):
+            view = memoryview(replica.target.read(base, min(per_piece, stop - base)))
+            for at in range(0, len(view), chunk):
+                out += xxhash.xxh3_128_digest(view[at : at + chunk])
     return bytes(out)
 
 

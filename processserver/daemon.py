@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -62,6 +63,9 @@ log = logging.getLogger("blockrepl.processserver")
 #: a batch of the largest size still arriving over a slow link. The units'
 #: TimeoutStopSec= is above it (systemd/processserver.service).
 SHUTDOWN_GRACE_S: Final = 30.0
+#: Seconds to wait for the master target's position of a disk: the agent's
+#: request waits meanwhile.
+FOLLOW_TIMEOUT: Final = aiohttp.ClientTimeout(total=10)
 #: Threads for sealing, group commits and scans: both cores sealing while a
 #: group is written.
 WORKERS: Final = 4
@@ -250,6 +254,38 @@ class ProcessServer:
         # Batches may have been acknowledged meanwhile: keep their position.
         disk.position = replace(disk.position, resync_required=True)
         self.metrics.resync_required.labels(disk.disk_id).set(1)
+
+    async def follow_master_target(self, disk: DiskIngest) -> bool:
+        """Take the master target's position of a disk if it is past this one's (durably).
+
+        For a batch that leaves a gap here while nothing of the disk waits in
+        the cache: the agent moved here from another process server (which
+        died with files in its cache, say) and sends again from what the
+        master target holds. The master target's seq order keeps the stream
+        exact; the caller holds the disk's lock.
+
+        Returns:
+            True if the position moved.
+        """
+        url = f"{self.shipper.base_url}/v1/disks/{disk.disk_id}/state"
+        try:
+            async with self.shipper.session.get(url, timeout=FOLLOW_TIMEOUT) as response:
+                answer = await response.json() if response.status == 200 else {}
+            there = StreamPosition(int(answer["generation"]), int(answer["received_seq"]))
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError, LookupError, TypeError):
+            return False
+        if disk.cached or there <= disk.position.acked:
+            return False
+        moved = replace(disk.position, acked=there, shipped_seq=there.seq, resync_required=False)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self.positions.put, {disk.disk_id: moved})
+        disk.position = moved
+        self.metrics.resync_required.labels(disk.disk_id).set(0)
+        log.info(
+            "disk %s: took the master target's position, generation %d seq %d",
+            disk.disk_id, there.generation, there.seq,
+        )  # fmt: skip
+        return True
 
     async def start_generation(self, disk: DiskIngest, position: StreamPosition) -> None:
         """Move a disk to a newer generation, durably (the caller holds its lock)."""

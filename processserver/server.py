@@ -130,6 +130,14 @@ async def post_batches(request: web.Request) -> web.StreamResponse:
                 for batch in decoder.events():
                     sealed_before = disk.sealed_bytes
                     verdict = await disk.take(batch)
+                    # Nothing of ours waits to be shipped: the master target
+                    # may hold the stream further than we do.
+                    if (
+                        verdict.admission.fit is Fit.GAP
+                        and not disk.cached
+                        and await ps.follow_master_target(disk)
+                    ):
+                        verdict = await disk.take(batch)
                     ps.metrics.count_batch(disk.disk_id, batch, verdict)
                     ps.metrics.sealed_bytes.labels(disk.disk_id).inc(
                         disk.sealed_bytes - sealed_before

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import require_binary
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -80,3 +82,21 @@ def test_ingest_bench_reports_every_figure() -> None:
         assert result[key] > 0, key
     assert result["sources"] == 2
     assert result["cache_full"] is True  # the master target down, the cache filled up
+
+
+def test_resync_bench_reports_ours_and_rsync(tmp_path: Path) -> None:
+    require_binary("rsync")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "resync_bench.py"), "--json",
+         "--size-mib", "64", "--rounds", "1", "--dir", str(tmp_path)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    result = json.loads(out.stdout)
+    for key in ("resync_s", "rsync_s", "speedup", "sent_bytes", "hash_bytes", "rsync_sent_bytes",
+                "agent_cpu_s", "ps_cpu_s", "mt_cpu_s"):  # fmt: skip
+        assert result[key] > 0, key
+    assert result["disk_bytes"] == 64 * 2**20
+    assert result["changed_chunks"] == round(1024 * 0.03)
+    assert result["differing_chunks"] == result["changed_chunks"]
+    assert result["changed_bytes"] <= result["sent_bytes"] <= 1.1 * result["changed_bytes"]
+    assert list(tmp_path.iterdir()) == []  # the run's folder is removed

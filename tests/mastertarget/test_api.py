@@ -296,3 +296,25 @@ async def test_metrics_listener_reports_the_disk(start_mt, one_disk: Path) -> No
         timeout=60, check=False,
     )  # fmt: skip
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.parametrize(
+    ("offset", "length", "chunk"),
+    [(0, SIZE, 4096), (4096, SIZE - 4096 - 1234, 5000), (12288, 3 * 2**20 + 7, 2**20 + 4096)],
+)
+async def test_checksums_of_any_chunk_size_and_range(  # type: ignore[no-untyped-def]
+    start_mt, one_disk: Path, tmp_path: Path, offset: int, length: int, chunk: int
+) -> None:
+    _mt, pusher = await start_mt(one_disk)
+    data = random.Random(9).randbytes(SIZE)
+    await pusher.send(pusher.seal("d0", 1, 1, [Write(0, data[: 4 * 2**20])]))
+    await wait_applied(pusher, "d0", 1)
+    url = f"{pusher.base}/v1/disks/d0/checksums?offset={offset}&length={length}&chunk={chunk}"
+    async with pusher.session.get(url) as response:
+        assert response.status == 200
+        digests = await response.read()
+    image = (tmp_path / "disk.raw").read_bytes()[offset : offset + length]
+    expected = b"".join(
+        xxhash.xxh3_128_digest(image[i : i + chunk]) for i in range(0, length, chunk)
+    )
+    assert digests == expected

@@ -145,3 +145,58 @@ async def test_master_target_down_fills_the_cache_then_everything_drains(
     finally:
         await ps.close()
     _compare(tmp_path / "mt" / "vm01-d0.raw", bytes(model), tmp_path)
+
+
+async def test_a_process_server_takes_the_stream_where_the_master_target_holds_it(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """An agent moves from one process server to another and sends again from
+    what the master target holds: the second one, which never saw the disk,
+    takes the stream from there; without the master target it cannot."""
+    mt_port = free_port()
+    mt = await _mastertarget(deployment, tmp_path / "mt", mt_port)
+    first = await ProcessServer.start(
+        ps_config.load(_ps_config(deployment, tmp_path / "ps1", mt_port)), data_port=0,
+        metrics_port=0,
+    )  # fmt: skip
+    second = await ProcessServer.start(
+        ps_config.load(_ps_config(deployment, tmp_path / "ps2", mt_port)), data_port=0,
+        metrics_port=0,
+    )  # fmt: skip
+    cut_off = await ProcessServer.start(
+        ps_config.load(_ps_config(deployment, tmp_path / "ps3", free_port())), data_port=0,
+        metrics_port=0,
+    )  # fmt: skip
+    rng = random.Random(5)
+    batches = [(1 + 3 * n, random_workload(rng, SIZE, 3, max_len=50_000)) for n in range(6)]
+    model = bytearray(SIZE)
+    try:
+        connector = aiohttp.TCPConnector(ssl=deployment.client_tls("vm01"))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for seq, records in batches[:4]:
+                status, answer = await Agent(session, first.port).post(
+                    "vm01-d0", _body("vm01-d0", seq, records)
+                )
+                assert status == 200, answer
+            await asyncio.wait_for(mt.replicas["vm01-d0"].wait_applied(StreamPosition(1, 12)), 30)
+            elsewhere = Agent(session, second.port)
+            # Seqs the master target holds are duplicates there too...
+            status, answer = await elsewhere.post("vm01-d0", _body("vm01-d0", *batches[2]))
+            assert (status, answer["acked_seq"]) == (200, 12), answer
+            assert (await elsewhere.state("vm01-d0"))["shipped_seq"] == 12
+            # ...and the next ones are taken and shipped.
+            for seq, records in batches[4:]:
+                status, answer = await elsewhere.post("vm01-d0", _body("vm01-d0", seq, records))
+                assert (status, answer["acked_seq"]) == (200, seq + 2), answer
+            status, answer = await Agent(session, cut_off.port).post(
+                "vm01-d0", _body("vm01-d0", *batches[4])
+            )
+            assert (status, answer["error"], answer["expected_seq"]) == (409, "gap", 1)
+        await asyncio.wait_for(mt.replicas["vm01-d0"].wait_applied(StreamPosition(1, 18)), 30)
+    finally:
+        for ps in (first, second, cut_off):
+            await ps.close()
+        await mt.close()
+    for _, records in batches:
+        apply_to_model(model, records)
+    _compare(tmp_path / "mt" / "vm01-d0.raw", bytes(model), tmp_path)

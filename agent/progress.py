@@ -1,0 +1,96 @@
+"""A progress line on a terminal: how far a command got, how fast, and how long to go.
+
+Written to standard error, and only when it is a terminal: a log file, a
+pipe or journald gets the summary line and nothing else. The line is
+redrawn in place at most :data:`REDRAW_S` apart and erased at the end.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Final, TextIO
+
+#: Seconds between redraws: smooth to the eye, no cost to speak of.
+REDRAW_S: Final = 0.2
+#: Seconds of history the rate (and so the ETA) is taken over: steady
+#: enough not to jump, short enough to follow a change of pace.
+RATE_WINDOW_S: Final = 5.0
+
+
+def human_bytes(count: float) -> str:
+    """``count`` bytes in binary units: ``512 B``, ``1.5 MiB``, ``2.0 TiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def human_duration(seconds: float) -> str:
+    """``seconds`` as ``42s``, ``3m05s`` or ``2h07m``."""
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole // 60 % 60:02d}m"
+
+
+@dataclass
+class ProgressLine:
+    """The progress of one sync pass: bytes compared of the total, bytes sent.
+
+    Args:
+        total: bytes to compare in all.
+        stream: where to draw; nothing is drawn unless it is a terminal.
+    """
+
+    total: int
+    stream: TextIO = field(default_factory=lambda: sys.stderr)
+    _history: list[tuple[float, int]] = field(default_factory=list)
+    _drawn_at: float = 0.0
+    _width: int = 0
+    _enabled: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._enabled = self.stream.isatty()
+
+    def update(self, compared: int, sent: int, *, phase: str = "", force: bool = False) -> None:
+        """Redraw with ``compared`` of the total done and ``sent`` bytes sent."""
+        now = time.monotonic()
+        self._history.append((now, compared))
+        while len(self._history) > 2 and now - self._history[0][0] > RATE_WINDOW_S:
+            self._history.pop(0)
+        if not self._enabled or (not force and now - self._drawn_at < REDRAW_S):
+            return
+        self._drawn_at = now
+        self._draw(self.render(compared, sent, phase=phase))
+
+    def render(self, compared: int, sent: int, *, phase: str = "") -> str:
+        """The line for ``compared`` and ``sent``, with the rate of the recent history."""
+        percent = 100.0 * compared / self.total if self.total else 100.0
+        text = (
+            f"{percent:5.1f}%  compared {human_bytes(compared)} of {human_bytes(self.total)}, "
+            f"sent {human_bytes(sent)}"
+        )
+        (t0, c0), (t1, c1) = self._history[0], self._history[-1]
+        if phase:
+            text += f"  {phase}"
+        elif t1 > t0 and c1 > c0:
+            rate = (c1 - c0) / (t1 - t0)
+            text += f"  {human_bytes(rate)}/s  ETA {human_duration((self.total - compared) / rate)}"
+        return text
+
+    def finish(self) -> None:
+        """Erase the line: the summary goes where it was."""
+        if self._enabled and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+
+    def _draw(self, text: str) -> None:
+        pad = max(0, self._width - len(text))
+        self.stream.write("\r" + text + " " * pad)
+        self.stream.flush()
+        self._width = len(text)

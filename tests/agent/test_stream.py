@@ -1,0 +1,252 @@
+"""The agent's stream against real process servers and a real master target
+(in this process, over mutual TLS on loopback): batches arrive in order and
+exactly once, the journal empties only as the master target receives, a
+dead process server with files in its cache loses nothing, 503 is waited
+out, and a stream another generation superseded stops."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from agent.client import ProcessServerPool
+from agent.errors import StreamBrokenError
+from agent.journal import EntryKind
+from agent.state import AgentState, StreamRecord
+from agent.stream import ReplicationStream
+from mastertarget import config as mt_config
+from mastertarget.daemon import MasterTarget
+from processserver import config as ps_config
+from processserver.daemon import ProcessServer
+from protocol.batch import encode_batch
+from protocol.limits import MiB
+from protocol.records import NO_FLAGS, Record, Write
+from protocol.sequencing import StreamPosition
+from tests.conftest import Deployment
+from tests.faults.daemons import free_port
+from tests.mastertarget.conftest import apply_to_model, random_workload, write_config
+from tests.processserver.test_api import write_ps_config
+
+DISK = "vm01-d0"
+SIZE = 8 * MiB
+
+
+@dataclass
+class Site:
+    """Master target and process servers in this process; closed at the end."""
+
+    deployment: Deployment
+    root: Path
+    mt_port: int = field(default_factory=free_port)
+    mt: MasterTarget | None = None
+    servers: list[ProcessServer] = field(default_factory=list)
+    pools: list[ProcessServerPool] = field(default_factory=list)
+    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(4))
+
+    async def start_mt(self) -> MasterTarget:
+        root = self.root / "mt"
+        root.mkdir(exist_ok=True)
+        config = write_config(
+            self.deployment, root,
+            [{"id": DISK, "target": root / "t.raw", "create": True, "size_bytes": SIZE}],
+        )  # fmt: skip
+        with config.open("a") as extra:
+            extra.write(f'[listen]\nhost = "127.0.0.1"\nport = {self.mt_port}\n')
+        self.mt = await MasterTarget.start(mt_config.load(config), metrics_port=0)
+        return self.mt
+
+    async def start_ps(self, mt_port: int | None = None, **extra: object) -> ProcessServer:
+        root = self.root / f"ps{len(self.servers)}"
+        root.mkdir()
+        path = write_ps_config(self.deployment, root, **extra)
+        port = self.mt_port if mt_port is None else mt_port
+        path.write_text(
+            path.read_text().replace("https://127.0.0.1:9", f"https://127.0.0.1:{port}")
+        )
+        ps = await ProcessServer.start(ps_config.load(path), data_port=0, metrics_port=0)
+        self.servers.append(ps)
+        return ps
+
+    def pool(self, *servers: ProcessServer) -> ProcessServerPool:
+        return ProcessServerPool(
+            tuple(f"https://127.0.0.1:{ps.port}" for ps in servers),
+            self.deployment.client_tls("vm01"),
+            request_timeout_s=10, connect_timeout_s=5, give_up_after_s=60,
+        )  # fmt: skip
+
+    async def stream(self, pool: ProcessServerPool, generation: int = 1) -> ReplicationStream:
+        state = AgentState(self.root / "agent")
+        return await ReplicationStream.create(
+            DISK, generation, state=state, pool=pool, journal_dir=self.root / "agent" / "journal",
+            source=None, executor=self.executor,
+        )  # fmt: skip
+
+    def target(self) -> bytes:
+        return (self.root / "mt" / "t.raw").read_bytes()
+
+
+@pytest_asyncio.fixture
+async def site(deployment: Deployment, tmp_path: Path) -> AsyncIterator[Site]:
+    made = Site(deployment, tmp_path)
+    yield made
+    for pool in made.pools:
+        await pool.close()
+    for ps in made.servers:
+        await ps.close()
+    if made.mt is not None:
+        await made.mt.close()
+    made.executor.shutdown()
+
+
+async def _append(stream: ReplicationStream, records: list[Record]) -> None:
+    now = time.time_ns()
+    await stream.append(
+        records, flags=NO_FLAGS, first_capture_ns=now, last_capture_ns=now, kind=EntryKind.INLINE
+    )
+
+
+def _journal(site: Site) -> list[str]:
+    return sorted(p.name for p in (site.root / "agent" / "journal").iterdir())
+
+
+async def test_batches_arrive_in_order_and_the_journal_empties(site: Site) -> None:
+    mt = await site.start_mt()
+    ps = await site.start_ps()
+    pool = site.pool(ps)
+    stream = await site.stream(pool)
+    stream.start()
+    model, rng = bytearray(SIZE), random.Random(1)
+    for _ in range(12):
+        records = random_workload(rng, SIZE, 4, max_len=60_000)
+        await _append(stream, records)
+        apply_to_model(model, records)
+    await asyncio.wait_for(stream.wait_shipped(), 30)
+    assert _journal(site) == []
+    assert (stream.trimmed_seq, stream.end_seq, stream.stats.batches) == (48, 48, 12)
+    assert stream.stats.resent_bytes == 0
+    await asyncio.wait_for(mt.replicas[DISK].wait_applied(StreamPosition(1, 48)), 30)
+    await stream.close()
+    await pool.close()
+    assert site.target() == model
+
+
+async def test_a_dead_process_server_with_files_in_its_cache_loses_nothing(site: Site) -> None:
+    mt = await site.start_mt()
+    stranded = await site.start_ps(mt_port=free_port())  # it never reaches the master target
+    spare = await site.start_ps()
+    pool = site.pool(stranded, spare)
+    stream = await site.stream(pool)
+    stream.start()
+    model, rng = bytearray(SIZE), random.Random(2)
+    for _ in range(6):
+        records = random_workload(rng, SIZE, 3, max_len=60_000)
+        await _append(stream, records)
+        apply_to_model(model, records)
+    await asyncio.wait_for(stream.wait_acked(), 30)
+    # Acknowledged, not received: the journal keeps every batch.
+    assert len(_journal(site)) == 6
+    assert len(list((site.root / "ps0" / "cache" / "disks" / DISK).glob("*.hrl"))) == 6
+    await stranded.close()
+    await asyncio.wait_for(stream.wait_shipped(), 30)
+    assert (pool.failovers, pool.current.url) == (1, f"https://127.0.0.1:{spare.port}")
+    assert stream.stats.resent_bytes > 0
+    await asyncio.wait_for(mt.replicas[DISK].wait_applied(StreamPosition(1, 18)), 30)
+    await stream.close()
+    await pool.close()
+    assert site.target() == model
+
+
+async def test_a_full_cache_is_waited_out(site: Site) -> None:
+    ps = await site.start_ps(cache_high_bytes=34 * MiB, cache_low_bytes=32 * MiB)
+    pool = site.pool(ps)
+    stream = await site.stream(pool)
+    stream.start()
+    model = bytearray(SIZE)
+    for n in range(4):  # 16 MiB each, incompressible, one request each: the fourth is refused
+        records: list[Record] = [Write(i * 4 * MiB, os.urandom(4 * MiB)) for i in range(2)]
+        records += [Write(i * 4 * MiB, os.urandom(4 * MiB)) for i in range(2)]
+        records += [Write(n * 4096, os.urandom(4096))]
+        await _append(stream, records)
+        apply_to_model(model, records)
+        if n < 3:
+            await asyncio.wait_for(stream.wait_acked(), 30)
+    registry = ps.metrics.registry
+    deadline = time.monotonic() + 30
+    while not registry.get_sample_value(
+        "blockrepl_processserver_rejects_total", {"reason": "cache-full"}
+    ):
+        assert time.monotonic() < deadline, "the cache never filled"
+        await asyncio.sleep(0.05)
+    assert stream.acked_seq < stream.end_seq
+    mt = await site.start_mt()  # the cache drains; the stream goes on
+    await asyncio.wait_for(stream.wait_shipped(), 60)
+    await asyncio.wait_for(mt.replicas[DISK].wait_applied(StreamPosition(1, 20)), 30)
+    await stream.close()
+    await pool.close()
+    assert site.target() == model
+
+
+async def test_batches_are_cut_where_the_process_server_stands(
+    site: Site, deployment: Deployment
+) -> None:
+    mt = await site.start_mt()
+    ps = await site.start_ps()
+    rng = random.Random(3)
+    records = random_workload(rng, SIZE, 6, max_len=60_000)
+    model = bytearray(SIZE)
+    apply_to_model(model, records)
+    # The same records reached the process server in other batches: 1..2, 3..4.
+    connector = aiohttp.TCPConnector(ssl=deployment.client_tls("vm01"))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for first in (1, 3):
+            body = encode_batch(
+                disk_id=DISK, generation=1, first_seq=first, records=records[first - 1 : first + 1],
+                first_capture_ns=1, last_capture_ns=1,
+            )  # fmt: skip
+            url = f"https://127.0.0.1:{ps.port}/v1/disks/{DISK}/batches"
+            async with session.post(url, data=body) as response:
+                assert response.status == 200
+    pool = site.pool(ps)
+    state = AgentState(site.root / "agent")
+    state.put_stream(DISK, StreamRecord(1, 0))  # the generation the process server is on
+    stream = ReplicationStream.open(
+        DISK, state=state, pool=pool, journal_dir=site.root / "agent" / "journal", source=None,
+        executor=site.executor,
+    )  # fmt: skip
+    assert stream is not None
+    await _append(stream, records[:3])
+    await _append(stream, records[3:])  # 4..6: the process server holds 4 already
+    stream.start()
+    await asyncio.wait_for(stream.wait_shipped(), 30)
+    await asyncio.wait_for(mt.replicas[DISK].wait_applied(StreamPosition(1, 6)), 30)
+    await stream.close()
+    await pool.close()
+    assert site.target() == model
+
+
+async def test_a_newer_generation_stops_the_stream(site: Site, deployment: Deployment) -> None:
+    await site.start_mt()
+    ps = await site.start_ps()
+    pool = site.pool(ps)
+    stream = await site.stream(pool, generation=1)
+    connector = aiohttp.TCPConnector(ssl=deployment.client_tls("vm01"))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        url = f"https://127.0.0.1:{ps.port}/v1/disks/{DISK}/generation"
+        async with session.post(url, json={"generation": 5}) as response:
+            assert response.status == 200
+    stream.start()
+    await _append(stream, random_workload(random.Random(4), SIZE, 2))
+    with pytest.raises(StreamBrokenError, match="generation 5"):
+        await asyncio.wait_for(stream.wait_shipped(), 30)
+    await stream.close()
+    await pool.close()
