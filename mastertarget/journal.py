@@ -213,7 +213,16 @@ class UndoJournal:
                     f"undo of disk {disk_id} seqs {part.first_seq}..{part.last_seq} must have "
                     f"{part.chunks} files in {self.root / disk_id}; {path.name} is missing"
                 ) from None
-            yield open_undo(data, self._keyring)
+            try:
+                opened = open_undo(data, self._keyring)
+            except ProtocolError as exc:
+                # Same class and code; the message names the file to look at.
+                raise type(exc)(
+                    f"{path}: {exc.message}; the points before seq {part.last_seq} of this "
+                    "disk cannot be rebuilt past it (the journal is damaged)",
+                    details=exc.details,
+                ) from exc
+            yield opened
 
     def remove_part(self, disk_id: str, part: UndoPart) -> None:
         """Delete a part's files (pruning); the directory is not fsynced: a part

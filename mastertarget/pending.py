@@ -4,7 +4,9 @@ The queue keeps the inbox entries of one disk in stream order and knows how
 far the stream is held durably: ``received`` is the last seq of the run of
 files that continue the applied position without a gap. Files that the
 applied position makes useless (already applied, of an older generation, or
-overlapping what was applied) are dropped and deleted.
+overlapping what was applied) are dropped and deleted, and so are files of a
+generation older than the one the held stream continues in (a hole that a
+newer generation's resync went around).
 """
 
 from __future__ import annotations
@@ -92,9 +94,21 @@ class PendingFiles:
                 keep.append(entry)
         self._entries = keep
         self.received = max(self.received, applied)
+        chain: list[InboxEntry] = []
         for entry in self._entries:
             if self.admission(entry.generation, entry.first_seq, entry.last_seq).fit is Fit.NEXT:
                 self.received = entry.end
+                chain.append(entry)
+        # Once the held stream continues in a newer generation (a resync after a
+        # quarantine left a hole), files of an older generation that are not on
+        # the way there can never apply: waiting on them would block the newer
+        # generation behind them.
+        stale = [
+            e for e in self._entries if e.generation < self.received.generation and e not in chain
+        ]
+        for entry in stale:
+            self._inbox.remove(entry)
+            self._entries.remove(entry)
 
     def _insert(self, entry: InboxEntry) -> None:
         position = bisect.bisect(self._entries, entry)

@@ -16,7 +16,9 @@ before-images newest first walks the disk back to any point in the window:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +40,8 @@ log = logging.getLogger("blockrepl.mastertarget.recovery")
 #: Bytes copied per read while taking a copy of the target: large reads for
 #: throughput, bounded memory.
 COPY_PIECE: Final = 4 * MiB
+#: Added to the name of a recovery output that failed part-way.
+INCOMPLETE_SUFFIX: Final = ".incomplete"
 
 #: Called with (bytes done, bytes in all) as work progresses.
 Progress = Callable[[int, int], None]
@@ -122,20 +126,31 @@ def recover_copy(
     Raises:
         DiskExistsError: ``output`` exists.
         ProtocolError, DurabilityError, DiskIOError: as :func:`roll_back`;
-            the output is left for inspection, never presented as good.
+            the partial output is renamed ``OUTPUT.incomplete`` (kept for
+            inspection), so the name asked for never holds a wrong disk.
     """
     started = time.monotonic()
     disk_id = point.disk_id
     kind: Literal["raw", "vmdk-sparse"] = "raw" if output_format == "raw" else "vmdk-sparse"
     out = create_disk(output, kind, target.size)
     try:
-        with lock:
-            copied = copy_target(target, out, progress)
-            parts = store.undo_after(disk_id, StreamPosition(point.generation, point.seq))
-        copy_s = time.monotonic() - started
-        undo_bytes = roll_back(out, journal, disk_id, parts)
-    finally:
-        out.close()
+        try:
+            with lock:
+                copied = copy_target(target, out, progress)
+                parts = store.undo_after(disk_id, StreamPosition(point.generation, point.seq))
+            copy_s = time.monotonic() - started
+            undo_bytes = roll_back(out, journal, disk_id, parts)
+        finally:
+            out.close()
+    except BaseException:
+        incomplete = output.with_name(output.name + INCOMPLETE_SUFFIX)
+        with contextlib.suppress(OSError):
+            os.replace(output, incomplete)
+            log.error(
+                "disk %s: recovering to seq %d failed; the partial output is %s, not %s",
+                disk_id, point.seq, incomplete, output,
+            )  # fmt: skip
+        raise
     total_s = time.monotonic() - started
     log.info(
         "disk %s: recovered to %s seq %d (%s) as %s: %d bytes copied in %.1f s (applier "

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mastertarget.points import PointKind
+from protocol.errors import ProtocolError
 from protocol.records import Record, StreamFlags, Tag, TagKind, Write
 from protocol.sequencing import StreamPosition
 from tests.conftest import Deployment, require_binary
@@ -131,3 +132,37 @@ async def test_points_inside_a_resync_are_not_consistent(
     await replica.wait_applied(StreamPosition(1, 3))
     consistent = {p.seq: p.consistent for p in replica.points()}
     assert consistent == {1: True, 2: False, 3: True}
+
+
+async def test_a_corrupt_undo_file_fails_only_the_points_that_need_it(
+    start_mt,
+    disk_config: Path,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    """A bit flipped at rest in the newest undo file: recovering to a point
+    behind it is refused naming the file, with no output left and the target
+    untouched; the newest point, which needs no undo, still recovers."""
+    mt, pusher = await start_mt(disk_config)
+    snapshots, last = await _stream_with_tags(pusher, random.Random(12), files=6)
+    replica = mt.replicas["d0"]
+    await replica.wait_applied(StreamPosition(1, last))
+    undo_files = sorted((tmp_path / "retention" / "journal" / "d0").glob("*.undo"))
+    assert undo_files
+    newest = undo_files[-1]
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    newest.write_bytes(bytes(data))
+    target_before = (tmp_path / "target.vmdk").read_bytes()
+    points = replica.points()
+    output = tmp_path / "old.raw"
+    with pytest.raises(ProtocolError, match=newest.name) as refused:
+        await replica.recover(points[0], output, "raw")
+    assert refused.value.code == "authentication-failed"
+    assert not output.exists()  # the name asked for never holds a wrong disk
+    assert (tmp_path / "old.raw.incomplete").exists()
+    with pytest.raises(ProtocolError, match=newest.name):
+        await replica.failover(points[0])
+    assert (tmp_path / "target.vmdk").read_bytes() == target_before
+    latest = tmp_path / "latest.raw"
+    await replica.recover(points[-1], latest, "raw")
+    _compare(latest, "raw", snapshots[(points[-1].seq, points[-1].name)], tmp_path)
