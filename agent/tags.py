@@ -253,6 +253,8 @@ class TagScheduler:
         self.rounds: list[RoundReport] = []
         self.failures = 0
         self._task: asyncio.Task[None] | None = None
+        self._round_task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def start(self) -> TagScheduler:
         intervals = (self.config.tags.crash_interval_s, self.config.tags.app_interval_s)
@@ -266,6 +268,12 @@ class TagScheduler:
         return self
 
     async def close(self) -> None:
+        """Stop; a round under way finishes first (it is bounded by its own
+        timeouts), so a stop never leaves a tag on some disks and not others."""
+        self._stopping = True
+        if self._round_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(self._round_task)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -284,7 +292,13 @@ class TagScheduler:
         while due:
             kind = min(due, key=lambda k: (due[k], k))  # "app" first when both are due
             await asyncio.sleep(max(0.0, due[kind] - time.monotonic()))
-            await self._round(kind)
+            if self._stopping:
+                return
+            self._round_task = asyncio.create_task(self._round(kind), name=f"{kind}-tag")
+            try:
+                await asyncio.shield(self._round_task)
+            finally:
+                self._round_task = None
             now = time.monotonic()
             for every, at in due.items():  # a round due meanwhile is one round, not a burst
                 missed = max(0, int((now - at) // intervals[every]) + 1)

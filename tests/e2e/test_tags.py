@@ -207,3 +207,36 @@ async def test_tags_at_an_interval_reach_every_disk(deployment: Deployment, tmp_
         ids[disk] = [p["tag_id"] for p in _points(site, disk) if p["kind"] == "crash" and p["name"]]
         assert len(ids[disk]) == rounds["rounds"], ids
     assert sorted(ids[DISKS[0]]) == sorted(ids[DISKS[1]])
+
+
+async def test_a_stop_lets_the_round_under_way_finish(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """SIGTERM in the middle of a round: the round ends on every disk, then the
+    tagger exits (a stop that cut it short could tag one disk and not the other)."""
+    marker = tmp_path / "quiescing"
+    site, captures = _two_disks(
+        deployment, tmp_path,
+        tags={"crash_interval_s": 0, "app_interval_s": 1, "freeze_max_s": 10,
+              "quiesce": [f"sh -c 'touch {marker}; sleep 1'"]},
+    )  # fmt: skip
+    tagger = subprocess.Popen(
+        [str(BLOCKREPL), "agent", "tags", "--config", str(site.agent_config), "--json"],
+        stdout=subprocess.PIPE, stderr=(tmp_path / "tags.log").open("wb"),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not marker.exists():
+            assert time.monotonic() < deadline, (tmp_path / "tags.log").read_text()
+            time.sleep(0.02)
+        tagger.send_signal(signal.SIGTERM)
+        out, _ = tagger.communicate(timeout=30)
+    finally:
+        if tagger.poll() is None:
+            tagger.kill()
+    assert tagger.returncode == 0, (tmp_path / "tags.log").read_text()
+    rounds = json.loads(out)
+    assert (rounds["rounds"], rounds["abandoned"]) == (1, 0)
+    for disk in DISKS:
+        captures[disk].settle()
+        assert [p["kind"] for p in _points(site, disk) if p["name"]] == ["app"]
