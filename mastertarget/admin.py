@@ -1,4 +1,5 @@
-"""The master target's admin API: recovery points, recover and failover.
+"""The master target's admin API: recovery points, recover and failover, of a
+disk or of a consistency group.
 
 Served on a Unix socket (``admin_socket`` in the config, mode 0600): only
 the service user and root can reach it, so it needs no certificates, and it
@@ -9,15 +10,32 @@ the daemon runs. Specified in docs/api.md, "Admin API".
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
+from mastertarget.config import GroupConfig
+from mastertarget.errors import UnknownGroupError
+from mastertarget.groups import (
+    GroupPoint,
+    common_points,
+    group_point_json,
+    group_window,
+    select_group_point,
+)
 from mastertarget.points import RecoveryPoint
-from mastertarget.pointspec import format_time_ns, format_window, parse_spec, select_point
-from mastertarget.recovery import RecoverResult
+from mastertarget.pointspec import (
+    SpecKind,
+    format_time_ns,
+    format_window,
+    parse_spec,
+    select_point,
+)
+from mastertarget.recovery import OutputFormat, RecoverResult, group_outputs, set_aside
 from mastertarget.replica import DiskReplica
 from mastertarget.server import replica_or_404
 from mastertarget.state import StateStore
@@ -113,20 +131,29 @@ async def _body(request: web.Request) -> dict[str, object]:
 
 
 async def _choose(replica: DiskReplica, text: object) -> RecoveryPoint:
-    if not isinstance(text, str):
-        raise MalformedError(f"expected 'point' to be a SPEC string, found {text!r}")
-    spec = parse_spec(text)
-    if spec.kind.value == "latest":  # every received change first (lowest RPO)
-        try:
-            await asyncio.wait_for(replica.wait_applied(replica.received), LATEST_DRAIN_S)
-        except TimeoutError:
-            raise MalformedError(
-                f"'latest' waits for the received files to be applied; disk "
-                f"{replica.config.id} is still {replica.received.seq - replica.applied.seq} "
-                f"seqs behind after {LATEST_DRAIN_S:.0f} s: use latest-processed"
-            ) from None
+    spec = parse_spec(_spec_text(text))
+    if spec.kind is SpecKind.LATEST:  # every received change first (lowest RPO)
+        await _drain(replica)
     applied: StreamPosition = replica.applied
     return select_point(spec, replica.points(), processed_seq=(applied.generation, applied.seq))
+
+
+def _spec_text(text: object) -> str:
+    if not isinstance(text, str):
+        raise MalformedError(f"expected 'point' to be a SPEC string, found {text!r}")
+    return text
+
+
+async def _drain(replica: DiskReplica) -> None:
+    """Until the files already received are applied, for ``latest``."""
+    try:
+        await asyncio.wait_for(replica.wait_applied(replica.received), LATEST_DRAIN_S)
+    except TimeoutError:
+        raise MalformedError(
+            f"'latest' waits for the received files to be applied; disk "
+            f"{replica.config.id} is still {replica.received.seq - replica.applied.seq} "
+            f"seqs behind after {LATEST_DRAIN_S:.0f} s: use latest-processed"
+        ) from None
 
 
 def _error(exc: BlockreplError) -> web.Response:
@@ -178,10 +205,122 @@ async def post_failover(request: web.Request) -> web.StreamResponse:
     return web.json_response(result_json(result))
 
 
+# --- consistency groups ---------------------------------------------------------------
+
+
+def group_of(config_groups: tuple[GroupConfig, ...], group_id: str) -> GroupConfig:
+    """The configured group ``group_id``.
+
+    Raises:
+        UnknownGroupError: no ``[[groups]]`` table names it.
+    """
+    for group in config_groups:
+        if group.id == group_id:
+            return group
+    known = ", ".join(g.id for g in config_groups) or "none"
+    raise UnknownGroupError(
+        f"group {group_id!r} is not in the master target's config; configured: {known}",
+        details={"group": group_id},
+    )
+
+
+def group_points(store: StateStore, group: GroupConfig) -> list[GroupPoint]:
+    """The group's points, oldest first (blocking: reads the catalog)."""
+    return common_points(group.id, group.disks, store.group_points(group.id, group.disks))
+
+
+def group_points_json(store: StateStore, group: GroupConfig, limit: int) -> dict[str, object]:
+    """The answer of ``GET /v1/groups/{group}/points``: the window and the
+    ``limit`` newest group points, newest first."""
+    points = group_points(store, group)
+    offered = points[::-1][:limit]
+    return {"group": group.id, "disks": list(group.disks), "window": group_window(points),
+            "points": [group_point_json(p) for p in offered],
+            "more": len(points) > len(offered)}  # fmt: skip
+
+
+def group_result_json(
+    point: GroupPoint, outputs: dict[str, Path], results: list[RecoverResult], total_s: float
+) -> dict[str, object]:
+    return {
+        "group": point.group_id,
+        "point": group_point_json(point),
+        "disks": {
+            r.point.disk_id: {"output": str(outputs[r.point.disk_id]), **result_json(r)}
+            for r in results
+        },
+        "total_s": round(total_s, 3),
+    }
+
+
+async def get_group_points(request: web.Request) -> web.StreamResponse:
+    mt = request.app[ADMIN]
+    try:
+        group = group_of(mt.config.groups, request.match_info["group"])
+        limit = parse_limit(request.query.get("limit"))
+    except BlockreplError as exc:
+        return _error(exc)
+    loop = asyncio.get_running_loop()
+    answer = await loop.run_in_executor(mt.executor, group_points_json, mt.store, group, limit)
+    return web.json_response(answer)
+
+
+async def post_group_recover(request: web.Request) -> web.StreamResponse:
+    mt = request.app[ADMIN]
+    started = time.monotonic()
+    loop = asyncio.get_running_loop()
+    try:
+        group = group_of(mt.config.groups, request.match_info["group"])
+        body = await _body(request)
+        directory, fmt = body.get("output_dir"), body.get("format", "raw")
+        if not isinstance(directory, str) or not os.path.isabs(directory):
+            raise MalformedError(
+                f"expected 'output_dir' to be an absolute path, found {directory!r}"
+            )
+        if fmt not in ("raw", "vmdk"):
+            raise MalformedError(f"expected 'format' raw or vmdk, found {fmt!r}")
+        spec = parse_spec(_spec_text(body.get("point")))
+        replicas = [mt.replicas[disk] for disk in group.disks]
+        with contextlib.ExitStack() as history:
+            for replica in replicas:  # before the point is chosen: its undo data must stay
+                history.enter_context(replica.keeping_history())
+            if spec.kind is SpecKind.LATEST:
+                for replica in replicas:
+                    await _drain(replica)
+            points = await loop.run_in_executor(mt.executor, group_points, mt.store, group)
+            point = select_group_point(spec, group.id, points)
+            outputs = await loop.run_in_executor(
+                mt.executor, group_outputs, list(group.disks), Path(directory), fmt
+            )
+            results = await _recover_members(mt, point, outputs, fmt)
+    except BlockreplError as exc:
+        return _error(exc)
+    return web.json_response(group_result_json(point, outputs, results, time.monotonic() - started))
+
+
+async def _recover_members(
+    mt: MasterTarget, point: GroupPoint, outputs: dict[str, Path], fmt: OutputFormat
+) -> list[RecoverResult]:
+    """Each member disk at its own point of the group point, one after the other."""
+    results: list[RecoverResult] = []
+    try:
+        for member in point.members:
+            result = await mt.replicas[member.disk_id].recover(member, outputs[member.disk_id], fmt)
+            mt.metrics.recover_seconds.observe(result.total_s)
+            results.append(result)
+    except BaseException:
+        finished = [outputs[r.point.disk_id] for r in results]
+        await asyncio.get_running_loop().run_in_executor(mt.executor, set_aside, finished)
+        raise
+    return results
+
+
 def build_admin_app(mt: MasterTarget) -> web.Application:
     app = web.Application(client_max_size=MAX_ADMIN_BODY)
     app[ADMIN] = mt
     app.router.add_get("/v1/disks/{disk}/points", get_points)
     app.router.add_post("/v1/disks/{disk}/recover", post_recover)
     app.router.add_post("/v1/disks/{disk}/failover", post_failover)
+    app.router.add_get("/v1/groups/{group}/points", get_group_points)
+    app.router.add_post("/v1/groups/{group}/recover", post_group_recover)
     return app

@@ -1,9 +1,13 @@
 """The ``mastertarget`` command.
 
 - ``serve --config FILE`` runs the daemon until SIGTERM; SIGHUP rereads FILE.
-- ``points --config FILE --disk ID [--json]`` lists recovery points, newest first.
+- ``points --config FILE --disk ID [--json]`` lists recovery points, newest first;
+  ``--group G`` instead lists the points common to every disk of a
+  consistency group (docs/groups.md).
 - ``recover --config FILE --disk ID --point SPEC --output PATH [--format raw|vmdk]``
-  writes the disk as it was at SPEC, while replication goes on.
+  writes the disk as it was at SPEC, while replication goes on;
+  ``--group G --output-dir DIR`` writes every disk of the group at one
+  common point, as ``DIR/DISK.raw`` (or ``.vmdk``).
 - ``failover --config FILE --disk ID --point SPEC`` rolls the target back in
   place and stops replication of the disk.
 - ``vsphere discover|preflight|attach|detach|create-vm --config VSPHERE.toml``
@@ -32,23 +36,43 @@ from typing import Final
 import aiohttp
 
 from mastertarget import config as mt_config
-from mastertarget.admin import DEFAULT_POINTS_LIMIT, parse_limit, points_json, result_json
-from mastertarget.config import MasterTargetConfig
+from mastertarget.admin import (
+    DEFAULT_POINTS_LIMIT,
+    group_of,
+    group_points,
+    group_points_json,
+    group_result_json,
+    parse_limit,
+    points_json,
+    result_json,
+)
+from mastertarget.config import GroupConfig, MasterTargetConfig
 from mastertarget.daemon import JOURNAL_DIR, STATE_DB, MasterTarget
 from mastertarget.disks import open_disk
 from mastertarget.disks.base import TargetDisk
 from mastertarget.errors import DiskError
+from mastertarget.groups import select_group_point
 from mastertarget.journal import UndoJournal
 from mastertarget.points import RecoveryPoint
 from mastertarget.pointspec import parse_spec, select_point
-from mastertarget.recovery import Progress, failover_in_place, recover_copy
+from mastertarget.recovery import (
+    OutputFormat,
+    Progress,
+    RecoverResult,
+    failover_in_place,
+    group_outputs,
+    recover_copy,
+    set_aside,
+)
 from mastertarget.retention_volume import (
+    RetentionVolume,
     check_retention_volume,
     installed_package_dir,
 )
 from mastertarget.state import StateStore
 from mastertarget.vsphere.cli import add_commands as add_vsphere_commands
 from protocol.errors import BlockreplError
+from runtime.errors import InvalidArgumentError
 from runtime.keyfile import load_keyring
 from runtime.logs import setup_logging
 from runtime.service import run_daemon
@@ -67,13 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True, type=Path, help="the TOML configuration")
     serve.set_defaults(handler=_serve)
     for name, helptext, handler in (
-        ("points", "list a disk's recovery points, newest first", _points),
-        ("recover", "write a disk as it was at a point (test failover)", _recover),
+        ("points", "list the recovery points of a disk or a group, newest first", _points),
+        ("recover", "write a disk or a group as it was at a point (test failover)", _recover),
         ("failover", "roll a disk back to a point in place and stop replicating it", _failover),
     ):
         sub = commands.add_parser(name, help=helptext)
         sub.add_argument("--config", required=True, type=Path, help="the TOML configuration")
-        sub.add_argument("--disk", required=True, help="the disk id")
+        if name == "failover":
+            sub.add_argument("--disk", required=True, help="the disk id")
+        else:
+            which = sub.add_mutually_exclusive_group(required=True)
+            which.add_argument("--disk", help="the disk id")
+            which.add_argument(
+                "--group", help="a consistency group of the config: its common points"
+            )
         sub.add_argument("--json", action="store_true", help="print one JSON object")
         if name == "points":
             sub.add_argument(
@@ -87,7 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "or tag:NAME",
             )  # fmt: skip
         if name == "recover":
-            sub.add_argument("--output", required=True, type=Path, help="the file to write")
+            sub.add_argument("--output", type=Path, help="the file to write (with --disk)")
+            sub.add_argument(
+                "--output-dir", type=Path,
+                help="with --group: the folder to write each disk into, as DISK.raw or DISK.vmdk",
+            )  # fmt: skip
             sub.add_argument("--format", choices=("raw", "vmdk"), default="raw")
         sub.set_defaults(handler=handler)
     add_vsphere_commands(commands)
@@ -133,6 +168,8 @@ class _AdminError(Exception):
 
 def _points(args: argparse.Namespace) -> int:
     config = mt_config.load(args.config)
+    if args.group is not None:
+        return _group_points(args, config)
     limit = parse_limit(str(args.limit))
     path = f"/v1/disks/{args.disk}/points?limit={limit}"
     data = asyncio.run(_admin(config, "GET", path, None))
@@ -156,6 +193,34 @@ def _points(args: argparse.Namespace) -> int:
     print(f"{'time (UTC)':<32} {'kind':<6} {'seq':>12}  name")
     for point in points:
         print(f"{point['time']:<32} {point['kind']:<6} {point['seq']:>12}  {point['name']}")
+    if data.get("more"):
+        print(f"(the newest {len(points)} shown; --limit N for more)")
+    return 0
+
+
+def _group_points(args: argparse.Namespace, config: MasterTargetConfig) -> int:
+    group = group_of(config.groups, args.group)
+    limit = parse_limit(str(args.limit))
+    data = asyncio.run(_admin(config, "GET", f"/v1/groups/{group.id}/points?limit={limit}", None))
+    if data is None:
+        store = StateStore(config.retention.dir / STATE_DB)
+        try:
+            data = group_points_json(store, group, limit)
+        finally:
+            store.close()
+    if args.json:
+        print(json.dumps(data))
+        return 0
+    window = data["window"]
+    points = data["points"]
+    assert isinstance(window, dict)
+    assert isinstance(points, list)
+    hours = window["window_s"] / 3600
+    print(f"group {group.id} ({', '.join(group.disks)}): {window['points']} common points "
+          f"from {window['oldest']} to {window['newest']} ({hours:.1f} h)")  # fmt: skip
+    print(f"{'time (UTC)':<32} {'kind':<6} name")
+    for point in points:
+        print(f"{point['time']:<32} {point['kind']:<6} {point['name']}")
     if data.get("more"):
         print(f"(the newest {len(points)} shown; --limit N for more)")
     return 0
@@ -188,6 +253,15 @@ class _Offline:
     point: RecoveryPoint
 
 
+def _lock_volume(config: MasterTargetConfig) -> RetentionVolume:
+    """Check the retention volume and take its lock (a daemon cannot start meanwhile)."""
+    return check_retention_volume(
+        config.retention.dir, cache_dir=config.cache_dir, install_dir=installed_package_dir(),
+        targets=[d.target for d in config.disks],
+        allow_shared_volume=config.retention.allow_shared_volume,
+    )  # fmt: skip
+
+
 @contextlib.contextmanager
 def _offline(config: MasterTargetConfig, disk_id: str, spec: str) -> Iterator[_Offline]:
     """Lock the retention volume, open the disk's target, state and journal, pick the point."""
@@ -195,11 +269,7 @@ def _offline(config: MasterTargetConfig, disk_id: str, spec: str) -> Iterator[_O
     if disk is None:
         raise DiskError(f"disk {disk_id!r} is not in the config; configured: "
                         f"{', '.join(d.id for d in config.disks) or 'none'}")  # fmt: skip
-    volume = check_retention_volume(
-        config.retention.dir, cache_dir=config.cache_dir, install_dir=installed_package_dir(),
-        targets=[d.target for d in config.disks],
-        allow_shared_volume=config.retention.allow_shared_volume,
-    )  # fmt: skip
+    volume = _lock_volume(config)
     try:
         store = StateStore(volume.path / STATE_DB)
         try:
@@ -218,6 +288,12 @@ def _offline(config: MasterTargetConfig, disk_id: str, spec: str) -> Iterator[_O
 
 def _recover(args: argparse.Namespace) -> int:
     config = mt_config.load(args.config)
+    if args.group is not None:
+        return _recover_group(args, config)
+    if args.output is None or args.output_dir is not None:
+        raise InvalidArgumentError(
+            "recover --disk takes --output FILE (--output-dir is for --group)"
+        )
     output = args.output.resolve()
     body: dict[str, object] = {"point": args.point, "output": str(output), "format": args.format}
     if sys.stderr.isatty():
@@ -232,6 +308,69 @@ def _recover(args: argparse.Namespace) -> int:
             )  # fmt: skip
         data = result_json(result)
     return _report(args, data, f"recovered disk {args.disk} into {output}")
+
+
+def _recover_group(args: argparse.Namespace, config: MasterTargetConfig) -> int:
+    group = group_of(config.groups, args.group)
+    if args.output_dir is None or args.output is not None:
+        raise InvalidArgumentError(
+            "recover --group takes --output-dir DIR (--output is for --disk)"
+        )
+    directory = args.output_dir.resolve()
+    body: dict[str, object] = {"point": args.point, "output_dir": str(directory),
+                               "format": args.format}  # fmt: skip
+    if sys.stderr.isatty():
+        print(f"recovering group {group.id} at {args.point} into {directory} ...",
+              file=sys.stderr)  # fmt: skip
+    data = asyncio.run(_admin(config, "POST", f"/v1/groups/{group.id}/recover", body))
+    if data is None:
+        data = _recover_group_offline(config, group, args.point, directory, args.format)
+    if args.json:
+        print(json.dumps(data))
+        return 0
+    point = data["point"]
+    disks = data["disks"]
+    assert isinstance(point, dict)
+    assert isinstance(disks, dict)
+    print(f"recovered group {group.id} at {point['kind']} group point {point['name']} of "
+          f"{point['time']} into {directory}: {', '.join(sorted(disks))} in "
+          f"{data['total_s']} s")  # fmt: skip
+    return 0
+
+
+def _recover_group_offline(
+    config: MasterTargetConfig, group: GroupConfig, spec: str, directory: Path,
+    output_format: OutputFormat,
+) -> dict[str, object]:  # fmt: skip
+    """Every disk of the group at one group point, on the retention volume directly."""
+    started = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        volume = _lock_volume(config)
+        stack.callback(volume.lock.release)
+        store = StateStore(volume.path / STATE_DB)
+        stack.callback(store.close)
+        points = group_points(store, group)
+        point = select_group_point(parse_spec(spec), group.id, points)
+        outputs = group_outputs(list(group.disks), directory, output_format)
+        journal = UndoJournal(volume.path / JOURNAL_DIR, load_keyring(config.key_file))
+        results: list[RecoverResult] = []
+        try:
+            for member in point.members:
+                disk = config.disk(member.disk_id)
+                assert disk is not None  # the config checks every group disk is one
+                target = open_disk(disk.target, disk.format)
+                try:
+                    results.append(recover_copy(
+                        target=target, lock=threading.Lock(), journal=journal, store=store,
+                        point=member, output=outputs[member.disk_id],
+                        output_format=output_format, progress=_bar(member.disk_id),
+                    ))  # fmt: skip
+                finally:
+                    target.close()
+        except BaseException:
+            set_aside([outputs[r.point.disk_id] for r in results])
+            raise
+    return group_result_json(point, outputs, results, time.monotonic() - started)
 
 
 def _failover(args: argparse.Namespace) -> int:

@@ -103,6 +103,37 @@ class DiskConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class GroupConfig:
+    """A consistency group: disks of several machines that fail over to one moment.
+
+    The agents of the group put GROUP tags with one tag id on each of these
+    disks in a round (docs/groups.md); a group point is listed once every
+    disk has applied it.
+
+    Args:
+        id: the group id the agents tag with (``[A-Za-z0-9._-]{1,64}``).
+        disks: every disk of every member machine; each must be a disk of
+            this master target.
+    """
+
+    id: str
+    disks: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        try:
+            check_id("group", self.id)
+        except MalformedError as exc:
+            raise FieldValueError("id", exc.message) from None
+        if not self.disks:
+            raise FieldValueError(
+                "disks", "expected the disk ids of the group's members, found none"
+            )
+        twice = sorted({disk for disk in self.disks if self.disks.count(disk) > 1})
+        if twice:
+            raise FieldValueError("disks", f"expected each disk once, found {twice[0]!r} twice")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RetentionConfig:
     """The retention volume.
 
@@ -138,6 +169,7 @@ class MasterTargetConfig:
     key_file: Path
     process_servers: tuple[str, ...]
     disks: tuple[DiskConfig, ...]
+    groups: tuple[GroupConfig, ...] = ()
     listen: ListenConfig = dataclasses.field(default_factory=ListenConfig)
     metrics: MetricsListen = dataclasses.field(
         default_factory=lambda: MetricsListen(port=DEFAULT_METRICS_PORT)
@@ -173,6 +205,7 @@ class MasterTargetConfig:
         targets = [d.target for d in self.disks]
         if len(set(targets)) != len(targets):
             raise FieldValueError("disks", "expected one disk per target, found a target twice")
+        self._check_groups()
         if self.inbox_quota_bytes < MAX_HRL_FILE_BYTES:
             raise FieldValueError(
                 "inbox_quota_bytes",
@@ -180,9 +213,48 @@ class MasterTargetConfig:
                 f"found {self.inbox_quota_bytes}",
             )
 
+    def _check_groups(self) -> None:
+        """Every member disk is protected here, in one group only.
+
+        A common point needs every member's stream in one catalog: a member
+        replicating to another master target can never be part of one (the
+        seeds: "Replication groups should be protected back with the same
+        master target"), so such a group is refused rather than never listing
+        a point.
+        """
+        ids = {d.id for d in self.disks}
+        owner: dict[str, str] = {}
+        seen: set[str] = set()
+        for group in self.groups:
+            if group.id in seen:
+                raise FieldValueError(
+                    "groups", f"expected unique group ids, found {group.id!r} twice"
+                )
+            seen.add(group.id)
+            for disk in group.disks:
+                if disk not in ids:
+                    raise FieldValueError(
+                        "groups",
+                        f"group {group.id}: disk {disk!r} is not protected by this master "
+                        f"target (not in [[disks]]: {', '.join(sorted(ids)) or 'none'}); every "
+                        "member of a group must replicate to the same master target, or no "
+                        "common point in time can be found",
+                    )
+                if disk in owner:
+                    raise FieldValueError(
+                        "groups",
+                        f"disk {disk!r} is in groups {owner[disk]} and {group.id}; a disk "
+                        "belongs to one group at most",
+                    )
+                owner[disk] = group.id
+
     def disk(self, disk_id: str) -> DiskConfig | None:
         """The configuration of ``disk_id``, or None if it is not replicated here."""
         return next((d for d in self.disks if d.id == disk_id), None)
+
+    def group(self, group_id: str) -> GroupConfig | None:
+        """The configuration of group ``group_id``, or None."""
+        return next((g for g in self.groups if g.id == group_id), None)
 
 
 def load(path: str | Path) -> MasterTargetConfig:

@@ -82,7 +82,7 @@ JOURNAL_DIR: Final = "journal"
 #: certificate renewed under the same name is taken too.
 RELOADABLE: Final = (
     "logging", "tls", "process_servers", "inbox_quota_bytes", "rpo_threshold_s",
-    "retention.window_s", "retention.high_water_percent",
+    "retention.window_s", "retention.high_water_percent", "groups",
 )  # fmt: skip
 
 
@@ -109,6 +109,8 @@ class MasterTarget:
     _admin_runner: web.AppRunner | None = None
     _metrics_server: MetricsServer | None = None
     _closing: bool = False
+    #: when each group was first seen: its RPO counts from there until it has a point
+    _groups_seen: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._in_flight = InFlight(self.metrics.requests_in_flight)
@@ -263,6 +265,7 @@ class MasterTarget:
             if cutoff is not None:
                 self._report_prune(disk_id, cutoff, used, capacity)
             await loop.run_in_executor(self.executor, self._refresh_points, replica, now)
+        await loop.run_in_executor(self.executor, self._refresh_groups, now)
         assert self.rpo is not None
         for disk_id, status in self.rpo.evaluate(now).items():
             self.metrics.rpo.labels(disk_id).set(status.rpo_s)
@@ -294,6 +297,25 @@ class MasterTarget:
         short = replica.pruned_early and window < target
         self.metrics.shortfall.labels(disk_id).set(target - window if short else 0.0)
         self.metrics.undo_bytes.labels(disk_id).set(self.store.undo_bytes(disk_id))
+
+    def _refresh_groups(self, now_ns: int) -> None:
+        """Each group's common points and RPO (docs/groups.md), by the same rule
+        as a disk's: a capture time later than the apply time counts as the
+        apply time, so a source clock ahead cannot hide a violation."""
+        groups = self.config.groups
+        for gone in set(self._groups_seen) - {g.id for g in groups}:
+            del self._groups_seen[gone]
+            self.metrics.group_rpo.remove(gone)
+            self.metrics.group_points.remove(gone)
+        for group in groups:
+            since = self._groups_seen.setdefault(group.id, now_ns)
+            summary = self.store.group_summary(group.id, group.disks)
+            count, newest_ns = 0, since
+            if summary is not None:
+                count, capture_ns, applied_ns = summary
+                newest_ns = min(capture_ns, applied_ns)
+            self.metrics.group_points.labels(group.id).set(count)
+            self.metrics.group_rpo.labels(group.id).set(max(0, now_ns - newest_ns) / 1e9)
 
     async def _open_ports(
         self, registry: CollectorRegistry, data_port: int | None, metrics_port: int | None

@@ -84,6 +84,14 @@ class DiskSizeError(DiskError):
     exit_code = 64  # EX_USAGE
 
 
+class UnknownGroupError(BlockreplError):
+    """A consistency group that the master target's config does not name."""
+
+    code = "unknown-group"
+    http_status = 404
+    exit_code = 64  # EX_USAGE
+
+
 class PointSpecError(BlockreplError):
     """A point SPEC is none of the accepted forms (see :mod:`mastertarget.pointspec`)."""
 

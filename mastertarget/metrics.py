@@ -175,6 +175,17 @@ class MasterTargetMetrics:
             f"{PREFIX}_pruned_points", "Recovery points forgotten, by reason.",
             ["disk", "reason"], registry=registry,
         )  # fmt: skip
+        self.group_rpo = Gauge(
+            f"{PREFIX}_group_rpo_seconds",
+            "Age of the newest point common to every disk of a consistency group, from its "
+            "round's time (clamped to when its last disk applied it): the group's RPO.",
+            ["group"], registry=registry,
+        )  # fmt: skip
+        self.group_points = Gauge(
+            f"{PREFIX}_group_recovery_points",
+            "Recovery points common to every disk of a consistency group.", ["group"],
+            registry=registry,
+        )  # fmt: skip
         self.recover_seconds = Histogram(
             f"{PREFIX}_recover_seconds", "Time to write a disk as of a point to a copy.",
             buckets=LONG_BUCKETS, registry=registry,

@@ -9,6 +9,9 @@ before-images newest first walks the disk back to any point in the window:
   is taken, so copy and catalog agree), then the undo parts after the point
   are applied to the copy. Replication of the disk resumes as soon as the
   copy is taken; the undo is applied to the copy without holding anything.
+- **recover a group**: every disk of a consistency group, each as a copy
+  at its own GROUP point of one round (mastertarget/groups.py), one output
+  file per disk in one folder.
 - **failover**: the disk's applier stops, the undo parts after the point are
   applied to the target itself, the catalog forgets what came after, and the
   disk is ``failed-over``: later HRL files are refused.
@@ -28,6 +31,7 @@ from typing import Final, Literal
 
 from mastertarget.disks import create_disk
 from mastertarget.disks.base import TargetDisk
+from mastertarget.errors import DiskExistsError
 from mastertarget.journal import UndoJournal, UndoPart
 from mastertarget.points import RecoveryPoint
 from mastertarget.state import DiskState, StateStore
@@ -159,6 +163,42 @@ def recover_copy(
         len(parts), total_s,
     )  # fmt: skip
     return RecoverResult(point, copied, len(parts), undo_bytes, copy_s, total_s)
+
+
+def group_outputs(
+    disks: list[str], directory: Path, output_format: OutputFormat
+) -> dict[str, Path]:
+    """The output file of each disk of a group recover: ``DIR/DISK.raw`` or ``.vmdk``.
+
+    The folder is made if missing; nothing else is touched.
+
+    Raises:
+        DiskExistsError: an output (or its ``.incomplete``) exists already:
+            a group is recovered whole into fresh names or not at all.
+    """
+    outputs = {disk: directory / f"{disk}.{output_format}" for disk in disks}
+    taken = [
+        path for out in outputs.values()
+        for path in (out, out.with_name(out.name + INCOMPLETE_SUFFIX)) if path.exists()
+    ]  # fmt: skip
+    if taken:
+        raise DiskExistsError(
+            f"{taken[0]} exists; a group is recovered into new files only: choose another "
+            "folder or remove the files of the earlier recover",
+            details={"path": str(taken[0])},
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    return outputs
+
+
+def set_aside(outputs: list[Path]) -> None:
+    """After a group recover failed part-way: rename the disks already written
+    ``OUTPUT.incomplete``, so the folder never holds a group that looks whole."""
+    for output in outputs:
+        with contextlib.suppress(OSError):
+            os.replace(output, output.with_name(output.name + INCOMPLETE_SUFFIX))
+    if outputs:
+        log.error("a group recover failed; its finished disks were renamed *.incomplete")
 
 
 def failover_in_place(

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -499,8 +499,7 @@ class DiskReplica:
             ProtocolError, DurabilityError: the journal is damaged.
         """
         journal = self._require_journal()
-        self._recovering += 1
-        try:
+        with self.keeping_history():
             return await asyncio.get_running_loop().run_in_executor(
                 self._executor,
                 lambda: recover_copy(
@@ -508,6 +507,14 @@ class DiskReplica:
                     store=self._store, point=point, output=output, output_format=output_format,
                 ),
             )  # fmt: skip
+
+    @contextlib.contextmanager
+    def keeping_history(self) -> Iterator[None]:
+        """Pruning waits meanwhile: a recover needs the undo data after its point,
+        and a group recover needs it on every disk until the last is copied."""
+        self._recovering += 1
+        try:
+            yield
         finally:
             self._recovering -= 1
 

@@ -14,6 +14,7 @@ Every method may be called from any thread: one connection, one lock.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -52,6 +53,10 @@ CREATE TABLE IF NOT EXISTS points (
     PRIMARY KEY (disk_id, generation, seq, kind, name)
 ) STRICT;
 CREATE INDEX IF NOT EXISTS points_by_time ON points (disk_id, capture_ns);
+-- Group points are found by their group and tag id (mastertarget/groups.py);
+-- partial indexes: only tags are in them, not the point at every file's end.
+CREATE INDEX IF NOT EXISTS points_by_group ON points (group_id, tag_id) WHERE kind = 'group';
+CREATE INDEX IF NOT EXISTS points_by_app_tag ON points (tag_id) WHERE kind = 'app';
 
 -- The undo parts of the retention journal, by the segment they undo.
 CREATE TABLE IF NOT EXISTS undo (
@@ -201,6 +206,46 @@ class StateStore:
             "AND consistent = 1 ORDER BY generation DESC, seq DESC, kind DESC, name DESC LIMIT ?",
             (limit,),
         )
+
+    def group_points(self, group_id: str, disks: Sequence[str]) -> list[RecoveryPoint]:
+        """What the common points of a group are made of, on ``disks``, in stream order.
+
+        Every GROUP point of the group on those disks (consistent or not), and
+        the APP points that share a tag id with one of them: an app-consistent
+        group round puts an APP tag right before its GROUP tag.
+        """
+        marks = ", ".join("?" * len(disks))
+        rows = self._db.query(
+            f"SELECT disk_id, {self._POINT_COLUMNS} FROM points "  # noqa: S608 - constant SQL
+            f"WHERE disk_id IN ({marks}) AND ((kind = 'group' AND group_id = ?) OR "
+            "(kind = 'app' AND tag_id IN (SELECT tag_id FROM points "
+            "WHERE kind = 'group' AND group_id = ?))) "
+            "ORDER BY disk_id, generation, seq, kind",
+            (*disks, group_id, group_id),
+        )
+        return [
+            RecoveryPoint(d, g, s, c, a, PointKind(k), n, bytes(t), grp, bool(ok))
+            for d, g, s, c, a, k, n, t, grp, ok in rows
+        ]
+
+    def group_summary(self, group_id: str, disks: Sequence[str]) -> tuple[int, int, int] | None:
+        """How many tag ids of the group every one of ``disks`` has a consistent
+        GROUP point of, and the capture and latest apply time of the newest
+        (by capture time); None when there is none. For the gauges: cheaper
+        than assembling every point."""
+        marks = ", ".join("?" * len(disks))
+        rows = self._db.query(
+            "SELECT COUNT(*) OVER (), capture_ns, applied_ns FROM ("  # noqa: S608 - constant SQL
+            "SELECT MAX(capture_ns) AS capture_ns, MAX(applied_ns) AS applied_ns FROM points "
+            f"WHERE kind = 'group' AND group_id = ? AND consistent = 1 AND disk_id IN ({marks}) "
+            "GROUP BY tag_id HAVING COUNT(DISTINCT disk_id) = ?"
+            ") ORDER BY capture_ns DESC LIMIT 1",
+            (group_id, *disks, len(disks)),
+        )
+        if not rows:
+            return None
+        count, capture_ns, applied_ns = rows[0]
+        return int(count), int(capture_ns), int(applied_ns)
 
     def point_count(self, disk_id: str) -> int:
         rows = self._db.query("SELECT COUNT(*) FROM points WHERE disk_id = ?", (disk_id,))

@@ -175,7 +175,7 @@ async def test_prometheus_reads_rpo_and_throughput_from_both_daemons(
                 return rules
 
             rules = await wait_until(rules_evaluated, "every rule evaluated", PROMETHEUS_TIMEOUT_S)
-            assert len(rules) == 17
+            assert len(rules) == 18
             broken = {r["name"]: r.get("lastError") for r in rules if r["health"] != "ok"}
             assert broken == {}
             firing = await api.query('ALERTS{alertstate="firing"}')
@@ -228,6 +228,6 @@ def test_promtool_checks_and_tests_the_rules_and_the_example_config() -> None:
         for line in (SYSTEMD / "alerts.yml").read_text().splitlines()
         if line.strip().startswith("- alert:")
     ]
-    assert len(names) == 17
+    assert len(names) == 18
     untested = [name for name in names if f"alertname: {name}\n" not in tested]
     assert untested == []
