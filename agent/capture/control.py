@@ -5,19 +5,22 @@ A Unix stream socket, ``STATE_DIR/capture/DISK.sock`` (mode 0600, in a
 each way (docs/protocol.md, "Control socket"):
 
 - ``{"op": "status"}`` → ``{"ok": true, "status": {...}}``;
-- ``{"op": "hold", "timeout_s": T}`` → ``{"ok": true}`` once no write of the
-  disk can join the stream;
-- ``{"op": "tag", "kind": "crash"|"app", "name": N, "tag_id": HEX,
-  "time_ns": NS}`` → ``{"ok": true, "generation": G, "seq": S,
-  "consistent": B}``;
+- ``{"op": "hold", "timeout_s": T, "max_s": M}`` → ``{"ok": true}`` once no
+  write of the disk can join the stream (``max_s`` optional);
+- ``{"op": "tag", "kind": "crash"|"app"|"group", "name": N, "tag_id": HEX,
+  "time_ns": NS, "group": G}`` → ``{"ok": true, "generation": G, "seq": S,
+  "consistent": B}`` (``group`` with kind ``group`` only);
 - ``{"op": "release"}`` → ``{"ok": true}``.
 
 A hold takes the disk's append lock: writes that arrive meanwhile wait for
 their answer (the client's write does not complete), so no write that
 depends on a completed write of another disk can come before the tag. A
 hold ends at ``release``, when the connection ends, or after the capture's
-``hold_max_s`` — whichever is first — so a coordinator that dies cannot
-stall the machine. Errors are ``{"ok": false, "error": CODE, "message": TEXT}``.
+``hold_max_s`` or the hold's own ``max_s`` — whichever is first — so a
+coordinator that dies or stops cannot stall the machine: a consistency
+group's round bounds its holds to its barrier (docs/groups.md) here, in the
+capture process, not only in the agent that asked. Errors are
+``{"ok": false, "error": CODE, "message": TEXT}``.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ MAX_LINE_BYTES: Final = 64 * 1024
 #: A socket path must fit ``sun_path`` (108 bytes with its terminating zero).
 MAX_SOCKET_PATH_BYTES: Final = 107
 SOCKET_MODE: Final = 0o600
-TAG_KINDS: Final = {"crash": TagKind.CRASH, "app": TagKind.APP}
+TAG_KINDS: Final = {"crash": TagKind.CRASH, "app": TagKind.APP, "group": TagKind.GROUP}
 
 
 def control_path(state_dir: Path, disk_id: str) -> Path:
@@ -63,8 +66,8 @@ class Hold:
 
     def _expire(self, max_s: float) -> None:
         log.warning(
-            "disk %s: a tag round held writes for %g s (capture.hold_max_s); released",
-            self._disk_id, max_s,
+            "disk %s: a tag round held writes for %g s, its longest (capture.hold_max_s or "
+            "the round's own bound); released", self._disk_id, max_s,
         )  # fmt: skip
         self.expired = True
         if not self.busy:
@@ -168,25 +171,37 @@ class ControlServer:
             return _error("busy", "this connection holds the disk already")
         hold.clear()
         timeout = request.get("timeout_s")
-        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
+        if not _positive(timeout):
             return _error("malformed", f"expected timeout_s above 0, found {timeout!r}")
+        max_s = request.get("max_s", self._hold_max_s)
+        if not _positive(max_s):
+            return _error("malformed", f"expected max_s above 0, found {max_s!r}")
+        assert isinstance(timeout, int | float)
+        assert isinstance(max_s, int | float)
         try:
             await asyncio.wait_for(self._replication.lock.acquire(), timeout)
         except TimeoutError:
             return _error("timeout", f"the disk's writes could not be held within {timeout:g} s")
-        held = Hold(self._replication.lock, self._hold_max_s, self._replication.disk_id)
+        held = Hold(self._replication.lock, min(max_s, self._hold_max_s), self._replication.disk_id)
         hold.append(held)
         self._holds.add(held)
         return {"ok": True}
 
     async def _tag(self, request: dict[str, object], hold: list[Hold]) -> dict[str, object]:
         if not hold or hold[0].released:
-            why = "it expired (capture.hold_max_s)" if hold and hold[0].expired else "none was"
+            why = (
+                "it expired (its max_s or capture.hold_max_s)"
+                if hold and hold[0].expired
+                else "none was"
+            )
             return _error("not-held", f"a tag needs the disk held first; {why}")
         kind = TAG_KINDS.get(str(request.get("kind")))
         name, tag_id, time_ns = request.get("name"), request.get("tag_id"), request.get("time_ns")
+        group = request.get("group", "")
         if kind is None or not isinstance(name, str) or not isinstance(tag_id, str):
-            return _error("malformed", "expected kind crash or app, a name and a tag_id")
+            return _error("malformed", "expected kind crash, app or group, a name and a tag_id")
+        if not isinstance(group, str) or (kind is TagKind.GROUP) != bool(group):
+            return _error("malformed", "expected a group id with kind group, and only then")
         if not isinstance(time_ns, int) or isinstance(time_ns, bool):
             return _error("malformed", f"expected time_ns as an integer, found {time_ns!r}")
         try:
@@ -195,7 +210,7 @@ class ControlServer:
             raw_id = b""
         if len(raw_id) != TAG_ID_BYTES:
             return _error("malformed", f"expected a tag_id of {TAG_ID_BYTES * 2} hex digits")
-        tag = Tag(kind, raw_id, name, time_ns)
+        tag = Tag(kind, raw_id, name, time_ns, group)
         check_record(tag)
         held = hold[0]
         held.busy = True
@@ -206,6 +221,11 @@ class ControlServer:
             if held.expired:
                 held.release()
         return {"ok": True, "generation": generation, "seq": seq, "consistent": consistent}
+
+
+def _positive(value: object) -> bool:
+    """A number of seconds above 0 (JSON booleans are not numbers here)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
 
 def _error(code: str, message: str) -> dict[str, object]:

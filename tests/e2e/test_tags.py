@@ -240,3 +240,31 @@ async def test_a_stop_lets_the_round_under_way_finish(
     for disk in DISKS:
         captures[disk].settle()
         assert [p["kind"] for p in _points(site, disk) if p["name"]] == ["app"]
+
+
+async def test_a_hold_ends_at_its_own_bound_and_a_group_tag_names_its_group(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """A consistency group's round bounds each hold (max_s) well below
+    capture.hold_max_s, in the capture itself; a GROUP tag carries its group."""
+    site, captures = _two_disks(deployment, tmp_path)  # capture.hold_max_s = 2
+    d0 = captures[DISKS[0]]
+    with socket.socket(socket.AF_UNIX) as coordinator:
+        coordinator.connect(str(d0.control))
+        coordinator.sendall(b'{"op": "hold", "timeout_s": 5, "max_s": 0.3}\n')
+        assert json.loads(coordinator.recv(4096))["ok"] is True
+        started = time.monotonic()
+        d0.qemu_io("write -P 6 0 4k")  # waits for the hold's own 0.3 s, not 2 s
+        assert time.monotonic() - started < 1.5
+        coordinator.sendall(b'{"op": "hold", "timeout_s": 5}\n')
+        assert json.loads(coordinator.recv(4096))["ok"] is True
+        request = {"op": "tag", "kind": "group", "name": "g1", "tag_id": "ab" * 16, "time_ns": 1}
+        coordinator.sendall(json.dumps(request).encode() + b"\n")
+        refused = json.loads(coordinator.recv(4096))
+        coordinator.sendall(json.dumps({**request, "group": "erp"}).encode() + b"\n")
+        tagged = json.loads(coordinator.recv(4096))
+    assert (refused["ok"], refused["error"]) == (False, "malformed")
+    assert tagged["ok"] is True
+    d0.settle()
+    [point] = [p for p in _points(site, DISKS[0]) if p["name"] == "g1"]
+    assert (point["kind"], point["group_id"], point["seq"]) == ("group", "erp", tagged["seq"])
