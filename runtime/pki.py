@@ -4,7 +4,10 @@
 ``ca.key``) and the two server certificates (``processserver.pem/.key``,
 ``mastertarget.pem/.key``). ``blockrepl certs issue`` adds a client certificate
 ``machine-M.pem/.key`` for one machine M, whose subject CN is the machine id a
-server authorises writes by (runtime/tls.py ``peer_identity``).
+server authorises writes by (runtime/tls.py ``peer_identity``); with
+``--group``, the certificate ``group-M.pem/.key`` M uses on the consistency
+group port, where it is a server to its coordinator and a client to the
+other members (docs/groups.md).
 
 Choices, each for a reason:
 
@@ -13,6 +16,9 @@ Choices, each for a reason:
 * The CA may sign leaves only (``pathLenConstraint = 0``); server certificates
   carry serverAuth only and machine certificates clientAuth only, so neither
   can act in the other role (OpenSSL checks the purpose in the handshake).
+  A group certificate carries both, as agents of a group serve each other,
+  but no DNS or IP name: it cannot pass as a process server or master target
+  (their clients check the host name), and group peers check its CN instead.
 * CA valid 10 years, leaves 825 days by default: the longest leaf lifetime
   that common TLS clients still accept.
 * ``notBefore`` a few minutes in the past: a host whose clock lags a little
@@ -33,7 +39,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -64,6 +70,8 @@ CERTIFICATE_MODE: Final = 0o644
 PKI_DIR_MODE: Final = 0o700
 #: The URI SAN of a machine certificate, for tools that read SANs rather than the CN.
 MACHINE_URI_PREFIX: Final = "urn:blockrepl:machine:"
+#: The URI SAN of a group certificate (the consistency group port).
+GROUP_MEMBER_URI_PREFIX: Final = "urn:blockrepl:group-member:"
 #: A DNS name as certificates hold it (RFC 1123 labels, at most 253 characters).
 DNS_NAME_PATTERN: Final = re.compile(
     r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -108,9 +116,11 @@ class DeploymentPki:
     server_sans: tuple[str, ...]
 
 
-def machine_file_names(machine: str) -> tuple[str, str]:
-    """The certificate and key file names of a machine's client certificate."""
-    return f"machine-{machine}.pem", f"machine-{machine}.key"
+def machine_file_names(machine: str, *, group: bool = False) -> tuple[str, str]:
+    """The certificate and key file names of a machine's client certificate,
+    or (``group``) of its certificate for the consistency group port."""
+    prefix = "group" if group else "machine"
+    return f"{prefix}-{machine}.pem", f"{prefix}-{machine}.key"
 
 
 def init_ca(
@@ -154,8 +164,9 @@ def init_ca(
     for server in SERVER_NAMES:
         key = ec.generate_private_key(ec.SECP256R1())
         cert = _build_leaf(
-            ca_cert, ca_key, key, name=server, issued=issued, days=days, server_sans=sans
-        )
+            ca_cert, ca_key, key, name=server, issued=issued, days=days, role="server",
+            server_sans=sans,
+        )  # fmt: skip
         outputs += [
             (f"{server}.pem", _cert_pem(cert), CERTIFICATE_MODE),
             (f"{server}.key", _key_pem(key), PRIVATE_KEY_MODE),
@@ -180,6 +191,7 @@ def issue_machine(
     *,
     days: int = LEAF_VALIDITY_DAYS,
     now: dt.datetime | None = None,
+    group: bool = False,
 ) -> CertificateFiles:
     """Issue the client certificate of ``machine`` with the CA in ``directory``.
 
@@ -188,6 +200,9 @@ def issue_machine(
         machine: the machine id (``[A-Za-z0-9._-]{1,64}``), the certificate's CN.
         days: validity; the certificate may not outlive the CA.
         now: the issue time; the current time by default.
+        group: issue the machine's certificate for the consistency group
+            port instead (``group-M.pem``: serverAuth and clientAuth, no
+            host name).
 
     Raises:
         InvalidArgumentError: ``machine`` is not a valid machine id, or
@@ -203,19 +218,20 @@ def issue_machine(
     except MalformedError as exc:
         raise InvalidArgumentError(exc.message) from exc
     issued = _utc(now)
-    cert_name, key_name = machine_file_names(machine)
+    cert_name, key_name = machine_file_names(machine, group=group)
     _refuse_existing(
         folder,
         [cert_name, key_name],
-        f"a certificate for machine {machine}",
+        f"a {'group ' if group else ''}certificate for machine {machine}",
         "to replace it, remove both files first",
     )
     ca_cert, ca_key = _load_ca(folder, issued)
     _check_leaf_days(days, issued, ca_cert)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = _build_leaf(
-        ca_cert, ca_key, key, name=machine, issued=issued, days=days, server_sans=None
-    )
+        ca_cert, ca_key, key, name=machine, issued=issued, days=days,
+        role="group-member" if group else "machine",
+    )  # fmt: skip
     outputs = [
         (cert_name, _cert_pem(cert), CERTIFICATE_MODE),
         (key_name, _key_pem(key), PRIVATE_KEY_MODE),
@@ -355,15 +371,22 @@ def _build_leaf(
     name: str,
     issued: dt.datetime,
     days: int,
-    server_sans: Sequence[str] | None,
+    role: Literal["server", "machine", "group-member"],
+    server_sans: Sequence[str] = (),
 ) -> x509.Certificate:
-    """A leaf certificate: a server's (with ``server_sans``) or a machine's (without)."""
-    if server_sans is not None:
-        usage = ExtendedKeyUsageOID.SERVER_AUTH
+    """A leaf certificate: a server's (valid for ``server_sans``), a machine's,
+    or a machine's for the group port."""
+    usages: list[x509.ObjectIdentifier]
+    alt_names: list[x509.GeneralName]
+    if role == "server":
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH]
         alt_names = [_general_name(san) for san in server_sans]
-    else:
-        usage = ExtendedKeyUsageOID.CLIENT_AUTH
+    elif role == "machine":
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
         alt_names = [x509.UniformResourceIdentifier(MACHINE_URI_PREFIX + name)]
+    else:
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+        alt_names = [x509.UniformResourceIdentifier(GROUP_MEMBER_URI_PREFIX + name)]
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     return (
         x509.CertificateBuilder()
@@ -375,7 +398,7 @@ def _build_leaf(
         .not_valid_after(issued + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(digital_signature=True), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(

@@ -165,7 +165,7 @@ def renewal_note(
     )
 
 
-def client_context(files: TlsFiles) -> ssl.SSLContext:
+def client_context(files: TlsFiles, *, check_hostname: bool = True) -> ssl.SSLContext:
     """A client context that presents this machine's certificate and checks the server's name.
 
     Connect with ``server_hostname`` set to the host name or IP address the
@@ -173,6 +173,10 @@ def client_context(files: TlsFiles) -> ssl.SSLContext:
 
     Args:
         files: the CA, this client's (machine) certificate and its key.
+        check_hostname: False for a peer known by its certificate's CN, not
+            its address (the agents of a consistency group): the chain is
+            still verified against the CA, and the caller must check
+            :func:`peer_identity` of the connection before trusting it.
 
     Raises:
         TlsSetupError: a file cannot be read or parsed, or the key does not
@@ -181,7 +185,7 @@ def client_context(files: TlsFiles) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     _restrict(context)
     # PROTOCOL_TLS_CLIENT sets both already; stated here because they are the point.
-    context.check_hostname = True
+    context.check_hostname = check_hostname
     context.verify_mode = ssl.CERT_REQUIRED
     _load_files(context, files)
     return context

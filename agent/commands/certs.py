@@ -55,12 +55,20 @@ def add_parser(
         "issue",
         parents=[common],
         help="make the client certificate of one machine",
-        description="Write machine-M.pem/.key into DIR, signed by the CA there.",
+        description=(
+            "Write machine-M.pem/.key into DIR, signed by the CA there; with --group, "
+            "group-M.pem/.key instead, for the consistency group port (docs/groups.md)."
+        ),
     )
     issue.add_argument("--dir", required=True, type=Path, help="the directory of 'certs init'")
     issue.add_argument(
         "--machine", required=True, help="the machine id ([A-Za-z0-9._-], at most 64)"
     )
+    issue.add_argument(
+        "--group", action="store_true",
+        help="the machine's certificate for the consistency group port (serverAuth and "
+        "clientAuth, known by its CN)",
+    )  # fmt: skip
     _add_days(issue)
     issue.set_defaults(handler=run_issue)
 
@@ -102,10 +110,11 @@ def run_init(args: argparse.Namespace) -> CommandResult:
 
 def run_issue(args: argparse.Namespace) -> CommandResult:
     """Make one machine's client certificate."""
-    files = issue_machine(args.dir, args.machine, days=args.days)
+    files = issue_machine(args.dir, args.machine, days=args.days, group=args.group)
+    what = "group certificate" if args.group else "certificate"
     return CommandResult(
         summary=(
-            f"wrote the certificate of machine {files.name}: {files.cert_file}, {files.key_file}"
+            f"wrote the {what} of machine {files.name}: {files.cert_file}, {files.key_file}"
             f" (valid until {files.not_after:%Y-%m-%d})"
         ),
         data={

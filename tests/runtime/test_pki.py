@@ -286,3 +286,26 @@ def test_init_losing_a_race_removes_what_it_wrote(
         init_ca(tmp_path)
     assert os.listdir(tmp_path) == ["mastertarget.key"]
     assert (tmp_path / "mastertarget.key").read_bytes() == b"theirs"
+
+
+def test_a_group_certificate_serves_and_connects_but_names_no_host(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    init_ca(pki)
+    files = issue_machine(pki, "db01", group=True)
+    assert (files.cert_file.name, files.key_file.name) == ("group-db01.pem", "group-db01.key")
+    cert = load(files.cert_file)
+    usages = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    assert usages == [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [
+        "urn:blockrepl:group-member:db01"
+    ]
+    assert sans.get_values_for_type(x509.DNSName) == []
+    assert sans.get_values_for_type(x509.IPAddress) == []
+    for purpose in ("sslserver", "sslclient"):
+        verified = openssl("verify", "-purpose", purpose, "-CAfile", str(pki / "ca.pem"),
+                           str(files.cert_file))  # fmt: skip
+        assert verified.returncode == 0, verified.stderr
+    with pytest.raises(PkiError, match="a group certificate for machine db01"):
+        issue_machine(pki, "db01", group=True)
+    assert issue_machine(pki, "db01").cert_file.name == "machine-db01.pem"

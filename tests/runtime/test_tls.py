@@ -15,6 +15,7 @@ from cryptography.x509.oid import NameOID
 
 from runtime.config import TlsFiles
 from runtime.errors import PeerIdentityError, TlsSetupError
+from runtime.pki import init_ca, issue_machine
 from runtime.tls import client_context, connection_identity, peer_identity, server_context
 
 #: Upper bound of every network wait: loopback handshakes take milliseconds.
@@ -277,3 +278,45 @@ def test_a_private_key_others_can_read_is_refused(tmp_path: Path, pki_dir: Path)
         server_context(files)
     key.chmod(0o400)
     server_context(files)
+
+
+async def test_group_certificates_meet_by_name_not_by_address(tmp_path: Path) -> None:
+    """The agents of a consistency group serve each other with group
+    certificates: known by CN, never by a host name they do not hold."""
+    pki = tmp_path / "pki"
+    init_ca(pki)
+    for machine in ("vm01", "db01"):
+        issue_machine(pki, machine, group=True)
+
+    def files(machine: str) -> TlsFiles:
+        return TlsFiles(
+            ca_file=pki / "ca.pem", cert_file=pki / f"group-{machine}.pem",
+            key_file=pki / f"group-{machine}.key",
+        )  # fmt: skip
+
+    seen: list[str] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(peer_identity(writer.get_extra_info("ssl_object")))
+        writer.write(b"hello\n")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(
+        handle, "127.0.0.1", 0, ssl=server_context(files("db01")), ssl_handshake_timeout=TIMEOUT_S
+    )
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        by_name = client_context(files("vm01"), check_hostname=False)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, ssl=by_name), TIMEOUT_S
+        )
+        assert peer_identity(writer.get_extra_info("ssl_object")) == "db01"
+        assert await asyncio.wait_for(reader.readline(), TIMEOUT_S) == b"hello\n"
+        writer.close()
+        with pytest.raises(ssl.SSLCertVerificationError):  # no IP or DNS name in it
+            await exchange(client_context(files("vm01")), port)
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT_S)
+    assert seen == ["vm01"]
