@@ -84,6 +84,11 @@ class ControlClient:
             raise ControlError(f"disk {self.disk_id}: {message}", server_code=code)
         return answer
 
+    def close_now(self) -> None:
+        """Close without waiting: the capture releases a hold of this
+        connection as soon as it sees the end (a call in flight fails)."""
+        self._writer.close()
+
     async def close(self) -> None:
         self._writer.close()
         try:

@@ -32,10 +32,10 @@ import logging
 import secrets
 import shlex
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 from agent.capture.control import control_path
 from agent.config import AgentConfig
@@ -99,14 +99,14 @@ async def tag_round(config: AgentConfig, name: str, *, app: bool) -> RoundReport
     settings = config.tags
     kind = "app" if app else "crash"
     report = RoundReport(name, kind, secrets.token_hex(16), time.time_ns())
-    clients = await _connect(config)
+    clients = await connect_disks(config)
     try:
         if not app:
             return await _hold_and_tag(clients, report, settings.round_timeout_s)
         deadline = time.monotonic() + settings.freeze_max_s
         frozen_at = time.monotonic()
         try:
-            await _run_commands(settings.quiesce, deadline, "quiesce")
+            await run_commands(settings.quiesce, deadline, "quiesce")
             remaining = min(settings.round_timeout_s, deadline - time.monotonic())
             if remaining <= 0:
                 raise TagError(
@@ -116,14 +116,14 @@ async def tag_round(config: AgentConfig, name: str, *, app: bool) -> RoundReport
             report = await _hold_and_tag(clients, report, remaining)
         finally:
             frozen_s = time.monotonic() - frozen_at
-            await _unquiesce(settings.unquiesce)
+            await unquiesce(settings.unquiesce)
         return dataclasses.replace(report, frozen_s=frozen_s)
     finally:
         for client in clients:
             await client.close()
 
 
-async def _connect(config: AgentConfig) -> list[ControlClient]:
+async def connect_disks(config: AgentConfig) -> list[ControlClient]:
     clients: list[ControlClient] = []
     try:
         for disk in config.tagged_disks:
@@ -143,18 +143,18 @@ async def _hold_and_tag(
     started = time.monotonic()
     tagged: list[TaggedDisk] = []
     try:
-        await _all(
+        await gather_answers(
             [client.call({"op": "hold", "timeout_s": timeout_s}) for client in clients],
             deadline, "hold the writes of every disk",
         )  # fmt: skip
         request = {"op": "tag", "kind": report.kind, "name": report.name,
                    "tag_id": report.tag_id, "time_ns": report.time_ns}  # fmt: skip
-        answers = await _all(
+        answers = await gather_answers(
             [client.call(request) for client in clients], deadline, "tag every disk",
             disks=[client.disk_id for client in clients],
         )  # fmt: skip
         tagged = [
-            TaggedDisk(client.disk_id, _int(answer, "generation"), _int(answer, "seq"),
+            TaggedDisk(client.disk_id, answer_int(answer, "generation"), answer_int(answer, "seq"),
                        answer.get("consistent") is True)
             for client, answer in zip(clients, answers, strict=True)
         ]  # fmt: skip
@@ -169,7 +169,7 @@ async def _hold_and_tag(
     return RoundReport(report.name, report.kind, report.tag_id, report.time_ns, tagged, held)
 
 
-async def _all(
+async def gather_answers(
     calls: list[Awaitable[dict[str, object]]],
     deadline: float,
     what: str,
@@ -198,12 +198,12 @@ async def _all(
     return [result for result in done if not isinstance(result, BaseException)]
 
 
-def _int(answer: dict[str, object], key: str) -> int:
+def answer_int(answer: dict[str, object], key: str) -> int:
     value = answer.get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-async def _run_commands(commands: tuple[str, ...], deadline: float, what: str) -> None:
+async def run_commands(commands: tuple[str, ...], deadline: float, what: str) -> None:
     """Run ``commands`` in order, each done by ``deadline``.
 
     Raises:
@@ -213,7 +213,7 @@ async def _run_commands(commands: tuple[str, ...], deadline: float, what: str) -
         await _run(command, max(0.0, deadline - time.monotonic()), what)
 
 
-async def _unquiesce(commands: tuple[str, ...]) -> None:
+async def unquiesce(commands: tuple[str, ...]) -> None:
     """Run every unquiesce command, each bounded; a failure is logged, never raised."""
     for command in commands:
         try:
@@ -245,27 +245,27 @@ async def _run(command: str, timeout_s: float, what: str) -> None:
         )
 
 
-class TagScheduler:
-    """Runs crash-consistent and app-consistent rounds at the configured intervals."""
+class IntervalRounds:
+    """Runs a round of each kind at its interval, one round at a time.
 
-    def __init__(self, config: AgentConfig) -> None:
-        self.config = config
-        self.rounds: list[RoundReport] = []
-        self.failures = 0
+    Args:
+        intervals: seconds between rounds of each kind (``"app"``,
+            ``"crash"``); 0 leaves a kind out. When two are due, ``app``
+            goes first.
+        run: runs one round of a kind; it must bound itself and not raise.
+    """
+
+    def __init__(
+        self, intervals: dict[str, float], run: Callable[[str], Coroutine[Any, Any, None]]
+    ) -> None:
+        self.intervals = intervals
+        self._run_round = run
         self._task: asyncio.Task[None] | None = None
         self._round_task: asyncio.Task[None] | None = None
         self._stopping = False
 
-    async def start(self) -> TagScheduler:
-        intervals = (self.config.tags.crash_interval_s, self.config.tags.app_interval_s)
-        if not any(intervals):
-            log.warning("tags.crash_interval_s and tags.app_interval_s are both 0: no tags")
-        self._task = asyncio.create_task(self._run(), name="tag-rounds")
-        log.info(
-            "tagging %s: crash-consistent every %g s, app-consistent every %g s (0: never)",
-            ", ".join(self.config.tagged_disks), *intervals,
-        )  # fmt: skip
-        return self
+    def start(self, name: str) -> None:
+        self._task = asyncio.create_task(self._run(), name=name)
 
     async def close(self) -> None:
         """Stop; a round under way finishes first (it is bounded by its own
@@ -280,21 +280,15 @@ class TagScheduler:
                 await self._task
 
     async def _run(self) -> None:
-        settings = self.config.tags
+        intervals = self.intervals
         now = time.monotonic()
-        due = {
-            kind: now + interval
-            for kind, interval in (("app", settings.app_interval_s),
-                                   ("crash", settings.crash_interval_s))
-            if interval
-        }  # fmt: skip
-        intervals = {"app": settings.app_interval_s, "crash": settings.crash_interval_s}
+        due = {kind: now + interval for kind, interval in intervals.items() if interval}
         while due:
             kind = min(due, key=lambda k: (due[k], k))  # "app" first when both are due
             await asyncio.sleep(max(0.0, due[kind] - time.monotonic()))
             if self._stopping:
                 return
-            self._round_task = asyncio.create_task(self._round(kind), name=f"{kind}-tag")
+            self._round_task = asyncio.create_task(self._run_round(kind), name=f"{kind}-round")
             try:
                 await asyncio.shield(self._round_task)
             finally:
@@ -303,6 +297,33 @@ class TagScheduler:
             for every, at in due.items():  # a round due meanwhile is one round, not a burst
                 missed = max(0, int((now - at) // intervals[every]) + 1)
                 due[every] = at + missed * intervals[every]
+
+
+class TagScheduler:
+    """Runs crash-consistent and app-consistent rounds at the configured intervals."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.rounds: list[RoundReport] = []
+        self.failures = 0
+        settings = config.tags
+        intervals = {"app": settings.app_interval_s, "crash": settings.crash_interval_s}
+        self._rounds = IntervalRounds(intervals, self._round)
+
+    async def start(self) -> TagScheduler:
+        intervals = (self.config.tags.crash_interval_s, self.config.tags.app_interval_s)
+        if not any(intervals):
+            log.warning("tags.crash_interval_s and tags.app_interval_s are both 0: no tags")
+        self._rounds.start("tag-rounds")
+        log.info(
+            "tagging %s: crash-consistent every %g s, app-consistent every %g s (0: never)",
+            ", ".join(self.config.tagged_disks), *intervals,
+        )  # fmt: skip
+        return self
+
+    async def close(self) -> None:
+        """Stop; a round under way finishes first (see :meth:`IntervalRounds.close`)."""
+        await self._rounds.close()
 
     async def _round(self, kind: str) -> None:
         name = auto_name(kind)
