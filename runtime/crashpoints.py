@@ -2,7 +2,8 @@
 
 ``BLOCKREPL_CRASH_AT=NAME:N`` in a daemon's environment makes the N-th pass
 through :func:`crash_point` ``NAME`` kill the process with SIGKILL, as power
-loss or ``kill -9`` would at that instant.
+loss or ``kill -9`` would at that instant; ``NAME:N:stop`` stops it with
+SIGSTOP instead, as a machine that hangs (it goes on at SIGCONT).
 
 ``BLOCKREPL_FAIL_FSYNC=TEXT:N`` makes the N-th fsync of a path containing
 TEXT fail with EIO, as a failing disk does; ``TEXT:N:persistent`` makes that
@@ -26,12 +27,13 @@ ENV: Final = "BLOCKREPL_CRASH_AT"
 FSYNC_ENV: Final = "BLOCKREPL_FAIL_FSYNC"
 
 
-def _armed() -> tuple[str, int] | None:
+def _armed() -> tuple[str, int, signal.Signals] | None:
     text = os.environ.get(ENV, "")
-    name, _, count = text.partition(":")
+    name, _, rest = text.partition(":")
     if not name:
         return None
-    return name, int(count or "1")
+    count, _, mode = rest.partition(":")
+    return name, int(count or "1"), signal.SIGSTOP if mode == "stop" else signal.SIGKILL
 
 
 _ARMED: Final = _armed()
@@ -40,13 +42,14 @@ _passes: dict[str, int] = {}
 
 
 def crash_point(name: str) -> None:
-    """Die here with SIGKILL if ``BLOCKREPL_CRASH_AT`` names this pass."""
+    """Die here with SIGKILL (or stop, with SIGSTOP) if ``BLOCKREPL_CRASH_AT`` names this pass."""
     if _ARMED is None or _ARMED[0] != name:
         return
     with _lock:
         _passes[name] = _passes.get(name, 0) + 1
-        if _passes[name] == _ARMED[1]:
-            os.kill(os.getpid(), signal.SIGKILL)
+        hit = _passes[name] == _ARMED[1]
+    if hit:
+        os.kill(os.getpid(), _ARMED[2])
 
 
 def _fsync_armed() -> tuple[str, int, bool] | None:
