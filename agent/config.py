@@ -85,6 +85,21 @@ DEFAULT_FREEZE_MAX_S: Final = 10.0
 #: The shortest interval between tags: a second, as DESIGN.md asks ("aim for seconds").
 MIN_TAG_INTERVAL_S: Final = 1.0
 
+#: Consistency groups: the agents of a group meet on TCP 20004 (DESIGN.md, the seeds).
+DEFAULT_GROUP_PORT: Final = 20004
+#: The longest a group round holds writes on any member: every write of
+#: every member waits meanwhile, so it is kept to a blink that an
+#: application sees as one slow I/O, far below any I/O timeout (SCSI's 30 s,
+#: a database's seconds). A round that cannot hold and tag every disk of
+#: every member within it aborts and resumes.
+DEFAULT_BARRIER_MAX_S: Final = 0.5
+#: The longest a group may choose: beyond a few seconds a held write starts
+#: to look like a hung disk to applications.
+MAX_BARRIER_S: Final = 5.0
+#: Seconds to reach every member (TCP and TLS) before a round; writes are not
+#: held meanwhile, so this is for an unreachable member, not a slow one.
+DEFAULT_GROUP_CONNECT_TIMEOUT_S: Final = 5.0
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AgentDisk:
@@ -201,14 +216,7 @@ class TagSettings:
     disks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("crash_interval_s", "app_interval_s"):
-            value = getattr(self, name)
-            if value != 0 and not MIN_TAG_INTERVAL_S <= value <= MAX_TIMEOUT_S:
-                raise FieldValueError(
-                    name,
-                    f"expected 0 (no tags) or {MIN_TAG_INTERVAL_S:g}..{MAX_TIMEOUT_S:g} seconds, "
-                    f"found {value}",
-                )
+        _check_intervals(self, ("crash_interval_s", "app_interval_s"))
         _check_seconds("freeze_max_s", self.freeze_max_s)
         _check_seconds("round_timeout_s", self.round_timeout_s)
         if self.round_timeout_s >= self.freeze_max_s:
@@ -221,6 +229,101 @@ class TagSettings:
             for command in getattr(self, name):
                 if not command.strip():
                     raise FieldValueError(name, "expected command lines, found an empty one")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GroupMember:
+    """One machine of a consistency group.
+
+    Args:
+        machine: its machine id: the CN of its group certificate.
+        address: ``HOST:PORT`` where its agent listens for the coordinator
+            (``[ADDRESS]:PORT`` for IPv6).
+    """
+
+    machine: str
+    address: str
+
+    def __post_init__(self) -> None:
+        try:
+            check_id("machine", self.machine)
+        except MalformedError as exc:
+            raise FieldValueError("machine", exc.message) from None
+        parse_address("address", self.address)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GroupSettings:
+    """This machine's consistency group (docs/groups.md); the same members
+    table on every member.
+
+    Args:
+        id: the group id, as the master target's ``[[groups]]`` names it.
+        machine: this machine's id among the members.
+        coordinator: the member that runs the rounds.
+        members: every machine of the group, this one included.
+        tls: the CA, this machine's group certificate (``blockrepl certs
+            issue --group``) and key.
+        listen: ``HOST:PORT`` a member listens on for the coordinator
+            (default: its own address in ``members``).
+        crash_interval_s, app_interval_s: seconds between the coordinator's
+            crash- and app-consistent group rounds (0: none).
+        barrier_max_s: the longest writes are held on any member in a round.
+        connect_timeout_s: the longest the coordinator waits to reach each
+            member before a round.
+    """
+
+    id: str
+    machine: str
+    coordinator: str
+    members: tuple[GroupMember, ...]
+    tls: TlsFiles
+    listen: str = ""
+    crash_interval_s: float = DEFAULT_CRASH_INTERVAL_S
+    app_interval_s: float = DEFAULT_APP_INTERVAL_S
+    barrier_max_s: float = DEFAULT_BARRIER_MAX_S
+    connect_timeout_s: float = DEFAULT_GROUP_CONNECT_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        try:
+            check_id("group", self.id)
+        except MalformedError as exc:
+            raise FieldValueError("id", exc.message) from None
+        machines = [member.machine for member in self.members]
+        if len(set(machines)) != len(machines):
+            twice = next(m for m in machines if machines.count(m) > 1)
+            raise FieldValueError("members", f"expected each machine once, found {twice!r} twice")
+        for name in ("machine", "coordinator"):
+            if getattr(self, name) not in machines:
+                raise FieldValueError(
+                    name,
+                    f"expected one of the members ({', '.join(machines) or 'none'}), found "
+                    f"{getattr(self, name)!r}",
+                )
+        if self.listen:
+            parse_address("listen", self.listen)
+        _check_intervals(self, ("crash_interval_s", "app_interval_s"))
+        if not 0 < self.barrier_max_s <= MAX_BARRIER_S:
+            raise FieldValueError(
+                "barrier_max_s",
+                f"expected 0 < seconds <= {MAX_BARRIER_S:g}, found {self.barrier_max_s}",
+            )
+        _check_seconds("connect_timeout_s", self.connect_timeout_s)
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.machine == self.coordinator
+
+    @property
+    def remote_members(self) -> tuple[GroupMember, ...]:
+        """The members other than this machine."""
+        return tuple(m for m in self.members if m.machine != self.machine)
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        """Where this member listens: ``listen``, or its own member address."""
+        own = next(m for m in self.members if m.machine == self.machine)
+        return parse_address("listen", self.listen or own.address)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -247,6 +350,7 @@ class AgentConfig:
     sync: SyncSettings = dataclasses.field(default_factory=SyncSettings)
     capture: CaptureSettings = dataclasses.field(default_factory=CaptureSettings)
     tags: TagSettings = dataclasses.field(default_factory=TagSettings)
+    group: GroupSettings | None = None
     metrics: MetricsListen = dataclasses.field(
         default_factory=lambda: MetricsListen(port=DEFAULT_METRICS_PORT)
     )
@@ -281,6 +385,31 @@ class AgentConfig:
     def disk(self, disk_id: str) -> AgentDisk | None:
         """The configured disk ``disk_id``, or None."""
         return next((disk for disk in self.disks if disk.id == disk_id), None)
+
+
+def _check_intervals(settings: object, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(settings, name)
+        if value != 0 and not MIN_TAG_INTERVAL_S <= value <= MAX_TIMEOUT_S:
+            raise FieldValueError(
+                name,
+                f"expected 0 (no tags) or {MIN_TAG_INTERVAL_S:g}..{MAX_TIMEOUT_S:g} seconds, "
+                f"found {value}",
+            )
+
+
+def parse_address(name: str, text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[ADDRESS]:PORT`` for IPv6) as host and port.
+
+    Raises:
+        FieldValueError: naming ``name``, when it is not that.
+    """
+    host, _, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535 or " " in host:
+        raise FieldValueError(name, f"expected HOST:PORT with a port 1..65535, found {text!r}")
+    return host, int(port)
 
 
 def _check_seconds(name: str, value: float) -> None:

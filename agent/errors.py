@@ -123,3 +123,33 @@ class TagError(AgentError):
 
     code = "tag"
     exit_code = 75  # EX_TEMPFAIL: the next round may succeed
+
+
+class GroupRoundAbortedError(TagError):
+    """A consistency group round aborted: every member resumed its writes. A
+    disk that got the round's tag keeps it, but the master target lists a
+    group point only where every disk of the group has it.
+
+    Args:
+        reason: why, for the metrics (``unreachable``, ``refused``,
+            ``quiesce-failed``, ``prepare-timeout``, ``barrier-timeout``,
+            ``tag-timeout``, ``member-lost``).
+    """
+
+    code = "group-round-aborted"
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message, details={"reason": reason})
+        self.reason = reason
+
+
+class GroupRefusalError(AgentError):
+    """One step of a group round refused, by a member or its own disks; the
+    code is sent to the coordinator as the answer's ``error``."""
+
+    code = "group-refused"
+    exit_code = 75  # EX_TEMPFAIL
+
+    def __init__(self, message: str, *, wire_code: str) -> None:
+        super().__init__(message, details={"wire_code": wire_code})
+        self.wire_code = wire_code

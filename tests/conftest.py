@@ -65,6 +65,13 @@ class Deployment:
         )
 
 
+def group_certificates(pki: Path, *machines: str) -> None:
+    """Each machine's certificate for the consistency group port, made once."""
+    for machine in machines:
+        if not (pki / f"group-{machine}.pem").exists():
+            issue_machine(pki, machine, group=True)
+
+
 @pytest.fixture(scope="session")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
     root = tmp_path_factory.mktemp("deployment")

@@ -10,6 +10,7 @@ import uvloop
 
 from agent import config as agent_config
 from agent.commands import CommandResult, Subparsers, capture, tag
+from agent.commands import group as group_commands
 from agent.progress import ProgressLine, human_bytes, human_duration
 from agent.sync_disk import SyncReport, sync_disk
 from runtime.logs import setup_logging
@@ -18,7 +19,8 @@ from runtime.logs import setup_logging
 def add_parser(
     subparsers: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser
 ) -> None:
-    """Add ``agent sync``, ``capture``, ``status``, ``tag`` and ``tags``."""
+    """Add ``agent sync``, ``capture``, ``status``, ``tag``, ``tags``, ``group`` and
+    ``group-tag``."""
     group = subparsers.add_parser(
         "agent",
         help="replicate this machine's disks",
@@ -48,6 +50,7 @@ def add_parser(
     sync.set_defaults(handler=run_sync)
     capture.add_commands(commands, common)
     tag.add_commands(commands, common)
+    group_commands.add_commands(commands, common)
 
 
 def run_sync(args: argparse.Namespace) -> CommandResult:

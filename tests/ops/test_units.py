@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.capture.daemon import DRAIN_TIMEOUT_S, NBDKIT_STOP_TIMEOUT_S
+from agent.config import MAX_BARRIER_S
 from agent.tags import UNQUIESCE_TIMEOUT_S
 from mastertarget.daemon import SHUTDOWN_GRACE_S as MT_GRACE_S
 from processserver.daemon import SHUTDOWN_GRACE_S as PS_GRACE_S
@@ -61,15 +62,19 @@ def seconds(text: str) -> float:
     return int(match[1]) * (60 if match[2] == "min" else 1)
 
 
-def test_the_units_are_the_three_daemons_and_the_tags() -> None:
+def test_the_units_are_the_three_daemons_the_tags_and_the_group() -> None:
     assert [u.name for u in UNITS] == [
-        "blockrepl-agent-tags.service", "blockrepl-agent@.service", "mastertarget.service",
-        "processserver.service",
+        "blockrepl-agent-group.service", "blockrepl-agent-tags.service",
+        "blockrepl-agent@.service", "mastertarget.service", "processserver.service",
     ]  # fmt: skip
 
 
-#: The one capability a unit has: the tags' quiesce commands run `fsfreeze`.
-CAPABILITIES = {"blockrepl-agent-tags.service": "CAP_SYS_ADMIN"}
+#: The one capability a unit has: the quiesce commands of tags and group
+#: rounds run `fsfreeze`.
+CAPABILITIES = {
+    "blockrepl-agent-tags.service": "CAP_SYS_ADMIN",
+    "blockrepl-agent-group.service": "CAP_SYS_ADMIN",
+}
 
 
 def test_systemd_analyze_verify_passes() -> None:
@@ -119,7 +124,8 @@ def test_only_disk_daemons_see_block_devices() -> None:
     ps = unit(SYSTEMD / "processserver.service")["Service"]
     assert ps["PrivateDevices"] == "yes"
     assert ps["PrivateUsers"] == "yes"
-    assert unit(SYSTEMD / "blockrepl-agent-tags.service")["Service"]["PrivateDevices"] == "yes"
+    for name in ("blockrepl-agent-tags.service", "blockrepl-agent-group.service"):
+        assert unit(SYSTEMD / name)["Service"]["PrivateDevices"] == "yes"
     for name in ("mastertarget.service", "blockrepl-agent@.service"):
         service = unit(SYSTEMD / name)["Service"]
         assert service["PrivateDevices"] == "no"
@@ -148,6 +154,8 @@ def test_the_capture_stop_timeout_leaves_room_for_nbdkit_and_the_drain() -> None
     assert seconds(service["TimeoutStopSec"]) >= NBDKIT_STOP_TIMEOUT_S + DRAIN_TIMEOUT_S + 10
     tags = unit(SYSTEMD / "blockrepl-agent-tags.service")["Service"]
     assert seconds(tags["TimeoutStopSec"]) > UNQUIESCE_TIMEOUT_S
+    group = unit(SYSTEMD / "blockrepl-agent-group.service")["Service"]
+    assert seconds(group["TimeoutStopSec"]) > MAX_BARRIER_S + UNQUIESCE_TIMEOUT_S
 
 
 def test_reload_sends_sighup() -> None:
