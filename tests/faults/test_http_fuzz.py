@@ -97,6 +97,9 @@ async def test_random_requests_get_declared_answers_and_the_daemons_keep_serving
     )  # fmt: skip
     with mt_conf.open("a") as extra:
         extra.write(f'[listen]\nhost = "127.0.0.1"\nport = {mt_port}\n')
+        # A group with no common point yet: a recover picks none, so no fuzzed
+        # output folder is ever made.
+        extra.write('[[groups]]\nid = "erp"\ndisks = ["vm01-d0"]\n')
     mt = await MasterTarget.start(mt_config.load(mt_conf), metrics_port=0)
     ps_root.mkdir()
     ps_conf = write_ps_config(deployment, ps_root)
@@ -110,6 +113,7 @@ async def test_random_requests_get_declared_answers_and_the_daemons_keep_serving
         first_capture_ns=1, last_capture_ns=2, receive_ns=3, salt=bytes(32),
     )  # fmt: skip
     hrl = sealed.header_bytes + sealed.body
+    group_recover = json.dumps({"point": "latest", "output_dir": str(tmp_path / "out")}).encode()
     tally: dict[int, int] = {}
     try:
         ps_session = aiohttp.ClientSession(
@@ -135,11 +139,14 @@ async def test_random_requests_get_declared_answers_and_the_daemons_keep_serving
                 (admin, "http://mt", "GET", "/v1/disks/{d}/points", b""),
                 (admin, "http://mt", "POST", "/v1/disks/{d}/recover", b'{"point": "latest"}'),
                 (admin, "http://mt", "POST", "/v1/disks/{d}/failover", b'{"point": "x"}'),
+                (admin, "http://mt", "GET", "/v1/groups/{group}/points", b""),
+                (admin, "http://mt", "POST", "/v1/groups/{group}/recover", group_recover),
             ]
             for session, base, method, template, valid in endpoints:
                 for _ in range(REQUESTS_PER_ENDPOINT):
                     path = template.format(
                         d="vm01-d0" if rng.random() < 0.6 else rng.choice(DISKS),
+                        group="erp" if rng.random() < 0.6 else rng.choice(DISKS),
                         g=rng.choice(["1", "0", "-1", "x", "99999999999999999999"]),
                         s=rng.choice(["1", "0", "2", "abc", "1e3"]),
                     )
