@@ -8,12 +8,14 @@ import asyncio
 import contextlib
 import json
 import ssl
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import generate_latest
 
 from agent.config import AgentConfig, load
 from agent.errors import GroupRoundAbortedError
@@ -26,7 +28,7 @@ from runtime.config import TlsFiles
 from runtime.errors import ConfigError
 from runtime.metrics import new_registry
 from runtime.tls import client_context
-from tests.conftest import Deployment, group_certificates
+from tests.conftest import Deployment, group_certificates, require_binary
 from tests.faults.daemons import free_port
 
 TIMEOUT_S = 10.0
@@ -124,6 +126,11 @@ async def test_a_round_commits_over_tls_and_is_counted(site) -> None:  # type: i
     assert value("blockrepl_agent_group_rounds_started_total") == 1
     assert value("blockrepl_agent_group_rounds_total", result="committed") == 1
     assert value("blockrepl_agent_group_barrier_hold_seconds_count") == 1  # its own machine
+    checked = subprocess.run(
+        [require_binary("promtool"), "check", "metrics"], input=generate_latest(registry),
+        capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 async def test_a_member_down_or_without_its_captures_aborts_the_round(site) -> None:  # type: ignore[no-untyped-def]
