@@ -27,9 +27,8 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal, TypeVar
 
-import aiohttp
-
 from agent.errors import ProcessServerUnavailableError, RefusedError
+from agent.fastimport import aiohttp
 from protocol.sequencing import StreamPosition
 
 log = logging.getLogger("blockrepl.agent.client")

@@ -59,6 +59,7 @@ from runtime.reload import (
     reload_config,
     touches,
 )
+from runtime.service import vital
 from runtime.tls import ReloadableServerContext
 
 log = logging.getLogger("blockrepl.mastertarget")
@@ -181,7 +182,7 @@ class MasterTarget:
             reloads.certificate_expiry.labels("server").set(mt._server_tls.certificate.not_after_s)
             await mt._open_disks()
             await mt.housekeep()
-            mt._housekeeper = asyncio.create_task(mt._housekeeping(), name="housekeeping")
+            mt._housekeeper = vital(asyncio.create_task(mt._housekeeping(), name="housekeeping"))
             await mt._open_ports(registry, data_port, metrics_port)
         except BaseException:
             await mt.close()
@@ -212,7 +213,7 @@ class MasterTarget:
                 raise
             self.replicas[disk.id] = replica
             self._watch(replica)
-            self._tasks.append(asyncio.create_task(replica.run(), name=f"apply-{disk.id}"))
+            self._tasks.append(vital(asyncio.create_task(replica.run(), name=f"apply-{disk.id}")))
             status = replica.status()
             log.info(
                 "disk %s: target %s (%d bytes), applied generation %d seq %d, "

@@ -93,12 +93,15 @@ class PendingFiles:
             else:
                 keep.append(entry)
         self._entries = keep
-        self.received = max(self.received, applied)
+        # The chain runs from the applied position, not from ``received``: a
+        # file received earlier and not applied yet is on the way, not stale.
+        position = applied
         chain: list[InboxEntry] = []
         for entry in self._entries:
-            if self.admission(entry.generation, entry.first_seq, entry.last_seq).fit is Fit.NEXT:
-                self.received = entry.end
+            if admit(position, entry.generation, entry.first_seq, entry.last_seq).fit is Fit.NEXT:
+                position = entry.end
                 chain.append(entry)
+        self.received = max(self.received, position)
         # Once the held stream continues in a newer generation (a resync after a
         # quarantine left a hole), files of an older generation that are not on
         # the way there can never apply: waiting on them would block the newer

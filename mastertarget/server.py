@@ -322,23 +322,30 @@ def _check_checksum_range(offset: int, length: int, chunk: int, size: int) -> No
 
 
 def _hash_chunks(replica: DiskReplica, starts: list[int], chunk: int, end: int) -> bytes:
-    """The digests of the consecutive chunks at ``starts``; the last ends at ``end`` at most."""
+    """The digests of the consecutive chunks at ``starts``; the last ends at ``end`` at most.
+
+    The target is read into one reused buffer: a fresh buffer per read
+    costs more than the hashing (docs/performance.md, resync).
+    """
     out = bytearray()
+    buffer = memoryview(bytearray(CHECKSUM_PIECE_BYTES))
     with replica.disk_lock:  # a whole file applied, or none of it
         if chunk >= CHECKSUM_PIECE_BYTES:
             for start in starts:
                 digest = xxhash.xxh3_128()
                 stop = min(start + chunk, end)
                 for piece in range(start, stop, CHECKSUM_PIECE_BYTES):
-                    length = min(CHECKSUM_PIECE_BYTES, stop - piece)
-                    digest.update(replica.target.read(piece, length))
+                    view = buffer[: min(CHECKSUM_PIECE_BYTES, stop - piece)]
+                    replica.target.read_into(piece, view)
+                    digest.update(view)
                 out += digest.digest()
             return bytes(out)
         # Small chunks: several whole chunks per read, each hashed from it.
         per_piece = CHECKSUM_PIECE_BYTES // chunk * chunk
         stop = min(starts[-1] + chunk, end)
         for base in range(starts[0], stop, per_piece):
-            view = memoryview(replica.target.read(base, min(per_piece, stop - base)))
+            view = buffer[: min(per_piece, stop - base)]
+            replica.target.read_into(base, view)
             for at in range(0, len(view), chunk):
                 out += xxhash.xxh3_128_digest(view[at : at + chunk])
     return bytes(out)

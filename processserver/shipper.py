@@ -34,6 +34,7 @@ import aiohttp
 from processserver.cache import CachedFile
 from processserver.config import MasterTargetLink
 from processserver.ingest import DiskIngest
+from runtime.service import vital
 
 if TYPE_CHECKING:
     from processserver.daemon import ProcessServer
@@ -56,7 +57,7 @@ class Shipper:
         self._session = _new_session(tls, ps.config.master_target)
         self._retiring: set[asyncio.Task[None]] = set()
         self._tasks = [
-            asyncio.create_task(self._ship_disk(disk), name=f"ship-{disk.disk_id}")
+            vital(asyncio.create_task(self._ship_disk(disk), name=f"ship-{disk.disk_id}"))
             for disk in ps.disks.values()
         ]
         self._stopping = False

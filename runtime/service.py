@@ -18,6 +18,13 @@ happens (sd_notify(3)):
 A SIGHUP that arrives while the daemon starts is kept and served once it is
 ready (its default action would kill the process); several SIGHUPs during a
 reload make one more reload, not several.
+
+A task the daemon cannot work without (a disk's applier, a shipper) is
+registered with :func:`vital`: if it ends on an unexpected error, the error
+is logged as critical and the daemon stops and exits with
+:data:`EX_SOFTWARE`, so that systemd restarts it (``Restart=on-failure``)
+and it recovers its state from disk, rather than running on with one disk
+silently stalled.
 """
 
 from __future__ import annotations
@@ -45,6 +52,32 @@ RELOAD_SIGNAL: Final = signal.SIGHUP
 #: Watchdog pings per ``WatchdogSec=``: sd_watchdog_enabled(3) advises half
 #: the interval, so one late ping never trips the watchdog.
 WATCHDOG_PINGS_PER_INTERVAL: Final = 2
+#: The exit status after a vital task died on a bug (sysexits.h EX_SOFTWARE).
+EX_SOFTWARE: Final = 70
+
+#: Set by :func:`_serve` while a daemon runs: what a dying vital task triggers.
+_stop_on_crash: list[Callable[[str], None]] = []
+
+
+def vital(task: asyncio.Task[T]) -> asyncio.Task[T]:
+    """Make ``task`` one the daemon stops without (see the module's text).
+
+    Outside :func:`run_daemon` (tests that run a daemon in-process) the
+    error is only logged.
+    """
+
+    def done(finished: asyncio.Task[T]) -> None:
+        if finished.cancelled() or finished.exception() is None:
+            return
+        log.critical(
+            "task %s stopped on an unexpected error; the daemon exits to be restarted",
+            finished.get_name(), exc_info=finished.exception(),
+        )  # fmt: skip
+        for stop in _stop_on_crash:
+            stop(finished.get_name())
+
+    task.add_done_callback(done)
+    return task
 
 
 def sd_notify(state: str) -> bool:
@@ -119,6 +152,29 @@ async def _serve(
     # Installed before start: SIGHUP's default action would kill a daemon
     # that is still recovering its state.
     loop.add_signal_handler(RELOAD_SIGNAL, reload_requested.set)
+    crashed: list[str] = []
+
+    def stop_on_crash(name: str) -> None:
+        crashed.append(name)
+        stop.set()
+
+    _stop_on_crash.append(stop_on_crash)
+    try:
+        await _serve_started(start, close, reload, stop, reload_requested)
+    finally:
+        _stop_on_crash.remove(stop_on_crash)
+    if crashed:
+        raise SystemExit(EX_SOFTWARE)
+
+
+async def _serve_started(
+    start: Callable[[], Awaitable[T]],
+    close: Callable[[T], Awaitable[None]],
+    reload: Callable[[T], Awaitable[object]] | None,
+    stop: asyncio.Event,
+    reload_requested: asyncio.Event,
+) -> None:
+    loop = asyncio.get_running_loop()
     handle = await start()
     sd_notify("READY=1")
     helpers: list[asyncio.Task[None]] = []

@@ -27,9 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
 from protocol.errors import MalformedError
 from protocol.limits import check_id
 from runtime.config import TlsFiles
@@ -140,6 +137,9 @@ def certificate_info(path: Path) -> CertificateInfo:
     Raises:
         TlsSetupError: the file cannot be read or holds no PEM certificate.
     """
+    from cryptography import x509  # noqa: PLC0415 - see _diagnose_cert_chain
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
     try:
         certificate = x509.load_pem_x509_certificate(path.read_bytes())
     except (OSError, ValueError) as exc:
@@ -300,6 +300,11 @@ def _check_readable(path: Path) -> None:
 
 def _diagnose_cert_chain(files: TlsFiles, exc: OSError) -> TlsSetupError:
     """Say which of the certificate and the key is wrong; OpenSSL's message does not."""
+    # Imported here and in certificate_info only: a client that just connects
+    # (``blockrepl agent sync``) does not pay the ~0.1 s cryptography takes.
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
     try:
         certificate = x509.load_pem_x509_certificate(files.cert_file.read_bytes())
     except (OSError, ValueError):

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import uvloop
-
-from agent import config as agent_config
 from agent.commands import CommandResult, Subparsers, capture, tag
 from agent.commands import group as group_commands
-from agent.progress import ProgressLine, human_bytes, human_duration
-from agent.sync_disk import SyncReport, sync_disk
-from runtime.logs import setup_logging
+from agent.progress import human_bytes, human_duration
+
+if TYPE_CHECKING:
+    from agent.progress import ProgressLine
+    from agent.sync_disk import SyncReport
 
 
 def add_parser(
@@ -55,6 +54,15 @@ def add_parser(
 
 def run_sync(args: argparse.Namespace) -> CommandResult:
     """Sync one disk and say what it took."""
+    import asyncio
+
+    import uvloop
+
+    from agent import config as agent_config
+    from agent.progress import ProgressLine
+    from agent.sync_disk import sync_disk
+    from runtime.logs import setup_logging
+
     config = agent_config.load(args.config)
     setup_logging(config.logging)
     line: ProgressLine | None = None

@@ -3,19 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 from pathlib import Path
 
-import uvloop
-
-from agent import config as agent_config
-from agent.capture.control import control_path
-from agent.capture.daemon import CaptureDaemon
 from agent.commands import CommandResult, Subparsers
-from agent.control_client import status_of
 from agent.progress import human_bytes
-from runtime.logs import setup_logging
-from runtime.service import run_daemon
 
 
 def add_commands(
@@ -60,6 +51,11 @@ def add_commands(
 
 def run_capture(args: argparse.Namespace) -> CommandResult:
     """Capture one disk until stopped; say what was done."""
+    from agent import config as agent_config
+    from agent.capture.daemon import CaptureDaemon
+    from runtime.logs import setup_logging
+    from runtime.service import run_daemon
+
     config = agent_config.load(args.config)
     setup_logging(config.logging)
     daemon = CaptureDaemon(config, args.disk, args.source, args.listen)
@@ -81,6 +77,14 @@ def run_capture(args: argparse.Namespace) -> CommandResult:
 
 def run_status(args: argparse.Namespace) -> CommandResult:
     """The status of each disk's capture."""
+    import asyncio
+
+    import uvloop
+
+    from agent import config as agent_config
+    from agent.capture.control import control_path
+    from agent.control_client import status_of
+
     config = agent_config.load(args.config)
     disks = args.disk or [disk.id for disk in config.disks]
     paths = {disk: control_path(config.state_dir, disk) for disk in disks}

@@ -4,19 +4,14 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import uvloop
-
-from agent import config as agent_config
 from agent.commands import CommandResult, Subparsers
-from agent.config import AgentConfig
-from agent.group.coordinator import GroupCoordinator, GroupRoundReport
-from agent.group.service import GroupService
-from runtime.errors import ConfigError
-from runtime.logs import setup_logging
-from runtime.service import run_daemon
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
+    from agent.group.coordinator import GroupRoundReport
 
 
 def add_commands(
@@ -58,6 +53,14 @@ def add_commands(
 
 
 def _load(path: Path) -> AgentConfig:
+    """The config, which must have a ``[group]``; logging set up by it.
+
+    Imported here, as in every command: ``agent sync`` pays for no group code.
+    """
+    from agent import config as agent_config
+    from runtime.errors import ConfigError
+    from runtime.logs import setup_logging
+
     config = agent_config.load(path)
     if config.group is None:
         raise ConfigError(f"{path} has no [group] table: this machine is in no consistency group")
@@ -67,6 +70,9 @@ def _load(path: Path) -> AgentConfig:
 
 def run_group(args: argparse.Namespace) -> CommandResult:
     """This machine's group role, until stopped."""
+    from agent.group.service import GroupService
+    from runtime.service import run_daemon
+
     service = GroupService(_load(args.config))
     run_daemon(service.start, GroupService.close)
     role = "coordinated" if service.group.is_coordinator else "took part in"
@@ -80,6 +86,12 @@ def run_group(args: argparse.Namespace) -> CommandResult:
 
 def run_group_tag(args: argparse.Namespace) -> CommandResult:
     """One round now."""
+    import asyncio
+
+    import uvloop
+
+    from agent.group.coordinator import GroupCoordinator
+
     coordinator = GroupCoordinator(_load(args.config))
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         report = runner.run(coordinator.round(args.name, app=args.app))

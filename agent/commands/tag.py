@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import uvloop
-
-from agent import config as agent_config
 from agent.commands import CommandResult, Subparsers
-from agent.tags import RoundReport, TagScheduler, tag_round
-from runtime.logs import setup_logging
-from runtime.service import run_daemon
+
+if TYPE_CHECKING:
+    from agent.tags import RoundReport
 
 
 def add_commands(
@@ -53,6 +50,14 @@ def add_commands(
 
 def run_tag(args: argparse.Namespace) -> CommandResult:
     """One round now."""
+    import asyncio
+
+    import uvloop
+
+    from agent import config as agent_config
+    from agent.tags import tag_round
+    from runtime.logs import setup_logging
+
     config = agent_config.load(args.config)
     setup_logging(config.logging)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -78,6 +83,11 @@ def _summary(report: RoundReport) -> str:
 
 def run_tags(args: argparse.Namespace) -> CommandResult:
     """Rounds at the intervals, until stopped."""
+    from agent import config as agent_config
+    from agent.tags import TagScheduler
+    from runtime.logs import setup_logging
+    from runtime.service import run_daemon
+
     config = agent_config.load(args.config)
     setup_logging(config.logging)
     scheduler = TagScheduler(config)

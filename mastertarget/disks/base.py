@@ -42,6 +42,16 @@ class TargetDisk(Protocol):
         """
         ...
 
+    def read_into(self, offset: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` from ``offset``, as :meth:`read` would: for readers
+        of whole disks, which reuse one buffer instead of allocating per read.
+
+        Raises:
+            DiskRangeError: the range is not inside the disk.
+            DiskIOError: the read failed.
+        """
+        ...
+
     def write(self, offset: int, data: Buffer) -> None:
         """Write ``data`` at ``offset``.
 

@@ -190,8 +190,15 @@ class DiskFile:
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes from ``offset``; the end of the file is an error."""
-        buffer = bytearray(length)
-        self.read_into(offset, memoryview(buffer))
+        try:
+            data = os.pread(self.fd, length, offset)  # one copy, from the page cache
+        except OSError as exc:
+            raise io_error("read", self.path, exc, offset=offset, length=length) from exc
+        if len(data) == length:
+            return data
+        buffer = bytearray(length)  # a short read: resume where it stopped
+        buffer[: len(data)] = data
+        self.read_into(offset + len(data), memoryview(buffer)[len(data) :])
         return bytes(buffer)
 
     def write(self, offset: int, data: Buffer) -> None:

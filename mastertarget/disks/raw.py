@@ -76,6 +76,16 @@ class RawDisk:
         check_range(self.path, self._size, offset, length)
         return self._file.read(offset, length)
 
+    def read_into(self, offset: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` from ``offset``.
+
+        Raises:
+            DiskRangeError: the range is not inside the disk.
+            DiskIOError: the read failed.
+        """
+        check_range(self.path, self._size, offset, buffer.nbytes)
+        self._file.read_into(offset, buffer)
+
     def write(self, offset: int, data: Buffer) -> None:
         """Write ``data`` at ``offset`` (pwrite, resumed after short writes).
 

@@ -67,6 +67,7 @@ class Extent(Protocol):
     @property
     def size(self) -> int: ...
     def read(self, offset: int, length: int) -> bytes: ...
+    def read_into(self, offset: int, buffer: memoryview) -> None: ...
     def write(self, offset: int, data: memoryview) -> None: ...
     def zero(self, offset: int, length: int) -> None: ...
     def flush(self) -> None: ...
@@ -90,6 +91,10 @@ class FlatExtent:
     def read(self, offset: int, length: int) -> bytes:
         """Bytes of the extent."""
         return self._file.read(self._start + offset, length)
+
+    def read_into(self, offset: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` with bytes of the extent."""
+        self._file.read_into(self._start + offset, buffer)
 
     def write(self, offset: int, data: memoryview) -> None:
         """pwrite at the extent's place in the file."""
@@ -159,6 +164,18 @@ class VmdkDisk:
         check_range(self._path, self._size, offset, length)
         pieces = [extent.read(rel, count) for extent, rel, _, count in self._pieces(offset, length)]
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def read_into(self, offset: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` from ``offset``, as :meth:`read` would.
+
+        Raises:
+            DiskRangeError: the range is not inside the disk.
+            DiskIOError: a read failed.
+            DiskFormatError: a grain table on the way is corrupt.
+        """
+        check_range(self._path, self._size, offset, buffer.nbytes)
+        for extent, rel, position, count in self._pieces(offset, buffer.nbytes):
+            extent.read_into(rel, buffer[position : position + count])
 
     def write(self, offset: int, data: Buffer) -> None:
         """Write ``data`` at ``offset``; new sparse grains become durable on flush.

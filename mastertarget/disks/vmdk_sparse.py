@@ -136,7 +136,17 @@ class SparseExtent:
     def read(self, offset: int, length: int) -> bytes:
         """Bytes of the extent; unallocated and zeroed grains read as zeros."""
         buffer = bytearray(length)
-        view = memoryview(buffer)
+        self._fill(offset, memoryview(buffer))
+        return bytes(buffer)
+
+    def read_into(self, offset: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` with bytes of the extent, as :meth:`read` would."""
+        buffer[:] = bytes(buffer.nbytes)  # holes are zeros; _fill writes only grains
+        self._fill(offset, buffer)
+
+    def _fill(self, offset: int, view: memoryview) -> None:
+        """Copy the allocated grains of the range into ``view`` (holes left as they are)."""
+        length = view.nbytes
         run_file = run_pos = run_len = 0
         for grain, within, position, count in self._pieces(offset, length):
             sector = self._lookup(grain)
@@ -151,7 +161,6 @@ class SparseExtent:
             run_file, run_pos, run_len = file_offset, position, count
         if run_len:
             self._file.read_into(run_file, view[run_pos : run_pos + run_len], eof_is_zeros=True)
-        return bytes(buffer)
 
     def write(self, offset: int, data: memoryview) -> None:
         """Write in place or into new grains; new table entries stay pending until flush."""

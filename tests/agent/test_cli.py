@@ -187,3 +187,34 @@ def test_main_returns_the_exit_code_in_process(
     assert main(["keys", "init", "--file", str(path)]) == 73
     assert capsys.readouterr().err.startswith("blockrepl: error: key file ")
     assert main(["keys"]) == 2
+
+
+def test_help_lists_every_group() -> None:
+    result = blockrepl("--help")
+    for group in ("certs", "keys", "agent"):
+        assert group in result.stdout
+
+
+#: What ``agent sync`` must not import: the certificate tools' cryptography,
+#: the capture daemon, the tag scheduler (docs/performance.md, resync).
+NOT_FOR_A_SYNC = ("cryptography", "agent.capture.daemon", "agent.tags", "runtime.pki")
+
+
+def test_a_sync_imports_only_what_it_runs(tmp_path: Path) -> None:
+    """Run up to the sync's handler (a missing config stops it there) and
+    list the modules loaded: a resync pays for each one at every start."""
+    probe = (
+        "import json, sys\n"
+        "from agent.cli import main\n"
+        f"status = main(['agent', 'sync', '--config', {str(tmp_path / 'none.toml')!r},"
+        " '--disk', 'd0'])\n"
+        "print(status, json.dumps(sorted(sys.modules)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    status, _, modules = result.stdout.partition(" ")
+    assert status == "78", result.stderr  # the missing config, reported cleanly
+    loaded = set(json.loads(modules))
+    assert "agent.sync_disk" in loaded
+    assert not {m for m in loaded if m.split(".")[0] in NOT_FOR_A_SYNC or m in NOT_FOR_A_SYNC}

@@ -32,6 +32,21 @@ def test_a_new_generation_is_not_stuck_behind_an_old_one_with_a_gap(tmp_path: Pa
     assert not behind_the_hole.path.exists()  # dropped: it can never be applied
 
 
+def test_a_new_generation_received_while_the_old_one_applies_keeps_it(tmp_path: Path) -> None:
+    """A newer generation arrives while the last file of the older one is
+    received but not yet applied: that file is on the way, not a hole."""
+    applied = StreamPosition(0, 0)
+    pending = PendingFiles(Inbox(tmp_path / "cache"), applied, [])
+    old = _entry(tmp_path, 2, 1, 1)
+    pending.add(old, applied)
+    new = _entry(tmp_path, 3, 1, 1)
+    pending.add(new, applied)  # the applier is still busy with ``old``
+    assert list(pending) == [old, new]
+    assert pending.head(applied) == old
+    assert old.path.exists()
+    assert pending.received == StreamPosition(3, 1)
+
+
 def test_files_of_the_current_generation_wait_for_the_one_before_them(tmp_path: Path) -> None:
     applied = StreamPosition(3, 10)
     later = _entry(tmp_path, 3, 21, 30)

@@ -21,11 +21,12 @@ import pytest
 from runtime.service import watchdog_interval_s
 
 #: The child: start takes a moment (a SIGHUP may land in it), each reload
-#: appends to a file, a reload of "boom" raises, close appends "closed".
+#: appends to a file, a reload of "boom" raises, close appends "closed";
+#: with $CRASH, a vital task dies on a bug once started.
 DAEMON = """
-import asyncio, sys
+import asyncio, os, sys
 from pathlib import Path
-from runtime.service import run_daemon
+from runtime.service import run_daemon, vital
 
 trace = Path(sys.argv[1])
 
@@ -37,7 +38,13 @@ async def start():
     note("starting")
     await asyncio.sleep(float(sys.argv[2]))
     note("started")
+    if os.environ.get("CRASH"):
+        vital(asyncio.create_task(crash(), name="apply-d0"))
     return trace
+
+async def crash():
+    await asyncio.sleep(0.1)
+    raise ValueError("a bug in a task")
 
 async def reload(handle):
     note("reload")
@@ -194,3 +201,20 @@ def test_a_child_does_not_ping_for_another_process(
     finally:
         proc.kill()
     assert proc.returncode == 0
+
+
+def test_a_vital_task_that_dies_stops_the_daemon_with_a_failure(
+    tmp_path: Path, notify_socket: socket.socket
+) -> None:
+    """Systemd restarts it (Restart=on-failure); running on would leave a disk stalled."""
+    proc = spawn(tmp_path, notify_socket, 0.0, CRASH="1")
+    try:
+        assert next_message(notify_socket) == "READY=1"
+        assert next_message(notify_socket) == "STOPPING=1"
+        output, _ = proc.communicate(timeout=DEADLINE_S)
+    finally:
+        proc.kill()
+    assert proc.returncode == 70, output
+    assert "task apply-d0 stopped on an unexpected error" in output
+    assert "ValueError: a bug in a task" in output
+    assert (tmp_path / "trace").read_text().split() == ["starting", "started", "closed"]

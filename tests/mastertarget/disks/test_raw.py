@@ -46,6 +46,8 @@ def test_ranges_outside_the_disk_are_refused(
     if length >= 0:
         with pytest.raises(DiskRangeError, match=expected):
             any_disk.write(offset, b"x" * length)
+        with pytest.raises(DiskRangeError, match=expected):
+            any_disk.read_into(offset, memoryview(bytearray(length)))
     # A refused range changes nothing and leaves the disk usable.
     any_disk.write(SIZE - 3, b"end")
     any_disk.flush()

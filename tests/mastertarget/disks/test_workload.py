@@ -191,6 +191,10 @@ def test_random_workload_matches_model(target: Target, tmp_path: Path) -> None:
     for spot in target.hot_spots:
         start = max(0, min(spot - 100_000, target.size - 200_000))
         assert disk.read(start, 200_000) == model.read(start, 200_000)
+        # read_into fills a reused buffer with the same bytes, stale bytes overwritten.
+        buffer = bytearray(b"\xee" * 200_000)
+        disk.read_into(start, memoryview(buffer))
+        assert buffer == model.read(start, 200_000)
     run_workload(disk, model, random_ops(rng, target.size, target.hot_spots, 60), rng)
     disk.close()
     model.close()
