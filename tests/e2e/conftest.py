@@ -122,14 +122,17 @@ class Site:
         points: list[dict[str, Any]] = json.loads(result.stdout)["points"]
         return points
 
-    def recover(self, point: str, output: Path, disk: str = DISK) -> None:
-        """``mastertarget recover``: the disk as it was at ``point``, into ``output``."""
+    def recover(self, point: str, output: Path, disk: str = DISK) -> dict[str, Any]:
+        """``mastertarget recover``: the disk as it was at ``point``, into ``output``;
+        its JSON answer (the point it chose)."""
         result = subprocess.run(
             [str(MASTERTARGET), "recover", "--config", str(self.mt.config), "--disk", disk,
-             "--point", point, "--output", str(output)],
+             "--point", point, "--output", str(output), "--json"],
             capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
         assert result.returncode == 0, f"recover at {point}: {result.stderr}"
+        answer: dict[str, Any] = json.loads(result.stdout)
+        return answer
 
     def assert_identical(self, source: Path, target: Path | None = None) -> None:
         """``qemu-img compare`` of the source and the target says identical."""
