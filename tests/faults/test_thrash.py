@@ -71,6 +71,8 @@ WRITES_PER_RUN = 16
 LENGTHS = (512, 4096, 65536, 200 * 1024)
 ZEROS_EVERY = 7
 REST_S = 0.2
+#: Seconds a kill of the capture waits for writes in flight (the writer rests between runs).
+BUSY_WAIT_S = 1.0
 #: Bounds of every wait: the test fails rather than hang.
 RUN_TIMEOUT_S = 60.0
 PAUSE_TIMEOUT_S = 60.0
@@ -150,6 +152,11 @@ class Writer:
             paused = self._cond.wait_for(lambda: not self._busy, PAUSE_TIMEOUT_S)
         assert paused, f"the writer did not pause within {PAUSE_TIMEOUT_S} s"
 
+    def wait_busy(self, timeout: float) -> None:
+        """Until a run of writes is under way (or ``timeout``: it may be paused)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._busy, timeout)
+
     def resume(self) -> None:
         with self._cond:
             self._pause = False
@@ -176,6 +183,7 @@ class Writer:
                         self._cond.wait(0.05)
                         continue
                     self._busy = True
+                    self._cond.notify_all()
                 try:
                     self._one_run(kills)
                 finally:
@@ -316,7 +324,10 @@ class Storm:
             self._kill_capture()
 
     def _kill_capture(self) -> None:
-        """SIGKILL the capture; return once it and its nbdkit are gone."""
+        """SIGKILL the capture, in the middle of a run of writes when there is one;
+        return once it and its nbdkit are gone."""
+        self.writer.wait_busy(BUSY_WAIT_S)
+        time.sleep(self.rng.uniform(0.0, 0.1))
         process = self.capture.process
         self.capture.up.clear()
         pidfile = self.site.state_dir / "capture" / f"{DISK}.pid"
