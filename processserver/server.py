@@ -218,6 +218,7 @@ async def get_checksums(request: web.Request) -> web.StreamResponse:
     disk = _disk(request)
     shipper = ps.shipper
     url = f"{shipper.base_url}/v1/disks/{disk.disk_id}/checksums?{request.query_string}"
+    response: web.StreamResponse | None = None
     try:
         async with shipper.session.get(url) as upstream:
             if upstream.status != 200:
@@ -235,6 +236,12 @@ async def get_checksums(request: web.Request) -> web.StreamResponse:
             return response
     except (aiohttp.ClientError, OSError) as exc:
         ps.metrics.rejects.labels("master-target-unreachable").inc()
+        if response is not None and request.transport is not None:
+            # The status and part of the digests went out: an error answer now
+            # would land inside the body, and the agent would wait for the rest
+            # until its read timeout. A cut connection tells it the answer is short.
+            request.transport.close()
+            return response
         return _error(
             503, "master-target-unreachable",
             f"the master target at {shipper.base_url} did not answer: {exc}",

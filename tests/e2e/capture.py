@@ -186,11 +186,18 @@ class CaptureProcess(ChildProcess):
         return status, (json.loads(text) if text.strip() else {})
 
 
-def random_writes(rng: Any, size: int, count: int, *, zeros_every: int = 0) -> list[str]:
-    """qemu-io commands: ``count`` writes of random patterns, sizes and 512-byte offsets."""
+def random_writes(
+    rng: Any,
+    size: int,
+    count: int,
+    *,
+    zeros_every: int = 0,
+    lengths: tuple[int, ...] = (512, 4096, 65536, 200 * 1024, 1024 * 1024),
+) -> list[str]:
+    """qemu-io commands: ``count`` writes of random patterns, ``lengths`` and 512-byte offsets."""
     commands = []
     for n in range(count):
-        length = rng.choice([512, 4096, 65536, 200 * 1024, 1024 * 1024])
+        length = rng.choice(lengths)
         offset = rng.randrange(0, (size - length) // 512) * 512
         if zeros_every and n % zeros_every == zeros_every - 1:
             commands.append(f"write -z {offset} {length}")

@@ -25,8 +25,9 @@ from tests.mastertarget.conftest import write_config
 from tests.processserver.test_api import write_ps_config
 
 DISK = "vm01-d0"
-#: The installed console script, beside the interpreter running the tests.
+#: The installed console scripts, beside the interpreter running the tests.
 BLOCKREPL = Path(sys.executable).parent / "blockrepl"
+MASTERTARGET = Path(sys.executable).parent / "mastertarget"
 #: Seconds a daemon may take to open its port.
 START_TIMEOUT_S = 30.0
 
@@ -109,6 +110,29 @@ class Site:
         assert result.returncode == 0, result.stderr
         report: dict[str, Any] = json.loads(result.stdout)
         return report
+
+    def points(self, disk: str = DISK, *, limit: int | None = None) -> list[dict[str, Any]]:
+        """``mastertarget points --json``: the disk's listed points, newest first."""
+        more = ["--limit", str(limit)] if limit is not None else []
+        result = subprocess.run(
+            [str(MASTERTARGET), "points", "--config", str(self.mt.config), "--disk", disk,
+             "--json", *more],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        points: list[dict[str, Any]] = json.loads(result.stdout)["points"]
+        return points
+
+    def recover(self, point: str, output: Path, disk: str = DISK) -> dict[str, Any]:
+        """``mastertarget recover``: the disk as it was at ``point``, into ``output``;
+        its JSON answer (the point it chose)."""
+        result = subprocess.run(
+            [str(MASTERTARGET), "recover", "--config", str(self.mt.config), "--disk", disk,
+             "--point", point, "--output", str(output), "--json"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, f"recover at {point}: {result.stderr}"
+        answer: dict[str, Any] = json.loads(result.stdout)
+        return answer
 
     def assert_identical(self, source: Path, target: Path | None = None) -> None:
         """``qemu-img compare`` of the source and the target says identical."""

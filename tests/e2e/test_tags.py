@@ -10,10 +10,8 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from protocol.limits import KiB, MiB
 from tests.conftest import Deployment, require_binary
@@ -25,7 +23,6 @@ from tests.e2e.conftest import BLOCKREPL, Site, build_site, make_source, start
 
 SIZE = 16 * MiB
 DISKS = ("vm01-d0", "vm01-d1")
-MASTERTARGET = Path(sys.executable).parent / "mastertarget"
 
 
 def _two_disks(
@@ -58,31 +55,6 @@ def _tag(site: Site, *args: str) -> subprocess.CompletedProcess[str]:
         [str(BLOCKREPL), "agent", "tag", "--config", str(site.agent_config), "--json", *args],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
-
-
-def _points(site: Site, disk: str) -> list[dict[str, Any]]:
-    result = subprocess.run(
-        [str(MASTERTARGET), "points", "--config", str(site.mt.config), "--disk", disk, "--json"],
-        capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
-    points: list[dict[str, Any]] = json.loads(result.stdout)["points"]
-    return points
-
-
-def _recover(site: Site, disk: str, point: str, output: Path) -> None:
-    subprocess.run(
-        [str(MASTERTARGET), "recover", "--config", str(site.mt.config), "--disk", disk,
-         "--point", point, "--output", str(output)],
-        capture_output=True, text=True, timeout=120, check=True,
-    )  # fmt: skip
-
-
-def _compare(one: Path, other: Path) -> None:
-    result = subprocess.run(
-        [require_binary("qemu-img"), "compare", "-f", "raw", "-F", "raw", str(one), str(other)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 async def test_crash_and_app_tags_mark_every_disk_at_one_point(
@@ -127,16 +99,16 @@ async def test_crash_and_app_tags_mark_every_disk_at_one_point(
     for name, kind, tag_id in (("before-upgrade", "crash", report["tag_id"]),
                                ("app-1", "app", app_report["tag_id"])):  # fmt: skip
         for disk in DISKS:
-            found = [p for p in _points(site, disk) if p["name"] == name]
+            found = [p for p in site.points(disk) if p["name"] == name]
             assert [(p["kind"], p["tag_id"]) for p in found] == [(kind, tag_id)], (disk, found)
     # Recovered at the crash tag, each disk is as it was when the tag was taken.
     for disk in DISKS:
         recovered = tmp_path / f"{disk}-recovered.raw"
-        _recover(site, disk, "tag:before-upgrade", recovered)
-        _compare(recovered, snapshots[disk])
+        site.recover("tag:before-upgrade", recovered, disk)
+        site.assert_identical(snapshots[disk], recovered)
     # At the app tag: the quiesce write is in, the unquiesce write is not.
     app_point = tmp_path / "d0-app.raw"
-    _recover(site, DISKS[0], "latest-app", app_point)
+    site.recover("latest-app", app_point, DISKS[0])
     with app_point.open("rb") as recovered, d0.source.open("rb") as now:
         assert recovered.read(8 * MiB) == now.read(8 * MiB)
         assert recovered.read(4096) == b"\xaa" * 4096
@@ -155,7 +127,7 @@ async def test_a_round_with_a_disk_not_running_is_abandoned(
     assert result.returncode == 75, result.stderr
     assert f"disk {DISKS[1]}: its capture is not running" in result.stderr
     captures[DISKS[0]].settle()
-    assert not [p for p in _points(site, DISKS[0]) if p["name"] == "half"]
+    assert not [p for p in site.points(DISKS[0]) if p["name"] == "half"]
 
 
 async def test_a_hold_is_bounded_even_if_its_coordinator_goes_silent(
@@ -204,7 +176,7 @@ async def test_tags_at_an_interval_reach_every_disk(deployment: Deployment, tmp_
     ids = {}
     for disk in DISKS:
         captures[disk].settle()
-        ids[disk] = [p["tag_id"] for p in _points(site, disk) if p["kind"] == "crash" and p["name"]]
+        ids[disk] = [p["tag_id"] for p in site.points(disk) if p["kind"] == "crash" and p["name"]]
         assert len(ids[disk]) == rounds["rounds"], ids
     assert sorted(ids[DISKS[0]]) == sorted(ids[DISKS[1]])
 
@@ -239,7 +211,7 @@ async def test_a_stop_lets_the_round_under_way_finish(
     assert (rounds["rounds"], rounds["abandoned"]) == (1, 0)
     for disk in DISKS:
         captures[disk].settle()
-        assert [p["kind"] for p in _points(site, disk) if p["name"]] == ["app"]
+        assert [p["kind"] for p in site.points(disk) if p["name"]] == ["app"]
 
 
 async def test_a_hold_ends_at_its_own_bound_and_a_group_tag_names_its_group(
@@ -266,5 +238,5 @@ async def test_a_hold_ends_at_its_own_bound_and_a_group_tag_names_its_group(
     assert (refused["ok"], refused["error"]) == (False, "malformed")
     assert tagged["ok"] is True
     d0.settle()
-    [point] = [p for p in _points(site, DISKS[0]) if p["name"] == "g1"]
+    [point] = [p for p in site.points(DISKS[0]) if p["name"] == "g1"]
     assert (point["kind"], point["group_id"], point["seq"]) == ("group", "erp", tagged["seq"])
