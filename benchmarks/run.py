@@ -111,7 +111,7 @@ class Plan:
 
 FULL_PLAN: Final = Plan(60, 60, 30, 60, 5, 12, 2048, 2)
 #: Two or three RPO evaluations (every 5 s) per phase: enough for every key.
-QUICK_PLAN: Final = Plan(8, 10, 10, 12, 2, 8, 256, 1)
+QUICK_PLAN: Final = Plan(8, 10, 10, 15, 2, 8, 256, 1)
 
 
 def log(message: str) -> None:

@@ -49,11 +49,12 @@ POST_TIMEOUT_S: Final = 60.0
 #: Seconds a source waits after a failed POST (connection refused or reset).
 ERROR_BACKOFF_S: Final = 0.5
 #: A throttled source spaces its batches by the rate times a random factor
-#: in 1 +- this: writes of real disks do not come on a clock, and a fixed
-#: period would lock each disk's phase to the master target's RPO
-#: evaluations (every 5 s), so a disk's sampled RPO would depend on its
-#: phase instead of on the pipeline.
-THROTTLE_JITTER: Final = 0.25
+#: in 1 +- this. A fixed period would lock each disk's phase to the master
+#: target's RPO evaluations (every 5 s), so a disk's sampled RPO would
+#: depend on its phase instead of on the pipeline; a small spread unlocks
+#: it and keeps each gap between writes (the idle part of every RPO) near
+#: the period, so that disks compare on what the site does to them.
+THROTTLE_JITTER: Final = 0.1
 #: A throttled source this far behind its schedule (the site could not keep
 #: up) starts the schedule again from now instead of sending a burst.
 MAX_LAG_S: Final = 1.0
