@@ -39,6 +39,33 @@ def human_duration(seconds: float) -> str:
 
 
 @dataclass
+class TerminalLine:
+    """One line of text redrawn in place, when ``stream`` is a terminal; nothing otherwise."""
+
+    stream: TextIO = field(default_factory=lambda: sys.stderr)
+    _width: int = 0
+    enabled: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.enabled = self.stream.isatty()
+
+    def draw(self, text: str) -> None:
+        if not self.enabled:
+            return
+        pad = max(0, self._width - len(text))
+        self.stream.write("\r" + text + " " * pad)
+        self.stream.flush()
+        self._width = len(text)
+
+    def erase(self) -> None:
+        """Clear the line, so that what is written next starts on it."""
+        if self.enabled and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+            self._width = 0
+
+
+@dataclass
 class ProgressLine:
     """The progress of one sync pass: bytes compared of the total, bytes sent.
 
@@ -51,11 +78,10 @@ class ProgressLine:
     stream: TextIO = field(default_factory=lambda: sys.stderr)
     _history: list[tuple[float, int]] = field(default_factory=list)
     _drawn_at: float = 0.0
-    _width: int = 0
-    _enabled: bool = field(init=False)
+    _line: TerminalLine = field(init=False)
 
     def __post_init__(self) -> None:
-        self._enabled = self.stream.isatty()
+        self._line = TerminalLine(self.stream)
 
     def update(self, compared: int, sent: int, *, phase: str = "", force: bool = False) -> None:
         """Redraw with ``compared`` of the total done and ``sent`` bytes sent."""
@@ -63,10 +89,10 @@ class ProgressLine:
         self._history.append((now, compared))
         while len(self._history) > 2 and now - self._history[0][0] > RATE_WINDOW_S:
             self._history.pop(0)
-        if not self._enabled or (not force and now - self._drawn_at < REDRAW_S):
+        if not self._line.enabled or (not force and now - self._drawn_at < REDRAW_S):
             return
         self._drawn_at = now
-        self._draw(self.render(compared, sent, phase=phase))
+        self._line.draw(self.render(compared, sent, phase=phase))
 
     def render(self, compared: int, sent: int, *, phase: str = "") -> str:
         """The line for ``compared`` and ``sent``, with the rate of the recent history."""
@@ -85,12 +111,4 @@ class ProgressLine:
 
     def finish(self) -> None:
         """Erase the line: the summary goes where it was."""
-        if self._enabled and self._width:
-            self.stream.write("\r" + " " * self._width + "\r")
-            self.stream.flush()
-
-    def _draw(self, text: str) -> None:
-        pad = max(0, self._width - len(text))
-        self.stream.write("\r" + text + " " * pad)
-        self.stream.flush()
-        self._width = len(text)
+        self._line.erase()

@@ -127,6 +127,7 @@ def deploy(
     cache_high_bytes: int,
     cache_low_bytes: int,
     targets: Mapping[str, Path] | None = None,
+    retention_window_s: float | None = None,
 ) -> Deployment:
     """Write a PKI, a key ring and both daemons' configs under ``root``; start nothing.
 
@@ -134,6 +135,8 @@ def deploy(
         disks_of: one disk per protected machine, by machine id.
         disk_bytes: the size of each target the master target creates.
         targets: existing target images by disk (used as they are, not created).
+        retention_window_s: how long the master target keeps recovery points
+            (its default, 24 hours, when None).
     """
     pki = root / "pki"
     init_ca(pki)
@@ -162,6 +165,8 @@ def deploy(
         f'dir = "{mt_root / "retention"}"',
         "allow_shared_volume = true",
     ]
+    if retention_window_s is not None:
+        mt_lines.append(f"window_s = {retention_window_s}")
     for disk in disks_of.values():
         existing = (targets or {}).get(disk)
         mt_lines += ["[[disks]]", f'id = "{disk}"']

@@ -12,6 +12,10 @@ For batches of 64 KiB writes on disk-like data, measures in one run:
   data and sizes, with nothing around them: the ceiling for the two above;
 - wire_encode / wire_decode: the batch wire format alone (agent -> process server).
 
+:func:`pipeline_limit` adds the bare ``pwrite`` of every write to the two
+limits: the per-byte cost of the whole pipeline, which benchmarks/run.py
+sets beside what a real deployment reaches.
+
 Each figure is the best of ``--rounds`` rounds, the rounds interleaved so a
 noisy neighbour hurts every figure alike. MB/s are 10**6 bytes of write data
 per second. Run: ``.venv/bin/python benchmarks/protocol_bench.py [--json]``.
@@ -26,7 +30,9 @@ import random
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import zstandard
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -40,6 +46,105 @@ from protocol.keyring import KeyRing
 from protocol.records import Record, Write
 
 DISK_BYTES = 64 * 2**30  # random write offsets fall in a 64 GiB disk
+#: Size of the file the bare pwrite limit writes into: writes land on random
+#: slots of it. Sparse, so only what is written takes room.
+PWRITE_FILE_BYTES: Final = 256 * 2**20
+
+
+class BarePrimitives:
+    """The bare calls each byte of the pipeline goes through, nothing around them:
+    zstd + AES-256-GCM as the process server seals, AES-256-GCM + zstd as the
+    master target verifies. One key and nonce throughout: a measurement, never
+    a format."""
+
+    def __init__(self, level: int) -> None:
+        self._compressor = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._aead = AESGCM(os.urandom(32))
+        self._nonce, self._ad = os.urandom(12), os.urandom(200)
+
+    def encode(self, data: bytes) -> bytes:
+        return self._aead.encrypt(self._nonce, self._compressor.compress(data), self._ad)
+
+    def decode(self, blob: bytes) -> bytes:
+        return self._decompressor.decompress(self._aead.decrypt(self._nonce, blob, self._ad))
+
+
+def joined_batches(blocks: list[bytes], per_batch: int) -> list[bytes]:
+    """The data of ``blocks`` cut into batches of ``per_batch``, each batch's data contiguous."""
+    return [b"".join(blocks[i : i + per_batch]) for i in range(0, len(blocks), per_batch)]
+
+
+def limit_encode_mbps(blocks: list[bytes], per_batch: int, rounds: int, level: int = 1) -> float:
+    """MB/s of bare zstd + AES-256-GCM over ``blocks`` in batches, the best of ``rounds``."""
+    joined = joined_batches(blocks, per_batch)
+    bare = BarePrimitives(level)
+    best = min(_timed(lambda: [bare.encode(d) for d in joined]) for _ in range(rounds))
+    return sum(len(d) for d in joined) / best / 1e6
+
+
+@dataclass(frozen=True)
+class PipelineLimit:
+    """One core's MB/s of each bare step, and the pipeline's limit on ``cores``.
+
+    Every byte is sealed (encode), verified (decode) and written (pwrite), so
+    one core spends the sum of the three per-byte costs on it; ``cores`` cores
+    working on nothing else reach ``limit_MBps``.
+    """
+
+    encode_MBps: float
+    decode_MBps: float
+    pwrite_MBps: float
+    cores: int
+
+    @property
+    def cpu_s_per_GB(self) -> float:
+        return 1e3 / self.encode_MBps + 1e3 / self.decode_MBps + 1e3 / self.pwrite_MBps
+
+    @property
+    def limit_MBps(self) -> float:
+        return self.cores * 1e3 / self.cpu_s_per_GB
+
+
+def pipeline_limit(
+    blocks: list[bytes], per_batch: int, *, rounds: int, directory: Path, level: int = 1,
+    cores: int,
+) -> PipelineLimit:  # fmt: skip
+    """Measure the bare steps on ``blocks`` cut into batches of ``per_batch`` writes.
+
+    pwrite puts every block on a random slot of a sparse file in ``directory``
+    with one fdatasync per batch, the durability each applied file needs (as
+    mt_apply_bench.py's limit does). Each step is the best of ``rounds``.
+    """
+    joined = joined_batches(blocks, per_batch)
+    data_bytes = sum(len(d) for d in joined)
+    bare = BarePrimitives(level)
+    sealed = [bare.encode(d) for d in joined]
+    size = len(blocks[0])
+    rng = random.Random(len(blocks))
+    offsets = [rng.randrange(PWRITE_FILE_BYTES // size) * size for _ in blocks]
+    path = directory / f"pipeline-limit-{os.getpid()}.img"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, PWRITE_FILE_BYTES)
+
+        def pwrite_all() -> None:
+            for n, block in enumerate(blocks):
+                os.pwrite(fd, block, offsets[n])
+                if n % per_batch == per_batch - 1:
+                    os.fdatasync(fd)
+            os.fdatasync(fd)
+
+        best = dict.fromkeys(("encode", "decode", "pwrite"), float("inf"))
+        for _ in range(rounds):  # interleaved, so a noisy neighbour hurts each alike
+            best["encode"] = min(best["encode"], _timed(lambda: [bare.encode(d) for d in joined]))
+            best["decode"] = min(best["decode"], _timed(lambda: [bare.decode(b) for b in sealed]))
+            best["pwrite"] = min(best["pwrite"], _timed(pwrite_all))
+    finally:
+        os.close(fd)
+        path.unlink()
+    mbps = {step: data_bytes / seconds / 1e6 for step, seconds in best.items()}
+    return PipelineLimit(mbps["encode"], mbps["decode"], mbps["pwrite"], cores)
 
 
 def _batches(blocks: list[bytes], per_batch: int, seed: int) -> list[list[Record]]:
@@ -72,9 +177,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     sealer = HrlSealer(keyring, zstd_level=args.level)
     # The bare calls get the same contiguous batch data the sealer compresses.
     joined = [b"".join(bytes(r.data) for r in batch if isinstance(r, Write)) for batch in batches]
-    zstd_c = zstandard.ZstdCompressor(level=args.level, write_content_size=True)
-    aead = AESGCM(os.urandom(32))
-    nonce, ad = os.urandom(12), os.urandom(200)
+    primitives = BarePrimitives(args.level)
 
     sealed: list[SealedHrl] = []
     bare: list[bytes] = []
@@ -98,14 +201,11 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             open_hrl(data, keyring)
 
     def limit_encode() -> None:
-        bare.clear()
-        for data in joined:
-            bare.append(aead.encrypt(nonce, zstd_c.compress(data), ad))
+        bare[:] = [primitives.encode(data) for data in joined]
 
     def limit_decode() -> None:
-        d = zstandard.ZstdDecompressor()
         for blob in bare:
-            d.decompress(aead.decrypt(nonce, blob, ad))
+            primitives.decode(blob)
 
     wire: list[bytes] = []
 

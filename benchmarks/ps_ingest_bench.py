@@ -30,32 +30,25 @@ the storage device; ``--dir`` measures a real volume. Run:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import random
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-import aiohttp
 import uvloop
-import zstandard
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.datagen import synthetic_blocks
 from benchmarks.deploy import Deployment, cpu_seconds, default_dir, peak_rss_mib
 from benchmarks.deploy import deploy as deploy_site
-from protocol.batch import encode_batch
-from protocol.records import Record, Write
-from runtime.tls import client_context
+from benchmarks.protocol_bench import limit_encode_mbps
+from benchmarks.workload import Profile, Source, drive
 
 #: Distinct blocks generated once and reused round-robin: enough that batches
 #: differ, little enough to generate in about a second.
@@ -69,8 +62,6 @@ CACHE_HIGH_BYTES: Final = 512 * 2**20
 CACHE_LOW_BYTES: Final = 448 * 2**20
 #: Seconds the master-target-down phase may take to fill the cache.
 FILL_TIMEOUT_S: Final = 120.0
-#: Seconds one POST may take before the source counts it as failed.
-POST_TIMEOUT_S: Final = 60.0
 
 
 def deploy(root: Path, sources: int) -> Deployment:
@@ -80,122 +71,6 @@ def deploy(root: Path, sources: int) -> Deployment:
         root, {f"src{n}": f"disk{n}" for n in range(sources)}, disk_bytes=DISK_BYTES,
         cache_high_bytes=CACHE_HIGH_BYTES, cache_low_bytes=CACHE_LOW_BYTES,
     )  # fmt: skip
-
-
-def limit_encode_mbps(blocks: list[bytes], per_batch: int, rounds: int) -> float:
-    """MB/s of bare zstd level 1 + AES-256-GCM over the pool cut into batches."""
-    joined = [b"".join(blocks[i : i + per_batch]) for i in range(0, len(blocks), per_batch)]
-    zstd_c = zstandard.ZstdCompressor(level=1, write_content_size=True)
-    aead = AESGCM(os.urandom(32))
-    nonce, ad = os.urandom(12), os.urandom(200)
-    best = float("inf")
-    for _ in range(rounds):
-        started = time.perf_counter()
-        for data in joined:
-            aead.encrypt(nonce, zstd_c.compress(data), ad)
-        best = min(best, time.perf_counter() - started)
-    return sum(len(d) for d in joined) / best / 1e6
-
-
-@dataclass
-class Tally:
-    """What the sources saw in one phase."""
-
-    acked_bytes: int = 0
-    latencies_s: list[float] = field(default_factory=list)
-    refusals_503: int = 0
-    errors: int = 0
-
-
-@dataclass
-class Source:
-    """One agent: a disk, its next seq, and the session of its machine certificate."""
-
-    disk: str
-    index: int
-    blocks: list[bytes]
-    per_batch: int
-    url: str
-    next_seq: int = 1
-
-    def body(self) -> bytes:
-        rng = random.Random(self.next_seq * 1000 + self.index)
-        size = len(self.blocks[0])
-        slots = DISK_BYTES // size
-        start = self.index * 97 + self.next_seq - 1
-        records: list[Record] = [
-            Write(rng.randrange(slots) * size, self.blocks[(start + i) % len(self.blocks)])
-            for i in range(self.per_batch)
-        ]
-        now = time.time_ns()
-        return encode_batch(
-            disk_id=self.disk, generation=1, first_seq=self.next_seq, records=records,
-            first_capture_ns=now, last_capture_ns=now,
-        )  # fmt: skip
-
-    async def post_once(self, session: aiohttp.ClientSession, tally: Tally) -> float:
-        """Send the next batch; returns seconds to wait before the next one (503)."""
-        body = self.body()
-        started = time.perf_counter()
-        try:
-            async with session.post(self.url, data=body) as response:
-                answer = await response.json()
-                status = response.status
-                retry_after = float(response.headers.get("Retry-After", "1"))
-        except (aiohttp.ClientError, OSError, TimeoutError):
-            tally.errors += 1
-            return 0.5
-        if status == 200:
-            tally.latencies_s.append(time.perf_counter() - started)
-            tally.acked_bytes += self.per_batch * len(self.blocks[0])
-            self.next_seq = int(answer["acked_seq"]) + 1
-            return 0.0
-        if status == 409 and "expected_seq" in answer:
-            self.next_seq = int(answer["expected_seq"])
-            return 0.0
-        if status == 503:
-            tally.refusals_503 += 1
-            return retry_after
-        raise SystemExit(f"ps_ingest_bench: {self.disk}: HTTP {status}: {answer}")
-
-
-async def _run_source(
-    source: Source, session: aiohttp.ClientSession, tally: Tally, deadline: float,
-    *, stop_on_503: bool,
-) -> None:  # fmt: skip
-    while time.monotonic() < deadline:
-        wait = await source.post_once(session, tally)
-        if wait and stop_on_503 and tally.refusals_503:
-            return
-        if wait:
-            await asyncio.sleep(min(wait, max(0.0, deadline - time.monotonic())))
-
-
-async def load(
-    dep: Deployment, sources: list[Source], seconds: float, *, stop_on_503: bool
-) -> tuple[list[Tally], float]:
-    """Run every source for ``seconds`` (or until each got a 503); tallies and elapsed s."""
-    timeout = aiohttp.ClientTimeout(total=POST_TIMEOUT_S)
-    sessions = [
-        aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=client_context(dep.client_tls(f"src{s.index}"))),
-            timeout=timeout,
-        )
-        for s in sources
-    ]
-    tallies = [Tally() for _ in sources]
-    started = time.monotonic()
-    try:
-        await asyncio.gather(
-            *(
-                _run_source(s, session, t, started + seconds, stop_on_503=stop_on_503)
-                for s, session, t in zip(sources, sessions, tallies, strict=True)
-            )
-        )
-    finally:
-        for session in sessions:
-            await session.close()
-    return tallies, time.monotonic() - started
 
 
 def _percentile_ms(values: list[float], q: int) -> float:
@@ -212,18 +87,22 @@ def measure(args: argparse.Namespace, root: Path, blocks: list[bytes]) -> dict[s
         dep.ps.start()
         dep.mt.wait_healthy()
         dep.ps.wait_healthy()
-        url = f"https://127.0.0.1:{dep.ps_port}/v1/disks/{{}}/batches"
+        profile = Profile(
+            block_bytes=args.block_size, writes_per_batch=args.writes_per_batch,
+            pattern="random", disk_bytes=DISK_BYTES,
+        )  # fmt: skip
+        server = f"https://127.0.0.1:{dep.ps_port}"
         sources = [
-            Source(disk, n, blocks, args.writes_per_batch, url.format(disk))
-            for n, disk in enumerate(dep.disks)
+            Source(disk, n, blocks, profile, server, dep.client_tls(machine))
+            for n, (machine, disk) in enumerate(dep.disks_of.items())
         ]
         before = (cpu_seconds(dep.ps.pid), cpu_seconds(dep.mt.pid), time.process_time())
-        tallies, elapsed = uvloop.run(load(dep, sources, args.duration, stop_on_503=False))
+        tallies, elapsed = uvloop.run(drive(sources, args.duration))
         after = (cpu_seconds(dep.ps.pid), cpu_seconds(dep.mt.pid), time.process_time())
         cpu, mt_cpu, client_cpu = (b - a for a, b in zip(before, after, strict=True))
-        acked = sum(t.acked_bytes for t in tallies)
+        acked = sum(t.acked_bytes() for t in tallies)
         gigabytes = acked / 1e9 or 1.0
-        latencies = [x for t in tallies for x in t.latencies_s]
+        latencies = [x for t in tallies for x in t.latencies_s()]
         result.update(
             ingest_MBps=round(acked / elapsed / 1e6, 1),
             ack_p50_ms=_percentile_ms(latencies, 50),
@@ -238,9 +117,9 @@ def measure(args: argparse.Namespace, root: Path, blocks: list[bytes]) -> dict[s
         if args.mt_down:
             dep.mt.stop()
             before_down = cpu_seconds(dep.ps.pid)
-            tallies, elapsed = uvloop.run(load(dep, sources, FILL_TIMEOUT_S, stop_on_503=True))
+            tallies, elapsed = uvloop.run(drive(sources, FILL_TIMEOUT_S, stop_on_503=True))
             cpu = cpu_seconds(dep.ps.pid) - before_down
-            acked = sum(t.acked_bytes for t in tallies)
+            acked = sum(t.acked_bytes() for t in tallies)
             result.update(
                 ingest_MBps_mt_down=round(acked / elapsed / 1e6, 1),
                 cpu_s_per_GB_mt_down=round(cpu / (acked / 1e9 or 1.0), 2),

@@ -242,11 +242,19 @@ def one_round(
         shutil.rmtree(root, ignore_errors=True)
 
 
-def run(args: argparse.Namespace) -> dict[str, object]:
-    pools = (
-        synthetic_blocks(POOL_BLOCKS, CHUNK, seed=args.seed),
-        [b for b in synthetic_blocks(POOL_BLOCKS, CHUNK, seed=args.seed + 100) if any(b)],
+def make_pools(seed: int) -> tuple[list[bytes], list[bytes]]:
+    """The chunks an image is made of, and the (non-zero) chunks changes are drawn from."""
+    return (
+        synthetic_blocks(POOL_BLOCKS, CHUNK, seed=seed),
+        [b for b in synthetic_blocks(POOL_BLOCKS, CHUNK, seed=seed + 100) if any(b)],
     )
+
+
+def run(
+    args: argparse.Namespace, pools: tuple[list[bytes], list[bytes]] | None = None
+) -> dict[str, object]:
+    """Every round of ``args``; ``pools`` as :func:`make_pools` makes them for ``args.seed``."""
+    pools = pools or make_pools(args.seed)
     base = Path(args.dir) if args.dir else default_dir()
     rounds = [one_round(base, args, pools) for _ in range(args.rounds)]
     best = min(rounds, key=lambda r: r["ours"]["seconds"])
