@@ -138,13 +138,21 @@ class ProcessServerClient:
             )  # fmt: skip
         raise self._refusal(status, answer, f"POST {url}")
 
-    async def state(self, disk_id: str) -> DiskState:
+    async def state(
+        self, disk_id: str, *, until_shipped: int | None = None, wait_s: float = 0.0
+    ) -> DiskState:
         """The disk's stream at this process server.
+
+        Args:
+            until_shipped: answer once the master target holds this seq of
+                the current generation, or after ``wait_s`` (a long poll).
 
         Raises:
             ProcessServerUnavailableError, RefusedError: as for :meth:`post_batches`.
         """
         url = self._disk_url(disk_id, "state")
+        if until_shipped is not None:
+            url += f"?shipped={until_shipped}&wait_s={wait_s:g}"
         status, answer = await self._json_exchange("GET", url)
         if status != 200:
             raise self._refusal(status, answer, f"GET {url}")

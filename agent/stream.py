@@ -70,6 +70,10 @@ MAX_JOURNAL_BYTES: Final = 4 * 2**30
 STATE_POLL_S: Final = 0.5
 STATE_POLL_MIN_S: Final = 0.02
 STATE_POLL_MAX_S: Final = 0.25
+#: How long a state request may wait at the process server for the master
+#: target to take the rest, while someone waits for the stream to be shipped
+#: (a sync at its end): it hears it at once rather than at the next poll.
+STATE_WAIT_S: Final = 2.0
 #: The ``details`` of a StreamBrokenError raised because the process server
 #: holds seqs this agent's journal does not reach (it was lost, or restored
 #: from an old backup): everything the master target received is still good.
@@ -128,6 +132,8 @@ class ReplicationStream:
         self._task: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
         self._closing = False
+        #: callers of :meth:`wait_shipped` now: the sender then long-polls
+        self._shipped_waiters = 0
         self.stats = StreamStats()
 
     @classmethod
@@ -327,7 +333,13 @@ class ReplicationStream:
 
     async def wait_shipped(self) -> None:
         """Until the master target holds every journaled batch (the journal is empty)."""
-        await self._wait(lambda: self._journal.end_seq is None)
+        self._shipped_waiters += 1
+        try:
+            async with self._changed:
+                self._changed.notify_all()  # a sender idling between polls asks at once
+            await self._wait(lambda: self._journal.end_seq is None)
+        finally:
+            self._shipped_waiters -= 1
 
     async def _wait(self, done: Callable[[], bool]) -> None:
         async with self._changed:
@@ -383,8 +395,18 @@ class ReplicationStream:
                     await self._refresh()
                     last_poll = time.monotonic()
                 poll_wait = STATE_POLL_MIN_S
+            elif self._journal.entries and self._shipped_waiters:
+                # Someone waits for the end: the process server answers the
+                # moment the master target holds it. A wait that ends with no
+                # progress (its bound, or a server that does not wait) backs off.
+                trimmed = self._record.trimmed_seq
+                await self._refresh(until_shipped=self.end_seq)
+                last_poll = time.monotonic()
+                if self._record.trimmed_seq == trimmed:
+                    await self._idle(poll_wait)
+                    poll_wait = min(poll_wait * 2, STATE_POLL_MAX_S)
             elif self._journal.entries:  # all acknowledged, not all shipped: ask again soon
-                await self._idle(poll_wait)
+                await self._idle(poll_wait, until_waited_on=True)
                 poll_wait = min(poll_wait * 2, STATE_POLL_MAX_S)
                 await self._refresh()
                 last_poll = time.monotonic()
@@ -392,12 +414,17 @@ class ReplicationStream:
                 await self._idle(None)
                 poll_wait = STATE_POLL_MIN_S
 
-    async def _idle(self, timeout: float | None) -> None:
+    async def _idle(self, timeout: float | None, *, until_waited_on: bool = False) -> None:
+        """Until there is something to send, or ``timeout``; with
+        ``until_waited_on``, also until someone waits for the stream to be shipped."""
         async with self._changed:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     self._changed.wait_for(
-                        lambda: any(e.last_seq > self._acked for e in self._journal.entries)
+                        lambda: (
+                            any(e.last_seq > self._acked for e in self._journal.entries)
+                            or (until_waited_on and self._shipped_waiters > 0)
+                        )
                     ),
                     timeout,
                 )
@@ -491,11 +518,18 @@ class ReplicationStream:
                 self._unacked_bytes -= sum(memoryview(p).nbytes for p in parts)
             self._changed.notify_all()
 
-    async def _refresh(self) -> None:
-        """Ask the process server where the disk stands; trim what the master target holds."""
+    async def _refresh(self, *, until_shipped: int | None = None) -> None:
+        """Ask the process server where the disk stands; trim what the master target holds.
+
+        Args:
+            until_shipped: let the answer wait (:data:`STATE_WAIT_S` at most)
+                until the master target holds this seq.
+        """
         client = self._pool.current
         try:
-            state = await client.state(self.disk_id)
+            state = await client.state(
+                self.disk_id, until_shipped=until_shipped, wait_s=STATE_WAIT_S
+            )
         except ProcessServerUnavailableError as exc:
             await self._pool.failed(exc)
             return

@@ -78,7 +78,9 @@ class DiskIngest:
         executor: Executor,
     ) -> None:
         self.disk_id = disk_id
-        self.position = position
+        self._position = position
+        #: set (and replaced) whenever the position changes: wakes long polls
+        self._moved = asyncio.Event()
         #: one request of this disk at a time: admission and commit must not interleave
         self.lock = asyncio.Lock()
         self._sealers = sealers
@@ -90,6 +92,35 @@ class DiskIngest:
         self.sealed_bytes = 0
         #: set when a file joins ``cached``: wakes the disk's shipper
         self.wake = asyncio.Event()
+
+    @property
+    def position(self) -> DiskPosition:
+        """The disk's acknowledged and shipped position."""
+        return self._position
+
+    @position.setter
+    def position(self, value: DiskPosition) -> None:
+        self._position = value
+        self._moved.set()
+        self._moved = asyncio.Event()
+
+    async def wait_shipped(self, seq: int, timeout_s: float) -> None:
+        """Until the master target holds ``seq`` of the current generation, the
+        generation changes, a resync is required, or ``timeout_s`` passed."""
+        generation = self._position.acked.generation
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while (
+            self._position.acked.generation == generation
+            and self._position.shipped_seq < seq
+            and not self._position.resync_required
+        ):
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._moved.wait(), remaining)
+            except TimeoutError:
+                return
 
     async def take(self, batch: Batch) -> Verdict:
         """Place one batch; the caller holds :attr:`lock`.

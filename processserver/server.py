@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
@@ -38,6 +39,10 @@ READ_CHUNK: Final = 256 * 1024
 RETRY_AFTER_S: Final = 5
 #: A generation request is a small JSON object.
 MAX_SMALL_BODY: Final = 4096
+#: Longest a state request may wait for the shipped position to move
+#: (``?shipped=N&wait_s=S``): well below the agents' read timeout and a
+#: graceful stop's grace, so neither ever cuts a waiting answer.
+MAX_STATE_WAIT_S: Final = 5.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -156,9 +161,22 @@ async def post_batches(request: web.Request) -> web.StreamResponse:
 
 
 async def get_state(request: web.Request) -> web.StreamResponse:
-    """GET /v1/disks/{disk}/state."""
+    """GET /v1/disks/{disk}/state[?shipped=N&wait_s=S]: with ``shipped``, the
+    answer waits (``wait_s`` at most) until the master target holds seq N of
+    the current generation, so an agent hears it at once instead of polling."""
     ps = request.app[PS]
     disk = _disk(request)
+    if "shipped" in request.query:
+        try:
+            seq = _query_number(request, "shipped", int, 0, 2**63 - 1)
+            wait_s = (
+                _query_number(request, "wait_s", float, 0.0, MAX_STATE_WAIT_S)
+                if "wait_s" in request.query
+                else 0.0
+            )
+        except MalformedError as exc:
+            return _from_exception(exc)
+        await disk.wait_shipped(int(seq), wait_s)
     backlog_bytes, _ = ps.backlog(disk.disk_id)
     return web.json_response(
         {
@@ -171,6 +189,22 @@ async def get_state(request: web.Request) -> web.StreamResponse:
             "resync_required": disk.position.resync_required,
         }
     )
+
+
+def _query_number(
+    request: web.Request, name: str, kind: type[int] | type[float], low: float, high: float
+) -> float:
+    """A query parameter as ``kind`` within ``low..high``."""
+    text = request.query.get(name, "")
+    try:
+        value = kind(text)
+    except ValueError:
+        raise MalformedError(
+            f"query parameter {name} must be a {kind.__name__} in {low:g}..{high:g}, found {text!r}"
+        ) from None
+    if math.isnan(value) or not low <= value <= high:
+        raise MalformedError(f"query parameter {name} must be in {low:g}..{high:g}, found {text!r}")
+    return value
 
 
 async def post_generation(request: web.Request) -> web.StreamResponse:

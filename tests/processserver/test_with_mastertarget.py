@@ -22,6 +22,7 @@ from protocol.records import Record, Write
 from protocol.sequencing import StreamPosition
 from tests.conftest import Deployment, require_binary
 from tests.faults.daemons import free_port
+from tests.faults.pausable_proxy import PausableProxy
 from tests.mastertarget.conftest import apply_to_model, random_workload, write_config
 
 from .test_api import Agent, _body, write_ps_config
@@ -200,3 +201,56 @@ async def test_a_process_server_takes_the_stream_where_the_master_target_holds_i
     for _, records in batches:
         apply_to_model(model, records)
     _compare(tmp_path / "mt" / "vm01-d0.raw", bytes(model), tmp_path)
+
+
+async def test_a_state_request_waits_for_the_master_target_to_hold_a_seq(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """``?shipped=N&wait_s=S``: answered the moment seq N is shipped, not at a poll;
+    after S at most when it is not; at once when it already is."""
+    mt_port = free_port()
+    mt = await _mastertarget(deployment, tmp_path / "mt", mt_port)
+    link = PausableProxy(mt_port)
+    await link.start()
+    ps = await ProcessServer.start(
+        ps_config.load(_ps_config(deployment, tmp_path / "ps", link.port)), data_port=0,
+        metrics_port=0,
+    )  # fmt: skip
+    connector = aiohttp.TCPConnector(ssl=deployment.client_tls("vm01"))
+    base = f"https://127.0.0.1:{ps.port}/v1/disks/vm01-d0/state"
+    try:
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def state(query: str) -> tuple[int, dict[str, object]]:
+                async with session.get(f"{base}?{query}") as response:
+                    return response.status, await response.json()
+
+            link.pause()
+            status, answer = await Agent(session, ps.port).post(
+                "vm01-d0", _body("vm01-d0", 1, [Write(0, b"x" * 4096)])
+            )
+            assert status == 200, answer
+            # Not shipped: the answer waits its bound, then says so.
+            assert (await state("shipped=1&wait_s=0.3"))[1]["shipped_seq"] == 0
+            waiting = asyncio.ensure_future(state("shipped=1&wait_s=5"))
+            await asyncio.sleep(0.5)
+            assert not waiting.done()
+            started = asyncio.get_running_loop().time()
+            link.resume()
+            status, answer = await asyncio.wait_for(waiting, 10)
+            assert (status, answer["shipped_seq"]) == (200, 1)
+            assert asyncio.get_running_loop().time() - started < 4  # woken, not timed out
+            # Already shipped: at once. Bad values: refused, naming the parameter.
+            assert (await asyncio.wait_for(state("shipped=1&wait_s=5"), 2))[1]["shipped_seq"] == 1
+            refused = (
+                ("shipped=x&wait_s=1", "shipped"), ("shipped=1&wait_s=60", "wait_s"),
+                ("shipped=1&wait_s=nan", "wait_s"), ("shipped=-1", "shipped"),
+            )  # fmt: skip
+            for query, name in refused:
+                status, answer = await state(query)
+                assert (status, answer["error"]) == (400, "malformed"), answer
+                assert f"query parameter {name}" in str(answer["message"])
+    finally:
+        await ps.close()
+        await link.close()
+        await mt.close()
