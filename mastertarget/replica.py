@@ -52,6 +52,7 @@ from mastertarget.state import DiskRecord, DiskState, StateStore
 from protocol.errors import MalformedError, ProtocolError
 from protocol.hrl import HrlFile, HrlHeader, open_hrl
 from protocol.keyring import KeyRing
+from protocol.records import Write, Zero
 from protocol.sequencing import Admission, Fit, StreamPosition, admit
 from runtime.crashpoints import crash_point
 from runtime.errors import DurabilityError
@@ -371,6 +372,22 @@ class DiskReplica:
                 f"{expected[1]} seqs {expected[2]}..{expected[3]}, found disk {found[0]} "
                 f"generation {found[1]} seqs {found[2]}..{found[3]}"
             )
+        # A record past the end can never apply: caught here it is quarantined
+        # with its reason, where the target would refuse it at every retry.
+        size = self.target.size
+        for record in hrl.records:
+            if isinstance(record, Write):
+                offset, length = record.offset, len(record.data)
+            elif isinstance(record, Zero):
+                offset, length = record.offset, record.length
+            else:
+                continue
+            if offset + length > size:
+                raise MalformedError(
+                    f"inbox file {entry.path.name}: expected records inside the {size}-byte "
+                    f"target, found one at offset {offset} length {length} "
+                    f"(end {offset + length})"
+                )
         return hrl
 
     def _reopen_target(self) -> None:

@@ -182,6 +182,30 @@ async def test_bit_flip_is_never_applied(
     assert (tmp_path / "disk.raw").read_bytes()[:65536] == b"\x5a" * 65536
 
 
+async def test_a_record_past_the_end_is_quarantined_not_retried(
+    start_mt,
+    one_disk: Path,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    """The target would refuse it at every retry, stalling the disk for good:
+    it is quarantined with its reason, the disk resync-required, nothing applied."""
+    _mt, pusher = await start_mt(one_disk)
+    past = pusher.seal("d0", 1, 1, [Write(0, b"\x11" * 512), Zero(SIZE - 4096, 8192)])
+    assert (await pusher.send(past))[0] == 200
+    for _ in range(500):
+        state = await pusher.state("d0")
+        if state["state"] == "resync-required":
+            break
+        await asyncio.sleep(0.01)
+    assert state["state"] == "resync-required", state
+    assert f"inside the {SIZE}-byte target" in state["last_apply_error"]
+    assert state["applied_seq"] == 0
+    assert (tmp_path / "disk.raw").read_bytes()[:512] == bytes(512)  # not half applied
+    reasons = list((tmp_path / "cache" / "quarantine" / "d0").glob("*.reason"))
+    [reason] = reasons
+    assert f"end {SIZE + 4096}" in reason.read_text()
+
+
 async def test_identity_not_listed_gets_403(
     deployment: Deployment,
     start_mt,
