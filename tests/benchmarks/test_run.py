@@ -118,8 +118,9 @@ def test_initial_copy_bench_reports_ours_and_the_peers(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "initial_copy_bench.py"), "--json",
          "--size-mib", "16", "--dir", str(tmp_path)],
-        check=True, capture_output=True, text=True, timeout=240,
+        check=False, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
+    assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     for key in ("copy_s", "rsync_s", "sent_bytes", "rsync_sent_bytes", "agent_cpu_s"):
         assert result[key] > 0, key
