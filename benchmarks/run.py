@@ -112,11 +112,11 @@ class Plan:
     rounds: int
 
 
-FULL_PLAN: Final = Plan(60, 60, 30, 60, 5, 12, 2048, 2048, 2)
+FULL_PLAN: Final = Plan(60, 60, 30, 60, 5, 12, 2048, 2048, 3)
 #: Two or three RPO evaluations (every 5 s) per phase: enough for every key;
-#: the peers' best of two rounds each, as one round is at the mercy of the
+#: the peers' best of three rounds each, as one round is at the mercy of the
 #: machine's other work for a few seconds.
-QUICK_PLAN: Final = Plan(8, 10, 10, 15, 2, 8, 2048, 256, 2)
+QUICK_PLAN: Final = Plan(8, 10, 10, 15, 2, 8, 2048, 256, 3)
 
 
 def log(message: str) -> None:
