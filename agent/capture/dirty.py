@@ -119,7 +119,8 @@ def take_marker(path: Path) -> CleanMarker | None:
     try:
         data = json.loads(raw.decode("utf-8"))  # bytes that are not UTF-8 are a damaged marker too
         marker = CleanMarker(int(data["generation"]), int(data["end_seq"]))
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
+        # OverflowError: int() of an infinite number; RecursionError: nested too deep
         log.warning("the clean marker %s is damaged; taking the last stop as a crash", path)
         return None
     return marker

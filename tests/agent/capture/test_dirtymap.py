@@ -184,6 +184,8 @@ def test_the_mapped_file_is_what_the_tracker_changes(tmp_path: Path) -> None:
         (b'{"generation": 3}', None),
         (b"[3, 42]", None),
         (b"BRDM\x01\x9f not UTF-8", None),
+        (b'{"generation": 1e999, "end_seq": 42}', None),
+        (b"[" * 2000, None),
         (b"", None),
     ],
 )
