@@ -376,7 +376,7 @@ async def _read_json(response: aiohttp.ClientResponse) -> dict[str, object]:
     raw = await response.content.read(MAX_ERROR_BODY)
     try:
         answer = json.loads(raw) if raw else {}
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json parses
         answer = {"error": "not-json", "message": raw[:200].decode("utf-8", "replace")}
     return answer if isinstance(answer, dict) else {"error": "not-json", "message": str(answer)}
 

@@ -418,8 +418,11 @@ def _check_seconds(name: str, value: float) -> None:
 
 
 def _check_url(url: str) -> None:
-    parts = urlsplit(url)
     shape = f"expected https://HOST[:PORT] with nothing after it, found {url!r}"
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unbalanced "[" or "]": not even a URL
+        raise FieldValueError("process_servers", shape) from None
     if parts.scheme != "https" or not parts.hostname or parts.path not in ("", "/"):
         raise FieldValueError("process_servers", shape)
     if parts.query or parts.fragment or parts.username or parts.password:

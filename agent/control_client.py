@@ -74,7 +74,7 @@ class ControlClient:
             raise ControlError(f"disk {self.disk_id}: the capture process closed the connection")
         try:
             answer = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than json parses
             answer = None
         if not isinstance(answer, dict):
             raise ControlError(f"disk {self.disk_id}: expected a JSON object, found {line[:80]!r}")

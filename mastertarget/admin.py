@@ -121,7 +121,7 @@ async def _body(request: web.Request) -> dict[str, object]:
         raise MalformedError(f"expected a JSON body of at most {MAX_ADMIN_BODY} bytes")
     try:
         body = await request.json()
-    except ValueError as exc:  # not UTF-8, or not JSON
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, or nested too deep
         raise MalformedError(
             f"expected a JSON object, found bytes that do not parse: {exc}"
         ) from None

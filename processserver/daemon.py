@@ -272,7 +272,10 @@ class ProcessServer:
             async with self.shipper.session.get(url, timeout=FOLLOW_TIMEOUT) as response:
                 answer = await response.json() if response.status == 200 else {}
             there = StreamPosition(int(answer["generation"]), int(answer["received_seq"]))
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError, LookupError, TypeError):
+        except (
+            aiohttp.ClientError, OSError, TimeoutError, ValueError, LookupError, TypeError,
+            OverflowError, RecursionError,  # an infinite number; JSON nested too deep
+        ):  # fmt: skip
             return False
         if disk.cached or there <= disk.position.acked:
             return False

@@ -216,7 +216,7 @@ async def post_generation(request: web.Request) -> web.StreamResponse:
             raise MalformedError(f"expected a JSON body of at most {MAX_SMALL_BODY} bytes")
         try:
             body = json.loads(await request.read())
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than json parses
             raise MalformedError('expected a JSON object {"generation": N}') from None
         generation = body.get("generation") if isinstance(body, dict) else None
         if not isinstance(generation, int) or isinstance(generation, bool):

@@ -440,12 +440,15 @@ def decompress_stored(
     """The plaintext of an authenticated body: checked, and bounded by ``plaintext_len``.
 
     Raises:
-        MalformedError: the zstd frame declares another size, is invalid, or
-            gives another length.
+        MalformedError: the zstd frame has no valid header, declares another
+            size, is invalid, or gives another length.
     """
     if compression is Compression.NONE:
         return stored
-    size = zstandard.frame_content_size(stored)
+    try:
+        size = zstandard.frame_content_size(stored)
+    except zstandard.ZstdError as exc:
+        raise MalformedError(f"{what}: zstd frame header is invalid: {exc}") from None
     if size != plaintext_len:
         raise MalformedError(f"{what}: zstd frame must declare {plaintext_len} bytes, found {size}")
     try:

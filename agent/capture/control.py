@@ -138,7 +138,7 @@ class ControlServer:
     async def _answer(self, line: bytes, hold: list[Hold]) -> dict[str, object]:
         try:
             request = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than json parses
             request = None
         if not isinstance(request, dict):
             return _error("malformed", "expected one JSON object per line")

@@ -106,7 +106,7 @@ def take_marker(path: Path) -> CleanMarker | None:
         DurabilityError: it could not be removed.
     """
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -117,9 +117,10 @@ def take_marker(path: Path) -> CleanMarker | None:
     except OSError as exc:
         raise DurabilityError(f"cannot remove {path}: {exc.strerror}", path=str(path)) from exc
     try:
-        data = json.loads(text)
+        data = json.loads(raw.decode("utf-8"))  # bytes that are not UTF-8 are a damaged marker too
         marker = CleanMarker(int(data["generation"]), int(data["end_seq"]))
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
+        # OverflowError: int() of an infinite number; RecursionError: nested too deep
         log.warning("the clean marker %s is damaged; taking the last stop as a crash", path)
         return None
     return marker

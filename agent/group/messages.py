@@ -105,7 +105,7 @@ def decode(line: bytes) -> dict[str, object]:
         raise MalformedError(f"expected a line of at most {MAX_LINE_BYTES} bytes")
     try:
         value = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json parses
         value = None
     if not isinstance(value, dict):
         raise MalformedError(f"expected one JSON object per line, found {line[:80]!r}")

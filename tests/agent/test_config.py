@@ -55,6 +55,8 @@ def test_relative_paths_follow_the_file(tmp_path: Path) -> None:
         ("[]", "", "at least one URL"),
         ('["http://ps:9443"]', "", "https://HOST"),
         ('["https://ps:9443/v1"]', "", "nothing after it"),
+        ('["https://ps1.dr.examp]e.com:9443"]', "", "https://HOST"),
+        ('["https://[::1:9443"]', "", "https://HOST"),
         ('["https://ps:99999"]', "", "port 1..65535"),
         ('["https://ps:9443", "https://ps:9443"]', "", "each URL once"),
         ('"https://ps:9443"', "", "process_servers: expected an array"),

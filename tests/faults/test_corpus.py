@@ -1,4 +1,9 @@
-"""Replay the kept inputs of tests/faults/corpus/ through the decoders they target."""
+"""Replay the kept inputs of tests/faults/corpus/ through the decoders they target.
+
+``batch/`` and ``hrl/`` hold bodies and files, replayed here; ``admin/`` is
+replayed by test_http_fuzz.py; every other folder holds inputs kept by a fuzz
+target of the same name (tests/faults/fuzz/targets.py), replayed through it.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,10 @@ from protocol.batch import END_OF_STREAM, NEED_DATA, BatchDecoder
 from protocol.errors import ProtocolError
 from protocol.hrl import open_hrl
 from protocol.hrl_receiver import HrlReceiver
-from protocol.keyring import KeyRing
+from tests.faults.fuzz.targets import CORPUS, KEYRING, TARGETS, check_one, corpus_files
 
-CORPUS = Path(__file__).parent / "corpus"
-#: The key ring the HRL corpus was sealed with.
-KEYRING = KeyRing(keys={0x0C0A0B01: bytes(range(32))}, active_id=0x0C0A0B01)
+#: Folders of bodies replayed here, or by test_http_fuzz.py.
+BODIES = ("batch", "hrl", "admin")
 
 
 def _files(kind: str) -> list[Path]:
@@ -71,3 +75,17 @@ def test_hrl_corpus_opens_only_when_whole(path: Path) -> None:
     with pytest.raises(ProtocolError):
         open_hrl(data, KEYRING)
     _declared_or_none(lambda: _receive_hrl(data))
+
+
+def _kept_fuzz_inputs() -> list[Path]:
+    folders = sorted(path for path in CORPUS.iterdir() if path.is_dir())
+    unknown = [path.name for path in folders if path.name not in (*BODIES, *TARGETS)]
+    assert not unknown, f"corpus folders with no fuzz target of their name: {unknown}"
+    kept = [folder.name for folder in folders if folder.name not in BODIES]
+    return [path for kind in kept for path in corpus_files(kind)]
+
+
+@pytest.mark.parametrize("path", _kept_fuzz_inputs(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_kept_fuzz_inputs_pass_their_target(path: Path) -> None:
+    """Only declared errors, and every property of the target that kept the input."""
+    check_one(TARGETS[path.parent.name], path.read_bytes())

@@ -139,6 +139,8 @@ async def test_position_survives_a_restart_and_generations_move_on(
         assert (response.status, (await response.json())["generation"]) == (200, 2)
     async with agent2.session.post(url, json={"generation": 2}) as response:
         assert response.status == 409
+    async with agent2.session.post(url, data=b"[" * 2000) as response:  # nested past json's depth
+        assert (response.status, (await response.json())["error"]) == (400, "malformed")
     status, answer = await agent2.post("vm01-d1", _body("vm01-d1", 1, [Write(0, b"b")]))
     assert (status, answer["error"]) == (409, "stale-generation")
     status, answer = await agent2.post("vm01-d1", _body("vm01-d1", 1, [Write(0, b"b")], 2))

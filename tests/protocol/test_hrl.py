@@ -224,6 +224,18 @@ def test_zstd_must_save_bytes() -> None:
         parse_header(bytes(data))
 
 
+def test_stored_bytes_that_are_no_zstd_frame_are_malformed() -> None:
+    """A file that authenticates but whose stored bytes have no zstd frame header."""
+    sealed = _seal()
+    assert sealed.header.compression is Compression.ZSTD
+    header = sealed.header_bytes
+    file_key = KEYRING.file_key(sealed.header.key_id, sealed.header.kdf_salt)
+    not_zstd = bytes(sealed.header.stored_len)
+    body = AESGCM(file_key.key).encrypt(file_key.nonce, not_zstd, header)
+    with pytest.raises(MalformedError, match="zstd frame header is invalid"):
+        open_hrl(header + body, KEYRING)
+
+
 def test_sealer_parses_back_and_checks_fields() -> None:
     with pytest.raises(MalformedError):
         _seal(salt=b"short")

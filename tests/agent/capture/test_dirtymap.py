@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.capture.dirty import create_map, load_map
+from agent.capture.dirty import CleanMarker, create_map, load_map, take_marker
 from agent.capture.plugin import dirtymap
 from agent.capture.plugin.dirtymap import (
     DirtyMapError,
@@ -175,3 +175,25 @@ def test_the_mapped_file_is_what_the_tracker_changes(tmp_path: Path) -> None:
     assert dirtymap.read_map(str(path))[1] == []
     with pytest.raises(DirtyMapError, match="for a disk of 8388608 bytes"):
         MappedDirtyMap(str(path), 8 * MiB)
+
+
+@pytest.mark.parametrize(
+    ("content", "marker"),
+    [
+        (b'{"generation": 3, "end_seq": 42}', CleanMarker(3, 42)),
+        (b'{"generation": 3}', None),
+        (b"[3, 42]", None),
+        (b"BRDM\x01\x9f not UTF-8", None),
+        (b'{"generation": 1e999, "end_seq": 42}', None),
+        (b"[" * 2000, None),
+        (b"", None),
+    ],
+)
+def test_a_clean_marker_is_taken_once_and_a_damaged_one_means_a_crash(
+    tmp_path: Path, content: bytes, marker: CleanMarker | None
+) -> None:
+    path = tmp_path / "d0.clean"
+    path.write_bytes(content)
+    assert take_marker(path) == marker
+    assert not path.exists()
+    assert take_marker(path) is None
