@@ -19,7 +19,6 @@ A hang is the runner's to catch (libFuzzer's ``-timeout``).
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import shutil
 import tempfile
@@ -169,7 +168,3 @@ def kept_and_made(kind: str, made: Callable[[], Iterator[bytes]]) -> Callable[[]
         yield from made()
 
     return seeds
-
-
-# A damaged file is logged as a warning by the code under test: not wanted per input.
-logging.getLogger("blockrepl").setLevel(logging.CRITICAL)
