@@ -18,6 +18,7 @@ directory fsync), so its leftovers are removed and it is captured afresh.
 
 from __future__ import annotations
 
+import errno as errno_codes
 import os
 import re
 from collections.abc import Iterator
@@ -42,6 +43,11 @@ from runtime.errors import DurabilityError
 #: Bytes read from the target at a time while capturing: each piece becomes
 #: one WRITE (or one ZERO if it read as zeros) in an undo file.
 CAPTURE_PIECE: Final = 4 * MiB
+#: Bytes the undo journal leaves free on the retention volume. The state
+#: database lives there too, and must still commit the prune that deletes
+#: old undo files to make room: filled to the last byte, a volume could
+#: never be emptied again.
+STATE_RESERVE_BYTES: Final = 4 * MiB
 #: Range bytes per undo file: below the format's plaintext limit with room
 #: for the record table.
 CHUNK_RANGE_BYTES: Final = MAX_UNDO_PLAINTEXT - MiB
@@ -164,6 +170,7 @@ class UndoJournal:
                 chunk=chunk, chunks=len(plan), capture_ns=capture_ns, salt=os.urandom(32),
             )  # fmt: skip
             path = folder / _name(generation, segment.first_seq, segment.last_seq, chunk)
+            _require_room(path, len(sealed))
             write_file_synced(path, sealed, mode=FILE_MODE)
             crash_point("undo-written")
             total += len(sealed)
@@ -229,3 +236,24 @@ class UndoJournal:
         that comes back after a crash is pruned again."""
         for path in self._chunk_paths(disk_id, part):
             path.unlink(missing_ok=True)
+
+
+def _require_room(path: Path, size: int) -> None:
+    """Refuse, as a full volume would, a write that would leave less than
+    :data:`STATE_RESERVE_BYTES` free on the retention volume."""
+    try:
+        info = os.statvfs(path.parent)
+    except OSError as exc:
+        raise DurabilityError(
+            f"cannot read the free space of {path.parent}: {exc.strerror}",
+            errno=exc.errno, path=str(path.parent),
+        ) from exc  # fmt: skip
+    free = info.f_bavail * info.f_frsize
+    if free < size + STATE_RESERVE_BYTES:
+        raise DurabilityError(
+            f"could not write {path.name}: expected {size + STATE_RESERVE_BYTES} bytes free on "
+            f"the retention volume ({size} and {STATE_RESERVE_BYTES} kept for the state "
+            f"database), found {free}",
+            errno=errno_codes.ENOSPC,
+            path=str(path),
+        )
