@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ from mastertarget.server import replica_or_404
 from mastertarget.state import StateStore
 from protocol.errors import BlockreplError, MalformedError
 from protocol.sequencing import StreamPosition
+from runtime.bodies import small_body
 
 if TYPE_CHECKING:
     from mastertarget.daemon import MasterTarget
@@ -117,10 +119,13 @@ def _replica(request: web.Request) -> DiskReplica:
 
 
 async def _body(request: web.Request) -> dict[str, object]:
-    if request.content_length is None or request.content_length > MAX_ADMIN_BODY:
-        raise MalformedError(f"expected a JSON body of at most {MAX_ADMIN_BODY} bytes")
+    raw = await small_body(
+        request,
+        max_bytes=MAX_ADMIN_BODY,
+        timeout_s=request.app[ADMIN].config.connections.body_timeout_s,
+    )
     try:
-        body = await request.json()
+        body = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, or nested too deep
         raise MalformedError(
             f"expected a JSON object, found bytes that do not parse: {exc}"

@@ -22,7 +22,7 @@ from processserver.ingest import DiskIngest, Verdict
 from protocol.batch import BatchDecoder
 from protocol.errors import BlockreplError, MalformedError
 from protocol.sequencing import Fit, StreamPosition
-from runtime.bodies import body_pieces
+from runtime.bodies import body_pieces, small_body
 from runtime.errors import BodyTimeoutError, DurabilityError, PeerIdentityError
 from runtime.tls import connection_identity
 
@@ -212,10 +212,11 @@ async def post_generation(request: web.Request) -> web.StreamResponse:
     ps = request.app[PS]
     disk = _disk(request)
     try:
-        if request.content_length is None or request.content_length > MAX_SMALL_BODY:
-            raise MalformedError(f"expected a JSON body of at most {MAX_SMALL_BODY} bytes")
+        raw = await small_body(
+            request, max_bytes=MAX_SMALL_BODY, timeout_s=ps.config.connections.body_timeout_s
+        )
         try:
-            body = json.loads(await request.read())
+            body = json.loads(raw)
         except (ValueError, RecursionError):  # RecursionError: nested deeper than json parses
             raise MalformedError('expected a JSON object {"generation": N}') from None
         generation = body.get("generation") if isinstance(body, dict) else None
