@@ -59,6 +59,7 @@ from runtime.reload import (
     reload_config,
     touches,
 )
+from runtime.serverlog import RequestLogs
 from runtime.service import vital
 from runtime.tls import ReloadableServerContext
 
@@ -321,6 +322,7 @@ class MasterTarget:
     async def _open_ports(
         self, registry: CollectorRegistry, data_port: int | None, metrics_port: int | None
     ) -> None:
+        request_logs = RequestLogs(registry, PREFIX)
         listen = self.config.listen
         assert self._server_tls is not None
         app = build_app(self)
@@ -328,6 +330,7 @@ class MasterTarget:
         self._runner = web.AppRunner(
             app, access_log=None, shutdown_timeout=CANCEL_TIMEOUT_S,
             keepalive_timeout=self.config.connections.idle_timeout_s,
+            logger=request_logs.for_listener("data"),
         )  # fmt: skip
         await self._runner.setup()
         site = web.TCPSite(
@@ -337,19 +340,22 @@ class MasterTarget:
             ssl_context=self._server_tls.context,
         )
         await site.start()
-        await self._open_admin()
+        await self._open_admin(request_logs)
         self._metrics_server = await start_metrics_server(
             registry,
             self.config.metrics,
             alive=lambda: not self._closing,
             ready=self.ready,
             port=metrics_port,
+            server_log=request_logs.for_listener("metrics"),
         )
 
-    async def _open_admin(self) -> None:
+    async def _open_admin(self, request_logs: RequestLogs) -> None:
         path = self.config.admin_socket
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        self._admin_runner = web.AppRunner(build_admin_app(self), access_log=None)
+        self._admin_runner = web.AppRunner(
+            build_admin_app(self), access_log=None, logger=request_logs.for_listener("admin")
+        )
         await self._admin_runner.setup()
         await web.UnixSite(self._admin_runner, str(path)).start()
         os.chmod(path, SOCKET_MODE)

@@ -49,6 +49,7 @@ from runtime.reload import (
     reload_config,
     touches,
 )
+from runtime.serverlog import RequestLogs
 from runtime.tls import (
     CertificateInfo,
     ReloadableServerContext,
@@ -192,11 +193,13 @@ class ProcessServer:
     async def _open_ports(
         self, registry: CollectorRegistry, data_port: int | None, metrics_port: int | None
     ) -> None:
+        request_logs = RequestLogs(registry, PREFIX)
         app = build_app(self)
         self._in_flight.install(app)
         self._runner = web.AppRunner(
             app, access_log=None, shutdown_timeout=CANCEL_TIMEOUT_S,
             keepalive_timeout=self.config.connections.idle_timeout_s,
+            logger=request_logs.for_listener("data"),
         )  # fmt: skip
         await self._runner.setup()
         assert self._server_tls is not None
@@ -207,7 +210,7 @@ class ProcessServer:
         await site.start()
         self._metrics_server = await start_metrics_server(
             registry, self.config.metrics, alive=lambda: not self._closing, ready=self.ready,
-            port=metrics_port,
+            port=metrics_port, server_log=request_logs.for_listener("metrics"),
         )  # fmt: skip
 
     @property

@@ -32,6 +32,7 @@ from types import TracebackType
 from typing import Final
 
 from aiohttp import web
+from aiohttp.log import server_logger
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     GCCollector,
@@ -43,6 +44,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from runtime.config import MetricsListen
 from runtime.errors import ConfigError
+from runtime.serverlog import ServerLog
 
 AliveCheck = Callable[[], bool]
 ReadyCheck = Callable[[], tuple[bool, str]]
@@ -151,6 +153,7 @@ async def start_metrics_server(
     alive: AliveCheck,
     ready: ReadyCheck,
     port: int | None = None,
+    server_log: ServerLog | None = None,
 ) -> MetricsServer:
     """Start serving ``/metrics``, ``/healthz`` and ``/readyz``.
 
@@ -164,6 +167,8 @@ async def start_metrics_server(
         port: a port to bind instead of ``listen.port``; 0 lets the kernel
             choose one (tests, several daemons in one process), which
             :attr:`MetricsServer.port` then tells.
+        server_log: what aiohttp logs about requests that do not parse
+            (:class:`~runtime.serverlog.ServerLog`); its default logger otherwise.
 
     Raises:
         ConfigError: the address cannot be bound (in use, not local, no permission).
@@ -184,6 +189,7 @@ async def start_metrics_server(
         max_line_size=MAX_REQUEST_LINE_BYTES,
         max_field_size=MAX_HEADER_FIELD_BYTES,
         max_headers=MAX_HEADERS,
+        logger=server_log if server_log is not None else server_logger,
     )
     await runner.setup()
     try:

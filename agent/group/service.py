@@ -15,10 +15,11 @@ from prometheus_client import CollectorRegistry
 from agent.config import AgentConfig, GroupSettings
 from agent.errors import GroupRoundAbortedError
 from agent.group.coordinator import GroupCoordinator
-from agent.group.metrics import GroupMetrics
+from agent.group.metrics import PREFIX, GroupMetrics
 from agent.group.server import GroupMemberServer
 from agent.tags import IntervalRounds, auto_name
 from runtime.metrics import MetricsServer, new_registry, start_metrics_server
+from runtime.serverlog import RequestLogs
 
 log = logging.getLogger("blockrepl.agent.group")
 
@@ -77,6 +78,7 @@ class GroupService:
             self._metrics_server = await start_metrics_server(
                 self.registry, self.config.metrics, alive=lambda: not self._closing,
                 ready=lambda: (not self._closing, "shutting down"), port=self._metrics_port,
+                server_log=RequestLogs(self.registry, PREFIX).for_listener("metrics"),
             )  # fmt: skip
         except BaseException:
             await self.close()
