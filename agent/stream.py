@@ -448,7 +448,7 @@ class ReplicationStream:
             share = (resent_to - first + 1) / max(1, last - first + 1)
             self.stats.resent_bytes += int(size * share)
         self._sent_high = max(self._sent_high, last)
-        await self._handle(answer)
+        await self._handle(answer, first)
 
     async def _request_body(
         self, pending: list[JournalEntry], first: int
@@ -474,7 +474,7 @@ class ReplicationStream:
             size += part_bytes
         return body, size, counts
 
-    async def _handle(self, answer: PostAnswer) -> None:
+    async def _handle(self, answer: PostAnswer, first: int) -> None:
         if answer.fit == "stale-generation":
             raise StreamBrokenError(
                 f"disk {self.disk_id}: the process server is on generation "
@@ -498,6 +498,16 @@ class ReplicationStream:
                 ProcessServerUnavailableError(
                     f"{self._pool.current.url} expects seq {expected}, which the master target "
                     f"holds already (up to {self._record.trimmed_seq})"
+                )
+            )
+            return
+        if expected == first:
+            # It refused the very seq it asks for: sending it again at once
+            # would only loop. A failure, waited out like any other.
+            await self._pool.failed(
+                ProcessServerUnavailableError(
+                    f"{self._pool.current.url} answered {answer.fit} expecting seq {expected}, "
+                    "the seq the request began with"
                 )
             )
             return

@@ -202,6 +202,7 @@ class CaptureDaemon:
             config.process_servers, client_context(config.tls),
             request_timeout_s=config.request_timeout_s,
             connect_timeout_s=config.connect_timeout_s, give_up_after_s=config.give_up_after_s,
+            gives_up=False,  # a service: the journal rides out any outage (docs/operations.md)
         )  # fmt: skip
         loop = asyncio.get_running_loop()
         geometry, dirty, marker = await loop.run_in_executor(general, self._prepare_map)
@@ -405,6 +406,7 @@ class CaptureDaemon:
             "source": str(self._source.path) if self._source else None,
             "listen": str(self.listen),
             "process_server": self._pool.current.url if self._pool else None,
+            "process_server_failing_s": round(self._pool.failing_s, 1) if self._pool else None,
         }
 
     # --- stop ------------------------------------------------------------------------------

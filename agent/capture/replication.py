@@ -71,6 +71,10 @@ REOPEN_AFTER_S: Final = 30.0
 #: Seconds before a new generation is asked for again when no process
 #: server answered.
 RETRY_AFTER_S: Final = 5.0
+#: Seconds before a stream taken down because a process server could not be
+#: reached is opened again: the pool waits between exchanges itself, this
+#: keeps a reopen (which reads the journal back) from ever running in a loop.
+REOPEN_UNAVAILABLE_S: Final = 1.0
 #: The position before any generation.
 NOTHING_YET: Final = StreamPosition(0, 0)
 RESYNC: Final = StreamFlags.RESYNC
@@ -372,8 +376,8 @@ class CaptureReplication:
             log.error("%s; a new generation starts", message)
             self.next_stream = NewGeneration(full=False)
         elif isinstance(exc, ProcessServerUnavailableError):
-            log.warning("%s; trying again", message)
-            self.next_stream = Reopen(0.0)
+            log.warning("%s; trying again in %g s", message, REOPEN_UNAVAILABLE_S)
+            self.next_stream = Reopen(REOPEN_UNAVAILABLE_S)
         else:
             log.error(
                 "%s; replication stopped: writes are marked dirty and the stream is tried "

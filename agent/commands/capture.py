@@ -104,4 +104,9 @@ def _status_line(disk: str, status: dict[str, object]) -> str:
         f"{human_bytes(journal if isinstance(journal, int) else 0)}, "
         f"{status['pending_regions']} regions to resync"
     )
-    return text + (", resync window open" if status["window_open"] else "")
+    if status["window_open"]:
+        text += ", resync window open"
+    failing = status.get("process_server_failing_s")
+    if isinstance(failing, int | float) and failing > 0:
+        text += f", exchanges with the process servers failing for {failing:.0f} s"
+    return text
