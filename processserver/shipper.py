@@ -136,10 +136,15 @@ class Shipper:
             return True
         error = answer.get("error") if isinstance(answer, dict) else None
         if status == 409 and error in ("gap", "overlap"):
-            return await self._realign(disk, int(answer["expected_seq"]))
-        if status == 409 and error == "stale-generation":
-            await self._drop_older(disk, int(answer["current_generation"]))
-            return True
+            expected = _answer_int(answer, "expected_seq")
+            if expected is not None:
+                return await self._realign(disk, head, expected)
+        elif status == 409 and error == "stale-generation":
+            current = _answer_int(answer, "current_generation")
+            if current is not None:
+                # Nothing older to drop: the master target refused what it
+                # should take. Sending it again at once would only loop.
+                return await self._drop_older(disk, current) > 0
         if status == 409 and error == "failed-over":
             log.warning("disk %s: the master target failed it over; shipping stops", disk.disk_id)
             ps.mark_failed_over(disk.disk_id)
@@ -159,12 +164,15 @@ class Shipper:
         ps.metrics.bytes_out.labels(disk.disk_id).inc(size)
         ps.metrics.files_out.labels(disk.disk_id).inc()
 
-    async def _realign(self, disk: DiskIngest, expected: int) -> bool:
-        """The master target wants ``expected`` next: drop what it has, or resync."""
+    async def _realign(self, disk: DiskIngest, head: CachedFile, expected: int) -> bool:
+        """The master target wants ``expected`` next: drop what it has, or resync.
+
+        False (back off) when nothing changed: it refused the very file it asks for.
+        """
         while disk.cached and disk.cached[0].last_seq < expected:
             await self._shipped(disk, disk.cached[0], 0)  # it holds these already
         if disk.cached and disk.cached[0].first_seq == expected:
-            return True
+            return disk.cached[0] is not head
         log.error(
             "disk %s: the master target expects seq %d, which this cache no longer holds; "
             "the disk needs a resync", disk.disk_id, expected,
@@ -176,9 +184,19 @@ class Shipper:
             return True
         return False
 
-    async def _drop_older(self, disk: DiskIngest, generation: int) -> None:
+    async def _drop_older(self, disk: DiskIngest, generation: int) -> int:
+        """Drop the files of generations before ``generation``; how many went."""
+        dropped = 0
         while disk.cached and disk.cached[0].generation < generation:
             await self._shipped(disk, disk.cached[0], 0)
+            dropped += 1
+        return dropped
+
+
+def _answer_int(answer: object, key: str) -> int | None:
+    """``answer[key]`` when the answer is an object holding an integer there."""
+    value = answer.get(key) if isinstance(answer, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _new_session(tls: ssl.SSLContext, link: MasterTargetLink) -> aiohttp.ClientSession:
