@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Final
@@ -26,6 +27,7 @@ from agent.group.messages import MAX_LINE_BYTES, Request, encode, parse_request,
 from protocol.errors import BlockreplError
 from runtime.crashpoints import crash_point
 from runtime.errors import ConfigError, PeerIdentityError
+from runtime.throttle import LogThrottle, held_back_note
 from runtime.tls import peer_identity, server_context
 
 log = logging.getLogger("blockrepl.agent.group")
@@ -35,6 +37,11 @@ log = logging.getLogger("blockrepl.agent.group")
 #: the barrier), so a longer silence is a coordinator gone or stuck. The
 #: disks are released long before (the barrier bound); this frees the slot.
 REQUEST_WAIT_S: Final = 60.0
+#: Refused connections (a machine that is not the coordinator, a connection
+#: that ends before a round) logged back to back, then one every
+#: REFUSAL_LOG_EVERY_S: a peer that keeps knocking cannot fill the log.
+REFUSAL_LOG_BURST: Final = 5
+REFUSAL_LOG_EVERY_S: Final = 10.0
 
 #: (outcome, seconds held) of each round a member took part in.
 RoundDone = Callable[[str, float], None]
@@ -66,6 +73,7 @@ class GroupMemberServer:
         self._busy = False
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._refusals = LogThrottle(REFUSAL_LOG_BURST, REFUSAL_LOG_EVERY_S)
 
     async def start(self, port: int | None = None) -> None:
         """Listen on the group's address (``port`` instead of its port: tests).
@@ -115,7 +123,7 @@ class GroupMemberServer:
         try:
             await self._session(reader, writer)
         except (ConnectionError, ssl.SSLError, ValueError) as exc:  # a peer gone, a long line
-            log.info("group %s: a coordinator connection ended: %s", self.group.id, exc)
+            self._log(logging.INFO, "a coordinator connection ended: %s", exc)
         finally:
             self._connections.discard(task)
             writer.close()
@@ -126,9 +134,9 @@ class GroupMemberServer:
         except PeerIdentityError as exc:
             peer = f"(unnamed: {exc.message})"
         if peer != self.group.coordinator:
-            log.warning(
-                "group %s: refused %s: only the coordinator %s runs rounds",
-                self.group.id, peer, self.group.coordinator,
+            self._log(
+                logging.WARNING, "refused %s: only the coordinator %s runs rounds",
+                peer, self.group.coordinator,
             )  # fmt: skip
             await _send(writer, refusal("forbidden", f"{peer} is not the group's coordinator"))
             return
@@ -140,6 +148,12 @@ class GroupMemberServer:
             await self._round(reader, writer)
         finally:
             self._busy = False
+
+    def _log(self, level: int, message: str, *args: object) -> None:
+        """A line about a refused or broken connection, within the refusal throttle."""
+        held = self._refusals.take(time.monotonic())
+        if held is not None:
+            log.log(level, f"group %s: {message}%s", self.group.id, *args, held_back_note(held))
 
     async def _round(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One round: prepare, hold, tag, resume, in that order; any other end aborts."""

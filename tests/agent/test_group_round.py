@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Callable
@@ -22,7 +23,7 @@ from agent.errors import GroupRoundAbortedError
 from agent.group.coordinator import GroupCoordinator
 from agent.group.messages import MAX_LINE_BYTES, RoundSpec, encode, parse_request
 from agent.group.metrics import GroupMetrics
-from agent.group.server import GroupMemberServer
+from agent.group.server import REFUSAL_LOG_BURST, REFUSAL_LOG_EVERY_S, GroupMemberServer
 from protocol.errors import MalformedError
 from runtime.config import TlsFiles
 from runtime.errors import ConfigError
@@ -32,6 +33,9 @@ from tests.conftest import Deployment, group_certificates, require_binary
 from tests.faults.daemons import free_port
 
 TIMEOUT_S = 10.0
+#: Connections that each send nothing, an empty line or one byte: a quarter
+#: of them from a machine that is not the coordinator.
+EMPTY_REQUESTS = 600
 TAG_ID = "ab" * 16
 
 
@@ -269,3 +273,39 @@ async def test_a_member_refuses_a_peer_without_a_certificate(site) -> None:  # t
     except (ssl.SSLError, ConnectionError):
         pass
     assert answer == b""
+
+
+async def test_thousands_of_empty_and_one_byte_requests_leave_the_member_serving(
+    site,
+    deployment: Deployment,
+    caplog: pytest.LogCaptureFixture,  # type: ignore[no-untyped-def]
+) -> None:
+    ports, config, servers = site
+    outcomes: list[str] = []
+    await _member(servers, config("db01"), outcomes)
+    answers: dict[str, int] = {}
+    began = asyncio.get_running_loop().time()
+    with caplog.at_level(logging.INFO, logger="blockrepl.agent.group"):
+        for n in range(EMPTY_REQUESTS):
+            machine = "intruder" if n % 4 == 0 else "vm01"
+            reader, writer = await _raw(deployment, machine, ports["db01"])
+            line = (b"", b"\n", b"\r\n", bytes([n % 256]) + b"\n")[n // 4 % 4]
+            writer.write(line)
+            await writer.drain()
+            if line or machine == "intruder":
+                answer = json.loads(await asyncio.wait_for(reader.readline(), TIMEOUT_S))
+                answers[str(answer["error"])] = answers.get(str(answer["error"]), 0) + 1
+            writer.close()
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                await writer.wait_closed()
+    elapsed_s = asyncio.get_running_loop().time() - began
+    # The intruder is refused whatever it sends; the coordinator's empty and
+    # one-byte lines are malformed; a connection that sent nothing gets no answer.
+    lines_sent = sum(1 for n in range(EMPTY_REQUESTS) if n % 4 and n // 4 % 4)
+    assert answers == {"forbidden": EMPTY_REQUESTS // 4, "malformed": lines_sent}
+    lines = [r for r in caplog.records if r.name == "blockrepl.agent.group"]
+    assert len(lines) <= REFUSAL_LOG_BURST + elapsed_s / REFUSAL_LOG_EVERY_S + 1, len(lines)
+    coordinator = GroupCoordinator(config("vm01"), GroupMetrics(new_registry()))
+    report = await coordinator.round("after", app=False)
+    assert report.members == {"vm01": [], "db01": []}
+    assert outcomes == ["committed"]
