@@ -71,10 +71,14 @@ REOPEN_AFTER_S: Final = 30.0
 #: Seconds before a new generation is asked for again when no process
 #: server answered.
 RETRY_AFTER_S: Final = 5.0
-#: Seconds before a stream taken down because a process server could not be
-#: reached is opened again: the pool waits between exchanges itself, this
-#: keeps a reopen (which reads the journal back) from ever running in a loop.
-REOPEN_UNAVAILABLE_S: Final = 1.0
+#: A stream that ends within STABLE_STREAM_S of its start is started again
+#: only after a wait that doubles from RESTART_FIRST_S to RESTART_MAX_S: a
+#: peer that breaks every stream at once (a newer generation each time, an
+#: answer that makes no sense) costs a start every half a minute at most,
+#: never a loop of starts, each reading the journal back.
+STABLE_STREAM_S: Final = 60.0
+RESTART_FIRST_S: Final = 1.0
+RESTART_MAX_S: Final = REOPEN_AFTER_S
 #: The position before any generation.
 NOTHING_YET: Final = StreamPosition(0, 0)
 RESYNC: Final = StreamFlags.RESYNC
@@ -339,11 +343,13 @@ class CaptureReplication:
 
     async def supervise(self) -> None:
         """Keep a stream up: start one, watch it, replace it when it fails (runs forever)."""
+        restart_wait = 0.0
         while True:
             if self.stream is None:
-                await self._bring_up()
+                await self._bring_up(restart_wait)
                 continue
             stream = self.stream
+            started = time.monotonic()
             failed = asyncio.ensure_future(stream.wait_failed())
             try:
                 while not failed.done() and id(stream) not in self._failures:
@@ -356,6 +362,10 @@ class CaptureReplication:
             if exc is None:
                 exc = failed.result()
             await self._take_down(stream, exc)
+            if time.monotonic() - started >= STABLE_STREAM_S:
+                restart_wait = 0.0
+            else:
+                restart_wait = min(max(RESTART_FIRST_S, restart_wait * 2), RESTART_MAX_S)
 
     async def _take_down(self, stream: ReplicationStream, exc: BaseException) -> None:
         async with self.lock:
@@ -376,8 +386,8 @@ class CaptureReplication:
             log.error("%s; a new generation starts", message)
             self.next_stream = NewGeneration(full=False)
         elif isinstance(exc, ProcessServerUnavailableError):
-            log.warning("%s; trying again in %g s", message, REOPEN_UNAVAILABLE_S)
-            self.next_stream = Reopen(REOPEN_UNAVAILABLE_S)
+            log.warning("%s; trying again", message)
+            self.next_stream = Reopen(0.0)
         else:
             log.error(
                 "%s; replication stopped: writes are marked dirty and the stream is tried "
@@ -386,13 +396,15 @@ class CaptureReplication:
             self.next_stream = Reopen(REOPEN_AFTER_S)
         self.changed()
 
-    async def _bring_up(self) -> None:
+    async def _bring_up(self, wait_s: float) -> None:
+        """Start the stream :attr:`next_stream` says, after ``wait_s`` at least."""
         plan = self.next_stream or Reopen(0.0)
         try:
             if isinstance(plan, NewGeneration):
+                await asyncio.sleep(wait_s)
                 await self._start_generation(plan)
             else:
-                await asyncio.sleep(plan.delay_s)
+                await asyncio.sleep(max(wait_s, plan.delay_s))
                 await self._reopen()
         except BlockreplError as exc:
             log.warning(
