@@ -428,7 +428,16 @@ class ProcessServerPool:
 
 
 async def _read_json(response: aiohttp.ClientResponse) -> dict[str, object]:
-    raw = await response.content.read(MAX_ERROR_BODY)
+    """The answer's JSON object, read to its end (:data:`MAX_ERROR_BODY` at most).
+
+    One ``read(n)`` returns what has arrived, which may be the first piece of
+    the answer only: the pieces are read until the end or the bound.
+    """
+    raw = b""
+    while len(raw) < MAX_ERROR_BODY and (
+        piece := await response.content.read(MAX_ERROR_BODY - len(raw))
+    ):
+        raw += piece
     try:
         answer = json.loads(raw) if raw else {}
     except (ValueError, RecursionError):  # RecursionError: nested deeper than json parses
