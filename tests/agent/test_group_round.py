@@ -304,6 +304,7 @@ async def test_thousands_of_empty_and_one_byte_requests_leave_the_member_serving
     lines_sent = sum(1 for n in range(EMPTY_REQUESTS) if n % 4 and n // 4 % 4)
     assert answers == {"forbidden": EMPTY_REQUESTS // 4, "malformed": lines_sent}
     lines = [r for r in caplog.records if r.name == "blockrepl.agent.group"]
+    print(f"{answers} in {elapsed_s:.1f} s, {len(lines)} log lines")
     assert len(lines) <= REFUSAL_LOG_BURST + elapsed_s / REFUSAL_LOG_EVERY_S + 1, len(lines)
     coordinator = GroupCoordinator(config("vm01"), GroupMetrics(new_registry()))
     report = await coordinator.round("after", app=False)

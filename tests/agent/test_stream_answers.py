@@ -100,5 +100,6 @@ async def test_a_gap_expecting_the_seq_just_sent_is_waited_out(
             await asyncio.sleep(REFUSING_S)
             await stream.close()
         await pool.close()
+    print(f"{len(posts)} requests in {REFUSING_S:g} s")
     assert 1 <= len(posts) <= MAX_POSTS, len(posts)
     assert set(posts) == {1}

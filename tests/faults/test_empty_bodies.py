@@ -111,9 +111,13 @@ def test_empty_and_one_byte_bodies_get_400_and_the_daemons_keep_serving(
     assert (acked.status, json.loads(acked.body)["acked_seq"]) == (200, 1), acked
     site.wait_applied(1, 1)
     assert site.target.read_bytes()[:4096] == b"\x5a" * 4096
+    growth = {}
     for name, daemon in (("ps", ps), ("mt", mt)):
         assert daemon.proc is not None
-        grown = _rss_bytes(daemon.proc.pid) - rss_before[name]
-        assert grown < RSS_GROWTH_BYTES, f"{name} grew by {grown} bytes"
+        growth[name] = _rss_bytes(daemon.proc.pid) - rss_before[name]
+        assert growth[name] < RSS_GROWTH_BYTES, f"{name} grew by {growth[name]} bytes"
         assert "Traceback" not in daemon.log.read_text(), daemon.log.read_text()[-3000:]
-    print(f"{sum(statuses.values())} requests, slowest answer {slowest_s * 1000:.1f} ms")
+    print(
+        f"{sum(statuses.values())} requests, slowest answer {slowest_s * 1000:.1f} ms, "
+        f"RSS growth {growth}"
+    )
