@@ -16,12 +16,12 @@ from pathlib import Path
 from aiohttp import web
 
 from agent.client import ProcessServerClient
-from runtime.config import TlsFiles
-from runtime.tls import server_context
 from tests.conftest import Deployment
 from tests.faults.daemons import free_port
+from tests.standin import stand_in
 
 DISK = "vm01-d0"
+PATH = "/v1/disks/{disk}/state"
 STATE = {"disk": DISK, "generation": 4, "acked_seq": 1234, "shipped_seq": 1200,
          "backlog_bytes": 99, "backlog_age_s": 0.5, "resync_required": False}  # fmt: skip
 
@@ -38,20 +38,8 @@ async def _slow_answers(deployment: Deployment, port: int) -> AsyncIterator[None
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_get("/v1/disks/{disk}/state", state)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    pki = deployment.pki
-    files = TlsFiles(
-        ca_file=pki / "ca.pem", cert_file=pki / "processserver.pem",
-        key_file=pki / "processserver.key",
-    )  # fmt: skip
-    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=server_context(files)).start()
-    try:
+    async with stand_in(deployment, port, "processserver", [("GET", PATH, state)]):
         yield
-    finally:
-        await runner.cleanup()
 
 
 async def test_an_answer_in_pieces_is_read_whole(deployment: Deployment, tmp_path: Path) -> None:

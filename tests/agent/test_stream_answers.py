@@ -23,10 +23,9 @@ from agent.state import AgentState
 from agent.stream import ReplicationStream
 from protocol.batch import BatchDecoder
 from protocol.records import NO_FLAGS, Write
-from runtime.config import TlsFiles
-from runtime.tls import server_context
 from tests.conftest import Deployment
 from tests.faults.daemons import free_port
+from tests.standin import Route, stand_in
 
 DISK = "vm01-d0"
 REFUSING_S = 2.0
@@ -59,22 +58,13 @@ async def _confused_process_server(
              "backlog_bytes": 0, "resync_required": False}
         )  # fmt: skip
 
-    app = web.Application(client_max_size=64 * 2**20)
-    app.router.add_post("/v1/disks/{disk}/batches", batches)
-    app.router.add_post("/v1/disks/{disk}/generation", generation)
-    app.router.add_get("/v1/disks/{disk}/state", state)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    pki = deployment.pki
-    files = TlsFiles(
-        ca_file=pki / "ca.pem", cert_file=pki / "processserver.pem",
-        key_file=pki / "processserver.key",
-    )  # fmt: skip
-    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=server_context(files)).start()
-    try:
+    routes: list[Route] = [
+        ("POST", "/v1/disks/{disk}/batches", batches),
+        ("POST", "/v1/disks/{disk}/generation", generation),
+        ("GET", "/v1/disks/{disk}/state", state),
+    ]
+    async with stand_in(deployment, port, "processserver", routes):
         yield
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_gap_expecting_the_seq_just_sent_is_waited_out(

@@ -22,10 +22,9 @@ from agent.errors import ProcessServerUnavailableError
 from processserver import config as ps_config
 from processserver.daemon import ProcessServer
 from protocol.sequencing import StreamPosition
-from runtime.config import TlsFiles
-from runtime.tls import server_context
 from tests.conftest import Deployment
 from tests.faults.daemons import free_port
+from tests.standin import Route, stand_in
 
 from .test_api import write_ps_config
 
@@ -58,21 +57,9 @@ async def _dying_master_target(deployment: Deployment, port: int) -> AsyncIterat
         request.transport.abort()
         return response
 
-    app = web.Application()
-    app.router.add_get("/v1/disks/{disk}/checksums", checksums)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    pki = deployment.pki
-    files = TlsFiles(
-        ca_file=pki / "ca.pem", cert_file=pki / "mastertarget.pem",
-        key_file=pki / "mastertarget.key",
-    )  # fmt: skip
-    tls = server_context(files)
-    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=tls).start()
-    try:
+    routes: list[Route] = [("GET", "/v1/disks/{disk}/checksums", checksums)]
+    async with stand_in(deployment, port, "mastertarget", routes):
         yield
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_digest_answer_cut_upstream_is_cut_for_the_agent(

@@ -22,10 +22,9 @@ from aiohttp import web
 from processserver import config as ps_config
 from processserver.daemon import ProcessServer
 from protocol.records import Write
-from runtime.config import TlsFiles
-from runtime.tls import server_context
 from tests.conftest import Deployment
 from tests.faults.daemons import free_port
+from tests.standin import Route, stand_in
 
 from .test_api import _body, write_ps_config
 
@@ -46,20 +45,9 @@ async def _refusing_master_target(
         puts.append(request.path)
         return web.json_response(answer, status=409)
 
-    app = web.Application(client_max_size=64 * 2**20)
-    app.router.add_put("/v1/disks/{disk}/hrl/{generation}/{seq}", put_hrl)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    pki = deployment.pki
-    files = TlsFiles(
-        ca_file=pki / "ca.pem", cert_file=pki / "mastertarget.pem",
-        key_file=pki / "mastertarget.key",
-    )  # fmt: skip
-    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=server_context(files)).start()
-    try:
+    route: Route = ("PUT", "/v1/disks/{disk}/hrl/{generation}/{seq}", put_hrl)
+    async with stand_in(deployment, port, "mastertarget", [route]):
         yield
-    finally:
-        await runner.cleanup()
 
 
 @pytest.mark.parametrize(

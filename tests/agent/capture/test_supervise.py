@@ -25,10 +25,9 @@ from agent.config import load
 from agent.source import SourceDisk
 from agent.state import AgentState
 from protocol.limits import MiB
-from runtime.config import TlsFiles
-from runtime.tls import server_context
 from tests.conftest import Deployment
 from tests.faults.daemons import free_port
+from tests.standin import Route, stand_in
 
 DISK = "vm01-d0"
 WATCH_S = 4.0
@@ -53,21 +52,12 @@ async def _always_newer(deployment: Deployment, port: int) -> AsyncIterator[list
              "backlog_bytes": 0, "resync_required": False}
         )  # fmt: skip
 
-    app = web.Application()
-    app.router.add_post("/v1/disks/{disk}/generation", generation)
-    app.router.add_get("/v1/disks/{disk}/state", state)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    pki = deployment.pki
-    files = TlsFiles(
-        ca_file=pki / "ca.pem", cert_file=pki / "processserver.pem",
-        key_file=pki / "processserver.key",
-    )  # fmt: skip
-    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=server_context(files)).start()
-    try:
+    routes: list[Route] = [
+        ("POST", "/v1/disks/{disk}/generation", generation),
+        ("GET", "/v1/disks/{disk}/state", state),
+    ]
+    async with stand_in(deployment, port, "processserver", routes):
         yield generations
-    finally:
-        await runner.cleanup()
 
 
 async def test_streams_broken_at_once_are_started_again_after_a_growing_wait(
