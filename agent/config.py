@@ -85,8 +85,6 @@ DEFAULT_FREEZE_MAX_S: Final = 10.0
 #: The shortest interval between tags: a second, as DESIGN.md asks ("aim for seconds").
 MIN_TAG_INTERVAL_S: Final = 1.0
 
-#: Consistency groups: the agents of a group meet on TCP 20004 (DESIGN.md, the seeds).
-DEFAULT_GROUP_PORT: Final = 20004
 #: The longest a group round holds writes on any member: every write of
 #: every member waits meanwhile, so it is kept to a blink that an
 #: application sees as one slow I/O, far below any I/O timeout (SCSI's 30 s,
@@ -238,7 +236,8 @@ class GroupMember:
     Args:
         machine: its machine id: the CN of its group certificate.
         address: ``HOST:PORT`` where its agent listens for the coordinator
-            (``[ADDRESS]:PORT`` for IPv6).
+            (``[ADDRESS]:PORT`` for IPv6). The port is always written out;
+            the seeds' group port is 20004 (docs/groups.md).
     """
 
     machine: str

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import struct
 import unicodedata
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Final
@@ -409,8 +409,3 @@ def _decode_tag(view: memoryview, pos: int, where: str) -> tuple[Tag, int]:
     tag = Tag(tag_kind, tag_id, _check_name(name_bytes), time_ns, group_id)
     _check_tag(tag)
     return tag, start + name_len + group_len
-
-
-def payload_size(records: Sequence[Record]) -> int:
-    """Bytes the records take encoded."""
-    return sum(encoded_size(r) for r in records)

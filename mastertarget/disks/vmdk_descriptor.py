@@ -67,7 +67,6 @@ REFUSED_CREATE_TYPES: Final[dict[str, str]] = {
 }
 #: Extent types that hold data of their own and are written in place.
 FLAT_EXTENT_TYPES: Final = frozenset({"FLAT", "VMFS"})
-SPARSE_EXTENT_TYPES: Final = frozenset({"SPARSE"})
 
 _EXTENT_LINE: Final = re.compile(
     r"(?P<access>RW|RDONLY|NOACCESS)\s+(?P<sectors>\d+)\s+(?P<type>[A-Z]+)"

@@ -232,10 +232,6 @@ class Inventory:
         """
         return _one("VM", name, [vm for vm in self.vms if vm.name == name and not vm.template])
 
-    def datastore_named(self, name: str) -> Datastore:
-        """The datastore called ``name`` (see :meth:`vm` for the errors)."""
-        return _one("datastore", name, [ds for ds in self.datastores if ds.name == name])
-
     def network_named(self, name: str, datacenter: str) -> Network:
         """The network (port group) called ``name`` in ``datacenter``."""
         found = [n for n in self.networks if n.name == name and n.datacenter == datacenter]

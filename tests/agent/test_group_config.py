@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import DEFAULT_BARRIER_MAX_S, DEFAULT_GROUP_PORT, load
+from agent.config import DEFAULT_BARRIER_MAX_S, load
 from runtime.errors import ConfigError
 
 BASE = """
@@ -48,7 +48,7 @@ def test_a_member_and_its_coordinator(tmp_path: Path) -> None:
     group = load(_write(tmp_path)).group
     assert group is not None
     assert not group.is_coordinator
-    assert group.listen_address == ("fd00::12", DEFAULT_GROUP_PORT)  # its own address
+    assert group.listen_address == ("fd00::12", 20004)  # its own address, port as written
     assert [m.machine for m in group.remote_members] == ["vm01"]
     assert group.barrier_max_s == DEFAULT_BARRIER_MAX_S == 0.5
     assert (group.crash_interval_s, group.app_interval_s) == (300, 3600)
