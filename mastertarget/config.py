@@ -10,9 +10,9 @@ import dataclasses
 from pathlib import Path
 from typing import Final, Literal
 
+from protocol import limits
 from protocol.errors import MalformedError
-from protocol.hrl import GCM_TAG_BYTES, HRL_HEADER
-from protocol.limits import MAX_HRL_PLAINTEXT, check_id
+from protocol.limits import check_id
 from runtime.config import (
     ConnectionTimeouts,
     FieldValueError,
@@ -42,9 +42,10 @@ DEFAULT_RPO_THRESHOLD_S: Final = 15 * 60.0
 #: Retention volume usage above which history goes early: room left for the
 #: undo of the files still in the inbox.
 DEFAULT_HIGH_WATER_PERCENT: Final = 90.0
-#: The largest HRL file a PUT may carry: the largest plaintext, stored without
-#: compression, plus header and tag.
-MAX_HRL_FILE_BYTES: Final = HRL_HEADER.size + MAX_HRL_PLAINTEXT + GCM_TAG_BYTES
+#: The largest HRL file a PUT may carry. It follows from the format, not from
+#: the config, and lives in protocol/limits.py; named here as well for the
+#: importers that still take it from this module.
+MAX_HRL_FILE_BYTES: Final = limits.MAX_HRL_FILE_BYTES
 #: Inbox bytes per disk above which PUTs get 503 + Retry-After: the applier is
 #: behind (a slow or failing target); holding more only delays the alert.
 DEFAULT_INBOX_QUOTA_BYTES: Final = 8 * 2**30

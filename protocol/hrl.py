@@ -57,7 +57,7 @@ from protocol.errors import (
     TruncatedError,
 )
 from protocol.keyring import SALT_BYTES, KeyRing, check_key_id
-from protocol.limits import MAX_HRL_PLAINTEXT, MAX_RECORDS_PER_HRL, MAX_SEQ
+from protocol.limits import GCM_TAG_BYTES, MAX_HRL_PLAINTEXT, MAX_RECORDS_PER_HRL, MAX_SEQ
 from protocol.records import (
     MAX_TIME_NS,
     NO_FLAGS,
@@ -72,7 +72,6 @@ from protocol.records import (
 
 HRL_MAGIC: Final = b"BRH1"
 HRL_VERSION: Final = 1
-GCM_TAG_BYTES: Final = 16
 #: zstd level 1 is the fastest level that still finds most redundancy in disk
 #: blocks; the process server may raise it in its config.
 DEFAULT_ZSTD_LEVEL: Final = 1

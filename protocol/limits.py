@@ -46,6 +46,18 @@ MAX_RECORDS_PER_BATCH: Final = 65_536
 #: decrypts and decompresses one file at a time into memory.
 MAX_HRL_PLAINTEXT: Final = 2 * MAX_BATCH_PAYLOAD
 
+#: Bytes of an HRL file's header (protocol/hrl.py draws it).
+HRL_HEADER_BYTES: Final = 208
+#: Bytes of the AES-GCM tag after the ciphertext of every sealed file (HRL
+#: and undo): the full 128-bit tag, never a truncated one.
+GCM_TAG_BYTES: Final = 16
+
+#: Largest HRL file: the largest plaintext stored without compression (a
+#: writer stores the records as they are when zstd would not make them
+#: smaller), with its header and tag. A receiver refuses a longer body before
+#: it reads any of it, and an inbox must hold at least one.
+MAX_HRL_FILE_BYTES: Final = HRL_HEADER_BYTES + MAX_HRL_PLAINTEXT + GCM_TAG_BYTES
+
 #: Most records in one HRL file, for the same reason as per batch.
 MAX_RECORDS_PER_HRL: Final = 2 * MAX_RECORDS_PER_BATCH
 

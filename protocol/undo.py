@@ -57,9 +57,9 @@ from protocol.errors import (
     MalformedError,
     TruncatedError,
 )
-from protocol.hrl import GCM_TAG_BYTES, Compression, decompress_stored
+from protocol.hrl import Compression, decompress_stored
 from protocol.keyring import SALT_BYTES, KeyRing, check_key_id
-from protocol.limits import MAX_SEQ, MiB
+from protocol.limits import GCM_TAG_BYTES, MAX_SEQ, MiB
 from protocol.records import (
     MAX_TIME_NS,
     Buffer,

@@ -37,9 +37,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from protocol import headers
 from protocol.batch import BATCH_HEADER
 from protocol.errors import ProtocolError
-from protocol.hrl import GCM_TAG_BYTES, HRL_HEADER, Compression
+from protocol.hrl import HRL_HEADER, Compression
 from protocol.keyring import KeyRing
-from protocol.limits import MiB
+from protocol.limits import GCM_TAG_BYTES, MiB
 from protocol.records import Buffer
 from protocol.undo import UNDO_HEADER
 
