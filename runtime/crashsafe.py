@@ -256,7 +256,7 @@ def _write_temp(final: Path, data: BytesLike | Sequence[BytesLike], mode: int) -
         raise _durability("create a temp file for", final, exc) from exc
     try:
         os.fchmod(fd, mode)
-        _write_all(fd, data)
+        write_all(fd, [data] if isinstance(data, bytes | bytearray | memoryview) else data)
         fsync_fault(final)
         os.fsync(fd)
     except OSError as exc:
@@ -272,17 +272,33 @@ def _write_temp(final: Path, data: BytesLike | Sequence[BytesLike], mode: int) -
     return temp
 
 
-def _write_all(fd: int, data: BytesLike | Sequence[BytesLike]) -> None:
-    """Write every byte of ``data``, resuming after short writes."""
-    segments = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
-    pending = [memoryview(segment).cast("B") for segment in segments]
-    pending = [view for view in pending if view.nbytes]
+def write_all(fd: int, parts: Sequence[BytesLike], offset: int | None = None) -> None:
+    """Write every byte of ``parts``, back to back, resuming after short writes.
+
+    No part is copied: the buffers go to writev(2), or to pwritev(2) at
+    ``offset`` (the file position is then left alone), at most
+    :data:`MAX_IOVECS` of them per call.
+
+    Args:
+        fd: an open file or block device.
+        parts: the buffers, in order; empty ones are skipped.
+        offset: where the first byte goes; None for the file position.
+
+    Raises:
+        OSError: a call failed, or wrote nothing (EIO): a regular file or a
+            device never takes zero bytes of a non-empty write, and a loop
+            must not spin on one that does.
+    """
+    pending = [view for view in (memoryview(part).cast("B") for part in parts) if view.nbytes]
+    position = offset
     while pending:
-        written = os.writev(fd, pending[:MAX_IOVECS])
+        batch = pending[:MAX_IOVECS]
+        written = os.writev(fd, batch) if position is None else os.pwritev(fd, batch, position)
         if written <= 0:
-            # A regular file never takes zero bytes of a non-empty write; do
-            # not spin on one that does.
-            raise OSError(errno.EIO, "writev wrote nothing")
+            where = "" if position is None else f" at offset {position}"
+            raise OSError(errno.EIO, f"write{where} wrote nothing")
+        if position is not None:
+            position += written
         while written:
             head = pending[0]
             if written >= head.nbytes:

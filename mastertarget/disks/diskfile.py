@@ -26,7 +26,7 @@ from typing import Final, Self
 
 from mastertarget.disks.base import Buffer
 from mastertarget.errors import DiskExistsError, DiskFormatError, DiskIOError, DiskRangeError
-from runtime.crashsafe import MAX_IOVECS, fsync_dir, temp_name_for
+from runtime.crashsafe import fsync_dir, temp_name_for, write_all
 from runtime.errors import DurabilityError
 
 #: The unit of every disk format here: VMDK counts in 512-byte sectors.
@@ -207,28 +207,11 @@ class DiskFile:
 
     def write_vector(self, offset: int, parts: Sequence[memoryview]) -> None:
         """Write ``parts`` back to back from ``offset`` with pwritev(2), no copy."""
-        pending = [part for part in parts if part.nbytes]
-        total = sum(part.nbytes for part in pending)
-        position = offset
-        while pending:
-            try:
-                written = os.pwritev(self.fd, pending[:MAX_IOVECS], position)
-            except OSError as exc:
-                raise io_error("write", self.path, exc, offset=offset, length=total) from exc
-            if written <= 0:
-                raise DiskIOError(
-                    f"write at offset {position} of {self.path} wrote nothing",
-                    errno=errno_codes.EIO,
-                )
-            position += written
-            while written:
-                head = pending[0]
-                if written >= head.nbytes:
-                    written -= head.nbytes
-                    pending.pop(0)
-                else:
-                    pending[0] = head[written:]
-                    written = 0
+        try:
+            write_all(self.fd, parts, offset)
+        except OSError as exc:
+            total = sum(part.nbytes for part in parts)
+            raise io_error("write", self.path, exc, offset=offset, length=total) from exc
 
     def zero(self, offset: int, length: int) -> None:
         """Make ``length`` bytes from ``offset`` read as zeros, deallocating where possible."""

@@ -18,6 +18,7 @@ from runtime.crashsafe import (
     rename_durable,
     temp_name_for,
     unlink_durable,
+    write_all,
     write_file_atomic,
 )
 from runtime.errors import AlreadyExistsError, DurabilityError
@@ -80,6 +81,53 @@ def test_write_file_atomic_resumes_after_short_writes(
     write_file_atomic(target, [b"0123456789", b"abcdefg"])
     assert target.read_bytes() == b"0123456789abcdefg"
     assert len(calls) >= 6
+
+
+def test_write_all_at_an_offset_resumes_after_short_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_pwritev = os.pwritev
+    offsets: list[int] = []
+
+    def short_pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
+        offsets.append(offset)
+        return real_pwritev(fd, [bytes(buffers[0][:3])], offset)
+
+    target = tmp_path / "disk"
+    target.write_bytes(b"." * 24)
+    monkeypatch.setattr(os, "pwritev", short_pwritev)
+    fd = os.open(target, os.O_RDWR)
+    try:
+        write_all(fd, [b"01234", b"", bytearray(b"abcd")], 10)
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 0  # the file position is left alone
+    finally:
+        os.close(fd)
+    assert target.read_bytes() == b"." * 10 + b"01234abcd" + b"." * 5
+    assert offsets == [10, 13, 15, 18]
+
+
+def test_write_all_takes_more_buffers_than_one_call_at_an_offset(tmp_path: Path) -> None:
+    target = tmp_path / "disk"
+    parts = [bytes([i % 256]) * 2 for i in range(3000)]
+    fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        write_all(fd, parts, 7)
+    finally:
+        os.close(fd)
+    assert target.read_bytes() == bytes(7) + b"".join(parts)
+
+
+def test_write_all_does_not_spin_on_a_write_of_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "pwritev", lambda *_args: 0)
+    fd = os.open(tmp_path / "disk", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(OSError, match="at offset 4 wrote nothing") as caught:
+            write_all(fd, [b"data"], 4)
+    finally:
+        os.close(fd)
+    assert caught.value.errno == errno.EIO
 
 
 def test_write_file_atomic_replaces_an_existing_file(tmp_path: Path) -> None:
