@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 from typing import Final
 
-from mastertarget.disks.base import Buffer
+from mastertarget.disks.base import Buffer, FailureLatch
 from mastertarget.disks.diskfile import SECTOR_SIZE, DiskFile, check_range, create_new_file
-from mastertarget.errors import DiskIOError, DiskSizeError
+from mastertarget.errors import DiskSizeError
 
 #: Largest raw file :func:`create_raw` makes: 64 TiB is more than any disk a
 #: vSphere VM or a physical server protected here has (VMFS caps a disk at
@@ -25,15 +25,15 @@ class RawDisk:
     """A raw image file or block device open as a target disk.
 
     Not thread-safe. After a write, zero or flush fails the object refuses
-    every further change (DESIGN.md crash-safe checklist item 4: a failed
-    write or fsync means the data is gone); reopen to recover.
+    every further change (:class:`~mastertarget.disks.base.FailureLatch`);
+    reopen to recover.
     """
 
     def __init__(self, disk_file: DiskFile) -> None:
         self._file = disk_file
         self._size = disk_file.size()
         self._unflushed = False
-        self._failure: str | None = None
+        self._latch = FailureLatch(disk_file.path)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> RawDisk:
@@ -95,13 +95,9 @@ class RawDisk:
         """
         view = memoryview(data).cast("B")
         check_range(self.path, self._size, offset, view.nbytes)
-        self._check_usable()
-        self._unflushed = True
-        try:
+        with self._latch.guard():
+            self._unflushed = True
             self._file.write(offset, view)
-        except DiskIOError as exc:
-            self._failure = exc.message
-            raise
 
     def zero(self, offset: int, length: int) -> None:
         """Make the range read as zeros: punch a hole in a file, BLKZEROOUT a device.
@@ -111,13 +107,9 @@ class RawDisk:
             DiskIOError: the zeroing failed, or an earlier change did.
         """
         check_range(self.path, self._size, offset, length)
-        self._check_usable()
-        self._unflushed = True
-        try:
+        with self._latch.guard():
+            self._unflushed = True
             self._file.zero(offset, length)
-        except DiskIOError as exc:
-            self._failure = exc.message
-            raise
 
     def flush(self) -> None:
         """fsync the file or device if anything changed since the last flush.
@@ -126,26 +118,15 @@ class RawDisk:
             DiskIOError: fsync failed (the changes since the last flush are
                 lost), or an earlier change failed.
         """
-        self._check_usable()
-        if not self._unflushed:
-            return
-        try:
+        with self._latch.guard():
+            if not self._unflushed:
+                return
             self._file.fsync()
-        except DiskIOError as exc:
-            self._failure = exc.message
-            raise
-        self._unflushed = False
+            self._unflushed = False
 
     def close(self) -> None:
         """Close the file; does not flush."""
         self._file.close()
-
-    def _check_usable(self) -> None:
-        if self._failure is not None:
-            raise DiskIOError(
-                f"{self.path} is unusable after an earlier failure ({self._failure}); "
-                "reopen it and replay from the last durable point"
-            )
 
 
 def create_raw(path: str | os.PathLike[str], size: int) -> RawDisk:

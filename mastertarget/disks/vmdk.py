@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Final, Literal, Protocol
 
-from mastertarget.disks.base import Buffer
+from mastertarget.disks.base import Buffer, FailureLatch
 from mastertarget.disks.diskfile import (
     DiskFile,
     check_range,
@@ -121,7 +121,7 @@ class VmdkDisk:
     """A VMDK open as a target disk.
 
     Not thread-safe. After a write, zero or flush fails, the object refuses
-    every further change (DESIGN.md crash-safe checklist item 4): reopen it,
+    every further change (:class:`~mastertarget.disks.base.FailureLatch`): reopen it,
     which drops pending sparse allocations (their grains leak), and replay
     from the last durable point.
     """
@@ -136,7 +136,7 @@ class VmdkDisk:
             self._starts.append(total)
             total += extent.size
         self._size = total
-        self._failure: str | None = None
+        self._latch = FailureLatch(path)
 
     @property
     def size(self) -> int:
@@ -186,13 +186,9 @@ class VmdkDisk:
         """
         view = memoryview(data).cast("B")
         check_range(self._path, self._size, offset, view.nbytes)
-        self._check_usable()
-        try:
+        with self._latch.guard():
             for extent, rel, position, count in self._pieces(offset, view.nbytes):
                 extent.write(rel, view[position : position + count])
-        except DiskError as exc:
-            self._failure = exc.message
-            raise
 
     def zero(self, offset: int, length: int) -> None:
         """Make the range read as zeros (allocated grains are zeroed in place).
@@ -202,13 +198,9 @@ class VmdkDisk:
             DiskIOError: the zeroing failed, or an earlier change did.
         """
         check_range(self._path, self._size, offset, length)
-        self._check_usable()
-        try:
+        with self._latch.guard():
             for extent, rel, _, count in self._pieces(offset, length):
                 extent.zero(rel, count)
-        except DiskError as exc:
-            self._failure = exc.message
-            raise
 
     def flush(self) -> None:
         """Make every earlier write durable, sparse grain tables included.
@@ -222,13 +214,9 @@ class VmdkDisk:
             DiskIOError: a sync or table write failed: the changes since the
                 last flush are lost, and the disk refuses further use.
         """
-        self._check_usable()
-        try:
+        with self._latch.guard():
             for extent in self._extents:
                 extent.flush()
-        except DiskError as exc:
-            self._failure = exc.message
-            raise
 
     def close(self) -> None:
         """Close every extent file; does not flush (pending sparse grains leak)."""
@@ -255,13 +243,6 @@ class VmdkDisk:
             yield extent, position - start, position - offset, count
             position += count
             index += 1
-
-    def _check_usable(self) -> None:
-        if self._failure is not None:
-            raise DiskIOError(
-                f"{self._path} is unusable after an earlier failure ({self._failure}); "
-                "reopen it and replay from the last durable point"
-            )
 
 
 def open_vmdk(path: str | os.PathLike[str]) -> VmdkDisk:
