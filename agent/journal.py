@@ -30,7 +30,6 @@ import enum
 import os
 import re
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -39,17 +38,17 @@ import xxhash
 
 from agent.errors import JournalError, SourceChangedError
 from agent.source import SourceDisk
-from protocol.batch import BATCH_HEADER, BatchHeader, unpack_header
-from protocol.errors import ProtocolError
-from protocol.records import (
-    NO_FLAGS,
-    Buffer,
-    Record,
-    StreamFlags,
-    Write,
-    decode_records,
-    encode_records,
+from protocol.batch import (
+    BATCH_HEADER,
+    BatchHeader,
+    EncodedBatch,
+    check_payload,
+    check_whole_batch,
+    lay_out_batch,
+    unpack_header,
 )
+from protocol.errors import ChecksumMismatchError, ProtocolError
+from protocol.records import Buffer, Write, decode_records
 from runtime.crashsafe import fsync_dir, remove_stale_temps, write_file_atomic
 
 #: Entry files hold replicated data in clear: the service user's alone.
@@ -78,60 +77,9 @@ class JournalEntry:
     size: int
 
 
-@dataclass(frozen=True, slots=True)
-class EncodedBatch:
-    """A batch laid out for sending: its header and its payload's pieces.
-
-    ``segments`` are sent back to back; WRITE data is referenced, not copied.
-    """
-
-    header: BatchHeader
-    data: tuple[Buffer, ...]
-    table: bytes
-
-    @property
-    def segments(self) -> list[Buffer]:
-        return [self.header.pack(), *self.data, self.table]
-
-    @property
-    def wire_bytes(self) -> int:
-        """Bytes of the batch on the wire: header and payload."""
-        return BATCH_HEADER.size + self.header.payload_len
-
-
-def encode(
-    *,
-    disk_id: str,
-    generation: int,
-    first_seq: int,
-    records: Sequence[Record],
-    first_capture_ns: int,
-    last_capture_ns: int,
-    flags: StreamFlags = NO_FLAGS,
-) -> EncodedBatch:
-    """Lay records out as one batch (protocol/batch.py), keeping the pieces apart.
-
-    Raises:
-        MalformedError, LimitExceededError: a field or record breaks a rule.
-    """
-    encoded = encode_records(records)
-    digest = xxhash.xxh3_128()
-    for part in encoded.segments:
-        digest.update(part)
-    header = BatchHeader(
-        disk_id=disk_id,
-        generation=generation,
-        first_seq=first_seq,
-        record_count=len(records),
-        first_capture_ns=first_capture_ns,
-        last_capture_ns=last_capture_ns,
-        payload_len=encoded.payload_len,
-        payload_xxh3_128=digest.digest(),
-        data_len=encoded.data_len,
-        flags=flags,
-    )
-    header.pack()  # checks every field before anything is written
-    return EncodedBatch(header, tuple(encoded.data), encoded.table)
+#: Batches are laid out by protocol/batch.py; the journal stores them as they
+#: are sent (``.brb``) or without their WRITE data (``.brs``).
+encode: Final = lay_out_batch
 
 
 def encode_source_entry(header: BatchHeader, table: bytes) -> bytes:
@@ -282,12 +230,14 @@ class Journal:
         for record in records:
             if isinstance(record, Write):
                 source.read_into(record.offset, memoryview(record.data))
-        if xxhash.xxh3_128_digest(payload) != header.payload_xxh3_128:
+        try:
+            check_payload(header, payload)
+        except ChecksumMismatchError:
             raise SourceChangedError(
                 f"seqs {entry.first_seq}..{entry.last_seq} of generation {entry.generation} must "
                 f"be sent again, but source {source.path} no longer reads as it did when they "
                 "were sent: the source changed during the sync"
-            )
+            ) from None
         return [header.pack(), payload]
 
     def trim(self, generation: int, seq: int) -> int:
@@ -320,16 +270,10 @@ class Journal:
 
 def _check_inline(data: bytes, entry: JournalEntry, what: str) -> bytes:
     try:
-        header = unpack_header(data)
+        header = check_whole_batch(data)
     except ProtocolError as exc:
         raise JournalError(f"{what}: {exc.message}") from exc
     _check_place(header, entry, what)
-    if len(data) != BATCH_HEADER.size + header.payload_len:
-        raise JournalError(
-            f"{what}: expected {BATCH_HEADER.size + header.payload_len} bytes, found {len(data)}"
-        )
-    if xxhash.xxh3_128_digest(memoryview(data)[BATCH_HEADER.size :]) != header.payload_xxh3_128:
-        raise JournalError(f"{what}: the payload does not match its XXH3-128")
     return data
 
 

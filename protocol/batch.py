@@ -180,7 +180,31 @@ class Batch:
     records: tuple[Record, ...]
 
 
-def batch_segments(
+@dataclass(frozen=True, slots=True)
+class EncodedBatch:
+    """One batch laid out for sending: its header and its payload's pieces.
+
+    WRITE data is referenced, not copied, so a sender can stream 32 MiB of
+    writes without building the body in memory. The payload is ``data``
+    back to back, then ``table`` (protocol/records.py).
+    """
+
+    header: BatchHeader
+    data: tuple[Buffer, ...]
+    table: bytes
+
+    @property
+    def segments(self) -> list[Buffer]:
+        """The whole batch as buffers to send back to back, header first."""
+        return [self.header.pack(), *self.data, self.table]
+
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes of the batch on the wire: header and payload."""
+        return BATCH_HEADER.size + self.header.payload_len
+
+
+def lay_out_batch(
     *,
     disk_id: str,
     generation: int,
@@ -189,19 +213,16 @@ def batch_segments(
     first_capture_ns: int,
     last_capture_ns: int,
     flags: StreamFlags = NO_FLAGS,
-) -> list[Buffer]:
-    """Encode one batch as buffers to send back to back (header first).
-
-    WRITE data is referenced, not copied, so a sender can stream 32 MiB of
-    writes without building the body in memory.
+) -> EncodedBatch:
+    """Lay records out as one batch, keeping the pieces apart.
 
     Raises:
-        MalformedError, LimitExceededError: a field or record breaks a rule.
+        MalformedError, LimitExceededError: a field or record breaks a rule
+            (every field is checked here, before a byte is sent or stored).
     """
     encoded = encode_records(records)
-    payload = encoded.segments
     digest = xxhash.xxh3_128()
-    for part in payload:
+    for part in encoded.segments:
         digest.update(part)
     header = BatchHeader(
         disk_id=disk_id,
@@ -215,7 +236,8 @@ def batch_segments(
         data_len=encoded.data_len,
         flags=flags,
     )
-    return [header.pack(), *payload]
+    header.pack()  # checks every field
+    return EncodedBatch(header, tuple(encoded.data), encoded.table)
 
 
 def encode_batch(
@@ -228,18 +250,55 @@ def encode_batch(
     last_capture_ns: int,
     flags: StreamFlags = NO_FLAGS,
 ) -> bytes:
-    """Encode one batch as bytes. See :func:`batch_segments`."""
-    return b"".join(
-        batch_segments(
-            disk_id=disk_id,
-            generation=generation,
-            first_seq=first_seq,
-            records=records,
-            first_capture_ns=first_capture_ns,
-            last_capture_ns=last_capture_ns,
-            flags=flags,
-        )
+    """Encode one batch as bytes. See :func:`lay_out_batch`."""
+    batch = lay_out_batch(
+        disk_id=disk_id,
+        generation=generation,
+        first_seq=first_seq,
+        records=records,
+        first_capture_ns=first_capture_ns,
+        last_capture_ns=last_capture_ns,
+        flags=flags,
     )
+    return b"".join(batch.segments)
+
+
+def check_payload(header: BatchHeader, payload: Buffer) -> None:
+    """Refuse a payload whose XXH3-128 is not the one its header holds.
+
+    Raises:
+        ChecksumMismatchError: it is not.
+    """
+    actual = xxhash.xxh3_128_digest(payload)
+    if actual != header.payload_xxh3_128:
+        raise ChecksumMismatchError(
+            f"batch seq {header.first_seq} payload xxh3-128 must be "
+            f"{header.payload_xxh3_128.hex()}, found {actual.hex()}"
+        )
+
+
+def check_whole_batch(data: Buffer) -> BatchHeader:
+    """Check that ``data`` is one batch, whole, and return its header.
+
+    The header and the payload's digest are checked; the records are not
+    decoded, for a reader that keeps or sends the batch on as it is.
+
+    Raises:
+        TruncatedError: ``data`` ends before the payload does.
+        MalformedError: bytes follow the payload.
+        BadMagicError, UnsupportedVersionError, ChecksumMismatchError,
+        LimitExceededError: as :func:`unpack_header` and :func:`check_payload`.
+    """
+    header = unpack_header(data)
+    expected = BATCH_HEADER.size + header.payload_len
+    if len(data) != expected:
+        error = TruncatedError if len(data) < expected else MalformedError
+        raise error(
+            f"batch seq {header.first_seq} must be {expected} bytes (header and payload), "
+            f"found {len(data)}"
+        )
+    check_payload(header, memoryview(data)[BATCH_HEADER.size :])
+    return header
 
 
 class Sentinel(enum.Enum):
@@ -345,12 +404,7 @@ class BatchDecoder(headers.FailsOnce):
         if len(self._queue) < header.payload_len:
             return self._need(f"payload of batch seq {header.first_seq}")
         payload = self._queue.take(header.payload_len)
-        actual = xxhash.xxh3_128_digest(payload)
-        if actual != header.payload_xxh3_128:
-            raise ChecksumMismatchError(
-                f"batch seq {header.first_seq} payload xxh3-128 must be "
-                f"{header.payload_xxh3_128.hex()}, found {actual.hex()}"
-            )
+        check_payload(header, payload)
         records = decode_records(
             payload, header.record_count, header.data_len, what=f"batch seq {header.first_seq}"
         )

@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from agent.errors import JournalError, SourceChangedError
 from agent.journal import EntryKind, Journal, decode_source_entry, encode, encode_source_entry
@@ -76,6 +77,31 @@ def test_both_kinds_come_back_exactly_as_sent(tmp_path: Path, source: tuple[Path
     decoder.feed(b"".join(sent))
     decoder.feed_eof()
     assert [b.records for b in decoder.events()] == [tuple(inline), tuple(by_source)]
+
+
+def test_entries_written_by_hand_to_the_documented_layout_load(
+    tmp_path: Path, source: tuple[Path, bytes]
+) -> None:
+    """docs/protocol.md, "Agent journal": a .brb is the batch as sent, a .brs
+    its header, its table and an XXH3-64 of both; journals that an earlier
+    agent left behind must load whatever code writes them now."""
+    path, data = source
+    records: list[Record] = [Write(4096, data[4096:8192]), Zero(0, 512)]
+    inline = _expected(1, records, StreamFlags(0))
+    by_source = _expected(3, records, StreamFlags.RESYNC)
+    header_end = 144
+    data_len = int.from_bytes(by_source[92:96], "little")
+    head_and_table = by_source[:header_end] + by_source[header_end + data_len :]
+    folder = tmp_path / "j"
+    folder.mkdir()
+    (folder / f"{1:020d}-{1:020d}-{2:020d}.brb").write_bytes(inline)
+    (folder / f"{1:020d}-{3:020d}-{4:020d}.brs").write_bytes(
+        head_and_table + xxhash.xxh3_64_intdigest(head_and_table).to_bytes(8, "little")
+    )
+    journal = Journal(folder, generation=1, trimmed_seq=0)
+    with SourceDisk(path) as disk:
+        sent = [b"".join(bytes(p) for p in journal.load(e, disk)) for e in journal.entries]
+    assert sent == [inline, by_source]
 
 
 def test_a_changed_source_is_refused_not_sent(tmp_path: Path, source: tuple[Path, bytes]) -> None:

@@ -17,7 +17,9 @@ from protocol.batch import (
     Batch,
     BatchDecoder,
     BatchHeader,
+    check_whole_batch,
     encode_batch,
+    lay_out_batch,
     unpack_header,
 )
 from protocol.errors import (
@@ -187,6 +189,31 @@ def test_payload_bit_flip_is_detected() -> None:
     body[BATCH_HEADER.size + 3] ^= 0x01
     with pytest.raises(ChecksumMismatchError, match="payload"):
         _decode_all(bytes(body))
+
+
+def test_the_laid_out_pieces_are_the_encoded_bytes() -> None:
+    batch = lay_out_batch(
+        disk_id="vm01-disk0", generation=3, first_seq=100, records=RECORDS,
+        first_capture_ns=1_000, last_capture_ns=2_000,
+    )  # fmt: skip
+    assert b"".join(batch.segments) == _expected_batch()
+    assert batch.wire_bytes == len(_expected_batch())
+    assert batch.data == (b"\xaa" * 8,)  # referenced, not copied into a body
+
+
+def test_a_whole_batch_is_checked_without_its_records() -> None:
+    body = _expected_batch()
+    assert check_whole_batch(body) == unpack_header(body)
+    with pytest.raises(TruncatedError, match=f"must be {len(body)} bytes"):
+        check_whole_batch(body[:-1])
+    with pytest.raises(MalformedError, match=f"found {len(body) + 1}"):
+        check_whole_batch(body + b"\0")
+    flipped = bytearray(body)
+    flipped[BATCH_HEADER.size] ^= 0x01
+    with pytest.raises(ChecksumMismatchError, match="payload"):
+        check_whole_batch(bytes(flipped))
+    with pytest.raises(TruncatedError, match="header"):
+        check_whole_batch(body[:100])
 
 
 # Each header field: its byte range and the error when its value changes but
