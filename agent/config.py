@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 from typing import Final
-from urllib.parse import urlsplit
 
 from protocol.errors import MalformedError
 from protocol.limits import MAX_BATCH_PAYLOAD, MAX_WRITE_BYTES, GiB, KiB, MiB, check_id
@@ -19,6 +18,8 @@ from runtime.config import (
     LoggingConfig,
     MetricsListen,
     TlsFiles,
+    check_https_url,
+    check_seconds,
     load_config,
 )
 
@@ -184,8 +185,8 @@ class CaptureSettings:
                 "journal_max_bytes",
                 f"expected at least {MIN_CAPTURE_JOURNAL_BYTES}, found {self.journal_max_bytes}",
             )
-        _check_seconds("start_timeout_s", self.start_timeout_s)
-        _check_seconds("hold_max_s", self.hold_max_s)
+        check_seconds("start_timeout_s", self.start_timeout_s)
+        check_seconds("hold_max_s", self.hold_max_s)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -215,8 +216,8 @@ class TagSettings:
 
     def __post_init__(self) -> None:
         _check_intervals(self, ("crash_interval_s", "app_interval_s"))
-        _check_seconds("freeze_max_s", self.freeze_max_s)
-        _check_seconds("round_timeout_s", self.round_timeout_s)
+        check_seconds("freeze_max_s", self.freeze_max_s)
+        check_seconds("round_timeout_s", self.round_timeout_s)
         if self.round_timeout_s >= self.freeze_max_s:
             raise FieldValueError(
                 "round_timeout_s",
@@ -302,12 +303,8 @@ class GroupSettings:
         if self.listen:
             parse_address("listen", self.listen)
         _check_intervals(self, ("crash_interval_s", "app_interval_s"))
-        if not 0 < self.barrier_max_s <= MAX_BARRIER_S:
-            raise FieldValueError(
-                "barrier_max_s",
-                f"expected 0 < seconds <= {MAX_BARRIER_S:g}, found {self.barrier_max_s}",
-            )
-        _check_seconds("connect_timeout_s", self.connect_timeout_s)
+        check_seconds("barrier_max_s", self.barrier_max_s, most=MAX_BARRIER_S)
+        check_seconds("connect_timeout_s", self.connect_timeout_s)
 
     @property
     def is_coordinator(self) -> bool:
@@ -359,7 +356,7 @@ class AgentConfig:
         if not self.process_servers:
             raise FieldValueError("process_servers", "expected at least one URL, found none")
         for url in self.process_servers:
-            _check_url(url)
+            check_https_url("process_servers", url)
         if len(set(self.process_servers)) != len(self.process_servers):
             raise FieldValueError("process_servers", "expected each URL once, found one twice")
         ids = [disk.id for disk in self.disks]
@@ -409,29 +406,6 @@ def parse_address(name: str, text: str) -> tuple[str, int]:
     if not host or not port.isdigit() or not 1 <= int(port) <= 65535 or " " in host:
         raise FieldValueError(name, f"expected HOST:PORT with a port 1..65535, found {text!r}")
     return host, int(port)
-
-
-def _check_seconds(name: str, value: float) -> None:
-    if not 0 < value <= MAX_TIMEOUT_S:
-        raise FieldValueError(name, f"expected 0 < seconds <= {MAX_TIMEOUT_S:g}, found {value}")
-
-
-def _check_url(url: str) -> None:
-    shape = f"expected https://HOST[:PORT] with nothing after it, found {url!r}"
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # an unbalanced "[" or "]": not even a URL
-        raise FieldValueError("process_servers", shape) from None
-    if parts.scheme != "https" or not parts.hostname or parts.path not in ("", "/"):
-        raise FieldValueError("process_servers", shape)
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise FieldValueError("process_servers", shape)
-    try:
-        port = parts.port
-    except ValueError:
-        port = 0
-    if port == 0:
-        raise FieldValueError("process_servers", f"expected a port 1..65535 in {url!r}")
 
 
 def load(path: str | Path) -> AgentConfig:

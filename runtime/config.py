@@ -28,6 +28,7 @@ import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from runtime.errors import ConfigError
 
@@ -57,6 +58,43 @@ class FieldValueError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+def check_seconds(name: str, value: float, *, most: float = MAX_TIMEOUT_S) -> None:
+    """Refuse a number of seconds that is not above 0 and at most ``most``.
+
+    Raises:
+        FieldValueError: naming ``name``, when it is not.
+    """
+    if not 0 < value <= most:
+        raise FieldValueError(name, f"expected 0 < seconds <= {most:g}, found {value}")
+
+
+def check_https_url(name: str, url: str) -> None:
+    """Refuse a peer's URL that is not ``https://HOST[:PORT]`` with nothing after it.
+
+    The clients put their API paths after it; a path, query, fragment or
+    user name in the config would be silently dropped or end up in every
+    request, and plain http would break mutual TLS (DESIGN.md invariant 7).
+
+    Raises:
+        FieldValueError: naming ``name``, when it is not.
+    """
+    shape = f"expected https://HOST[:PORT] with nothing after it, found {url!r}"
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unbalanced "[" or "]": not even a URL
+        raise FieldValueError(name, shape) from None
+    if parts.scheme != "https" or not parts.hostname or parts.path not in ("", "/"):
+        raise FieldValueError(name, shape)
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise FieldValueError(name, shape)
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise FieldValueError(name, f"expected a port {MIN_PORT}..{MAX_PORT} in {url!r}")
 
 
 # --- the building blocks every daemon's config reuses ------------------------------
@@ -107,12 +145,8 @@ class ConnectionTimeouts:
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
 
     def __post_init__(self) -> None:
-        for name in ("idle_timeout_s", "body_timeout_s"):
-            value = getattr(self, name)
-            if not 0 < value <= MAX_TIMEOUT_S:
-                raise FieldValueError(
-                    name, f"expected 0 < seconds <= {MAX_TIMEOUT_S}, found {value}"
-                )
+        check_seconds("idle_timeout_s", self.idle_timeout_s)
+        check_seconds("body_timeout_s", self.body_timeout_s)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -43,7 +43,7 @@ def test_shipped_example_loads() -> None:
         ("cache_low_bytes = 10\n", '[[machines]]\nid = "a"\ndisks = []\n', "cache_low_bytes"),
         ("zstd_level = 40\n", '[[machines]]\nid = "a"\ndisks = []\n', "zstd_level"),
         ("", '[[machines]]\nid = "a"\ndisks = []\n[connections]\nbody_timeout_s = 0\n',
-         "body_timeout_s: expected 0 < seconds <= 86400.0, found 0"),
+         "body_timeout_s: expected 0 < seconds <= 86400, found 0"),
     ],
 )  # fmt: skip
 def test_mistakes_are_named(tmp_path: Path, extra: str, tables: str, message: str) -> None:

@@ -9,10 +9,13 @@ from typing import Literal
 import pytest
 
 from runtime.config import (
+    ConnectionTimeouts,
     FieldValueError,
     LoggingConfig,
     MetricsListen,
     TlsFiles,
+    check_https_url,
+    check_seconds,
     from_table,
     load_config,
 )
@@ -235,6 +238,45 @@ def test_building_blocks_check_their_values_when_built_in_code() -> None:
     with pytest.raises(FieldValueError, match="level"):
         LoggingConfig(level="INFO")
     assert LoggingConfig(level="warning").level_number == 30
+
+
+def test_seconds_are_above_zero_and_bounded() -> None:
+    check_seconds("t", 86400)
+    check_seconds("t", 0.001, most=0.5)
+    with pytest.raises(FieldValueError, match=r"t: expected 0 < seconds <= 86400, found 0"):
+        check_seconds("t", 0)
+    with pytest.raises(FieldValueError, match=r"expected 0 < seconds <= 0\.5, found 0\.6"):
+        check_seconds("t", 0.6, most=0.5)
+    with pytest.raises(FieldValueError, match="body_timeout_s: expected 0 < seconds"):
+        ConnectionTimeouts(body_timeout_s=-1)
+
+
+@pytest.mark.parametrize(
+    "url", ["https://ps:9443", "https://ps1.dr.example.com:9443/", "https://[fd00::1]:9444",
+            "https://10.0.0.5"],
+)  # fmt: skip
+def test_https_urls_of_peers(url: str) -> None:
+    check_https_url("url", url)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://mt:9444", "https://HOST"),
+        ("https://mt:9444/v1", "nothing after it"),
+        ("https://mt:9444?x=1", "nothing after it"),
+        ("https://user@mt:9444", "nothing after it"),
+        ("https://:9444", "https://HOST"),
+        ("https://[::1:9444", "https://HOST"),
+        ("https://mt:99999", "a port 1..65535"),
+        ("https://mt:0", "a port 1..65535"),
+        ("mt:9444", "https://HOST"),
+    ],
+)  # fmt: skip
+def test_other_urls_are_refused_with_the_expected_shape(url: str, message: str) -> None:
+    with pytest.raises(FieldValueError, match=message) as refused:
+        check_https_url("master_target.url", url)
+    assert refused.value.field == "master_target.url"
 
 
 def test_unsupported_field_type_is_a_programming_error() -> None:
