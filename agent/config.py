@@ -364,9 +364,7 @@ class AgentConfig:
             twice = next(i for i in ids if ids.count(i) > 1)
             raise FieldValueError("disks", f"expected each disk id once, found {twice!r} twice")
         for name in ("request_timeout_s", "connect_timeout_s", "give_up_after_s"):
-            value = getattr(self, name)
-            if not value > 0:
-                raise FieldValueError(name, f"expected a number of seconds above 0, found {value}")
+            check_seconds(name, getattr(self, name), most=None)
         unknown = [disk for disk in self.tags.disks if disk not in ids]
         if unknown:
             raise FieldValueError(

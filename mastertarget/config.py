@@ -19,6 +19,7 @@ from runtime.config import (
     LoggingConfig,
     MetricsListen,
     TlsFiles,
+    check_seconds,
     load_config,
 )
 
@@ -154,8 +155,7 @@ class RetentionConfig:
     high_water_percent: float = DEFAULT_HIGH_WATER_PERCENT
 
     def __post_init__(self) -> None:
-        if not self.window_s > 0:
-            raise FieldValueError("window_s", f"expected seconds > 0, found {self.window_s}")
+        check_seconds("window_s", self.window_s, most=None)
         if not 1 <= self.high_water_percent <= 99:
             raise FieldValueError(
                 "high_water_percent", f"expected 1..99, found {self.high_water_percent}"
@@ -184,10 +184,7 @@ class MasterTargetConfig:
     admin_socket: Path = DEFAULT_ADMIN_SOCKET
 
     def __post_init__(self) -> None:
-        if not self.rpo_threshold_s > 0:
-            raise FieldValueError(
-                "rpo_threshold_s", f"expected seconds > 0, found {self.rpo_threshold_s}"
-            )
+        check_seconds("rpo_threshold_s", self.rpo_threshold_s, most=None)
         for identity in self.process_servers:
             try:
                 check_id("machine", identity)

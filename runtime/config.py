@@ -60,13 +60,22 @@ class FieldValueError(ValueError):
         self.message = message
 
 
-def check_seconds(name: str, value: float, *, most: float = MAX_TIMEOUT_S) -> None:
+def check_seconds(name: str, value: float, *, most: float | None = MAX_TIMEOUT_S) -> None:
     """Refuse a number of seconds that is not above 0 and at most ``most``.
+
+    Args:
+        name: the field, for the message.
+        value: the seconds configured.
+        most: the bound (a day by default: any longer timeout is a typo);
+            None for a span that has none (a retention window).
 
     Raises:
         FieldValueError: naming ``name``, when it is not.
     """
-    if not 0 < value <= most:
+    if most is None:
+        if not value > 0:
+            raise FieldValueError(name, f"expected seconds > 0, found {value}")
+    elif not 0 < value <= most:
         raise FieldValueError(name, f"expected 0 < seconds <= {most:g}, found {value}")
 
 

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Final
 
 from mastertarget.errors import VsphereConfigError
-from runtime.config import MAX_PORT, MIN_PORT, FieldValueError, LoggingConfig, load_config
+from runtime.config import (
+    MAX_PORT,
+    MIN_PORT,
+    FieldValueError,
+    LoggingConfig,
+    check_seconds,
+    load_config,
+)
 from runtime.privatefile import read_private_file
 
 #: The environment variable that may hold the vCenter password (for a
@@ -105,8 +112,7 @@ class VsphereConfig:
         if not MIN_PORT <= self.port <= MAX_PORT:
             raise FieldValueError("port", f"expected {MIN_PORT}..{MAX_PORT}, found {self.port}")
         for name in ("request_timeout_s", "task_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise FieldValueError(name, f"expected seconds > 0, found {getattr(self, name)}")
+            check_seconds(name, getattr(self, name), most=None)
 
 
 class Secret:

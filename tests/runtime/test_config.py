@@ -249,6 +249,9 @@ def test_seconds_are_above_zero_and_bounded() -> None:
         check_seconds("t", 0.6, most=0.5)
     with pytest.raises(FieldValueError, match="body_timeout_s: expected 0 < seconds"):
         ConnectionTimeouts(body_timeout_s=-1)
+    check_seconds("window_s", 10 * 86400, most=None)  # a span without a bound
+    with pytest.raises(FieldValueError, match=r"window_s: expected seconds > 0, found -1"):
+        check_seconds("window_s", -1, most=None)
 
 
 @pytest.mark.parametrize(
