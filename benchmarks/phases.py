@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Final
 
-from agent.progress import TerminalLine, human_bytes
 from benchmarks.site import Site
 from benchmarks.sitemetrics import PS_CACHE, PS_IN, PS_OUT, PS_SEALED, Sampler, percentile
 from benchmarks.workload import Source, Tally, connected, run_sources
+from runtime.progress import TerminalLine, human_bytes
 
 #: Seconds between redraws of the live line.
 REDRAW_S: Final = 0.5

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 
 from agent.commands import CommandResult, Subparsers, capture, tag
 from agent.commands import group as group_commands
-from agent.progress import human_bytes, human_duration
+from runtime.progress import human_bytes, human_duration
 
 if TYPE_CHECKING:
-    from agent.progress import ProgressLine
     from agent.sync_disk import SyncReport
+    from runtime.progress import ProgressLine
 
 
 def add_parser(
@@ -59,9 +59,9 @@ def run_sync(args: argparse.Namespace) -> CommandResult:
     import uvloop
 
     from agent import config as agent_config
-    from agent.progress import ProgressLine
     from agent.sync_disk import sync_disk
     from runtime.logs import setup_logging
+    from runtime.progress import ProgressLine
 
     config = agent_config.load(args.config)
     setup_logging(config.logging)

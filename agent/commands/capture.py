@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from agent.commands import CommandResult, Subparsers
-from agent.progress import human_bytes
+from runtime.progress import human_bytes
 
 
 def add_commands(

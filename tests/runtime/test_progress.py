@@ -6,7 +6,7 @@ import io
 import os
 import pty
 
-from agent.progress import ProgressLine, human_bytes, human_duration
+from runtime.progress import ProgressLine, copy_progress, human_bytes, human_duration
 
 
 def test_units() -> None:
@@ -57,3 +57,17 @@ def _read_all(leader: int) -> str:
         out += piece
     os.close(leader)
     return out.decode()
+
+
+def test_a_copy_reports_done_of_total_on_a_terminal_only() -> None:
+    assert copy_progress("copied", io.StringIO()) is None  # not a terminal: nothing to do
+    leader, follower = pty.openpty()
+    with os.fdopen(follower, "w") as terminal:
+        show = copy_progress("copied", terminal)
+        assert show is not None
+        show(0, 8 * 2**20)
+        show(8 * 2**20, 8 * 2**20)
+    drawn = _read_all(leader)
+    assert "100.0%  copied 8.0 MiB of 8.0 MiB" in drawn
+    assert "sent" not in drawn
+    assert drawn.endswith("\r")  # erased for the summary line
