@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from agent.pki import init_ca, issue_machine
 from runtime.config import TlsFiles
 from runtime.keyfile import write_new_keyring
-from runtime.pki import init_ca, issue_machine
 
 #: Seconds a daemon may take to answer its health probe after starting.
 START_TIMEOUT_S: Final = 30.0

@@ -16,10 +16,10 @@ from typing import NoReturn
 
 import pytest
 
+from agent.pki import init_ca, issue_machine
 from protocol.keyring import KeyRing
 from runtime.config import TlsFiles
 from runtime.keyfile import write_new_keyring
-from runtime.pki import init_ca, issue_machine
 from runtime.tls import client_context
 
 
@@ -84,3 +84,27 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
     key_file = root / "data-keys.toml"
     keyring = write_new_keyring(key_file)
     return Deployment(pki, other, key_file, keyring)
+
+
+#: Extra server names the shared PKI's ``init_ca`` gets: one DNS name, one IPv4 address.
+EXTRA_SERVER_NAMES = ("ps.example.net", "192.0.2.10")
+
+
+@pytest.fixture(scope="session")
+def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA with both server certificates (valid for :data:`EXTRA_SERVER_NAMES`
+    too) and a certificate for machine vm01; shared read-only by the TLS and
+    PKI tests."""
+    directory = tmp_path_factory.mktemp("shared-pki") / "pki"
+    init_ca(directory, EXTRA_SERVER_NAMES)
+    issue_machine(directory, "vm01")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def other_pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second, unrelated CA that also has a machine called vm01."""
+    directory = tmp_path_factory.mktemp("other-shared-pki") / "pki"
+    init_ca(directory)
+    issue_machine(directory, "vm01")
+    return directory

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from agent.commands import CommandResult, Subparsers
-from runtime.pki import (
+from agent.pki import (
     LEAF_VALIDITY_DAYS,
     CertificateFiles,
     init_ca,

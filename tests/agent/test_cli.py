@@ -197,7 +197,7 @@ def test_help_lists_every_group() -> None:
 
 #: What ``agent sync`` must not import: the certificate tools' cryptography,
 #: the capture daemon, the tag scheduler (docs/performance.md, resync).
-NOT_FOR_A_SYNC = ("cryptography", "agent.capture.daemon", "agent.tags", "runtime.pki")
+NOT_FOR_A_SYNC = ("cryptography", "agent.capture.daemon", "agent.tags", "agent.pki")
 
 
 def test_a_sync_imports_only_what_it_runs(tmp_path: Path) -> None:

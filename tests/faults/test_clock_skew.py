@@ -19,12 +19,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from agent.pki import init_ca, issue_machine
 from processserver import config as ps_config
 from processserver.daemon import ProcessServer
 from protocol.limits import MiB
 from protocol.records import Record
 from runtime.config import TlsFiles
-from runtime.pki import init_ca, issue_machine
 from runtime.tls import client_context
 from tests.conftest import Deployment, missing_peer, require_binary
 from tests.faults.daemons import Daemon, free_port

@@ -22,9 +22,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from agent.pki import init_ca, issue_machine
 from protocol.limits import MiB
 from protocol.records import Record
-from runtime.pki import init_ca, issue_machine
 from tests.conftest import Deployment, require_binary
 from tests.faults.daemons import Daemon, free_port
 from tests.mastertarget.conftest import apply_to_model, random_workload, write_config

@@ -20,6 +20,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from agent.pki import issue_machine, revoke
 from mastertarget import config as mt_config
 from mastertarget.daemon import MasterTarget
 from processserver import config as ps_config
@@ -28,7 +29,6 @@ from protocol.limits import MiB
 from protocol.records import Write
 from protocol.sequencing import StreamPosition
 from runtime.config import TlsFiles
-from runtime.pki import issue_machine, revoke
 from runtime.tls import client_context
 from tests.conftest import Deployment
 from tests.faults.daemons import free_port

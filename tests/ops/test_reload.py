@@ -13,10 +13,10 @@ import aiohttp
 import pytest
 from cryptography import x509
 
+from agent.pki import init_ca, issue_machine
 from protocol.records import Write
 from runtime.config import TlsFiles
 from runtime.keyfile import write_new_keyring
-from runtime.pki import init_ca, issue_machine
 from runtime.tls import client_context
 from tests.conftest import Deployment
 from tests.faults.daemons import Daemon

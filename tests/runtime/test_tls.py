@@ -1,4 +1,4 @@
-"""Mutual TLS 1.3 over real sockets on 127.0.0.1 with certificates from runtime/pki.py."""
+"""Mutual TLS 1.3 over real sockets on 127.0.0.1, with certificates from agent/pki."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from agent.pki import init_ca, issue_machine
 from runtime.config import TlsFiles
 from runtime.errors import PeerIdentityError, TlsSetupError
-from runtime.pki import init_ca, issue_machine
 from runtime.tls import client_context, connection_identity, peer_identity, server_context
 
 #: Upper bound of every network wait: loopback handshakes take milliseconds.

@@ -15,14 +15,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from runtime.errors import InvalidArgumentError, PkiError
-from runtime.pki import (
+from agent.pki import (
     CA_VALIDITY_DAYS,
     CLOCK_SKEW_ALLOWANCE,
     LEAF_VALIDITY_DAYS,
     init_ca,
     issue_machine,
 )
+from runtime.errors import InvalidArgumentError, PkiError
 from tests.conftest import require_binary
 
 SERVER_PURPOSE = {
