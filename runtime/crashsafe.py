@@ -90,14 +90,8 @@ def write_file_atomic(
             gone, and the old file, if any, is unchanged unless only the final
             directory fsync failed (then either file may survive a crash).
     """
-    final = Path(path)
-    temp = _write_temp(final, data, mode)
-    try:
-        os.replace(temp, final)
-    except OSError as exc:
-        _remove_quietly(temp)
-        raise _durability("rename temp file over", final, exc) from exc
-    fsync_dir(final.parent)
+    write_file_synced(path, data, mode=mode)
+    fsync_dir(Path(path).parent)
 
 
 def write_file_synced(

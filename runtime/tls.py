@@ -253,22 +253,17 @@ def _load_files(context: ssl.SSLContext, files: TlsFiles) -> None:
     for path in (files.ca_file, files.cert_file, files.key_file):
         _check_readable(path)
     _check_private(files.key_file)
-    try:
-        context.load_verify_locations(cafile=files.ca_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise TlsSetupError(
-            f"cannot load CA certificate {files.ca_file}: expected the deployment's ca.pem"
-            f" (PEM), found {_reason(exc)}"
-        ) from exc
+    _load_trusted(
+        context, files.ca_file, f"CA certificate {files.ca_file}", "the deployment's ca.pem"
+    )
     if files.crl_file is not None:
         _check_readable(files.crl_file)
-        try:
-            context.load_verify_locations(cafile=files.crl_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise TlsSetupError(
-                f"cannot load CRL {files.crl_file}: expected the crl.pem of 'blockrepl certs"
-                f" revoke' (PEM), found {_reason(exc)}"
-            ) from exc
+        _load_trusted(
+            context,
+            files.crl_file,
+            f"CRL {files.crl_file}",
+            "the crl.pem of 'blockrepl certs revoke'",
+        )
         # Every peer certificate is checked against it; a CRL past its next
         # update fails every handshake, so 'certs revoke' signs it for as
         # long as the CA is valid.
@@ -277,6 +272,16 @@ def _load_files(context: ssl.SSLContext, files: TlsFiles) -> None:
         context.load_cert_chain(certfile=files.cert_file, keyfile=files.key_file)
     except (OSError, ssl.SSLError) as exc:
         raise _diagnose_cert_chain(files, exc) from exc
+
+
+def _load_trusted(context: ssl.SSLContext, path: Path, what: str, expected: str) -> None:
+    """Load a CA certificate or CRL into the context's trust store, naming the file."""
+    try:
+        context.load_verify_locations(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsSetupError(
+            f"cannot load {what}: expected {expected} (PEM), found {_reason(exc)}"
+        ) from exc
 
 
 def _check_private(path: Path) -> None:
