@@ -372,12 +372,7 @@ class BatchDecoder(headers.FailsOnce):
             ProtocolError: the stream breaks a rule of the format; the
                 decoder is unusable afterwards.
         """
-        self._check_usable()
-        try:
-            return self._next()
-        except ProtocolError as exc:
-            self._failed = exc
-            raise
+        return self._step(self._next)
 
     def events(self) -> Iterator[Batch]:
         """Every batch available now, stopping at NEED_DATA or END_OF_STREAM."""

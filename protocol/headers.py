@@ -6,6 +6,9 @@ decoder which failed stays failed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import xxhash
 
 from protocol.errors import (
@@ -16,6 +19,8 @@ from protocol.errors import (
     ProtocolError,
     UnsupportedVersionError,
 )
+
+T = TypeVar("T")
 
 #: The checksum is the header's last 8 bytes.
 CHECKSUM_BYTES = 8
@@ -67,3 +72,13 @@ class FailsOnce:
     def _fail(self, exc: ProtocolError) -> None:
         self._failed = exc
         raise exc
+
+    def _step(self, step: Callable[[], T]) -> T:
+        """Run one decoding step, after checking the decoder is usable; a
+        ProtocolError from it leaves the decoder failed for good."""
+        self._check_usable()
+        try:
+            return step()
+        except ProtocolError as exc:
+            self._failed = exc
+            raise

@@ -100,12 +100,7 @@ class HrlReceiver(FailsOnce):
         Raises:
             ProtocolError: the bytes break a rule; the receiver is unusable.
         """
-        self._check_usable()
-        try:
-            return self._next()
-        except ProtocolError as exc:
-            self._failed = exc
-            raise
+        return self._step(self._next)
 
     def _next(self) -> HrlEvent:
         if self._done:
