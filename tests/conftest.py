@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import ssl
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -36,6 +37,36 @@ def require_binary(name: str) -> str:
     if path is None:
         missing_peer(f"{name} is not installed (./scripts/test installs it when run as root)")
     return path
+
+
+#: Seconds qemu-img may take to compare or check the test disks (MiB to a few hundred MiB).
+QEMU_IMG_TIMEOUT_S = 120
+
+
+def assert_image_holds(image: Path, expected: bytes, *, fmt: str = "raw", note: str = "") -> None:
+    """Prove with ``qemu-img compare`` (a tool nobody here wrote) that the disk
+    ``image`` reads as ``expected``; a VMDK must also pass ``qemu-img check``.
+
+    The expected bytes are written beside the image as a raw reference.
+
+    Args:
+        fmt: the image's format (``raw`` or ``vmdk``).
+        note: added to the failure message (a log's tail, the figures of a run).
+    """
+    qemu_img = require_binary("qemu-img")
+    reference = image.with_name(f"{image.name}.expected")
+    reference.write_bytes(expected)
+    result = subprocess.run(
+        [qemu_img, "compare", "-f", fmt, "-F", "raw", str(image), str(reference)],
+        capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr + note
+    if fmt == "vmdk":
+        check = subprocess.run(
+            [qemu_img, "check", "-f", "vmdk", str(image)],
+            capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S, check=False,
+        )  # fmt: skip
+        assert check.returncode == 0, check.stdout + check.stderr
 
 
 def require_root(why: str) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import subprocess
 from pathlib import Path
 
 import aiohttp
@@ -28,7 +27,7 @@ from protocol.limits import MiB
 from protocol.records import Record
 from protocol.sequencing import StreamPosition
 from runtime.crashpoints import FSYNC_ENV
-from tests.conftest import Deployment, require_binary
+from tests.conftest import Deployment, assert_image_holds
 from tests.faults.daemons import Daemon, free_port
 from tests.mastertarget.conftest import apply_to_model, random_workload, write_config
 from tests.processserver.test_api import _body, write_ps_config
@@ -52,14 +51,7 @@ def _compare(target: Path, batches: list[tuple[int, list[Record]]], tmp: Path) -
     model = bytearray(SIZE)
     for _, records in batches:
         apply_to_model(model, records)
-    expected = tmp / "expected.raw"
-    expected.write_bytes(bytes(model))
-    result = subprocess.run(
-        [require_binary("qemu-img"), "compare", "-f", "raw", "-F", "raw", str(target),
-         str(expected)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_image_holds(target, bytes(model))
 
 
 async def _post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, dict]:  # type: ignore[type-arg]

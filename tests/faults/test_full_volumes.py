@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import subprocess
 from pathlib import Path
 
 import aiohttp
@@ -28,7 +27,7 @@ from protocol.hrl import open_hrl
 from protocol.limits import MiB
 from protocol.records import Record, Write
 from protocol.sequencing import StreamPosition
-from tests.conftest import Deployment, require_binary
+from tests.conftest import Deployment, assert_image_holds, require_binary
 from tests.faults.daemons import Daemon, free_port, small_volume_wrapper
 from tests.mastertarget.conftest import apply_to_model, write_config
 from tests.processserver.test_api import _body, write_ps_config
@@ -140,14 +139,7 @@ async def test_a_full_cache_volume_is_back_pressure_and_loses_nothing(
         daemon.kill_if_running()
         if mt is not None:
             await mt.close()
-    expected = tmp_path / "expected.raw"
-    expected.write_bytes(bytes(model))
-    result = subprocess.run(
-        [require_binary("qemu-img"), "compare", "-f", "raw", "-F", "raw",
-         str(mt_root / "t.raw"), str(expected)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_image_holds(mt_root / "t.raw", bytes(model))
     print(f"\n{acked} batches acked before the volume was full, {refusals} refusals, "
           f"{seq - 1} batches in all, 0 lost")  # fmt: skip
 
@@ -224,13 +216,6 @@ async def test_full_inbox_and_retention_volumes_stall_the_master_target_not_the_
         assert daemon.stop() == 0
     log = (tmp_path / "mt.log").read_text()
     assert "No space left on device" in log
-    expected = tmp_path / "expected.raw"
-    expected.write_bytes(bytes(model))
-    result = subprocess.run(
-        [require_binary("qemu-img"), "compare", "-f", "raw", "-F", "raw",
-         str(mt_root / "t.raw"), str(expected)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_image_holds(mt_root / "t.raw", bytes(model))
     print(f"\n{batches} batches through full volumes, {retries:g} ship retries, "
           f"{points['window']['points']} points kept, 0 lost")  # fmt: skip

@@ -25,7 +25,7 @@ import pytest
 from agent.pki import init_ca, issue_machine
 from protocol.limits import MiB
 from protocol.records import Record
-from tests.conftest import Deployment, require_binary
+from tests.conftest import Deployment, assert_image_holds, require_binary
 from tests.faults.daemons import Daemon, free_port
 from tests.mastertarget.conftest import apply_to_model, random_workload, write_config
 from tests.processserver.test_api import _body, write_ps_config
@@ -153,13 +153,6 @@ async def test_a_partition_between_the_daemons_loses_nothing(
         ps.kill_if_running()
         mt.kill_if_running()
     log = (tmp_path / "ps.log").read_text()
-    expected = tmp_path / "expected.raw"
-    expected.write_bytes(bytes(model))
-    result = subprocess.run(
-        [require_binary("qemu-img"), "compare", "-f", "raw", "-F", "raw",
-         str(mt_root / "t.raw"), str(expected)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr + log[-2000:]
+    assert_image_holds(mt_root / "t.raw", bytes(model), note=log[-2000:])
     print(f"\npartition of {PARTITION_S:g} s: the master target held seq {during} of {last} "
           "when the link came back; 0 lost")  # fmt: skip

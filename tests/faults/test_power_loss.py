@@ -29,7 +29,7 @@ from mastertarget.daemon import MasterTarget
 from protocol.limits import MiB
 from protocol.records import Record
 from protocol.sequencing import StreamPosition
-from tests.conftest import Deployment, require_binary
+from tests.conftest import Deployment, assert_image_holds, require_binary
 from tests.faults.daemons import Daemon, free_port, loop_volume_wrapper
 from tests.mastertarget.conftest import apply_to_model, random_workload, write_config
 from tests.processserver.test_api import _body, write_ps_config
@@ -149,12 +149,5 @@ async def test_power_cuts_keep_every_acknowledged_batch(
         if first > held:
             break
         apply_to_model(model, records)
-    expected = tmp_path / "expected.raw"
-    expected.write_bytes(bytes(model))
-    result = subprocess.run(
-        [require_binary("qemu-img"), "compare", "-f", "raw", "-F", "raw",
-         str(mt_root / "t.raw"), str(expected)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_image_holds(mt_root / "t.raw", bytes(model))
     print(f"\npower cuts: {figures}, final seq {held}, 0 acknowledged batches lost")

@@ -16,7 +16,7 @@ import xxhash
 from mastertarget.daemon import MasterTarget
 from protocol.hrl import HRL_HEADER
 from protocol.records import Record, StreamFlags, Write, Zero
-from tests.conftest import require_binary
+from tests.conftest import assert_image_holds, require_binary
 
 from .conftest import Deployment, Pusher, apply_to_model, random_workload, write_config
 
@@ -35,23 +35,6 @@ async def wait_applied(
             return state
         assert loop.time() < deadline, f"seq {seq} not applied in {timeout} s: {state}"
         await asyncio.sleep(0.02)
-
-
-def qemu_compare(target: Path, fmt: str, model: bytes, tmp: Path) -> None:
-    qemu_img = require_binary("qemu-img")
-    expected = tmp / "expected.raw"
-    expected.write_bytes(model)
-    result = subprocess.run(
-        [qemu_img, "compare", "-f", fmt, "-F", "raw", str(target), str(expected)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    if fmt == "vmdk":
-        check = subprocess.run(
-            [qemu_img, "check", "-f", "vmdk", str(target)], capture_output=True, text=True,
-            timeout=60, check=False,
-        )  # fmt: skip
-        assert check.returncode == 0, check.stdout + check.stderr
 
 
 TARGETS = {
@@ -89,7 +72,7 @@ async def test_random_workload_through_https_ends_identical(
     assert state["state"] == "replicating"
     assert state["inbox_files"] == 0
     await mt.close()
-    qemu_compare(target, fmt, bytes(model), tmp_path)
+    assert_image_holds(target, bytes(model), fmt=fmt)
 
 
 async def test_adjacent_writes_are_merged(

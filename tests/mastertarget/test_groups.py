@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from mastertarget.pointspec import format_time_ns, parse_spec
 from protocol.records import Record, StreamFlags, Tag, TagKind, Write
 from protocol.sequencing import StreamPosition
 from runtime.errors import ConfigError
-from tests.conftest import Deployment, require_binary
+from tests.conftest import Deployment, assert_image_holds
 
 from .conftest import Pusher, write_config
 
@@ -168,17 +167,6 @@ async def _cli(*args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-def _compare(image: Path, expected: bytes) -> None:
-    reference = image.with_suffix(".expected")
-    reference.write_bytes(expected)
-    result = subprocess.run(
-        [require_binary("qemu-img"), "compare", "-f", "raw", "-F", "raw", str(image),
-         str(reference)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
 async def test_group_points_listed_and_recovered_online_and_offline(
     deployment: Deployment,
     start_mt,
@@ -235,7 +223,7 @@ async def test_group_points_listed_and_recovered_online_and_offline(
     assert answer["point"]["name"] == "r2"
     assert sorted(answer["disks"]) == sorted(DISKS)
     for disk in DISKS:
-        _compare(online / f"{disk}.raw", streams.at[(disk, "r2")])
+        assert_image_holds(online / f"{disk}.raw", streams.at[(disk, "r2")])
     code, _, err = await _cli(
         "recover", "--config", str(config), "--group", GROUP, "--point", "tag:r1",
         "--output-dir", str(online),
@@ -251,7 +239,7 @@ async def test_group_points_listed_and_recovered_online_and_offline(
     )  # fmt: skip
     assert code == 0, err
     for disk in DISKS:
-        _compare(offline / f"{disk}.raw", streams.at[(disk, "r1")])
+        assert_image_holds(offline / f"{disk}.raw", streams.at[(disk, "r1")])
     code, out, err = await _cli("points", "--config", str(config), "--group", GROUP, "--json")
     assert code == 0, err
     assert [p["name"] for p in json.loads(out)["points"]] == ["r6", "r2", "r1"]

@@ -5,7 +5,6 @@ place by failover — and checked with qemu-img compare."""
 from __future__ import annotations
 
 import random
-import subprocess
 import time
 from pathlib import Path
 
@@ -15,22 +14,11 @@ from mastertarget.points import PointKind
 from protocol.errors import ProtocolError
 from protocol.records import Record, StreamFlags, Tag, TagKind, Write
 from protocol.sequencing import StreamPosition
-from tests.conftest import Deployment, require_binary
+from tests.conftest import Deployment, assert_image_holds
 
 from .conftest import Pusher, apply_to_model, random_workload, write_config
 
 SIZE = 8 * 2**20
-
-
-def _compare(image: Path, fmt: str, expected: bytes, tmp: Path) -> None:
-    qemu_img = require_binary("qemu-img")
-    reference = tmp / "reference.raw"
-    reference.write_bytes(expected)
-    result = subprocess.run(
-        [qemu_img, "compare", "-f", fmt, "-F", "raw", str(image), str(reference)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 async def _stream_with_tags(
@@ -91,7 +79,7 @@ async def test_recover_at_every_point_equals_the_source_then(
         output = tmp_path / f"recovered-{index}.{fmt}"
         result = await replica.recover(point, output, fmt)
         assert result.point == point
-        _compare(output, fmt, snapshots[(point.seq, point.name)], tmp_path)
+        assert_image_holds(output, snapshots[(point.seq, point.name)], fmt=fmt)
     # replication went on meanwhile: a new file still applies
     status, _ = await pusher.send(pusher.seal("d0", 1, last + 1, [Write(0, b"after")]))
     assert status == 200
@@ -116,7 +104,7 @@ async def test_failover_rolls_back_in_place_and_refuses_later_files(
     status, body = await pusher.send(pusher.seal("d0", 1, point.seq + 1, [Write(0, b"x")]))
     assert (status, body["error"]) == (409, "failed-over")
     await mt.close()
-    _compare(tmp_path / "target.vmdk", "vmdk", snapshots[(point.seq, point.name)], tmp_path)
+    assert_image_holds(tmp_path / "target.vmdk", snapshots[(point.seq, point.name)], fmt="vmdk")
 
 
 async def test_points_inside_a_resync_are_not_consistent(
@@ -165,4 +153,4 @@ async def test_a_corrupt_undo_file_fails_only_the_points_that_need_it(
     assert (tmp_path / "target.vmdk").read_bytes() == target_before
     latest = tmp_path / "latest.raw"
     await replica.recover(points[-1], latest, "raw")
-    _compare(latest, "raw", snapshots[(points[-1].seq, points[-1].name)], tmp_path)
+    assert_image_holds(latest, snapshots[(points[-1].seq, points[-1].name)])

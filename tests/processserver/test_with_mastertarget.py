@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import subprocess
 from pathlib import Path
 
 import aiohttp
@@ -20,7 +19,7 @@ from processserver.daemon import ProcessServer
 from protocol.limits import MiB
 from protocol.records import Record, Write
 from protocol.sequencing import StreamPosition
-from tests.conftest import Deployment, require_binary
+from tests.conftest import Deployment, assert_image_holds
 from tests.faults.daemons import free_port
 from tests.faults.pausable_proxy import PausableProxy
 from tests.mastertarget.conftest import apply_to_model, random_workload, write_config
@@ -50,17 +49,6 @@ def _ps_config(deployment: Deployment, root: Path, mt_port: int, **extra: object
         )
     )
     return path
-
-
-def _compare(target: Path, model: bytes, tmp: Path) -> None:
-    qemu_img = require_binary("qemu-img")
-    expected = tmp / f"{target.name}.expected"
-    expected.write_bytes(model)
-    result = subprocess.run(
-        [qemu_img, "compare", "-f", "raw", "-F", "raw", str(target), str(expected)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 async def test_batches_from_two_machines_arrive_applied_and_identical(
@@ -107,7 +95,7 @@ async def test_batches_from_two_machines_arrive_applied_and_identical(
         await ps.close()
         await mt.close()
     for disk, model in models.items():
-        _compare(tmp_path / "mt" / f"{disk}.raw", bytes(model), tmp_path)
+        assert_image_holds(tmp_path / "mt" / f"{disk}.raw", bytes(model))
 
 
 async def test_master_target_down_fills_the_cache_then_everything_drains(
@@ -145,7 +133,7 @@ async def test_master_target_down_fills_the_cache_then_everything_drains(
                 await mt.close()
     finally:
         await ps.close()
-    _compare(tmp_path / "mt" / "vm01-d0.raw", bytes(model), tmp_path)
+    assert_image_holds(tmp_path / "mt" / "vm01-d0.raw", bytes(model))
 
 
 async def test_a_process_server_takes_the_stream_where_the_master_target_holds_it(
@@ -200,7 +188,7 @@ async def test_a_process_server_takes_the_stream_where_the_master_target_holds_i
         await mt.close()
     for _, records in batches:
         apply_to_model(model, records)
-    _compare(tmp_path / "mt" / "vm01-d0.raw", bytes(model), tmp_path)
+    assert_image_holds(tmp_path / "mt" / "vm01-d0.raw", bytes(model))
 
 
 async def test_a_state_request_waits_for_the_master_target_to_hold_a_seq(
