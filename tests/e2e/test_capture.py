@@ -1,17 +1,20 @@
 """``blockrepl agent capture`` against a real process server and master target,
-with real NBD clients (qemu-io, nbdcopy, qemu-img) writing through nbdkit and
-the capture plugin; every test ends with ``qemu-img compare`` of the source
-and the master target's disk."""
+with real NBD clients (qemu-io, nbdcopy, qemu-img, and a kernel file system
+through nbdfuse and a loop device) writing through nbdkit and the capture
+plugin; every test ends with ``qemu-img compare`` of the source and the
+master target's disk."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
+import time
 from pathlib import Path
 
 from protocol.limits import KiB, MiB
-from tests.conftest import Deployment, require_binary
+from tests.conftest import Deployment, require_binary, require_root
 from tests.e2e.capture import (
     CaptureProcess,
     random_writes,
@@ -20,6 +23,8 @@ from tests.e2e.capture import (
 from tests.e2e.conftest import Site, build_site, make_source, start
 
 SYNC = {"region_bytes": 8 * MiB}
+#: Seconds nbdfuse may take to show the export as a file.
+NBDFUSE_START_S = 30.0
 
 
 def _site(deployment: Deployment, tmp_path: Path, size: int) -> Site:
@@ -156,3 +161,61 @@ async def test_a_capture_after_a_finished_sync_starts_clean(
     settled = capture.settle()
     assert settled["stats"]["resync_passes"] == 0
     site.assert_identical(source)
+
+
+async def test_an_ext4_volume_used_through_nbdfuse_and_a_loop_device_replicates(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """A Linux data disk used through the export as docs/operations.md shows:
+    nbdfuse makes the export a file, a loop device makes that a block device,
+    and ext4 is made, mounted, written with fsyncs and unmounted on it. The
+    master target's copy is the source, and a clean ext4 volume."""
+    require_root("a loop device and a FUSE mount")
+    require_capture_peers()
+    nbdfuse, losetup = require_binary("nbdfuse"), require_binary("losetup")
+    mkfs, e2fsck = require_binary("mkfs.ext4"), require_binary("e2fsck")
+    size = 64 * MiB
+    site = _site(deployment, tmp_path, size)
+    source = tmp_path / "source.raw"
+    make_source(source, size, [])
+    start(site)
+    capture = CaptureProcess(site, source)
+    capture.start()
+    capture.settle()
+    exported, mount = tmp_path / "fuse", tmp_path / "mnt"
+    exported.mkdir()
+    mount.mkdir()
+    fuse = subprocess.Popen([nbdfuse, str(exported / "disk"), capture.url])
+    loop = ""
+    try:
+        deadline = time.monotonic() + NBDFUSE_START_S
+        while not (exported / "disk").exists():
+            assert fuse.poll() is None, "nbdfuse ended"
+            assert time.monotonic() < deadline, "nbdfuse did not show the export"
+            time.sleep(0.05)
+        loop = subprocess.run(
+            [losetup, "--find", "--show", str(exported / "disk")],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout.strip()  # fmt: skip
+        subprocess.run([mkfs, "-q", loop], check=True, timeout=120)
+        subprocess.run(["mount", loop, str(mount)], check=True, timeout=60)
+        rng = random.Random(17)
+        for index in range(20):
+            with (mount / f"f{index}").open("wb") as file:
+                file.write(rng.randbytes(rng.randrange(1, 512 * KiB)))
+                file.flush()
+                os.fsync(file.fileno())  # as a database commits
+    finally:
+        subprocess.run(["umount", str(mount)], check=False, timeout=60)
+        if loop:
+            subprocess.run([losetup, "--detach", loop], check=False, timeout=60)
+        subprocess.run(["umount", str(exported)], check=False, timeout=60)  # nbdfuse exits
+        fuse.wait(timeout=60)
+    settled = capture.settle()
+    assert settled["stats"]["write_requests"] >= 20
+    site.assert_identical(source)
+    checked = subprocess.run(
+        [e2fsck, "-fn", str(site.target)], capture_output=True, text=True, timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stdout + checked.stderr
