@@ -22,7 +22,7 @@ Limits, each with its reason, live beside the code they bound:
 :data:`~mastertarget.disks.vmdk_sparse.MAX_DIRTY_TABLES`,
 :data:`~mastertarget.disks.diskfile.ZERO_CHUNK_BYTES`,
 :data:`~mastertarget.disks.raw.MAX_CREATE_BYTES`,
-:data:`~mastertarget.disks.vmdk.MAX_CREATE_SPARSE_BYTES`.
+:data:`~mastertarget.disks.vmdk_create.MAX_CREATE_SPARSE_BYTES`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from typing import Literal
 
 from mastertarget.disks.base import TargetDisk
 from mastertarget.disks.raw import RawDisk, create_raw
-from mastertarget.disks.vmdk import VmdkDisk, create_vmdk, open_vmdk
+from mastertarget.disks.vmdk import VmdkDisk, open_vmdk
+from mastertarget.disks.vmdk_create import create_vmdk
 from mastertarget.errors import DiskFormatError
 
 OpenFormat = Literal["raw", "vmdk"]
