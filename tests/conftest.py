@@ -7,13 +7,19 @@ reason, under ``CI=true`` it fails it, because CI must prove everything.
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import importlib
 import os
 import shutil
 import ssl
 import subprocess
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -139,3 +145,99 @@ def other_pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     init_ca(directory)
     issue_machine(directory, "vm01")
     return directory
+
+
+# --- the event loop never blocks ---------------------------------------------------------
+
+#: The longest a callback may hold the event loop of a test: a daemon that
+#: blocks its loop for longer stalls every connection it serves.
+SLOW_CALLBACK_S = 0.1
+
+
+class _LoopHoldGuard:
+    """Times every callback an event loop runs while a daemon runs in the test's process.
+
+    The time counted is the time the callback held its thread: asyncio's own
+    debug check (``slow_callback_duration``) takes the wall clock, which also
+    counts the time the thread waited for a core while other processes ran,
+    and on two busy cores fails tests at random. This one subtracts that wait
+    (the thread's ``run_delay`` in /proc/thread-self/schedstat), so what it
+    counts is the callback's own work and every blocking call it made (an
+    fsync, a sqlite commit, a read, a subprocess waited for). Garbage
+    collections are left out too: their length is that of the whole test
+    process's heap (Hypothesis, earlier tests), not the daemon's.
+    """
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        #: the daemons started in this process and not closed yet
+        self.running: set[int] = set()
+        self._local = threading.local()
+        self._run = asyncio.events.Handle._run
+        guard = self
+
+        def timed_run(handle: asyncio.Handle) -> None:
+            if not guard.running:
+                guard._run(handle)
+                return
+            began, waited, collected = time.monotonic(), guard._run_delay_s(), guard._gc_s()
+            guard._run(handle)
+            held = time.monotonic() - began - (guard._run_delay_s() - waited)
+            held -= guard._gc_s() - collected
+            if held > SLOW_CALLBACK_S:
+                what = asyncio.base_events._format_handle(handle)  # type: ignore[attr-defined]
+                guard.seen.append(f"{what} held the loop {held:.3f} s")
+
+        self.timed_run = timed_run
+        gc.callbacks.append(self._time_collection)
+
+    def _time_collection(self, phase: str, _: dict[str, int]) -> None:
+        if phase == "start":
+            self._local.gc_began = time.monotonic()
+        elif (began := getattr(self._local, "gc_began", None)) is not None:
+            self._local.gc_s = self._gc_s() + time.monotonic() - began
+
+    def _gc_s(self) -> float:
+        """Seconds this thread spent collecting garbage so far."""
+        return float(getattr(self._local, "gc_s", 0.0))
+
+    def _run_delay_s(self) -> float:
+        fd = getattr(self._local, "fd", None)
+        if fd is None:
+            fd = self._local.fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        return int(os.pread(fd, 128, 0).split()[1]) / 1e9
+
+
+_GUARD = _LoopHoldGuard()
+#: What runs a daemon inside the test's process, started and closed by these
+#: methods: while one runs, the test's event loop is the daemon's.
+_IN_PROCESS_DAEMONS = (
+    ("processserver.daemon", "ProcessServer"),
+    ("mastertarget.daemon", "MasterTarget"),
+    ("agent.group.service", "GroupService"),
+)
+
+
+@pytest.fixture(autouse=True)
+def _loop_never_blocks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Fail a test in which a callback held the event loop too long while a daemon ran in it."""
+    for module_name, class_name in _IN_PROCESS_DAEMONS:
+        cls = getattr(importlib.import_module(module_name), class_name)
+
+        async def started(*args: Any, __start: Any = cls.start, **kwargs: Any) -> Any:
+            daemon = await __start(*args, **kwargs)
+            _GUARD.running.add(id(daemon))
+            return daemon
+
+        async def closed(daemon: Any, *args: Any, __close: Any = cls.close, **kwargs: Any) -> Any:
+            _GUARD.running.discard(id(daemon))
+            return await __close(daemon, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "start", started)
+        monkeypatch.setattr(cls, "close", closed)
+    monkeypatch.setattr(asyncio.events.Handle, "_run", _GUARD.timed_run)
+    _GUARD.seen.clear()
+    _GUARD.running.clear()
+    yield
+    _GUARD.running.clear()
+    assert not _GUARD.seen, "callbacks held the event loop:\n" + "\n".join(_GUARD.seen)

@@ -115,9 +115,16 @@ async def test_rpo_is_never_better_than_the_truth_under_an_hour_of_skew(
         # Housekeeping evaluates the RPO every few seconds: wait for its figures.
         deadline = asyncio.get_running_loop().time() + TIMEOUT_S
         while True:
-            rpo = _metric(metrics_port, "blockrepl_mastertarget_rpo_seconds")
-            skew = _metric(metrics_port, "blockrepl_mastertarget_clock_skew_seconds")
-            applied = _metric(metrics_port, "blockrepl_mastertarget_applied_seq")
+            # Scraped on a thread: the process server runs on this loop meanwhile.
+            rpo = await asyncio.to_thread(
+                _metric, metrics_port, "blockrepl_mastertarget_rpo_seconds"
+            )
+            skew = await asyncio.to_thread(
+                _metric, metrics_port, "blockrepl_mastertarget_clock_skew_seconds"
+            )
+            applied = await asyncio.to_thread(
+                _metric, metrics_port, "blockrepl_mastertarget_applied_seq"
+            )
             # Figures of an evaluation after the last point: the skew it saw,
             # or the age it gave the point.
             evaluated = skew is not None and skew > 0 if offset == "-1h" else rpo and rpo > SLACK_S
@@ -125,7 +132,9 @@ async def test_rpo_is_never_better_than_the_truth_under_an_hour_of_skew(
                 break
             assert asyncio.get_running_loop().time() < deadline, (rpo, skew, applied)
             await asyncio.sleep(0.5)
-        exceeded = _metric(metrics_port, "blockrepl_mastertarget_rpo_exceeded")
+        exceeded = await asyncio.to_thread(
+            _metric, metrics_port, "blockrepl_mastertarget_rpo_exceeded"
+        )
     finally:
         await ps.close()
         daemon.stop()

@@ -48,7 +48,7 @@ async def test_kill_9_of_the_process_server_loses_no_acked_batch(
         + f"[metrics]\nport = {free_port()}\n"
     )
     daemon = Daemon(ps_conf, tmp_path / "ps.log", module="processserver.cli")
-    daemon.start()
+    await asyncio.to_thread(daemon.start)
     rng = random.Random(21)
     batches: list[tuple[int, list[Record]]] = []
     seq = 1
@@ -98,12 +98,12 @@ async def test_kill_9_of_the_process_server_loses_no_acked_batch(
             sending = asyncio.create_task(agent(session))
             for _ in range(KILLS):
                 await asyncio.sleep(rng.uniform(0.3, 1.0))
-                daemon.kill()
-                daemon.start()
+                await asyncio.to_thread(daemon.kill)  # the master target runs on this loop
+                await asyncio.to_thread(daemon.start)
             acked, failures = await asyncio.wait_for(sending, 120)
         await asyncio.wait_for(mt.replicas["vm01-d0"].wait_applied(StreamPosition(1, last)), 60)
     finally:
-        daemon.stop()
+        await asyncio.to_thread(daemon.stop)
         await mt.close()
     assert daemon.starts == KILLS + 1
     assert acked >= BATCHES // 2

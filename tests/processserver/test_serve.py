@@ -39,6 +39,6 @@ async def test_serve_runs_until_sigterm(deployment: Deployment, tmp_path: Path) 
             assert state["acked_seq"] == 0
     finally:
         proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=30)
+        output, _ = await asyncio.to_thread(proc.communicate, timeout=30)
     assert proc.returncode == 0, output.decode()
     assert b"process server ready" in output
