@@ -6,7 +6,13 @@ turns its answer into a typed result or an error of agent/errors.py:
 - a refused connection, a timeout, a reset, a 5xx: ``ProcessServerUnavailableError``
   (a 503 carries its ``Retry-After``) — worth retrying;
 - 403, 404, 400, 413: ``RefusedError`` — retrying cannot help;
-- 409 answers of POST batches are results, not errors: the stream decides.
+- 409 answers of POST batches are results, not errors: the stream decides
+  (protocol/reaction.py);
+- a 200 or 409 whose body breaks docs/api.md (protocol/api.py), or any
+  answer longer than :data:`~protocol.api.MAX_ANSWER_BYTES`: a malformed
+  answer, counted in ``malformed_answers``, logged (a few lines a minute at
+  most) and raised as ``ProcessServerUnavailableError`` — a failed exchange,
+  waited out and tried again like any other.
 
 :class:`ProcessServerPool` holds every configured process server and the
 policy for failures: back off (doubling, with jitter), honour Retry-After,
@@ -22,23 +28,29 @@ loop spin.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import ssl
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Final, Literal, TypeVar
+from typing import Final, TypeVar
 
 from agent.errors import ProcessServerUnavailableError, RefusedError
 from agent.fastimport import aiohttp
+from protocol.api import (
+    MAX_ANSWER_BYTES,
+    BatchesAnswer,
+    ErrorBody,
+    GenerationAnswer,
+    GenerationRequest,
+    PsDiskState,
+)
+from protocol.errors import ProtocolError
 from protocol.sequencing import StreamPosition
+from runtime.answers import read_answer
 from runtime.throttle import LogThrottle, held_back_note
 
 log = logging.getLogger("blockrepl.agent.client")
-
-T = TypeVar("T")
 
 #: Failures in a row after which the agent moves to the next process server:
 #: one failure may be a blip (a restart takes a second), three in a row over
@@ -57,38 +69,13 @@ RETRY_AFTER_MAX_S: Final = 30.0
 OUTAGE_REPORT_EVERY_S: Final = 60.0
 #: Bytes of a digest answer read at a time.
 READ_CHUNK: Final = 64 * 1024
-#: Bytes of an error answer kept for the message.
-MAX_ERROR_BODY: Final = 64 * 1024
 DIGEST_BYTES: Final = 16
+#: Malformed answers are a peer's bug, worth a warning, but one that answers
+#: every request so must not fill the log: 5 lines, then one a minute.
+MALFORMED_LOG_BURST: Final = 5
+MALFORMED_LOG_EVERY_S: Final = 60.0
 
-
-@dataclass(frozen=True, slots=True)
-class DiskState:
-    """A disk's stream at a process server (``GET /v1/disks/{disk}/state``)."""
-
-    generation: int
-    acked_seq: int
-    #: the last seq the master target acknowledged to this process server
-    shipped_seq: int
-    backlog_bytes: int
-    resync_required: bool
-
-
-@dataclass(frozen=True, slots=True)
-class PostAnswer:
-    """What a process server did with a request of batches.
-
-    ``fit`` is ``acked`` (every batch stored or a duplicate), ``gap`` or
-    ``overlap`` (send from ``expected_seq``), or ``stale-generation`` (the
-    process server is on ``current_generation``). ``generation`` and
-    ``acked_seq`` are the disk's acknowledged position there.
-    """
-
-    fit: Literal["acked", "gap", "overlap", "stale-generation"]
-    generation: int
-    acked_seq: int
-    expected_seq: int | None = None
-    current_generation: int | None = None
+T = TypeVar("T")
 
 
 class ProcessServerClient:
@@ -103,6 +90,9 @@ class ProcessServerClient:
             total=None, sock_connect=connect_timeout_s, sock_read=request_timeout_s
         )
         self._session: aiohttp.ClientSession | None = None
+        #: answers that broke docs/api.md (each one a failed exchange)
+        self.malformed_answers = 0
+        self._malformed_log = LogThrottle(MALFORMED_LOG_BURST, MALFORMED_LOG_EVERY_S)
 
     def _disk_url(self, disk_id: str, what: str) -> str:
         return f"{self.url}/v1/disks/{disk_id}/{what}"
@@ -122,34 +112,26 @@ class ProcessServerClient:
 
     async def post_batches(
         self, disk_id: str, body: bytes | AsyncIterable[bytes | memoryview]
-    ) -> PostAnswer:
-        """POST one or more batches; the answer says how far the disk is acknowledged.
+    ) -> BatchesAnswer:
+        """POST one or more batches; the answer says how far the disk is acknowledged,
+        or where the process server's stream stands (a 409 refusal).
 
         Raises:
-            ProcessServerUnavailableError: no answer, or 503 (with Retry-After).
+            ProcessServerUnavailableError: no answer, 503 (with Retry-After), or
+                a malformed answer.
             RefusedError: 400, 403, 404, 413.
         """
         url = self._disk_url(disk_id, "batches")
         headers = {"Content-Type": "application/octet-stream"}
-        status, answer = await self._json_exchange("POST", url, data=body, headers=headers)
-        if status == 200:
-            return PostAnswer("acked", _int(answer, "generation"), _int(answer, "acked_seq"))
-        error = answer.get("error")
-        if status == 409 and error in ("gap", "overlap"):
-            return PostAnswer(
-                "gap" if error == "gap" else "overlap", _int(answer, "generation"),
-                _int(answer, "acked_seq"), expected_seq=_int(answer, "expected_seq"),
-            )  # fmt: skip
-        if status == 409 and error == "stale-generation":
-            return PostAnswer(
-                "stale-generation", _int(answer, "generation"), _int(answer, "acked_seq"),
-                current_generation=_int(answer, "current_generation"),
-            )  # fmt: skip
-        raise self._refusal(status, answer, f"POST {url}")
+        what = f"POST {url}"
+        status, raw = await self._exchange("POST", url, data=body, headers=headers)
+        if status in (200, 409):
+            return self._parse(what, status, raw, BatchesAnswer.parse_bytes)
+        raise self._refusal(status, raw, what)
 
     async def state(
         self, disk_id: str, *, until_shipped: int | None = None, wait_s: float = 0.0
-    ) -> DiskState:
+    ) -> PsDiskState:
         """The disk's stream at this process server.
 
         Args:
@@ -162,37 +144,29 @@ class ProcessServerClient:
         url = self._disk_url(disk_id, "state")
         if until_shipped is not None:
             url += f"?shipped={until_shipped}&wait_s={wait_s:g}"
-        status, answer = await self._json_exchange("GET", url)
+        what = f"GET {url}"
+        status, raw = await self._exchange("GET", url)
         if status != 200:
-            raise self._refusal(status, answer, f"GET {url}")
-        return DiskState(
-            generation=_int(answer, "generation"),
-            acked_seq=_int(answer, "acked_seq"),
-            shipped_seq=_int(answer, "shipped_seq"),
-            backlog_bytes=_int(answer, "backlog_bytes"),
-            resync_required=answer.get("resync_required") is True,
-        )
+            raise self._refusal(status, raw, what)
+        return self._parse(what, status, raw, lambda _, body: PsDiskState.parse_bytes(body))
 
-    async def start_generation(self, disk_id: str, generation: int) -> PostAnswer:
+    async def start_generation(self, disk_id: str, generation: int) -> GenerationAnswer:
         """Start ``generation`` of the disk's stream (seq 1 comes next).
 
         Returns:
-            ``acked`` with the new generation, or ``stale-generation`` naming
-            the process server's current one when ``generation`` is not above it.
+            the disk's new position, or ``stale-generation`` naming the
+            process server's current one when ``generation`` is not above it.
 
         Raises:
             ProcessServerUnavailableError, RefusedError: as for :meth:`post_batches`.
         """
         url = self._disk_url(disk_id, "generation")
-        status, answer = await self._json_exchange(
-            "POST", url, json_body={"generation": generation}
-        )
-        if status == 200:
-            return PostAnswer("acked", _int(answer, "generation"), _int(answer, "acked_seq"))
-        if status == 409 and answer.get("error") == "stale-generation":
-            current = _int(answer, "current_generation")
-            return PostAnswer("stale-generation", current, 0, current_generation=current)
-        raise self._refusal(status, answer, f"POST {url}")
+        what = f"POST {url}"
+        request = GenerationRequest(generation).to_json()
+        status, raw = await self._exchange("POST", url, json_body=request)
+        if status in (200, 409):
+            return self._parse(what, status, raw, GenerationAnswer.parse_bytes)
+        raise self._refusal(status, raw, what)
 
     async def checksums(
         self,
@@ -223,8 +197,8 @@ class ProcessServerClient:
         try:
             async with self.session.get(url, params=params) as response:
                 if response.status != 200:
-                    answer = await _read_json(response)
-                    raise self._refusal(response.status, answer, f"GET {url}", response.headers)
+                    raw = await self._read(f"GET {url}", response)
+                    raise self._refusal(response.status, raw, f"GET {url}", response.headers)
                 applied = StreamPosition(
                     int(response.headers.get("X-Blockrepl-Applied-Generation", "0")),
                     int(response.headers.get("X-Blockrepl-Applied-Seq", "0")),
@@ -248,7 +222,7 @@ class ProcessServerClient:
             )
         return received
 
-    async def _json_exchange(
+    async def _exchange(
         self,
         method: str,
         url: str,
@@ -256,34 +230,56 @@ class ProcessServerClient:
         data: bytes | AsyncIterable[bytes | memoryview] | None = None,
         json_body: object | None = None,
         headers: dict[str, str] | None = None,
-    ) -> tuple[int, dict[str, object]]:
+    ) -> tuple[int, bytes]:
+        """One request; its status and whole body. A 5xx is raised as unavailable."""
+        what = f"{method} {url}"
         try:
             async with self.session.request(
                 method, url, data=data, json=json_body, headers=headers
             ) as response:
-                answer = await _read_json(response)
-                if response.status == 503 or response.status >= 500:
-                    raise _busy(
-                        self.url, f"{method} {url}", response.status, answer, response.headers
-                    )
-                return response.status, answer
+                raw = await self._read(what, response)
+                if response.status >= 500:
+                    raise _busy(self.url, what, response.status, raw, response.headers)
+                return response.status, raw
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise _unavailable(self.url, f"{method} {url}", exc) from exc
+            raise _unavailable(self.url, what, exc) from exc
+
+    async def _read(self, what: str, response: aiohttp.ClientResponse) -> bytes:
+        """The answer's body, read to its end within :data:`~protocol.api.MAX_ANSWER_BYTES`."""
+        try:
+            return await read_answer(
+                response.content, max_bytes=MAX_ANSWER_BYTES, what=f"the answer to {what}"
+            )
+        except ProtocolError as exc:
+            raise self._malformed(what, response.status, exc) from None
+
+    def _parse(self, what: str, status: int, raw: bytes, parse: Callable[[int, bytes], T]) -> T:
+        try:
+            return parse(status, raw)
+        except ProtocolError as exc:
+            raise self._malformed(what, status, exc) from None
+
+    def _malformed(
+        self, what: str, status: int, exc: ProtocolError
+    ) -> ProcessServerUnavailableError:
+        """Count and log an answer that breaks docs/api.md; the error to raise for it."""
+        self.malformed_answers += 1
+        message = f"{self.url} answered {what} with {status} and a body that breaks docs/api.md: "
+        message += exc.message
+        held = self._malformed_log.take(time.monotonic())
+        if held is not None:
+            log.warning("%s; taken as a failed exchange%s", message, held_back_note(held))
+        return ProcessServerUnavailableError(message)
 
     def _refusal(
-        self,
-        status: int,
-        answer: dict[str, object],
-        what: str,
-        headers: Mapping[str, str] | None = None,
+        self, status: int, raw: bytes, what: str, headers: Mapping[str, str] | None = None
     ) -> Exception:
         if status >= 500:
-            return _busy(self.url, what, status, answer, headers or {})
-        code = str(answer.get("error", "unknown"))
-        message = str(answer.get("message", "no message"))
+            return _busy(self.url, what, status, raw, headers or {})
+        answer = ErrorBody.explain(raw)
         return RefusedError(
-            f"{self.url} refused {what}: {status} {code}: {message}",
-            status=status, server_code=code,
+            f"{self.url} refused {what}: {status} {answer.error}: {answer.message}",
+            status=status, server_code=answer.error,
         )  # fmt: skip
 
 
@@ -427,43 +423,16 @@ class ProcessServerPool:
             return result
 
 
-async def _read_json(response: aiohttp.ClientResponse) -> dict[str, object]:
-    """The answer's JSON object, read to its end (:data:`MAX_ERROR_BODY` at most).
-
-    One ``read(n)`` returns what has arrived, which may be the first piece of
-    the answer only: the pieces are read until the end or the bound.
-    """
-    raw = b""
-    while len(raw) < MAX_ERROR_BODY and (
-        piece := await response.content.read(MAX_ERROR_BODY - len(raw))
-    ):
-        raw += piece
-    try:
-        answer = json.loads(raw) if raw else {}
-    except (ValueError, RecursionError):  # RecursionError: nested deeper than json parses
-        answer = {"error": "not-json", "message": raw[:200].decode("utf-8", "replace")}
-    return answer if isinstance(answer, dict) else {"error": "not-json", "message": str(answer)}
-
-
-def _int(answer: dict[str, object], key: str) -> int:
-    value = answer.get(key)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ProcessServerUnavailableError(
-            f"expected an integer {key} in the answer, found {value!r}"
-        )
-    return value
-
-
 def _busy(
-    base: str, what: str, status: int, answer: dict[str, object], headers: Mapping[str, str]
+    base: str, what: str, status: int, raw: bytes, headers: Mapping[str, str]
 ) -> ProcessServerUnavailableError:
     retry = headers.get("Retry-After")
     retry_after: float | None = None
     if status == 503 and isinstance(retry, str) and retry.strip().isdigit():
         retry_after = float(retry.strip())
+    answer = ErrorBody.explain(raw)
     return ProcessServerUnavailableError(
-        f"{base} answered {what} with {status} {answer.get('error', '')}: "
-        f"{answer.get('message', '')}",
+        f"{base} answered {what} with {status} {answer.error}: {answer.message}",
         retry_after_s=retry_after,
     )
 

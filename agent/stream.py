@@ -43,12 +43,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from agent.client import PostAnswer, ProcessServerPool
+from agent.client import ProcessServerPool
 from agent.errors import ProcessServerUnavailableError, StreamBrokenError
 from agent.journal import EntryKind, Journal, JournalEntry, encode
 from agent.source import SourceDisk
 from agent.state import AgentState, StreamRecord
+from protocol.api import BatchesAnswer, StaleGeneration
 from protocol.batch import BatchDecoder
+from protocol.reaction import Journaled, SendAction, react_to_batches
 from protocol.records import Buffer, Record, StreamFlags
 
 log = logging.getLogger("blockrepl.agent.stream")
@@ -188,11 +190,12 @@ class ReplicationStream:
             ProcessServerUnavailableError, RefusedError: see agent/client.py.
         """
         answer = await pool.call(lambda client: client.start_generation(disk_id, generation))
-        if answer.fit != "acked":
+        if isinstance(answer.outcome, StaleGeneration):
+            current = answer.outcome.current_generation
             raise StreamBrokenError(
-                f"disk {disk_id}: the process server is on generation "
-                f"{answer.current_generation}, not below {generation}",
-                details={"current_generation": answer.current_generation},
+                f"disk {disk_id}: the process server is on generation {current}, "
+                f"not below {generation}",
+                details={"current_generation": current},
             )
         record = StreamRecord(generation, 0)
         loop = asyncio.get_running_loop()
@@ -474,45 +477,26 @@ class ReplicationStream:
             size += part_bytes
         return body, size, counts
 
-    async def _handle(self, answer: PostAnswer, first: int) -> None:
-        if answer.fit == "stale-generation":
-            raise StreamBrokenError(
-                f"disk {self.disk_id}: the process server is on generation "
-                f"{answer.current_generation}, newer than this stream's {self.generation}"
-            )
-        if answer.fit == "acked":
-            await self._set_acked(answer.acked_seq)
-            return
-        expected = answer.expected_seq or 0
-        if expected > self.end_seq + 1:
-            raise StreamBrokenError(
-                f"disk {self.disk_id}: the process server expects seq {expected} of generation "
-                f"{self.generation}, but this agent gave out seqs only up to {self.end_seq}: "
-                "its state is older than the stream",
-                details=JOURNAL_BEHIND,
-            )
-        if expected <= self._record.trimmed_seq:
-            # It lags behind what the master target holds (it still ships
-            # older files, or cannot reach the master target): not yet.
-            await self._pool.failed(
-                ProcessServerUnavailableError(
-                    f"{self._pool.current.url} expects seq {expected}, which the master target "
-                    f"holds already (up to {self._record.trimmed_seq})"
+    async def _handle(self, answer: BatchesAnswer, first: int) -> None:
+        """Carry out protocol/reaction.py's decision on the answer to a request from ``first``."""
+        journal = Journaled(self.generation, self._record.trimmed_seq, self.end_seq)
+        decision = react_to_batches(answer, first, journal)
+        match decision.action:
+            case SendAction.BROKEN:
+                raise StreamBrokenError(
+                    f"disk {self.disk_id}: {decision.reason}",
+                    details=JOURNAL_BEHIND if decision.journal_behind else None,
                 )
-            )
-            return
-        if expected == first:
-            # It refused the very seq it asks for: sending it again at once
-            # would only loop. A failure, waited out like any other.
-            await self._pool.failed(
-                ProcessServerUnavailableError(
-                    f"{self._pool.current.url} answered {answer.fit} expecting seq {expected}, "
-                    "the seq the request began with"
+            case SendAction.ACKED:
+                await self._set_acked(decision.seq)
+            case SendAction.BACK_OFF:  # a failure, waited out like any other
+                await self._pool.failed(
+                    ProcessServerUnavailableError(f"{self._pool.current.url} {decision.reason}")
                 )
-            )
-            return
-        log.info("disk %s: %s; sending again from seq %d", self.disk_id, answer.fit, expected)
-        await self._set_acked(expected - 1)
+            case SendAction.RESEND:
+                log.info("disk %s: %s; sending again from seq %d", self.disk_id, decision.reason,
+                         decision.seq)  # fmt: skip
+                await self._set_acked(decision.seq - 1)
 
     async def _set_acked(self, seq: int) -> None:
         if seq > self.end_seq:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -21,13 +19,7 @@ from aiohttp import web
 
 from mastertarget.config import GroupConfig
 from mastertarget.errors import UnknownGroupError
-from mastertarget.groups import (
-    GroupPoint,
-    common_points,
-    group_point_json,
-    group_window,
-    select_group_point,
-)
+from mastertarget.groups import GroupPoint, common_points, group_window, select_group_point
 from mastertarget.points import RecoveryPoint
 from mastertarget.pointspec import (
     SpecKind,
@@ -40,6 +32,21 @@ from mastertarget.recovery import OutputFormat, RecoverResult, group_outputs, se
 from mastertarget.replica import DiskReplica
 from mastertarget.server import replica_or_404
 from mastertarget.state import StateStore
+from protocol.admin_api import (
+    FailoverRequest,
+    GroupPointEntry,
+    GroupPointsListing,
+    GroupRecoverAnswer,
+    GroupRecoverRequest,
+    MemberPosition,
+    PointEntry,
+    PointsListing,
+    RecoverAnswer,
+    RecoveredDisk,
+    RecoverRequest,
+    Window,
+)
+from protocol.api import ErrorBody
 from protocol.errors import BlockreplError, MalformedError
 from protocol.sequencing import StreamPosition
 from runtime.bodies import small_body
@@ -63,31 +70,23 @@ MAX_POINTS_LIMIT: Final = 100_000
 SOCKET_MODE: Final = 0o600
 
 
-def point_json(point: RecoveryPoint) -> dict[str, object]:
+def point_entry(point: RecoveryPoint) -> PointEntry:
     """One point as the admin API and ``points --json`` show it."""
-    return {
-        "time": format_time_ns(point.capture_ns),
-        "capture_ns": point.capture_ns,
-        "applied_ns": point.applied_ns,
-        "kind": point.kind.value,
-        "name": point.name,
-        "generation": point.generation,
-        "seq": point.seq,
-        "tag_id": point.tag_id.hex(),
-        "group_id": point.group_id,
-    }
+    return PointEntry(
+        format_time_ns(point.capture_ns), point.capture_ns, point.applied_ns, point.kind.value,
+        point.name, point.generation, point.seq, point.tag_id.hex(), point.group_id,
+    )  # fmt: skip
 
 
-def points_json(store: StateStore, disk_id: str, limit: int) -> dict[str, object]:
+def points_listing(store: StateStore, disk_id: str, limit: int) -> PointsListing:
     """The answer of ``GET /v1/disks/{disk}/points``: the window, and the
     ``limit`` newest consistent points, newest first."""
     counts, oldest, newest = store.consistent_summary(disk_id)
     total = sum(counts.values())
     offered = store.newest_consistent(disk_id, limit)
     window = format_window([p for p in (oldest, newest) if p is not None])
-    window["points"] = total
-    return {"disk": disk_id, "window": window, "points": [point_json(p) for p in offered],
-            "more": total > len(offered)}  # fmt: skip
+    return PointsListing(disk_id, Window.parse({**window, "points": total}),
+                         tuple(point_entry(p) for p in offered), total > len(offered))  # fmt: skip
 
 
 def parse_limit(text: str | None) -> int:
@@ -103,50 +102,31 @@ def parse_limit(text: str | None) -> int:
     return int(text)
 
 
-def result_json(result: RecoverResult) -> dict[str, object]:
-    return {
-        "point": point_json(result.point),
-        "copied_bytes": result.copied_bytes,
-        "undo_parts": result.undo_parts,
-        "undo_bytes": result.undo_bytes,
-        "copy_s": round(result.copy_s, 3),
-        "total_s": round(result.total_s, 3),
-    }
+def recover_answer(result: RecoverResult) -> RecoverAnswer:
+    return RecoverAnswer(
+        point_entry(result.point), result.copied_bytes, result.undo_parts, result.undo_bytes,
+        round(result.copy_s, 3), round(result.total_s, 3),
+    )  # fmt: skip
 
 
 def _replica(request: web.Request) -> DiskReplica:
     return replica_or_404(request.app[ADMIN].replicas, request)
 
 
-async def _body(request: web.Request) -> dict[str, object]:
-    raw = await small_body(
+async def _body(request: web.Request) -> bytes:
+    return await small_body(
         request,
         max_bytes=MAX_ADMIN_BODY,
         timeout_s=request.app[ADMIN].config.connections.body_timeout_s,
     )
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, or nested too deep
-        raise MalformedError(
-            f"expected a JSON object, found bytes that do not parse: {exc}"
-        ) from None
-    if not isinstance(body, dict):
-        raise MalformedError(f"expected a JSON object, found {type(body).__name__}")
-    return body
 
 
-async def _choose(replica: DiskReplica, text: object) -> RecoveryPoint:
-    spec = parse_spec(_spec_text(text))
+async def _choose(replica: DiskReplica, text: str) -> RecoveryPoint:
+    spec = parse_spec(text)
     if spec.kind is SpecKind.LATEST:  # every received change first (lowest RPO)
         await _drain(replica)
     applied: StreamPosition = replica.applied
     return select_point(spec, replica.points(), processed_seq=(applied.generation, applied.seq))
-
-
-def _spec_text(text: object) -> str:
-    if not isinstance(text, str):
-        raise MalformedError(f"expected 'point' to be a SPEC string, found {text!r}")
-    return text
 
 
 async def _drain(replica: DiskReplica) -> None:
@@ -162,7 +142,7 @@ async def _drain(replica: DiskReplica) -> None:
 
 
 def _error(exc: BlockreplError) -> web.Response:
-    return web.json_response(exc.to_json(), status=exc.http_status)
+    return web.json_response(ErrorBody.of(exc).to_json(), status=exc.http_status)
 
 
 async def get_points(request: web.Request) -> web.StreamResponse:
@@ -174,40 +154,35 @@ async def get_points(request: web.Request) -> web.StreamResponse:
         return _error(exc)
     loop = asyncio.get_running_loop()
     answer = await loop.run_in_executor(
-        mt.executor, points_json, mt.store, replica.config.id, limit
+        mt.executor, points_listing, mt.store, replica.config.id, limit
     )
-    return web.json_response(answer)
+    return web.json_response(answer.to_json())
 
 
 async def post_recover(request: web.Request) -> web.StreamResponse:
     replica = _replica(request)
     mt = request.app[ADMIN]
     try:
-        body = await _body(request)
-        output, fmt = body.get("output"), body.get("format", "raw")
-        if not isinstance(output, str) or not os.path.isabs(output):
-            raise MalformedError(f"expected 'output' to be an absolute path, found {output!r}")
-        if fmt not in ("raw", "vmdk"):
-            raise MalformedError(f"expected 'format' raw or vmdk, found {fmt!r}")
-        point = await _choose(replica, body.get("point"))
+        asked = RecoverRequest.parse_bytes(await _body(request))
+        point = await _choose(replica, asked.point)
         with mt.metrics.recover_seconds.time():
-            result = await replica.recover(point, Path(output), fmt)
+            result = await replica.recover(point, Path(asked.output), asked.format)
     except BlockreplError as exc:
         return _error(exc)
-    return web.json_response(result_json(result))
+    return web.json_response(recover_answer(result).to_json())
 
 
 async def post_failover(request: web.Request) -> web.StreamResponse:
     replica = _replica(request)
     mt = request.app[ADMIN]
     try:
-        body = await _body(request)
-        point = await _choose(replica, body.get("point"))
+        asked = FailoverRequest.parse_bytes(await _body(request))
+        point = await _choose(replica, asked.point)
         with mt.metrics.failover_seconds.time():
             result = await replica.failover(point)
     except BlockreplError as exc:
         return _error(exc)
-    return web.json_response(result_json(result))
+    return web.json_response(recover_answer(result).to_json())
 
 
 # --- consistency groups ---------------------------------------------------------------
@@ -234,28 +209,34 @@ def group_points(store: StateStore, group: GroupConfig) -> list[GroupPoint]:
     return common_points(group.id, group.disks, store.group_points(group.id, group.disks))
 
 
-def group_points_json(store: StateStore, group: GroupConfig, limit: int) -> dict[str, object]:
+def group_point_entry(point: GroupPoint) -> GroupPointEntry:
+    """One group point as the admin API and ``points --group --json`` show it."""
+    members = {m.disk_id: MemberPosition(m.generation, m.seq) for m in point.members}
+    return GroupPointEntry(
+        format_time_ns(point.capture_ns), point.capture_ns, point.applied_ns, point.kind,
+        point.name, point.tag_id.hex(), members,
+    )  # fmt: skip
+
+
+def group_points_listing(store: StateStore, group: GroupConfig, limit: int) -> GroupPointsListing:
     """The answer of ``GET /v1/groups/{group}/points``: the window and the
     ``limit`` newest group points, newest first."""
     points = group_points(store, group)
     offered = points[::-1][:limit]
-    return {"group": group.id, "disks": list(group.disks), "window": group_window(points),
-            "points": [group_point_json(p) for p in offered],
-            "more": len(points) > len(offered)}  # fmt: skip
+    return GroupPointsListing(
+        group.id, tuple(group.disks), Window.parse(group_window(points)),
+        tuple(group_point_entry(p) for p in offered), len(points) > len(offered),
+    )  # fmt: skip
 
 
-def group_result_json(
+def group_recover_answer(
     point: GroupPoint, outputs: dict[str, Path], results: list[RecoverResult], total_s: float
-) -> dict[str, object]:
-    return {
-        "group": point.group_id,
-        "point": group_point_json(point),
-        "disks": {
-            r.point.disk_id: {"output": str(outputs[r.point.disk_id]), **result_json(r)}
-            for r in results
-        },
-        "total_s": round(total_s, 3),
+) -> GroupRecoverAnswer:
+    disks = {
+        r.point.disk_id: RecoveredDisk(str(outputs[r.point.disk_id]), recover_answer(r))
+        for r in results
     }
+    return GroupRecoverAnswer(point.group_id, group_point_entry(point), disks, round(total_s, 3))
 
 
 async def get_group_points(request: web.Request) -> web.StreamResponse:
@@ -266,8 +247,8 @@ async def get_group_points(request: web.Request) -> web.StreamResponse:
     except BlockreplError as exc:
         return _error(exc)
     loop = asyncio.get_running_loop()
-    answer = await loop.run_in_executor(mt.executor, group_points_json, mt.store, group, limit)
-    return web.json_response(answer)
+    answer = await loop.run_in_executor(mt.executor, group_points_listing, mt.store, group, limit)
+    return web.json_response(answer.to_json())
 
 
 async def post_group_recover(request: web.Request) -> web.StreamResponse:
@@ -276,15 +257,9 @@ async def post_group_recover(request: web.Request) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     try:
         group = group_of(mt.config.groups, request.match_info["group"])
-        body = await _body(request)
-        directory, fmt = body.get("output_dir"), body.get("format", "raw")
-        if not isinstance(directory, str) or not os.path.isabs(directory):
-            raise MalformedError(
-                f"expected 'output_dir' to be an absolute path, found {directory!r}"
-            )
-        if fmt not in ("raw", "vmdk"):
-            raise MalformedError(f"expected 'format' raw or vmdk, found {fmt!r}")
-        spec = parse_spec(_spec_text(body.get("point")))
+        asked = GroupRecoverRequest.parse_bytes(await _body(request))
+        directory, fmt = asked.output_dir, asked.format
+        spec = parse_spec(asked.point)
         replicas = [mt.replicas[disk] for disk in group.disks]
         with contextlib.ExitStack() as history:
             for replica in replicas:  # before the point is chosen: its undo data must stay
@@ -300,7 +275,8 @@ async def post_group_recover(request: web.Request) -> web.StreamResponse:
             results = await _recover_members(mt, point, outputs, fmt)
     except BlockreplError as exc:
         return _error(exc)
-    return web.json_response(group_result_json(point, outputs, results, time.monotonic() - started))
+    answer = group_recover_answer(point, outputs, results, time.monotonic() - started)
+    return web.json_response(answer.to_json())
 
 
 async def _recover_members(

@@ -28,10 +28,10 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 import aiohttp
 
@@ -40,11 +40,11 @@ from mastertarget.admin import (
     DEFAULT_POINTS_LIMIT,
     group_of,
     group_points,
-    group_points_json,
-    group_result_json,
+    group_points_listing,
+    group_recover_answer,
     parse_limit,
-    points_json,
-    result_json,
+    points_listing,
+    recover_answer,
 )
 from mastertarget.config import GroupConfig, MasterTargetConfig
 from mastertarget.daemon import JOURNAL_DIR, STATE_DB, MasterTarget
@@ -71,11 +71,26 @@ from mastertarget.retention_volume import (
 )
 from mastertarget.state import StateStore
 from mastertarget.vsphere.cli import add_commands as add_vsphere_commands
+from protocol.admin_api import (
+    MAX_ADMIN_ANSWER_BYTES,
+    FailoverRequest,
+    GroupPointsListing,
+    GroupRecoverAnswer,
+    GroupRecoverRequest,
+    PointsListing,
+    RecoverAnswer,
+    RecoverRequest,
+)
+from protocol.api import ErrorBody
 from protocol.errors import BlockreplError
+from protocol.jsonbody import loads
+from runtime.answers import read_answer
 from runtime.errors import InvalidArgumentError
 from runtime.keyfile import load_keyring
 from runtime.logs import setup_logging
 from runtime.service import run_daemon
+
+T = TypeVar("T")
 
 PROG: Final = "mastertarget"
 #: A recover or failover of a large disk takes long: wait for the daemon's answer.
@@ -140,24 +155,38 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _admin(
-    config: MasterTargetConfig, method: str, path: str, body: dict[str, object] | None
-) -> dict[str, object] | None:
-    """Ask the running daemon; None when no daemon listens on the admin socket."""
+    config: MasterTargetConfig,
+    method: str,
+    path: str,
+    body: dict[str, object] | None,
+    parse: Callable[[object], T],
+) -> T | None:
+    """Ask the running daemon; None when no daemon listens on the admin socket.
+
+    Args:
+        parse: reads the answer (protocol/admin_api.py).
+
+    Raises:
+        _AdminError: the daemon refused; its message says why.
+        MalformedError, LimitExceededError: the answer breaks docs/api.md.
+    """
     if not config.admin_socket.exists():
         return None
     connector = aiohttp.UnixConnector(path=str(config.admin_socket))
     timeout = aiohttp.ClientTimeout(total=ADMIN_TIMEOUT_S)
+    what = f"the daemon's answer to {method} {path}"
     try:
         async with (
             aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
             session.request(method, f"http://mastertarget{path}", json=body) as answer,
         ):
-            data: dict[str, object] = await answer.json()
-            if answer.status != 200:
-                raise _AdminError(str(data.get("message", data)), int(answer.status))
-            return data
+            raw = await read_answer(answer.content, max_bytes=MAX_ADMIN_ANSWER_BYTES, what=what)
+            status = answer.status
     except aiohttp.ClientConnectionError:
         return None  # a socket file left by a daemon that died
+    if status != 200:
+        raise _AdminError(ErrorBody.explain(raw).message, status)
+    return parse(loads(raw, what))
 
 
 class _AdminError(Exception):
@@ -172,57 +201,52 @@ def _points(args: argparse.Namespace) -> int:
         return _group_points(args, config)
     limit = parse_limit(str(args.limit))
     path = f"/v1/disks/{args.disk}/points?limit={limit}"
-    data = asyncio.run(_admin(config, "GET", path, None))
-    if data is None:
+    listing = asyncio.run(_admin(config, "GET", path, None, PointsListing.parse))
+    if listing is None:
         if config.disk(args.disk) is None:
             raise DiskError(f"disk {args.disk!r} is not in the config")
         store = StateStore(config.retention.dir / STATE_DB)
         try:
-            data = points_json(store, args.disk, limit)
+            listing = points_listing(store, args.disk, limit)
         finally:
             store.close()
     if args.json:
-        print(json.dumps(data))
+        print(json.dumps(listing.to_json()))
         return 0
-    window = data["window"]
-    assert isinstance(window, dict)
-    points = data["points"]
-    assert isinstance(points, list)
-    print(f"disk {args.disk}: {window['points']} points from {window['oldest']} to "
-          f"{window['newest']} ({window['window_s'] / 3600:.1f} h)")  # fmt: skip
+    window = listing.window
+    print(f"disk {args.disk}: {window.points} points from {window.oldest} to "
+          f"{window.newest} ({window.window_s / 3600:.1f} h)")  # fmt: skip
     print(f"{'time (UTC)':<32} {'kind':<6} {'seq':>12}  name")
-    for point in points:
-        print(f"{point['time']:<32} {point['kind']:<6} {point['seq']:>12}  {point['name']}")
-    if data.get("more"):
-        print(f"(the newest {len(points)} shown; --limit N for more)")
+    for point in listing.points:
+        print(f"{point.time:<32} {point.kind:<6} {point.seq:>12}  {point.name}")
+    if listing.more:
+        print(f"(the newest {len(listing.points)} shown; --limit N for more)")
     return 0
 
 
 def _group_points(args: argparse.Namespace, config: MasterTargetConfig) -> int:
     group = group_of(config.groups, args.group)
     limit = parse_limit(str(args.limit))
-    data = asyncio.run(_admin(config, "GET", f"/v1/groups/{group.id}/points?limit={limit}", None))
-    if data is None:
+    path = f"/v1/groups/{group.id}/points?limit={limit}"
+    listing = asyncio.run(_admin(config, "GET", path, None, GroupPointsListing.parse))
+    if listing is None:
         store = StateStore(config.retention.dir / STATE_DB)
         try:
-            data = group_points_json(store, group, limit)
+            listing = group_points_listing(store, group, limit)
         finally:
             store.close()
     if args.json:
-        print(json.dumps(data))
+        print(json.dumps(listing.to_json()))
         return 0
-    window = data["window"]
-    points = data["points"]
-    assert isinstance(window, dict)
-    assert isinstance(points, list)
-    hours = window["window_s"] / 3600
-    print(f"group {group.id} ({', '.join(group.disks)}): {window['points']} common points "
-          f"from {window['oldest']} to {window['newest']} ({hours:.1f} h)")  # fmt: skip
+    window = listing.window
+    hours = window.window_s / 3600
+    print(f"group {group.id} ({', '.join(group.disks)}): {window.points} common points "
+          f"from {window.oldest} to {window.newest} ({hours:.1f} h)")  # fmt: skip
     print(f"{'time (UTC)':<32} {'kind':<6} name")
-    for point in points:
-        print(f"{point['time']:<32} {point['kind']:<6} {point['name']}")
-    if data.get("more"):
-        print(f"(the newest {len(points)} shown; --limit N for more)")
+    for point in listing.points:
+        print(f"{point.time:<32} {point.kind:<6} {point.name}")
+    if listing.more:
+        print(f"(the newest {len(listing.points)} shown; --limit N for more)")
     return 0
 
 
@@ -295,19 +319,20 @@ def _recover(args: argparse.Namespace) -> int:
             "recover --disk takes --output FILE (--output-dir is for --group)"
         )
     output = args.output.resolve()
-    body: dict[str, object] = {"point": args.point, "output": str(output), "format": args.format}
+    body = RecoverRequest(args.point, str(output), args.format).to_json()
     if sys.stderr.isatty():
         print(f"recovering disk {args.disk} at {args.point} into {output} ...", file=sys.stderr)
-    data = asyncio.run(_admin(config, "POST", f"/v1/disks/{args.disk}/recover", body))
-    if data is None:
+    path = f"/v1/disks/{args.disk}/recover"
+    answer = asyncio.run(_admin(config, "POST", path, body, RecoverAnswer.parse))
+    if answer is None:
         with _offline(config, args.disk, args.point) as disk:
             result = recover_copy(
                 target=disk.target, lock=threading.Lock(), journal=disk.journal,
                 store=disk.store, point=disk.point, output=output, output_format=args.format,
                 progress=_bar("copy"),
             )  # fmt: skip
-        data = result_json(result)
-    return _report(args, data, f"recovered disk {args.disk} into {output}")
+        answer = recover_answer(result)
+    return _report(args, answer, f"recovered disk {args.disk} into {output}")
 
 
 def _recover_group(args: argparse.Namespace, config: MasterTargetConfig) -> int:
@@ -317,31 +342,28 @@ def _recover_group(args: argparse.Namespace, config: MasterTargetConfig) -> int:
             "recover --group takes --output-dir DIR (--output is for --disk)"
         )
     directory = args.output_dir.resolve()
-    body: dict[str, object] = {"point": args.point, "output_dir": str(directory),
-                               "format": args.format}  # fmt: skip
+    body = GroupRecoverRequest(args.point, str(directory), args.format).to_json()
     if sys.stderr.isatty():
         print(f"recovering group {group.id} at {args.point} into {directory} ...",
               file=sys.stderr)  # fmt: skip
-    data = asyncio.run(_admin(config, "POST", f"/v1/groups/{group.id}/recover", body))
-    if data is None:
-        data = _recover_group_offline(config, group, args.point, directory, args.format)
+    path = f"/v1/groups/{group.id}/recover"
+    answer = asyncio.run(_admin(config, "POST", path, body, GroupRecoverAnswer.parse))
+    if answer is None:
+        answer = _recover_group_offline(config, group, args.point, directory, args.format)
     if args.json:
-        print(json.dumps(data))
+        print(json.dumps(answer.to_json()))
         return 0
-    point = data["point"]
-    disks = data["disks"]
-    assert isinstance(point, dict)
-    assert isinstance(disks, dict)
-    print(f"recovered group {group.id} at {point['kind']} group point {point['name']} of "
-          f"{point['time']} into {directory}: {', '.join(sorted(disks))} in "
-          f"{data['total_s']} s")  # fmt: skip
+    point = answer.point
+    print(f"recovered group {group.id} at {point.kind} group point {point.name} of "
+          f"{point.time} into {directory}: {', '.join(sorted(answer.disks))} in "
+          f"{answer.total_s} s")  # fmt: skip
     return 0
 
 
 def _recover_group_offline(
     config: MasterTargetConfig, group: GroupConfig, spec: str, directory: Path,
     output_format: OutputFormat,
-) -> dict[str, object]:  # fmt: skip
+) -> GroupRecoverAnswer:  # fmt: skip
     """Every disk of the group at one group point, on the retention volume directly."""
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
@@ -370,32 +392,31 @@ def _recover_group_offline(
         except BaseException:
             set_aside([outputs[r.point.disk_id] for r in results])
             raise
-    return group_result_json(point, outputs, results, time.monotonic() - started)
+    return group_recover_answer(point, outputs, results, time.monotonic() - started)
 
 
 def _failover(args: argparse.Namespace) -> int:
     config = mt_config.load(args.config)
-    data = asyncio.run(
-        _admin(config, "POST", f"/v1/disks/{args.disk}/failover", {"point": args.point})
-    )
-    if data is None:
+    path = f"/v1/disks/{args.disk}/failover"
+    body = FailoverRequest(args.point).to_json()
+    answer = asyncio.run(_admin(config, "POST", path, body, RecoverAnswer.parse))
+    if answer is None:
         with _offline(config, args.disk, args.point) as disk:
             result = failover_in_place(
                 target=disk.target, journal=disk.journal, store=disk.store, point=disk.point
             )
-        data = result_json(result)
-    return _report(args, data, f"failed disk {args.disk} over in place")
+        answer = recover_answer(result)
+    return _report(args, answer, f"failed disk {args.disk} over in place")
 
 
-def _report(args: argparse.Namespace, data: dict[str, object], what: str) -> int:
+def _report(args: argparse.Namespace, answer: RecoverAnswer, what: str) -> int:
     if args.json:
-        print(json.dumps(data))
+        print(json.dumps(answer.to_json()))
         return 0
-    point = data["point"]
-    assert isinstance(point, dict)
-    name = point["name"] or "(file end)"
-    print(f"{what} at {point['kind']} point seq {point['seq']} {name} of {point['time']} "
-          f"in {data['total_s']} s ({data['undo_parts']} undo parts)")  # fmt: skip
+    point = answer.point
+    name = point.name or "(file end)"
+    print(f"{what} at {point.kind} point seq {point.seq} {name} of {point.time} "
+          f"in {answer.total_s} s ({answer.undo_parts} undo parts)")  # fmt: skip
     return 0
 
 

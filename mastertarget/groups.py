@@ -143,19 +143,6 @@ def group_window(points: Sequence[GroupPoint]) -> dict[str, object]:
     }
 
 
-def group_point_json(point: GroupPoint) -> dict[str, object]:
-    """One group point as the admin API and ``points --group --json`` show it."""
-    return {
-        "time": format_time_ns(point.capture_ns),
-        "capture_ns": point.capture_ns,
-        "applied_ns": point.applied_ns,
-        "kind": point.kind,
-        "name": point.name,
-        "tag_id": point.tag_id.hex(),
-        "disks": {m.disk_id: {"generation": m.generation, "seq": m.seq} for m in point.members},
-    }
-
-
 def _not_found(spec: PointSpec, group_id: str, points: Sequence[GroupPoint]) -> PointNotFoundError:
     details: dict[str, object] = {"spec": str(spec), "group": group_id,
                                   "window": group_window(points)}  # fmt: skip

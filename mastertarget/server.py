@@ -20,12 +20,22 @@ from aiohttp import web
 from mastertarget.config import MAX_HRL_FILE_BYTES
 from mastertarget.replica import DiskReplica
 from mastertarget.state import DiskState
+from protocol.api import (
+    DiskList,
+    DiskSummary,
+    ErrorBody,
+    FailedOver,
+    HrlAnswer,
+    MtDiskState,
+    ReceivedPosition,
+    refusal_of,
+)
 from protocol.batch import NEED_DATA
 from protocol.errors import BlockreplError, LimitExceededError, MalformedError, TruncatedError
 from protocol.hrl import HrlHeader
 from protocol.hrl_receiver import FileReceived, HeaderReady, HrlReceiver
 from protocol.limits import GiB, MiB
-from protocol.sequencing import Admission, Fit
+from protocol.sequencing import Fit
 from runtime.bodies import body_pieces
 from runtime.errors import BodyTimeoutError, DurabilityError, PeerIdentityError
 from runtime.tls import connection_identity
@@ -59,11 +69,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _error(status: int, code: str, message: str, **details: object) -> web.Response:
-    return web.json_response({"error": code, "message": message, **details}, status=status)
+    return web.json_response(ErrorBody(code, message, details).to_json(), status=status)
 
 
 def _from_exception(exc: BlockreplError) -> web.Response:
-    response = web.json_response(exc.to_json(), status=exc.http_status)
+    response = web.json_response(ErrorBody.of(exc).to_json(), status=exc.http_status)
     if exc.http_status == 503:
         response.headers["Retry-After"] = str(RETRY_AFTER_S)
     if isinstance(exc, BodyTimeoutError):
@@ -100,13 +110,10 @@ def replica_or_404(replicas: Mapping[str, DiskReplica], request: web.Request) ->
     disk_id = request.match_info["disk"]
     replica = replicas.get(disk_id)
     if replica is None:
-        raise web.HTTPNotFound(
-            text=json.dumps(
-                {"error": "unknown-disk",
-                 "message": f"disk {disk_id!r} is not replicated to this master target"}
-            ),
-            content_type="application/json",
-        )  # fmt: skip
+        refusal = ErrorBody(
+            "unknown-disk", f"disk {disk_id!r} is not replicated to this master target"
+        )
+        raise web.HTTPNotFound(text=json.dumps(refusal.to_json()), content_type="application/json")
     return replica
 
 
@@ -114,29 +121,15 @@ def _replica(request: web.Request) -> DiskReplica:
     return replica_or_404(request.app[MT].replicas, request)
 
 
-def _position_json(replica: DiskReplica) -> dict[str, object]:
-    return {
-        "disk": replica.config.id,
-        "generation": replica.received.generation,
-        "received_seq": replica.received.seq,
-        "applied_generation": replica.applied.generation,
-        "applied_seq": replica.applied.seq,
-    }
+def _position(replica: DiskReplica) -> ReceivedPosition:
+    received, applied = replica.received, replica.applied
+    return ReceivedPosition(
+        replica.config.id, received.generation, received.seq, applied.generation, applied.seq
+    )
 
 
-def _refusal(replica: DiskReplica, verdict: Admission) -> web.Response:
-    body = _position_json(replica)
-    if verdict.fit is Fit.STALE:
-        return _error(
-            409, "stale-generation",
-            f"generation is older than the current generation {verdict.generation}",
-            current_generation=verdict.generation, **body,
-        )  # fmt: skip
-    return _error(
-        409, verdict.fit.value,
-        f"expected seq {verdict.expected_seq} of generation {verdict.generation} next",
-        expected_seq=verdict.expected_seq, **body,
-    )  # fmt: skip
+def _answer(answer: HrlAnswer) -> web.Response:
+    return web.json_response(answer.to_json(), status=answer.status)
 
 
 def _int_segment(request: web.Request, name: str) -> int:
@@ -154,11 +147,11 @@ async def put_hrl(request: web.Request) -> web.StreamResponse:
         generation = _int_segment(request, "generation")
         seq = _int_segment(request, "seq")
         if replica.state is DiskState.FAILED_OVER:
-            return _error(
-                409, "failed-over",
+            refusal = FailedOver(
                 f"disk {replica.config.id} was failed over: it takes no more replication "
-                "data until it is protected again",
-            )  # fmt: skip
+                "data until it is protected again"
+            )
+            return _answer(HrlAnswer(None, refusal))
         if request.content_length is not None and request.content_length > MAX_HRL_FILE_BYTES:
             raise LimitExceededError(
                 f"an HRL file may be at most {MAX_HRL_FILE_BYTES} bytes, found "
@@ -185,8 +178,8 @@ async def put_hrl(request: web.Request) -> web.StreamResponse:
     if verdict.fit is Fit.DUPLICATE:
         mt.metrics.duplicates.labels(replica.config.id).inc()
     elif verdict.fit is not Fit.NEXT:
-        return _refusal(replica, verdict)
-    return web.json_response(_position_json(replica))
+        return _answer(HrlAnswer(_position(replica), refusal_of(verdict)))
+    return _answer(HrlAnswer(_position(replica)))
 
 
 async def _receive(
@@ -230,34 +223,23 @@ def _check_header(header: HrlHeader, disk_id: str, generation: int, seq: int) ->
 async def get_state(request: web.Request) -> web.StreamResponse:
     """GET /v1/disks/{disk}/state."""
     status = _replica(request).status()
-    return web.json_response(
-        {
-            "disk": status.disk_id,
-            "generation": status.received.generation,
-            "received_seq": status.received.seq,
-            "applied_generation": status.applied.generation,
-            "applied_seq": status.applied.seq,
-            "target_size": status.target_size,
-            "state": status.state.value,
-            "resync_open": status.resync_open,
-            "last_apply_error": status.last_error,
-            "inbox_files": status.inbox_files,
-            "inbox_bytes": status.inbox_bytes,
-        }
-    )
+    received, applied = status.received, status.applied
+    state = MtDiskState(
+        ReceivedPosition(status.disk_id, received.generation, received.seq,
+                         applied.generation, applied.seq),
+        status.target_size, status.state.value, status.resync_open, status.last_error,
+        status.inbox_files, status.inbox_bytes,
+    )  # fmt: skip
+    return web.json_response(state.to_json())
 
 
 async def get_disks(request: web.Request) -> web.StreamResponse:
     """GET /v1/disks: every disk replicated here, with its state."""
     mt = request.app[MT]
-    return web.json_response(
-        {
-            "disks": [
-                {"disk": r.config.id, "state": r.state.value, "applied_seq": r.applied.seq}
-                for r in mt.replicas.values()
-            ]
-        }
-    )
+    disks = DiskList(tuple(
+        DiskSummary(r.config.id, r.state.value, r.applied.seq) for r in mt.replicas.values()
+    ))  # fmt: skip
+    return web.json_response(disks.to_json())
 
 
 def _query_int(request: web.Request, name: str, default: int | None = None) -> int:

@@ -35,7 +35,10 @@ from processserver.metrics import PREFIX, ProcessServerMetrics
 from processserver.positions import DiskPosition, PositionStore
 from processserver.server import build_app
 from processserver.shipper import Shipper
+from protocol.api import MAX_ANSWER_BYTES, ErrorBody, MtDiskState
+from protocol.errors import ProtocolError
 from protocol.sequencing import StreamPosition
+from runtime.answers import read_answer
 from runtime.config import TlsFiles
 from runtime.inflight import CANCEL_TIMEOUT_S, InFlight
 from runtime.keyfile import load_keyring
@@ -273,13 +276,21 @@ class ProcessServer:
         url = f"{self.shipper.base_url}/v1/disks/{disk.disk_id}/state"
         try:
             async with self.shipper.session.get(url, timeout=FOLLOW_TIMEOUT) as response:
-                answer = await response.json() if response.status == 200 else {}
-            there = StreamPosition(int(answer["generation"]), int(answer["received_seq"]))
-        except (
-            aiohttp.ClientError, OSError, TimeoutError, ValueError, LookupError, TypeError,
-            OverflowError, RecursionError,  # an infinite number; JSON nested too deep
-        ):  # fmt: skip
+                raw = await read_answer(response.content, max_bytes=MAX_ANSWER_BYTES,
+                                        what="the master target's disk state")  # fmt: skip
+                if response.status != 200:
+                    log.debug("disk %s: the master target answered %d to %s: %s", disk.disk_id,
+                              response.status, url, ErrorBody.explain(raw).to_json())  # fmt: skip
+                    return False
+            state = MtDiskState.parse_bytes(raw)
+        except ProtocolError as exc:
+            self.metrics.malformed_answers.labels("state").inc()
+            log.warning("disk %s: the master target's answer to %s breaks docs/api.md: %s; "
+                        "the gap stands", disk.disk_id, url, exc.message)  # fmt: skip
             return False
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return False
+        there = StreamPosition(state.position.generation, state.position.received_seq)
         if disk.cached or there <= disk.position.acked:
             return False
         moved = replace(disk.position, acked=there, shipped_seq=there.seq, resync_required=False)

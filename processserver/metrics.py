@@ -20,6 +20,11 @@ ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 
 SHIP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+#: The calls to the master target whose answers are counted when malformed:
+#: shipping a file, reading a disk's position, passing a checksum refusal on.
+MALFORMED_ANSWER_CALLS = ("put-hrl", "state", "checksums")
+
+
 class ProcessServerMetrics:
     """Every series the process server exports."""
 
@@ -78,6 +83,13 @@ class ProcessServerMetrics:
             f"{PREFIX}_ship_retries", "Transfers to the master target that failed and wait.",
             disk, registry=registry,
         )  # fmt: skip
+        self.malformed_answers = Counter(
+            f"{PREFIX}_malformed_answers", "Answers of the master target that broke docs/api.md "
+            "(each taken as a failed exchange), by the call they answered.", ["call"],
+            registry=registry,
+        )  # fmt: skip
+        for call in MALFORMED_ANSWER_CALLS:
+            self.malformed_answers.labels(call)  # the series exist from the start
         self.ship_seconds = Histogram(
             f"{PREFIX}_ship_seconds", "Time of one transfer to the master target.",
             buckets=SHIP_BUCKETS, registry=registry,

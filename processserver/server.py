@@ -8,7 +8,6 @@ runs: no byte of its body is read (DESIGN.md invariant 7).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -19,9 +18,21 @@ import aiohttp
 from aiohttp import web
 
 from processserver.ingest import DiskIngest, Verdict
+from protocol.api import (
+    MAX_ANSWER_BYTES,
+    AckedPosition,
+    BatchesAnswer,
+    ErrorBody,
+    GenerationAnswer,
+    GenerationRequest,
+    PsDiskState,
+    StaleGeneration,
+    refusal_of,
+)
 from protocol.batch import BatchDecoder
-from protocol.errors import BlockreplError, MalformedError
+from protocol.errors import BlockreplError, MalformedError, ProtocolError
 from protocol.sequencing import Fit, StreamPosition
+from runtime.answers import read_answer
 from runtime.bodies import body_pieces, small_body
 from runtime.errors import BodyTimeoutError, DurabilityError, PeerIdentityError
 from runtime.tls import connection_identity
@@ -48,7 +59,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _error(status: int, code: str, message: str, **details: object) -> web.Response:
-    response = web.json_response({"error": code, "message": message, **details}, status=status)
+    response = web.json_response(ErrorBody(code, message, details).to_json(), status=status)
     if status == 503:
         response.headers["Retry-After"] = str(RETRY_AFTER_S)
     return response
@@ -88,23 +99,17 @@ def _disk(request: web.Request) -> DiskIngest:
     return request.app[PS].disks[request.match_info["disk"]]
 
 
-def _answer(disk: DiskIngest, verdict: Verdict | None) -> web.Response:
+def _position(disk: DiskIngest) -> AckedPosition:
     acked = disk.position.acked
-    body = {"disk": disk.disk_id, "generation": acked.generation, "acked_seq": acked.seq}
-    if verdict is None or verdict.admission.fit in (Fit.NEXT, Fit.DUPLICATE):
-        return web.json_response(body)
-    admission = verdict.admission
-    if admission.fit is Fit.STALE:
-        return _error(
-            409, "stale-generation",
-            f"generation is older than the current generation {admission.generation}",
-            current_generation=admission.generation, **body,
-        )  # fmt: skip
-    return _error(
-        409, admission.fit.value,
-        f"expected seq {admission.expected_seq} of generation {admission.generation} next",
-        expected_seq=admission.expected_seq, **body,
-    )  # fmt: skip
+    return AckedPosition(disk.disk_id, acked.generation, acked.seq)
+
+
+def _answer(disk: DiskIngest, verdict: Verdict | None) -> web.Response:
+    refusal = None
+    if verdict is not None and verdict.admission.fit not in (Fit.NEXT, Fit.DUPLICATE):
+        refusal = refusal_of(verdict.admission)
+    answer = BatchesAnswer(_position(disk), refusal)
+    return web.json_response(answer.to_json(), status=answer.status)
 
 
 async def post_batches(request: web.Request) -> web.StreamResponse:
@@ -178,17 +183,12 @@ async def get_state(request: web.Request) -> web.StreamResponse:
             return _from_exception(exc)
         await disk.wait_shipped(int(seq), wait_s)
     backlog_bytes, _ = ps.backlog(disk.disk_id)
-    return web.json_response(
-        {
-            "disk": disk.disk_id,
-            "generation": disk.position.acked.generation,
-            "acked_seq": disk.position.acked.seq,
-            "shipped_seq": disk.position.shipped_seq,
-            "backlog_bytes": backlog_bytes,
-            "backlog_age_s": ps.backlog_age_s(disk.disk_id),
-            "resync_required": disk.position.resync_required,
-        }
-    )
+    position = disk.position
+    state = PsDiskState(
+        disk.disk_id, position.acked.generation, position.acked.seq, position.shipped_seq,
+        backlog_bytes, ps.backlog_age_s(disk.disk_id), position.resync_required,
+    )  # fmt: skip
+    return web.json_response(state.to_json())
 
 
 def _query_number(
@@ -215,25 +215,19 @@ async def post_generation(request: web.Request) -> web.StreamResponse:
         raw = await small_body(
             request, max_bytes=MAX_SMALL_BODY, timeout_s=ps.config.connections.body_timeout_s
         )
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError):  # RecursionError: nested deeper than json parses
-            raise MalformedError('expected a JSON object {"generation": N}') from None
-        generation = body.get("generation") if isinstance(body, dict) else None
-        if not isinstance(generation, int) or isinstance(generation, bool):
-            raise MalformedError(f"expected an integer generation, found {generation!r}")
+        generation = GenerationRequest.parse_bytes(raw).generation
         async with disk.lock:
             current = disk.position.acked.generation
             if generation <= current:
-                return _error(
-                    409, "stale-generation",
+                refusal = StaleGeneration(
+                    current,
                     f"a new generation must be above the current {current}, found {generation}",
-                    current_generation=current,
-                )  # fmt: skip
+                )
+                return web.json_response(GenerationAnswer(refusal).to_json(), status=409)
             await ps.start_generation(disk, StreamPosition(generation, 0))
     except BlockreplError as exc:
         return _from_exception(exc)
-    return _answer(disk, None)
+    return web.json_response(GenerationAnswer(_position(disk)).to_json())
 
 
 #: Headers of the master target's checksum answer that the agent needs.
@@ -257,10 +251,7 @@ async def get_checksums(request: web.Request) -> web.StreamResponse:
     try:
         async with shipper.session.get(url) as upstream:
             if upstream.status != 200:
-                return web.Response(
-                    body=await upstream.read(), status=upstream.status,
-                    content_type="application/json",
-                )  # fmt: skip
+                return await _refusal_passed_on(ps, upstream)
             response = web.StreamResponse(
                 headers={h: upstream.headers[h] for h in PASSED_HEADERS if h in upstream.headers}
             )
@@ -281,6 +272,27 @@ async def get_checksums(request: web.Request) -> web.StreamResponse:
             503, "master-target-unreachable",
             f"the master target at {shipper.base_url} did not answer: {exc}",
         )  # fmt: skip
+
+
+async def _refusal_passed_on(ps: ProcessServer, upstream: aiohttp.ClientResponse) -> web.Response:
+    """The master target's refusal of a checksum request, as it gave it; one
+    that breaks docs/api.md (or is longer than an answer may be) is counted
+    and answered 503, as if the master target had not answered."""
+    try:
+        raw = await read_answer(upstream.content, max_bytes=MAX_ANSWER_BYTES,
+                                what="the master target's refusal")  # fmt: skip
+        refusal = ErrorBody.parse_bytes(raw)
+    except ProtocolError as exc:
+        ps.metrics.malformed_answers.labels("checksums").inc()
+        ps.metrics.rejects.labels("master-target-unreachable").inc()
+        log.warning("the master target answered a checksum request with %d and a body that "
+                    "breaks docs/api.md: %s", upstream.status, exc.message)  # fmt: skip
+        return _error(
+            503, "master-target-unreachable",
+            f"the master target at {ps.shipper.base_url} answered {upstream.status} with a "
+            f"body that breaks docs/api.md: {exc.message}",
+        )  # fmt: skip
+    return web.json_response(refusal.to_json(), status=upstream.status)
 
 
 def build_app(ps: ProcessServer) -> web.Application:

@@ -3,7 +3,8 @@
 One task per disk takes the disk's cached files oldest first and PUTs them
 to the master target (docs/api.md), a bounded number at a time over all
 disks. A file is deleted only after the master target's 200 (DESIGN.md
-invariant 1). On a refusal the master target's answer decides:
+invariant 1). On a refusal the master target's answer decides, as
+protocol/reaction.py says:
 
 - ``gap`` / ``overlap``: the master target expects an earlier seq. If it
   expects a seq this cache still holds, shipping goes on from there; if the
@@ -13,7 +14,10 @@ invariant 1). On a refusal the master target's answer decides:
 - ``stale-generation``: the master target is on a newer generation; files of
   older generations are dropped;
 - ``failed-over``: the disk takes no more data; shipping stops;
-- 503 or no answer: back-off with jitter, doubling from 0.5 s to 30 s.
+- 503 or no answer: back-off with jitter, doubling from 0.5 s to 30 s;
+- an answer that breaks docs/api.md (protocol/api.py), or is longer than
+  any answer may be: counted in ``malformed_answers_total{call="put-hrl"}``
+  and ``ship_retries_total``, logged, and backed off like a 503.
 
 A reload with new client TLS files (:meth:`Shipper.replace_tls`) opens a new
 session for new transfers; transfers in flight finish on the old one, which
@@ -34,6 +38,10 @@ import aiohttp
 from processserver.cache import CachedFile
 from processserver.config import MasterTargetLink
 from processserver.ingest import DiskIngest
+from protocol.api import CONFLICT, MAX_ANSWER_BYTES, OK, ErrorBody, HrlAnswer
+from protocol.errors import ProtocolError
+from protocol.reaction import ShipAction, ShipDecision, react_to_hrl
+from runtime.answers import read_answer
 from runtime.service import vital
 
 if TYPE_CHECKING:
@@ -116,43 +124,60 @@ class Shipper:
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
 
     async def _send(self, disk: DiskIngest, head: CachedFile) -> bool:
-        """Send one file; False when the caller should back off."""
+        """Send one file and carry out what its answer decides; False when the
+        caller should back off."""
         ps = self._ps
         loop = asyncio.get_running_loop()
         url = f"{self._base}/v1/disks/{disk.disk_id}/hrl/{head.generation}/{head.first_seq}"
+        status = 0
         try:
             data = await loop.run_in_executor(ps.executor, head.path.read_bytes)
             started = loop.time()
             async with self._session.put(url, data=data) as response:
-                answer = await response.json(content_type=None)
                 status = response.status
+                raw = await read_answer(response.content, max_bytes=MAX_ANSWER_BYTES,
+                                        what=f"the answer to {head.path.name}")  # fmt: skip
             ps.metrics.ship_seconds.observe(loop.time() - started)
+            answer = HrlAnswer.parse_bytes(status, raw) if status in (OK, CONFLICT) else None
+        except ProtocolError as exc:
+            ps.metrics.malformed_answers.labels("put-hrl").inc()
+            ps.metrics.ship_retries.labels(disk.disk_id).inc()
+            log.warning("disk %s: the master target answered %s with %d and a body that breaks "
+                        "docs/api.md: %s", disk.disk_id, head.path.name, status,
+                        exc.message)  # fmt: skip
+            return False
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
             ps.metrics.ship_retries.labels(disk.disk_id).inc()
             log.debug("disk %s: shipping %s failed: %s", disk.disk_id, head.path.name, exc)
             return False
-        if status == 200:
-            await self._shipped(disk, head, len(data))
+        if answer is None:
+            ps.metrics.ship_retries.labels(disk.disk_id).inc()
+            log.warning("disk %s: the master target answered %d to %s: %s", disk.disk_id, status,
+                        head.path.name, ErrorBody.explain(raw).to_json())  # fmt: skip
+            return False
+        return await self._carry_out(disk, head, len(data), react_to_hrl(answer, disk.cached))
+
+    async def _carry_out(
+        self, disk: DiskIngest, head: CachedFile, size: int, decision: ShipDecision
+    ) -> bool:
+        """Do what protocol/reaction.py decided; False when the caller should back off."""
+        if decision.action is ShipAction.SHIPPED:
+            await self._shipped(disk, head, size)
             return True
-        error = answer.get("error") if isinstance(answer, dict) else None
-        if status == 409 and error in ("gap", "overlap"):
-            expected = _answer_int(answer, "expected_seq")
-            if expected is not None:
-                return await self._realign(disk, head, expected)
-        elif status == 409 and error == "stale-generation":
-            current = _answer_int(answer, "current_generation")
-            if current is not None:
-                # Nothing older to drop: the master target refused what it
-                # should take. Sending it again at once would only loop.
-                return await self._drop_older(disk, current) > 0
-        if status == 409 and error == "failed-over":
-            log.warning("disk %s: the master target failed it over; shipping stops", disk.disk_id)
-            ps.mark_failed_over(disk.disk_id)
+        if decision.action is ShipAction.STOP:
+            log.warning("disk %s: %s; shipping stops", disk.disk_id, decision.reason)
+            self._ps.mark_failed_over(disk.disk_id)
             return True
-        ps.metrics.ship_retries.labels(disk.disk_id).inc()
-        log.warning("disk %s: the master target answered %d to %s: %s", disk.disk_id, status,
-                    head.path.name, answer)  # fmt: skip
-        return False
+        await self._drop(disk, decision.held)  # the master target holds these already
+        if decision.resync:
+            log.error("disk %s: %s; the disk needs a resync", disk.disk_id, decision.reason)
+            await self._ps.require_resync(disk)
+        await self._drop(disk, decision.older)  # of generations that can never be whole
+        if decision.action is ShipAction.BACK_OFF:
+            # A refusal with no way forward: sending the same file again at once would loop.
+            log.debug("disk %s: %s; backing off", disk.disk_id, decision.reason)
+            return False
+        return True
 
     async def _shipped(self, disk: DiskIngest, head: CachedFile, size: int) -> None:
         ps = self._ps
@@ -164,39 +189,10 @@ class Shipper:
         ps.metrics.bytes_out.labels(disk.disk_id).inc(size)
         ps.metrics.files_out.labels(disk.disk_id).inc()
 
-    async def _realign(self, disk: DiskIngest, head: CachedFile, expected: int) -> bool:
-        """The master target wants ``expected`` next: drop what it has, or resync.
-
-        False (back off) when nothing changed: it refused the very file it asks for.
-        """
-        while disk.cached and disk.cached[0].last_seq < expected:
-            await self._shipped(disk, disk.cached[0], 0)  # it holds these already
-        if disk.cached and disk.cached[0].first_seq == expected:
-            return disk.cached[0] is not head
-        log.error(
-            "disk %s: the master target expects seq %d, which this cache no longer holds; "
-            "the disk needs a resync", disk.disk_id, expected,
-        )  # fmt: skip
-        await self._ps.require_resync(disk)
-        if disk.cached and any(f.generation > disk.cached[0].generation for f in disk.cached):
-            # The agent has started a newer generation: the broken one can never be whole.
-            await self._drop_older(disk, max(f.generation for f in disk.cached))
-            return True
-        return False
-
-    async def _drop_older(self, disk: DiskIngest, generation: int) -> int:
-        """Drop the files of generations before ``generation``; how many went."""
-        dropped = 0
-        while disk.cached and disk.cached[0].generation < generation:
+    async def _drop(self, disk: DiskIngest, count: int) -> None:
+        """Drop ``count`` files from the head of the disk's cache, as shipped."""
+        for _ in range(count):
             await self._shipped(disk, disk.cached[0], 0)
-            dropped += 1
-        return dropped
-
-
-def _answer_int(answer: object, key: str) -> int | None:
-    """``answer[key]`` when the answer is an object holding an integer there."""
-    value = answer.get(key) if isinstance(answer, dict) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _new_session(tls: ssl.SSLContext, link: MasterTargetLink) -> aiohttp.ClientSession:

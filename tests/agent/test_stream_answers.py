@@ -45,7 +45,14 @@ async def _confused_process_server(
         first = next(iter(decoder.events())).header.first_seq
         posts.append(first)
         return web.json_response(
-            {"error": "gap", "generation": 1, "acked_seq": first - 1, "expected_seq": first},
+            {
+                "error": "gap",
+                "message": f"expected seq {first} of generation 1 next",
+                "expected_seq": first,
+                "disk": DISK,
+                "generation": 1,
+                "acked_seq": first - 1,
+            },
             status=409,
         )
 
@@ -55,7 +62,7 @@ async def _confused_process_server(
     async def state(_: web.Request) -> web.Response:
         return web.json_response(
             {"disk": DISK, "generation": 1, "acked_seq": 0, "shipped_seq": 0,
-             "backlog_bytes": 0, "resync_required": False}
+             "backlog_bytes": 0, "backlog_age_s": 0.0, "resync_required": False}
         )  # fmt: skip
 
     routes: list[Route] = [

@@ -34,6 +34,9 @@ REFUSING_S = 2.0
 #: PUTs a shipper backing off from 0.5 s (doubling, jitter 0.5-1.5) can make
 #: in REFUSING_S; one sending again at once makes hundreds.
 MAX_PUTS = 8
+#: What every refusal carries besides its code and number (docs/api.md).
+REFUSAL = {"message": "m", "disk": DISK, "generation": 1, "received_seq": 0,
+           "applied_generation": 1, "applied_seq": 0}  # fmt: skip
 
 
 @contextlib.asynccontextmanager
@@ -53,9 +56,9 @@ async def _refusing_master_target(
 @pytest.mark.parametrize(
     "answer",
     [
-        {"error": "gap", "expected_seq": 1, "generation": 1},  # the file it just refused
-        {"error": "overlap", "expected_seq": 1, "generation": 1},
-        {"error": "stale-generation", "current_generation": 1},  # nothing older is cached
+        {"error": "gap", "expected_seq": 1, **REFUSAL},  # the file it just refused
+        {"error": "overlap", "expected_seq": 1, **REFUSAL},
+        {"error": "stale-generation", "current_generation": 1, **REFUSAL},  # nothing older
         {"error": "gap"},  # no expected_seq
         {"error": "gap", "expected_seq": "1"},  # not an integer
         {"error": "stale-generation", "current_generation": None},

@@ -49,7 +49,7 @@ async def _always_newer(deployment: Deployment, port: int) -> AsyncIterator[list
         newer = (generations[-1] if generations else 0) + 1
         return web.json_response(
             {"disk": DISK, "generation": newer, "acked_seq": 0, "shipped_seq": 0,
-             "backlog_bytes": 0, "resync_required": False}
+             "backlog_bytes": 0, "backlog_age_s": 0.0, "resync_required": False}
         )  # fmt: skip
 
     routes: list[Route] = [

@@ -1,0 +1,207 @@
+"""What a sender does with a receiver's answer: the decisions of the agent's
+stream and of the process server's shipper, as pure functions.
+
+A sender sends a run of its stream and gets an answer (protocol/api.py):
+the receiver took it, or refused it naming where its stream stands
+(protocol/sequencing.py). What to do next depends on what the sender holds,
+and every refusal needs a way forward. One that names none — a gap
+expecting the very seq just sent, a stale generation with nothing older to
+drop — is waited out like a failed exchange (:attr:`SendAction.BACK_OFF`,
+:attr:`ShipAction.BACK_OFF`): sending the same run again at once would loop
+as fast as the network allows.
+
+The callers (agent/stream.py, processserver/shipper.py) carry the decisions
+out; these functions only decide, so every answer kind is tested without a
+socket (tests/protocol/test_reaction.py).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from protocol.api import BatchesAnswer, FailedOver, HrlAnswer, SeqRefusal, StaleGeneration
+
+# --- the agent: its journal, sent to a process server ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Journaled:
+    """What an agent's stream holds: seqs ``trimmed_seq + 1 .. end_seq`` of ``generation``
+    are journaled; the master target holds every seq up to ``trimmed_seq``."""
+
+    generation: int
+    trimmed_seq: int
+    end_seq: int
+
+
+class SendAction(enum.Enum):
+    #: the process server holds every seq up to ``seq``
+    ACKED = "acked"
+    #: send again from ``seq``
+    RESEND = "resend"
+    #: no way forward now: a failed exchange, waited out
+    BACK_OFF = "back-off"
+    #: the stream cannot go on in its generation: the owner starts a new one
+    BROKEN = "broken"
+
+
+@dataclass(frozen=True, slots=True)
+class SendDecision:
+    """What the stream does after an answer; ``reason`` says why, for a log line or an error."""
+
+    action: SendAction
+    seq: int = 0
+    reason: str = ""
+    #: BROKEN because the process server holds seqs this journal never had
+    journal_behind: bool = False
+
+
+def react_to_batches(answer: BatchesAnswer, first_seq: int, journal: Journaled) -> SendDecision:
+    """The stream's next step after ``answer`` to a request that began at ``first_seq``.
+
+    - 200: acknowledged up to ``acked_seq`` — unless that is past what this
+      agent gave out (its state is older than the stream): BROKEN;
+    - ``stale-generation``: the process server is on a newer generation: BROKEN;
+    - ``gap``/``overlap``: send again from ``expected_seq``, if this journal
+      holds it and it is not the seq the request began with; a seq past the
+      journal's end is BROKEN, one the master target holds already (the
+      process server lags behind it) or the very seq just sent is BACK_OFF.
+    """
+    refusal = answer.refusal
+    if refusal is None:
+        acked = answer.position.acked_seq
+        if acked > journal.end_seq:
+            return SendDecision(
+                SendAction.BROKEN, acked, journal_behind=True,
+                reason=f"the process server acknowledged seq {acked} of generation "
+                f"{journal.generation}, but this agent gave out seqs only up to {journal.end_seq}",
+            )  # fmt: skip
+        return SendDecision(SendAction.ACKED, acked)
+    if isinstance(refusal, StaleGeneration):
+        return SendDecision(
+            SendAction.BROKEN, reason=f"the process server is on generation "
+            f"{refusal.current_generation}, newer than this stream's {journal.generation}",
+        )  # fmt: skip
+    return _send_again(refusal, first_seq, journal)
+
+
+def _send_again(refusal: SeqRefusal, first_seq: int, journal: Journaled) -> SendDecision:
+    expected = refusal.expected_seq
+    if expected > journal.end_seq + 1:
+        return SendDecision(
+            SendAction.BROKEN, expected, journal_behind=True,
+            reason=f"the process server expects seq {expected} of generation "
+            f"{journal.generation}, but this agent gave out seqs only up to {journal.end_seq}: "
+            "its state is older than the stream",
+        )  # fmt: skip
+    if expected <= journal.trimmed_seq:
+        # It lags behind what the master target holds (it still ships older
+        # files, or cannot reach the master target): not yet.
+        return SendDecision(
+            SendAction.BACK_OFF, expected, reason=f"expects seq {expected}, which the master "
+            f"target holds already (up to {journal.trimmed_seq})",
+        )  # fmt: skip
+    if expected == first_seq:
+        return SendDecision(
+            SendAction.BACK_OFF, expected, reason=f"answered {refusal.code} expecting seq "
+            f"{expected}, the seq the request began with",
+        )  # fmt: skip
+    return SendDecision(SendAction.RESEND, expected, reason=refusal.code)
+
+
+# --- the process server: its cache, shipped to the master target -------------------------
+
+
+class CachedRun(Protocol):
+    """A cached file as the shipper's decisions see it: a run of one generation."""
+
+    @property
+    def generation(self) -> int: ...
+    @property
+    def first_seq(self) -> int: ...
+    @property
+    def last_seq(self) -> int: ...
+
+
+class ShipAction(enum.Enum):
+    #: the master target holds the file sent durably: delete it, send the next
+    SHIPPED = "shipped"
+    #: files were dropped (see the decision's counts): send the next at once
+    GO_ON = "go-on"
+    #: no way forward now: wait (the back-off), then send the same file again
+    BACK_OFF = "back-off"
+    #: the disk was failed over: ship nothing more of it
+    STOP = "stop"
+
+
+@dataclass(frozen=True, slots=True)
+class ShipDecision:
+    """What the shipper does after an answer, in this order: drop ``held`` files
+    from the head of the cache as shipped (the master target holds them), mark
+    the disk resync-required if ``resync``, then drop ``older`` more files of
+    older generations from the head."""
+
+    action: ShipAction
+    held: int = 0
+    resync: bool = False
+    older: int = 0
+    reason: str = ""
+
+
+def react_to_hrl(answer: HrlAnswer, cached: Sequence[CachedRun]) -> ShipDecision:
+    """The shipper's next step after ``answer`` to the PUT of ``cached[0]``.
+
+    Args:
+        cached: the disk's cached files, oldest first; the first was sent.
+
+    - 200: SHIPPED;
+    - ``gap``/``overlap``: the files that end before ``expected_seq`` are
+      held already; if the next file starts at ``expected_seq`` shipping goes
+      on from it (BACK_OFF if that is the file just sent). Otherwise the seqs
+      the master target needs are gone: resync — and if the agent started a
+      newer generation meanwhile, the broken one's files are dropped (GO_ON);
+    - ``stale-generation``: the files of older generations are dropped; with
+      none to drop, BACK_OFF;
+    - ``failed-over``: STOP.
+    """
+    refusal = answer.refusal
+    if refusal is None:
+        return ShipDecision(ShipAction.SHIPPED)
+    if isinstance(refusal, FailedOver):
+        return ShipDecision(ShipAction.STOP, reason="the master target failed it over")
+    if isinstance(refusal, StaleGeneration):
+        older = _leading_older(cached, 0, refusal.current_generation)
+        action = ShipAction.GO_ON if older else ShipAction.BACK_OFF
+        return ShipDecision(action, older=older, reason=f"the master target is on generation "
+                            f"{refusal.current_generation}")  # fmt: skip
+    return _realign(refusal, cached)
+
+
+def _realign(refusal: SeqRefusal, cached: Sequence[CachedRun]) -> ShipDecision:
+    expected = refusal.expected_seq
+    held = 0
+    while held < len(cached) and cached[held].last_seq < expected:
+        held += 1
+    if held < len(cached) and cached[held].first_seq == expected:
+        action = ShipAction.GO_ON if held else ShipAction.BACK_OFF  # held 0: the file just sent
+        return ShipDecision(action, held=held, reason=f"{refusal.code} expecting seq {expected}")
+    reason = f"the master target expects seq {expected}, which this cache no longer holds"
+    rest = cached[held:]
+    newest = max((f.generation for f in rest), default=0)
+    if rest and newest > rest[0].generation:
+        # The agent has started a newer generation: the broken one can never be whole.
+        older = _leading_older(cached, held, newest)
+        return ShipDecision(ShipAction.GO_ON, held=held, resync=True, older=older, reason=reason)
+    return ShipDecision(ShipAction.BACK_OFF, held=held, resync=True, reason=reason)
+
+
+def _leading_older(cached: Sequence[CachedRun], start: int, generation: int) -> int:
+    """How many files from ``cached[start]`` on are, one after the other, of generations
+    before ``generation``."""
+    count = 0
+    while start + count < len(cached) and cached[start + count].generation < generation:
+        count += 1
+    return count
