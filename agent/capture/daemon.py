@@ -287,8 +287,7 @@ class CaptureDaemon:
                 done = wire.Frame(wire.FrameType.RESYNCED, rid=0, body=ranges)
                 replication.after_ship(stream.generation, stream.end_seq, done)
         else:
-            replication.pending = set(dirty)
-            replication.window_open = bool(dirty)
+            replication.window.unclean_start(dirty)
             if dirty and len(dirty) < geometry.regions:
                 log.warning(
                     "disk %s: the last stop was not clean: %d dirty regions (%d bytes) will be "
@@ -436,7 +435,7 @@ class CaptureDaemon:
         self.clean_stop = (
             status == 0 and intake is not None and intake.bye and intake.idle
             and replication is not None and stream is not None and self.failure is None
-            and not replication.pending and not replication.window_open
+            and replication.window.settled
         )  # fmt: skip
         if replication is not None:
             self._final_status = replication.status()

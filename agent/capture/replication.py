@@ -13,8 +13,9 @@ journaled (acknowledged JOURNALED) or only left dirty (DIRTY) — never lost:
 
 A request left dirty means the target misses a write that later ones may
 follow: from then until a resync pass ends, every batch carries the stream
-flag RESYNC (the *window*), so the master target offers no recovery point
-there (DESIGN.md invariant 6). The pass's last batch carries RESYNC_END.
+flag RESYNC (the *window*, held by :class:`~agent.capture.window.ResyncWindow`),
+so the master target offers no recovery point there (DESIGN.md invariant 6).
+The pass's last batch carries RESYNC_END.
 
 The plugin keeps the dirty map; this side tells it what became clean:
 SHIPPED once the master target holds a batch of live requests, RESYNCED once
@@ -39,6 +40,7 @@ from typing import Final
 from agent.capture.plugin import wire
 from agent.capture.plugin.dirtymap import Geometry
 from agent.capture.records import Request, pack, records_of, regions_of
+from agent.capture.window import ResyncWindow
 from agent.client import ProcessServerPool
 from agent.config import TABLE_RESERVE_BYTES, AgentConfig
 from agent.errors import (
@@ -52,7 +54,7 @@ from agent.state import AgentState
 from agent.stream import JOURNAL_BEHIND, ReplicationStream
 from protocol.errors import BlockreplError
 from protocol.limits import MAX_BATCH_PAYLOAD
-from protocol.records import NO_FLAGS, Record, StreamFlags, Tag, Write, Zero
+from protocol.records import Record, StreamFlags, Tag, Write, Zero
 from protocol.sequencing import StreamPosition
 
 log = logging.getLogger("blockrepl.agent.capture")
@@ -81,8 +83,6 @@ RESTART_FIRST_S: Final = 1.0
 RESTART_MAX_S: Final = REOPEN_AFTER_S
 #: The position before any generation.
 NOTHING_YET: Final = StreamPosition(0, 0)
-RESYNC: Final = StreamFlags.RESYNC
-RESYNC_END: Final = StreamFlags.RESYNC | StreamFlags.RESYNC_END
 
 
 class Mode(enum.Enum):
@@ -164,22 +164,14 @@ class CaptureReplication:
     #: one appender at a time: a group of requests, a resync batch, or a tag round
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     stream: ReplicationStream | None = None
-    #: regions that need a resync (the plugin keeps the same, durably)
-    pending: set[int] = field(default_factory=set)
-    #: regions the resync pass under way took from :attr:`pending`
-    resyncing: int = 0
-    #: every batch carries RESYNC until a pass ends the window
-    window_open: bool = False
+    #: what needs a resync, and the flags batches carry meanwhile
+    window: ResyncWindow = field(default_factory=ResyncWindow)
     #: the highest request id seen from the plugin
     received_rid: int = 0
     stats: CaptureStats = field(default_factory=CaptureStats)
     next_stream: NewGeneration | Reopen | None = None
     _overflow: bool = False
     _ship_actions: deque[ShipAction] = field(default_factory=deque)
-    #: counts live appends; regions -> the count at their latest live append,
-    #: kept while a resync pass runs (it re-reads what changed after it read)
-    stamp: int = 0
-    live_stamps: dict[int, int] | None = None
     _failures: dict[int, BaseException] = field(default_factory=dict)
     #: what the master target is known to hold from before the current
     #: generation: a pass compares digests only once it is applied
@@ -231,8 +223,7 @@ class CaptureReplication:
         """The source write of a request failed: its range needs a resync."""
         self.received_rid = max(self.received_rid, frame.rid)
         self.stats.failed_requests += 1
-        self.pending.update(self.geometry.regions_of(frame.offset, frame.length))
-        self.window_open = True
+        self.window.source_failed(self.geometry.regions_of(frame.offset, frame.length))
         self.changed()
 
     async def commit(self, requests: Sequence[Request]) -> wire.AckStatus:
@@ -243,15 +234,18 @@ class CaptureReplication:
                 return self._leave_dirty(requests)
             records = [record for request in requests for record in records_of(request)]
             capture_ns = (requests[0].received_ns, requests[-1].received_ns)
+            flags = self.window.live_flags()
             try:
-                data, zeros = await self.append_batches(stream, records, self._flags(), capture_ns)
+                data, zeros = await self.append_batches(stream, records, flags, capture_ns)
             except BlockreplError as exc:
                 self.report_failure(stream, exc)
                 return self._leave_dirty(requests)
-            self.stamp += 1
-            if self.live_stamps is not None:
-                for region in regions_of(self.geometry, requests):
-                    self.live_stamps[region] = self.stamp
+            # A generator: the regions are worked out only while a pass needs their stamps.
+            geometry = self.geometry
+            self.window.journaled(
+                region for request in requests
+                for region in geometry.regions_of(request.frame.offset, request.frame.length)
+            )  # fmt: skip
             shipped = wire.Frame(wire.FrameType.SHIPPED, rid=requests[-1].rid)
             self._ship_actions.append(ShipAction(stream.generation, stream.end_seq, shipped))
             self.stats.journaled_requests += len(requests)
@@ -286,9 +280,6 @@ class CaptureReplication:
         zeros = sum(r.length for r in records if isinstance(r, Zero))
         return data, zeros
 
-    def _flags(self) -> StreamFlags:
-        return RESYNC if self.window_open else NO_FLAGS
-
     def _full(self, stream: ReplicationStream) -> bool:
         """Whether the journal is over its bound (with a way back at half of it)."""
         used = stream.journal_bytes
@@ -308,8 +299,7 @@ class CaptureReplication:
         return self._overflow
 
     def _leave_dirty(self, requests: Sequence[Request]) -> wire.AckStatus:
-        self.pending.update(regions_of(self.geometry, requests))
-        self.window_open = True
+        self.window.left_dirty(regions_of(self.geometry, requests))
         self.stats.dirty_requests += len(requests)
         self.changed()
         return wire.AckStatus.DIRTY
@@ -330,9 +320,9 @@ class CaptureReplication:
         if stream is None:
             raise StreamBrokenError(f"disk {self.disk_id}: no stream is up to put the tag in")
         now = time.time_ns()
-        await self.append_batches(stream, [tag], self._flags(), (now, now))
+        await self.append_batches(stream, [tag], self.window.live_flags(), (now, now))
         self.stats.tags += 1
-        return stream.generation, stream.end_seq, not self.window_open
+        return stream.generation, stream.end_seq, self.window.consistent
 
     # --- the stream's life -----------------------------------------------------------------
 
@@ -433,9 +423,10 @@ class CaptureReplication:
         async with self.lock:
             whole = [(0, self.geometry.disk_bytes)] if plan.full else []
             pending = await self.mark_pending(whole, self.received_rid, True)
-            for offset, length in pending:
-                self.pending.update(self.geometry.regions_of(offset, length))
-            self.window_open = True
+            self.window.generation_marked(
+                region for offset, length in pending
+                for region in self.geometry.regions_of(offset, length)
+            )  # fmt: skip
             self._ship_actions.clear()
         record = self.state.stream(self.disk_id)
         known = record.generation if record is not None else 0
@@ -510,9 +501,9 @@ class CaptureReplication:
             "shipped_seq": stream.trimmed_seq if stream else None,
             "journal_bytes": stream.journal_bytes if stream else None,
             "journal_max_bytes": self.journal_max_bytes,
-            "window_open": self.window_open,
-            "pending_regions": len(self.pending),
-            "resyncing_regions": self.resyncing,
+            "window_open": self.window.is_open,
+            "pending_regions": self.window.pending_regions,
+            "resyncing_regions": self.window.resyncing_regions,
             "region_bytes": self.geometry.region_bytes,
             "size_bytes": self.geometry.disk_bytes,
             "received_rid": self.received_rid,
