@@ -6,7 +6,7 @@ and runs, on one event loop:
 
 - the intake: the plugin's requests, committed in groups (intake.py);
 - the supervisor: the disk's stream, started, watched and replaced
-  (replication.py);
+  (supervisor.py);
 - the shipped watch: which regions the master target now holds;
 - the resync: passes over the pending regions (resync.py);
 - the control socket: status and tag rounds (control.py).
@@ -54,6 +54,7 @@ from agent.capture.plugin import wire
 from agent.capture.plugin.dirtymap import Geometry, merge_regions
 from agent.capture.replication import CaptureReplication, NewGeneration
 from agent.capture.resync import run_resyncs
+from agent.capture.supervisor import supervise
 from agent.client import ProcessServerPool
 from agent.config import AgentConfig
 from agent.errors import CaptureError, JournalError
@@ -219,7 +220,7 @@ class CaptureDaemon:
         self._tasks = [
             self._spawn(self._intake.read(), "reading the capture socket"),
             self._spawn(self._intake.commit(), "committing requests"),
-            self._spawn(replication.supervise(), "keeping the stream up"),
+            self._spawn(supervise(replication), "keeping the stream up"),
             self._spawn(replication.notify_shipped(), "following what is shipped"),
             self._spawn(self._watch_nbdkit(), "watching nbdkit"),
         ]

@@ -9,7 +9,8 @@ journaled (acknowledged JOURNALED) or only left dirty (DIRTY) — never lost:
   away for long): requests are left dirty until it drained to half, then a
   resync sends the regions written meanwhile;
 - **down**: no stream (being started or started again, a new generation
-  being made, a process server refusing): requests are left dirty.
+  being made, a process server refusing): requests are left dirty. The
+  stream is started and replaced by agent/capture/supervisor.py.
 
 A request left dirty means the target misses a write that later ones may
 follow: from then until a resync pass ends, every batch carries the stream
@@ -43,15 +44,11 @@ from agent.capture.records import Request, pack, records_of, regions_of
 from agent.capture.window import ResyncWindow
 from agent.client import ProcessServerPool
 from agent.config import TABLE_RESERVE_BYTES, AgentConfig
-from agent.errors import (
-    JournalError,
-    ProcessServerUnavailableError,
-    StreamBrokenError,
-)
+from agent.errors import StreamBrokenError
 from agent.journal import EntryKind
 from agent.source import SourceDisk
 from agent.state import AgentState
-from agent.stream import JOURNAL_BEHIND, ReplicationStream
+from agent.stream import ReplicationStream
 from protocol.errors import BlockreplError
 from protocol.limits import MAX_BATCH_PAYLOAD
 from protocol.records import Record, StreamFlags, Tag, Write, Zero
@@ -67,20 +64,6 @@ BATCH_PAYLOAD_BYTES: Final = min(LIVE_BATCH_BYTES, MAX_BATCH_PAYLOAD - TABLE_RES
 #: Seconds between looks at what the master target holds, to tell the plugin
 #: which regions are clean: as often as the stream itself asks.
 SHIP_POLL_S: Final = 0.2
-#: Seconds before a stream that a process server refused (or whose journal
-#: could not be written) is tried again: long enough not to flood the logs.
-REOPEN_AFTER_S: Final = 30.0
-#: Seconds before a new generation is asked for again when no process
-#: server answered.
-RETRY_AFTER_S: Final = 5.0
-#: A stream that ends within STABLE_STREAM_S of its start is started again
-#: only after a wait that doubles from RESTART_FIRST_S to RESTART_MAX_S: a
-#: peer that breaks every stream at once (a newer generation each time, an
-#: answer that makes no sense) costs a start every half a minute at most,
-#: never a loop of starts, each reading the journal back.
-STABLE_STREAM_S: Final = 60.0
-RESTART_FIRST_S: Final = 1.0
-RESTART_MAX_S: Final = REOPEN_AFTER_S
 #: The position before any generation.
 NOTHING_YET: Final = StreamPosition(0, 0)
 
@@ -169,6 +152,7 @@ class CaptureReplication:
     #: the highest request id seen from the plugin
     received_rid: int = 0
     stats: CaptureStats = field(default_factory=CaptureStats)
+    #: what the supervisor starts once the stream is down (None: reopen it at once)
     next_stream: NewGeneration | Reopen | None = None
     _overflow: bool = False
     _ship_actions: deque[ShipAction] = field(default_factory=deque)
@@ -331,124 +315,17 @@ class CaptureReplication:
         self._failures.setdefault(id(stream), exc)
         self.changed()
 
-    async def supervise(self) -> None:
-        """Keep a stream up: start one, watch it, replace it when it fails (runs forever)."""
-        restart_wait = 0.0
-        while True:
-            if self.stream is None:
-                await self._bring_up(restart_wait)
-                continue
-            stream = self.stream
-            started = time.monotonic()
-            failed = asyncio.ensure_future(stream.wait_failed())
-            try:
-                while not failed.done() and id(stream) not in self._failures:
-                    waker = asyncio.ensure_future(self.wait_change(self.version))
-                    await asyncio.wait({failed, waker}, return_when=asyncio.FIRST_COMPLETED)
-                    waker.cancel()
-            finally:
-                failed.cancel()
-            exc = self._failures.pop(id(stream), None)
-            if exc is None:
-                exc = failed.result()
-            await self._take_down(stream, exc)
-            if time.monotonic() - started >= STABLE_STREAM_S:
-                restart_wait = 0.0
-            else:
-                restart_wait = min(max(RESTART_FIRST_S, restart_wait * 2), RESTART_MAX_S)
+    def has_failed(self, stream: ReplicationStream) -> bool:
+        """Whether an append on ``stream`` failed (the supervisor has not taken it yet)."""
+        return id(stream) in self._failures
 
-    async def _take_down(self, stream: ReplicationStream, exc: BaseException) -> None:
-        async with self.lock:
-            if self.stream is stream:
-                self.stream = None
-        await stream.close()
-        message = exc.message if isinstance(exc, BlockreplError) else repr(exc)
-        if not message.startswith(f"disk {self.disk_id}: "):
-            message = f"disk {self.disk_id}: {message}"
-        if isinstance(exc, StreamBrokenError):
-            full = exc.details.get("cause") != JOURNAL_BEHIND["cause"]
-            log.warning(
-                "%s; a new generation starts and %s is compared", message,
-                "the whole disk" if full else "every region not known to be shipped",
-            )  # fmt: skip
-            self.next_stream = NewGeneration(full=full)
-        elif isinstance(exc, JournalError):
-            log.error("%s; a new generation starts", message)
-            self.next_stream = NewGeneration(full=False)
-        elif isinstance(exc, ProcessServerUnavailableError):
-            log.warning("%s; trying again", message)
-            self.next_stream = Reopen(0.0)
-        else:
-            log.error(
-                "%s; replication stopped: writes are marked dirty and the stream is tried "
-                "again in %g s", message, REOPEN_AFTER_S,
-            )  # fmt: skip
-            self.next_stream = Reopen(REOPEN_AFTER_S)
-        self.changed()
+    def take_failure(self, stream: ReplicationStream) -> BaseException | None:
+        """The failure reported for ``stream``, now forgotten."""
+        return self._failures.pop(id(stream), None)
 
-    async def _bring_up(self, wait_s: float) -> None:
-        """Start the stream :attr:`next_stream` says, after ``wait_s`` at least."""
-        plan = self.next_stream or Reopen(0.0)
-        try:
-            if isinstance(plan, NewGeneration):
-                await asyncio.sleep(wait_s)
-                await self._start_generation(plan)
-            else:
-                await asyncio.sleep(max(wait_s, plan.delay_s))
-                await self._reopen()
-        except BlockreplError as exc:
-            log.warning(
-                "disk %s: the stream cannot start yet: %s; again in %g s",
-                self.disk_id, exc.message, RETRY_AFTER_S,
-            )  # fmt: skip
-            await asyncio.sleep(RETRY_AFTER_S)
-
-    async def _reopen(self) -> None:
-        try:
-            stream = ReplicationStream.open(
-                self.disk_id, state=self.state, pool=self.pool, journal_dir=self.journal_dir,
-                source=None, executor=self.executor,
-            )  # fmt: skip
-        except JournalError as exc:
-            log.error("disk %s: %s; a new generation starts", self.disk_id, exc.message)
-            self.next_stream = NewGeneration(full=False)
-            return
-        if stream is None:
-            self.next_stream = NewGeneration(full=True)
-            return
-        await self._set_stream(stream)
-
-    async def _start_generation(self, plan: NewGeneration) -> None:
-        """Mark what must be resynced (durably, in the plugin), then start the generation."""
-        async with self.lock:
-            whole = [(0, self.geometry.disk_bytes)] if plan.full else []
-            pending = await self.mark_pending(whole, self.received_rid, True)
-            self.window.generation_marked(
-                region for offset, length in pending
-                for region in self.geometry.regions_of(offset, length)
-            )  # fmt: skip
-            self._ship_actions.clear()
-        record = self.state.stream(self.disk_id)
-        known = record.generation if record is not None else 0
-        if record is not None:
-            self.floor = StreamPosition(record.generation, record.trimmed_seq)
-        stream = await ReplicationStream.create_after(
-            self.disk_id, known, state=self.state, pool=self.pool, journal_dir=self.journal_dir,
-            source=None, executor=self.executor,
-        )  # fmt: skip
-        self.stats.generations_started += 1
-        await self._set_stream(stream)
-
-    async def _set_stream(self, stream: ReplicationStream) -> None:
-        stream.start()
-        async with self.lock:
-            self.stream = stream
-            self.next_stream = None
-        log.info(
-            "disk %s: streaming generation %d from seq %d", self.disk_id, stream.generation,
-            stream.end_seq + 1,
-        )  # fmt: skip
-        self.changed()
+    def forget_ship_actions(self) -> None:
+        """A new generation starts: nothing of the old one will be shipped."""
+        self._ship_actions.clear()
 
     async def close(self) -> None:
         stream, self.stream = self.stream, None
