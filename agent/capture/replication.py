@@ -304,9 +304,10 @@ class CaptureReplication:
         if stream is None:
             raise StreamBrokenError(f"disk {self.disk_id}: no stream is up to put the tag in")
         now = time.time_ns()
-        await self.append_batches(stream, [tag], self.window.live_flags(), (now, now))
+        flags, consistent = self.window.tag()
+        await self.append_batches(stream, [tag], flags, (now, now))
         self.stats.tags += 1
-        return stream.generation, stream.end_seq, self.window.consistent
+        return stream.generation, stream.end_seq, consistent
 
     # --- the stream's life -----------------------------------------------------------------
 

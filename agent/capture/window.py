@@ -17,8 +17,10 @@ remembers the stamp it began at, and the regions stamped since are read
 again when the batch is appended.
 
 :class:`ResyncWindow` is the only holder of that state, with one method per
-event. It does no I/O and never waits: the capture calls it under its
-append lock (and from the socket reader for a failed source write).
+event. It does no I/O and never waits, and runs on the capture's one event
+loop. Appends call it under the append lock, from the moment their flags
+are decided until they are in the stream; a failed source write reaches it
+from the socket reader whenever it comes, during an append too.
 """
 
 from __future__ import annotations
@@ -74,18 +76,22 @@ class ResyncWindow:
         return not self._pending and not self._open
 
     @property
-    def consistent(self) -> bool:
-        """What a tag is answered: a point there is offered (the window is closed)."""
-        return not self._open
-
-    @property
     def stamp(self) -> int:
         """The stamp a read of the pass begins at (see :meth:`written_since`)."""
         return self._stamp
 
     def live_flags(self) -> StreamFlags:
-        """The flags a batch of live requests, or a tag, carries."""
+        """The flags a batch of live requests carries."""
         return RESYNC if self._open else NO_FLAGS
+
+    def tag(self) -> tuple[StreamFlags, bool]:
+        """The flags a tag's batch carries, and whether the tag is answered consistent.
+
+        Both are decided at once: the master target offers the point by the flags,
+        so a source write that fails while the tag is appended (it opens the window)
+        must not change the answer after them.
+        """
+        return self.live_flags(), not self._open
 
     # --- events: what needs a resync ------------------------------------------------------
 
@@ -140,7 +146,9 @@ class ResyncWindow:
 
     def pass_appended(self, flags: StreamFlags) -> None:
         """A batch of the pass, with ``flags`` from :meth:`pass_flags`, is in the stream."""
-        self._open = flags != RESYNC_END
+        # A source write that failed while the last batch was appended made a region
+        # pending after its flags were decided: the window stays open for the next pass.
+        self._open = flags != RESYNC_END or bool(self._pending)
 
     def pass_ended(self) -> None:
         """The pass went through: its regions are in the stream."""
