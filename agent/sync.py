@@ -9,6 +9,10 @@ source, asking for the target's digests and sending batches run at once:
                                                 ├─ differing chunks ─ batches ─ journal ─ sender
     process server ─ target digests (spans) ────┘
 
+The target's digests of a span are fetched by agent/target_digests.py; the
+batches go to the pass's output (agent/sync_output.py: ``agent sync``'s,
+or the capture's resync).
+
 Every batch of a pass carries the stream flag RESYNC and the last one
 RESYNC_END, so the master target offers no recovery point inside an
 unfinished pass and keeps the last good one (DESIGN.md invariant 6).
@@ -37,11 +41,10 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Final, Protocol
+from typing import Final
 
-from agent.client import ProcessServerClient, ProcessServerPool
+from agent.client import ProcessServerPool
 from agent.compare import (
-    DIGEST_BYTES,
     ComparePlan,
     Granularity,
     RangesPlan,
@@ -51,23 +54,18 @@ from agent.compare import (
     hash_region,
     runs,
 )
-from agent.errors import ProcessServerUnavailableError
-from agent.journal import EntryKind
 from agent.source import READ_PIECE_BYTES, SourceDisk
-from agent.state import AgentState, SyncProgress
-from agent.stream import ReplicationStream
+from agent.state import SyncProgress
+from agent.sync_output import PassOutput
+from agent.target_digests import SpanDigests
 from protocol.limits import MAX_RECORDS_PER_BATCH, MAX_WRITE_BYTES, MAX_ZERO_BYTES
-from protocol.records import StreamFlags, Write, Zero, encoded_size
-from protocol.sequencing import StreamPosition
+from protocol.records import Write, Zero, encoded_size
 
 log = logging.getLogger("blockrepl.agent.sync")
 
 #: Regions compared ahead of the one whose chunks are being sent: the source
 #: is read and the target's digests fetched while batches go out.
 REGIONS_AHEAD: Final = 4
-#: Seconds to wait before asking again for digests that the master target
-#: took before it applied what was sent ahead of the pass.
-TARGET_BEHIND_WAIT_S: Final = 0.2
 #: Seconds between saves of the cursor while regions compare equal: an
 #: interrupted pass of a large, unchanged disk repeats at most this much.
 CURSOR_SAVE_S: Final = 1.0
@@ -80,8 +78,6 @@ READ_FOR_SEND_BYTES: Final = MAX_WRITE_BYTES
 #: Bytes of differing chunks read in one call on a thread: scattered chunks
 #: cost one hand-off each otherwise, and the comparison waits for them.
 READ_GROUP_BYTES: Final = 16 * 2**20
-RESYNC: Final = StreamFlags.RESYNC
-RESYNC_END: Final = StreamFlags.RESYNC | StreamFlags.RESYNC_END
 
 
 @dataclass
@@ -103,145 +99,6 @@ class PassStats:
 class RegionDiff:
     region: Region
     chunks: list[int]
-
-
-class SpanDigests:
-    """The target's digests of one span, fetched in one request and handed out by region.
-
-    The request streams: region ``i``'s digests are available as soon as they
-    arrive. A failed request is made again from the first region not yet
-    handed out, through the pool's failure policy.
-    """
-
-    def __init__(
-        self,
-        span: Span,
-        *,
-        disk_id: str,
-        pool: ProcessServerPool,
-        chunk_bytes: int,
-        region_bytes: int,
-        baseline: StreamPosition,
-        stats: PassStats,
-    ) -> None:
-        self.span = span
-        self._disk_id = disk_id
-        self._pool = pool
-        self._chunk = chunk_bytes if span.granularity is Granularity.CHUNK else region_bytes
-        self._baseline = baseline
-        self._stats = stats
-        loop = asyncio.get_running_loop()
-        self._futures: list[asyncio.Future[bytes]] = [loop.create_future() for _ in span.regions]
-        for future in self._futures:  # an abandoned span must not warn about its error
-            future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._task = asyncio.create_task(self._run(), name="span-digests")
-
-    async def digests(self, index: int) -> bytes:
-        """The digests of region ``index`` of the span."""
-        return await self._futures[index]
-
-    @property
-    def done(self) -> bool:
-        """Every digest of the span arrived, or the request failed for good."""
-        return self._task.done()
-
-    def cancel(self) -> None:
-        self._task.cancel()
-        for future in self._futures:
-            future.cancel()
-
-    def _need(self, index: int) -> int:
-        return -(-self.span.regions[index].length // self._chunk) * DIGEST_BYTES
-
-    async def _run(self) -> None:
-        try:
-            await self._pool.call(self._fetch_rest)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the regions' awaiters get it
-            for future in self._futures:
-                if not future.done():
-                    future.set_exception(exc)
-
-    async def _fetch_rest(self, client: ProcessServerClient) -> None:
-        first = next(i for i, f in enumerate(self._futures) if not f.done())
-        pending = bytearray()
-        current = first
-
-        def sink(applied: StreamPosition, digests: bytes) -> None:
-            nonlocal current
-            if applied < self._baseline:
-                raise ProcessServerUnavailableError(
-                    f"the target's digests were taken at {applied.generation}/{applied.seq}, "
-                    f"before what was sent ahead of the pass ({self._baseline.generation}/"
-                    f"{self._baseline.seq}) was applied",
-                    retry_after_s=TARGET_BEHIND_WAIT_S,
-                )
-            self._stats.hash_bytes += len(digests)
-            pending.extend(digests)
-            while current < len(self._futures) and len(pending) >= self._need(current):
-                need = self._need(current)
-                self._futures[current].set_result(bytes(pending[:need]))
-                del pending[:need]
-                current += 1
-
-        offset = self.span.regions[first].offset
-        await client.checksums(
-            self._disk_id, offset=offset, length=self.span.regions[-1].end - offset,
-            chunk=self._chunk, sink=sink,
-        )  # fmt: skip
-        self._stats.hash_requests += 1
-
-
-class PassOutput(Protocol):
-    """Where a pass's records go, and how it reads what it sends."""
-
-    async def read(self, pieces: list[tuple[int, int]]) -> list[bytearray]:
-        """The source's bytes of each ``(offset, length)``, to be sent."""
-
-    async def append(
-        self, records: list[Write | Zero], *, final: bool, capture_ns: tuple[int, int]
-    ) -> None:
-        """Journal and send ``records``; ``final`` for the pass's last batch."""
-
-    async def save(self, progress: SyncProgress) -> None:
-        """Keep the pass's progress (its cursor, whether its window is open)."""
-
-    async def finish(self) -> None:
-        """The pass is over: its progress is no longer needed."""
-
-
-@dataclass
-class SyncOutput:
-    """The output of ``agent sync``: batches journaled by reference to the source
-    (``.brs``), flagged RESYNC and, the last, RESYNC_END; progress kept in the
-    state database so that an interrupted pass goes on where it stopped."""
-
-    disk_id: str
-    source: SourceDisk
-    stream: ReplicationStream
-    state: AgentState
-    executor: ThreadPoolExecutor
-
-    async def read(self, pieces: list[tuple[int, int]]) -> list[bytearray]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, _read_pieces, self.source, pieces)
-
-    async def append(
-        self, records: list[Write | Zero], *, final: bool, capture_ns: tuple[int, int]
-    ) -> None:
-        await self.stream.append(
-            records, flags=RESYNC_END if final else RESYNC, first_capture_ns=capture_ns[0],
-            last_capture_ns=capture_ns[1], kind=EntryKind.SOURCE,
-        )  # fmt: skip
-
-    async def save(self, progress: SyncProgress) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self.state.put_sync, self.disk_id, progress)
-
-    async def finish(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self.state.delete_sync, self.disk_id)
 
 
 @dataclass
@@ -481,10 +338,6 @@ def _groups(pieces: list[tuple[int, int]], most: int) -> Iterator[list[tuple[int
         size += piece[1]
     if group:
         yield group
-
-
-def _read_pieces(source: SourceDisk, pieces: list[tuple[int, int]]) -> list[bytearray]:
-    return [source.read(offset, length) for offset, length in pieces]
 
 
 def records_of(offset: int, data: bytearray, chunk: int) -> Iterator[Write | Zero]:

@@ -49,7 +49,8 @@ from agent.errors import (
 from agent.source import SourceDisk
 from agent.state import AgentState, DiskLock, SyncProgress
 from agent.stream import ReplicationStream
-from agent.sync import PassStats, SyncOutput, SyncPass, executors
+from agent.sync import PassStats, SyncPass, executors
+from agent.sync_output import SyncOutput
 from protocol.sequencing import StreamPosition
 from runtime.errors import InvalidArgumentError
 from runtime.tls import client_context

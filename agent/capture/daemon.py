@@ -1,12 +1,12 @@
 """``blockrepl agent capture``: one disk's live write capture, as a daemon.
 
-The process owns nbdkit as a child (``--exit-with-parent``: it does not
-outlive the agent), talks to its plugin over a socketpair (plugin/wire.py),
-and runs, on one event loop:
+The process owns nbdkit as a child (export.py; ``--exit-with-parent``: it
+does not outlive the agent), talks to its plugin over a socketpair
+(plugin/wire.py), and runs, on one event loop:
 
 - the intake: the plugin's requests, committed in groups (intake.py);
 - the supervisor: the disk's stream, started, watched and replaced
-  (replication.py);
+  (supervisor.py);
 - the shipped watch: which regions the master target now holds;
 - the resync: passes over the pending regions (resync.py);
 - the control socket: status and tag rounds (control.py).
@@ -25,17 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
-import shutil
 import signal
-import socket
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Final
 
 from agent.capture.control import MAX_SOCKET_PATH_BYTES, ControlServer, control_path
 from agent.capture.dirty import (
@@ -48,12 +44,13 @@ from agent.capture.dirty import (
     take_marker,
     write_marker,
 )
+from agent.capture.export import Listen, NbdkitExport, find_nbdkit, parse_listen
 from agent.capture.intake import Intake
-from agent.capture.link import PluginLink
 from agent.capture.plugin import wire
 from agent.capture.plugin.dirtymap import Geometry, merge_regions
 from agent.capture.replication import CaptureReplication, NewGeneration
 from agent.capture.resync import run_resyncs
+from agent.capture.supervisor import supervise
 from agent.client import ProcessServerPool
 from agent.config import AgentConfig
 from agent.errors import CaptureError, JournalError
@@ -66,52 +63,11 @@ from runtime.tls import client_context
 
 log = logging.getLogger("blockrepl.agent.capture")
 
-T = TypeVar("T")
-
-#: The plugin nbdkit runs (in its own Python, so it is given by path).
-PLUGIN: Final = Path(__file__).resolve().parent / "plugin" / "nbdkit_plugin.py"
-#: Seconds nbdkit has after SIGTERM to finish the requests in flight; then it
-#: is killed (the unit's TimeoutStopSec= of 60 s leaves room for the rest).
-NBDKIT_STOP_TIMEOUT_S: Final = 20.0
-#: Seconds the requests received before nbdkit stopped have to be answered.
+#: Seconds the requests received before nbdkit stopped have to be answered
+#: (the unit's TimeoutStopSec= covers these and export.NBDKIT_STOP_TIMEOUT_S).
 DRAIN_TIMEOUT_S: Final = 20.0
-#: How often the start looks for nbdkit's pid file (written once nbdkit listens),
-#: and the stop for the last requests answered.
+#: How often the stop looks for the last requests answered.
 POLL_S: Final = 0.02
-
-
-@dataclass(frozen=True, slots=True)
-class Listen:
-    """The NBD export's address."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_listen(text: str) -> Listen:
-    """``HOST:PORT`` (``[::1]:PORT`` for IPv6), on a loopback address.
-
-    Raises:
-        InvalidArgumentError: naming what was expected.
-    """
-    host, sep, port = text.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    shape = f"--listen: expected HOST:PORT on a loopback address, found {text!r}"
-    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise InvalidArgumentError(shape)
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        raise InvalidArgumentError(shape) from None
-    if not address.is_loopback:
-        raise InvalidArgumentError(
-            f"--listen: {host} is not a loopback address: NBD has no authentication, and "
-            "anyone who reaches the export can write the disk"
-        )
-    return Listen(host, int(port))
 
 
 class CaptureDaemon:
@@ -140,14 +96,12 @@ class CaptureDaemon:
         self._state: AgentState | None = None
         self._pool: ProcessServerPool | None = None
         self._executors: list[ThreadPoolExecutor] = []
-        self._nbdkit: asyncio.subprocess.Process | None = None
-        self._link: PluginLink | None = None
+        self._export: NbdkitExport | None = None
         self._intake: Intake | None = None
         self.replication: CaptureReplication | None = None
         self._control: ControlServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._resync: asyncio.Task[None] | None = None
-        self._pidfile: Path | None = None
         self.listen: Listen | None = None
         #: the status when the capture stopped (the stream is closed after it)
         self._final_status: dict[str, object] = {}
@@ -165,7 +119,8 @@ class CaptureDaemon:
             await self._start()
         except BaseException:
             self._closing = True
-            await self._stop_nbdkit()
+            if self._export is not None:
+                await self._export.stop()
             await self._release()
             raise
         return self
@@ -185,7 +140,7 @@ class CaptureDaemon:
                 "[[disks]] table"
             )
         self.listen = parse_listen(self._listen)
-        nbdkit = _find_nbdkit(config.capture.nbdkit)
+        nbdkit = find_nbdkit(config.capture.nbdkit)
         control = control_path(config.state_dir, self.disk_id)
         if len(os.fsencode(control)) > MAX_SOCKET_PATH_BYTES:
             raise InvalidArgumentError(
@@ -213,13 +168,18 @@ class CaptureDaemon:
         )  # fmt: skip
         self.replication = replication
         self._open_stream(replication, dirty, marker)
-        await self._start_nbdkit(nbdkit, geometry)
-        assert self._link is not None
-        self._intake = Intake(self._link, replication)
+        pidfile = capture_dir(config.state_dir) / f"{self.disk_id}.pid"
+        self._export = NbdkitExport(
+            nbdkit, self.listen, pidfile, config.capture.start_timeout_s, self.disk_id
+        )
+        link = await self._export.start(
+            self._source.path, map_path(config.state_dir, self.disk_id), geometry
+        )
+        self._intake = Intake(link, replication)
         self._tasks = [
             self._spawn(self._intake.read(), "reading the capture socket"),
             self._spawn(self._intake.commit(), "committing requests"),
-            self._spawn(replication.supervise(), "keeping the stream up"),
+            self._spawn(supervise(replication), "keeping the stream up"),
             self._spawn(replication.notify_shipped(), "following what is shipped"),
             self._spawn(self._watch_nbdkit(), "watching nbdkit"),
         ]
@@ -287,8 +247,7 @@ class CaptureDaemon:
                 done = wire.Frame(wire.FrameType.RESYNCED, rid=0, body=ranges)
                 replication.after_ship(stream.generation, stream.end_seq, done)
         else:
-            replication.pending = set(dirty)
-            replication.window_open = bool(dirty)
+            replication.window.unclean_start(dirty)
             if dirty and len(dirty) < geometry.regions:
                 log.warning(
                     "disk %s: the last stop was not clean: %d dirty regions (%d bytes) will be "
@@ -297,61 +256,6 @@ class CaptureDaemon:
         if stream is not None:
             stream.start()
             replication.stream = stream
-
-    async def _start_nbdkit(self, nbdkit: str, geometry: Geometry) -> None:
-        assert self._source is not None
-        assert self.listen is not None
-        state_dir = self.config.state_dir
-        self._pidfile = capture_dir(state_dir) / f"{self.disk_id}.pid"
-        with contextlib.suppress(FileNotFoundError):
-            self._pidfile.unlink()
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        with theirs:
-            self._nbdkit = await asyncio.create_subprocess_exec(
-                nbdkit, "--foreground", "--exit-with-parent", f"--pidfile={self._pidfile}",
-                f"--ipaddr={self.listen.host}", f"--port={self.listen.port}",
-                "python", str(PLUGIN), f"source={self._source.path}",
-                f"map={map_path(state_dir, self.disk_id)}", f"fd={theirs.fileno()}",
-                pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
-                env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-            )  # fmt: skip
-        self._link = await PluginLink.open(mine)
-        timeout = self.config.capture.start_timeout_s
-        hello = await self._before_nbdkit_exits(self._link.hello(timeout), "said hello")
-        if (hello.region_bytes, hello.disk_bytes) != (geometry.region_bytes, geometry.disk_bytes):
-            raise CaptureError(
-                f"the capture plugin sees regions of {hello.region_bytes} bytes on a disk of "
-                f"{hello.disk_bytes}, the agent {geometry.region_bytes} on {geometry.disk_bytes}"
-            )
-        await self._before_nbdkit_exits(
-            asyncio.wait_for(self._pidfile_written(), timeout), "listened"
-        )
-
-    async def _pidfile_written(self) -> None:
-        assert self._pidfile is not None
-        while not self._pidfile.exists():
-            await asyncio.sleep(POLL_S)
-
-    async def _before_nbdkit_exits(self, step: Awaitable[T], what: str) -> T:
-        assert self._nbdkit is not None
-        work = asyncio.ensure_future(step)
-        exited = asyncio.ensure_future(self._nbdkit.wait())
-        try:
-            await asyncio.wait({work, exited}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            exited.cancel()
-        if not work.done():
-            work.cancel()
-            raise CaptureError(
-                f"nbdkit exited with status {self._nbdkit.returncode} before it {what} (its "
-                "messages are above); is nbdkit-plugin-python installed?"
-            )
-        try:
-            return work.result()
-        except TimeoutError:
-            raise CaptureError(
-                f"nbdkit has not {what} after {self.config.capture.start_timeout_s:g} s"
-            ) from None
 
     # --- running ---------------------------------------------------------------------------
 
@@ -374,8 +278,8 @@ class CaptureDaemon:
         return asyncio.create_task(guarded(), name=what)
 
     async def _watch_nbdkit(self) -> None:
-        assert self._nbdkit is not None
-        status = await self._nbdkit.wait()
+        assert self._export is not None
+        status = await self._export.wait()
         if not self._closing:
             raise CaptureError(f"nbdkit exited with status {status} while capturing")
 
@@ -388,8 +292,9 @@ class CaptureDaemon:
         os.kill(os.getpid(), signal.SIGTERM)
 
     def _send(self, frame: wire.Frame) -> None:
-        if self._link is not None:
-            self._link.send(frame)
+        link = self._export.link if self._export is not None else None
+        if link is not None:
+            link.send(frame)
 
     async def _mark_pending(
         self, ranges: list[tuple[int, int]], rid: int, live: bool
@@ -420,7 +325,7 @@ class CaptureDaemon:
             self._resync.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._resync
-        status = await self._stop_nbdkit()
+        status = await self._export.stop() if self._export is not None else None
         intake = self._intake
         if intake is not None:
             with contextlib.suppress(TimeoutError):
@@ -436,7 +341,7 @@ class CaptureDaemon:
         self.clean_stop = (
             status == 0 and intake is not None and intake.bye and intake.idle
             and replication is not None and stream is not None and self.failure is None
-            and not replication.pending and not replication.window_open
+            and replication.window.settled
         )  # fmt: skip
         if replication is not None:
             self._final_status = replication.status()
@@ -455,26 +360,9 @@ class CaptureDaemon:
         while not intake.idle:
             await asyncio.sleep(POLL_S)
 
-    async def _stop_nbdkit(self) -> int | None:
-        process = self._nbdkit
-        if process is None:
-            return None
-        if process.returncode is None:
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), NBDKIT_STOP_TIMEOUT_S)
-            except TimeoutError:
-                log.error(
-                    "disk %s: nbdkit did not stop within %g s of SIGTERM; killed",
-                    self.disk_id, NBDKIT_STOP_TIMEOUT_S,
-                )  # fmt: skip
-                process.kill()
-                await process.wait()
-        return process.returncode
-
     async def _release(self) -> None:
-        if self._link is not None:
-            self._link.close()
+        if self._export is not None:
+            self._export.close_link()
         if self._pool is not None:
             await self._pool.close()
         for executor in self._executors:
@@ -483,9 +371,8 @@ class CaptureDaemon:
             self._state.close()
         if self._source is not None:
             self._source.close()
-        if self._pidfile is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self._pidfile.unlink()
+        if self._export is not None:
+            self._export.remove_pidfile()
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -493,17 +380,3 @@ class CaptureDaemon:
     def report(self) -> dict[str, object]:
         """What the command prints when it ends."""
         return {**self._final_status, "clean_stop": self.clean_stop}
-
-
-def _find_nbdkit(configured: Path | None) -> str:
-    if configured is not None:
-        if not os.access(configured, os.X_OK):
-            raise CaptureError(f"capture.nbdkit: {configured} is not an executable program")
-        return str(configured)
-    found = shutil.which("nbdkit")
-    if found is None:
-        raise CaptureError(
-            "nbdkit is not installed (or not on the PATH): install Debian's nbdkit and "
-            "nbdkit-plugin-python, or set capture.nbdkit"
-        )
-    return found

@@ -9,12 +9,14 @@ journaled (acknowledged JOURNALED) or only left dirty (DIRTY) — never lost:
   away for long): requests are left dirty until it drained to half, then a
   resync sends the regions written meanwhile;
 - **down**: no stream (being started or started again, a new generation
-  being made, a process server refusing): requests are left dirty.
+  being made, a process server refusing): requests are left dirty. The
+  stream is started and replaced by agent/capture/supervisor.py.
 
 A request left dirty means the target misses a write that later ones may
 follow: from then until a resync pass ends, every batch carries the stream
-flag RESYNC (the *window*), so the master target offers no recovery point
-there (DESIGN.md invariant 6). The pass's last batch carries RESYNC_END.
+flag RESYNC (the *window*, held by :class:`~agent.capture.window.ResyncWindow`),
+so the master target offers no recovery point there (DESIGN.md invariant 6).
+The pass's last batch carries RESYNC_END.
 
 The plugin keeps the dirty map; this side tells it what became clean:
 SHIPPED once the master target holds a batch of live requests, RESYNCED once
@@ -39,20 +41,17 @@ from typing import Final
 from agent.capture.plugin import wire
 from agent.capture.plugin.dirtymap import Geometry
 from agent.capture.records import Request, pack, records_of, regions_of
+from agent.capture.window import ResyncWindow
 from agent.client import ProcessServerPool
 from agent.config import TABLE_RESERVE_BYTES, AgentConfig
-from agent.errors import (
-    JournalError,
-    ProcessServerUnavailableError,
-    StreamBrokenError,
-)
+from agent.errors import StreamBrokenError
 from agent.journal import EntryKind
 from agent.source import SourceDisk
 from agent.state import AgentState
-from agent.stream import JOURNAL_BEHIND, ReplicationStream
+from agent.stream import ReplicationStream
 from protocol.errors import BlockreplError
 from protocol.limits import MAX_BATCH_PAYLOAD
-from protocol.records import NO_FLAGS, Record, StreamFlags, Tag, Write, Zero
+from protocol.records import Record, StreamFlags, Tag, Write, Zero
 from protocol.sequencing import StreamPosition
 
 log = logging.getLogger("blockrepl.agent.capture")
@@ -65,24 +64,8 @@ BATCH_PAYLOAD_BYTES: Final = min(LIVE_BATCH_BYTES, MAX_BATCH_PAYLOAD - TABLE_RES
 #: Seconds between looks at what the master target holds, to tell the plugin
 #: which regions are clean: as often as the stream itself asks.
 SHIP_POLL_S: Final = 0.2
-#: Seconds before a stream that a process server refused (or whose journal
-#: could not be written) is tried again: long enough not to flood the logs.
-REOPEN_AFTER_S: Final = 30.0
-#: Seconds before a new generation is asked for again when no process
-#: server answered.
-RETRY_AFTER_S: Final = 5.0
-#: A stream that ends within STABLE_STREAM_S of its start is started again
-#: only after a wait that doubles from RESTART_FIRST_S to RESTART_MAX_S: a
-#: peer that breaks every stream at once (a newer generation each time, an
-#: answer that makes no sense) costs a start every half a minute at most,
-#: never a loop of starts, each reading the journal back.
-STABLE_STREAM_S: Final = 60.0
-RESTART_FIRST_S: Final = 1.0
-RESTART_MAX_S: Final = REOPEN_AFTER_S
 #: The position before any generation.
 NOTHING_YET: Final = StreamPosition(0, 0)
-RESYNC: Final = StreamFlags.RESYNC
-RESYNC_END: Final = StreamFlags.RESYNC | StreamFlags.RESYNC_END
 
 
 class Mode(enum.Enum):
@@ -164,22 +147,15 @@ class CaptureReplication:
     #: one appender at a time: a group of requests, a resync batch, or a tag round
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     stream: ReplicationStream | None = None
-    #: regions that need a resync (the plugin keeps the same, durably)
-    pending: set[int] = field(default_factory=set)
-    #: regions the resync pass under way took from :attr:`pending`
-    resyncing: int = 0
-    #: every batch carries RESYNC until a pass ends the window
-    window_open: bool = False
+    #: what needs a resync, and the flags batches carry meanwhile
+    window: ResyncWindow = field(default_factory=ResyncWindow)
     #: the highest request id seen from the plugin
     received_rid: int = 0
     stats: CaptureStats = field(default_factory=CaptureStats)
+    #: what the supervisor starts once the stream is down (None: reopen it at once)
     next_stream: NewGeneration | Reopen | None = None
     _overflow: bool = False
     _ship_actions: deque[ShipAction] = field(default_factory=deque)
-    #: counts live appends; regions -> the count at their latest live append,
-    #: kept while a resync pass runs (it re-reads what changed after it read)
-    stamp: int = 0
-    live_stamps: dict[int, int] | None = None
     _failures: dict[int, BaseException] = field(default_factory=dict)
     #: what the master target is known to hold from before the current
     #: generation: a pass compares digests only once it is applied
@@ -231,8 +207,7 @@ class CaptureReplication:
         """The source write of a request failed: its range needs a resync."""
         self.received_rid = max(self.received_rid, frame.rid)
         self.stats.failed_requests += 1
-        self.pending.update(self.geometry.regions_of(frame.offset, frame.length))
-        self.window_open = True
+        self.window.source_failed(self.geometry.regions_of(frame.offset, frame.length))
         self.changed()
 
     async def commit(self, requests: Sequence[Request]) -> wire.AckStatus:
@@ -243,15 +218,18 @@ class CaptureReplication:
                 return self._leave_dirty(requests)
             records = [record for request in requests for record in records_of(request)]
             capture_ns = (requests[0].received_ns, requests[-1].received_ns)
+            flags = self.window.live_flags()
             try:
-                data, zeros = await self.append_batches(stream, records, self._flags(), capture_ns)
+                data, zeros = await self.append_batches(stream, records, flags, capture_ns)
             except BlockreplError as exc:
                 self.report_failure(stream, exc)
                 return self._leave_dirty(requests)
-            self.stamp += 1
-            if self.live_stamps is not None:
-                for region in regions_of(self.geometry, requests):
-                    self.live_stamps[region] = self.stamp
+            # A generator: the regions are worked out only while a pass needs their stamps.
+            geometry = self.geometry
+            self.window.journaled(
+                region for request in requests
+                for region in geometry.regions_of(request.frame.offset, request.frame.length)
+            )  # fmt: skip
             shipped = wire.Frame(wire.FrameType.SHIPPED, rid=requests[-1].rid)
             self._ship_actions.append(ShipAction(stream.generation, stream.end_seq, shipped))
             self.stats.journaled_requests += len(requests)
@@ -286,9 +264,6 @@ class CaptureReplication:
         zeros = sum(r.length for r in records if isinstance(r, Zero))
         return data, zeros
 
-    def _flags(self) -> StreamFlags:
-        return RESYNC if self.window_open else NO_FLAGS
-
     def _full(self, stream: ReplicationStream) -> bool:
         """Whether the journal is over its bound (with a way back at half of it)."""
         used = stream.journal_bytes
@@ -308,8 +283,7 @@ class CaptureReplication:
         return self._overflow
 
     def _leave_dirty(self, requests: Sequence[Request]) -> wire.AckStatus:
-        self.pending.update(regions_of(self.geometry, requests))
-        self.window_open = True
+        self.window.left_dirty(regions_of(self.geometry, requests))
         self.stats.dirty_requests += len(requests)
         self.changed()
         return wire.AckStatus.DIRTY
@@ -330,9 +304,10 @@ class CaptureReplication:
         if stream is None:
             raise StreamBrokenError(f"disk {self.disk_id}: no stream is up to put the tag in")
         now = time.time_ns()
-        await self.append_batches(stream, [tag], self._flags(), (now, now))
+        flags, consistent = self.window.tag()
+        await self.append_batches(stream, [tag], flags, (now, now))
         self.stats.tags += 1
-        return stream.generation, stream.end_seq, not self.window_open
+        return stream.generation, stream.end_seq, consistent
 
     # --- the stream's life -----------------------------------------------------------------
 
@@ -341,123 +316,17 @@ class CaptureReplication:
         self._failures.setdefault(id(stream), exc)
         self.changed()
 
-    async def supervise(self) -> None:
-        """Keep a stream up: start one, watch it, replace it when it fails (runs forever)."""
-        restart_wait = 0.0
-        while True:
-            if self.stream is None:
-                await self._bring_up(restart_wait)
-                continue
-            stream = self.stream
-            started = time.monotonic()
-            failed = asyncio.ensure_future(stream.wait_failed())
-            try:
-                while not failed.done() and id(stream) not in self._failures:
-                    waker = asyncio.ensure_future(self.wait_change(self.version))
-                    await asyncio.wait({failed, waker}, return_when=asyncio.FIRST_COMPLETED)
-                    waker.cancel()
-            finally:
-                failed.cancel()
-            exc = self._failures.pop(id(stream), None)
-            if exc is None:
-                exc = failed.result()
-            await self._take_down(stream, exc)
-            if time.monotonic() - started >= STABLE_STREAM_S:
-                restart_wait = 0.0
-            else:
-                restart_wait = min(max(RESTART_FIRST_S, restart_wait * 2), RESTART_MAX_S)
+    def has_failed(self, stream: ReplicationStream) -> bool:
+        """Whether an append on ``stream`` failed (the supervisor has not taken it yet)."""
+        return id(stream) in self._failures
 
-    async def _take_down(self, stream: ReplicationStream, exc: BaseException) -> None:
-        async with self.lock:
-            if self.stream is stream:
-                self.stream = None
-        await stream.close()
-        message = exc.message if isinstance(exc, BlockreplError) else repr(exc)
-        if not message.startswith(f"disk {self.disk_id}: "):
-            message = f"disk {self.disk_id}: {message}"
-        if isinstance(exc, StreamBrokenError):
-            full = exc.details.get("cause") != JOURNAL_BEHIND["cause"]
-            log.warning(
-                "%s; a new generation starts and %s is compared", message,
-                "the whole disk" if full else "every region not known to be shipped",
-            )  # fmt: skip
-            self.next_stream = NewGeneration(full=full)
-        elif isinstance(exc, JournalError):
-            log.error("%s; a new generation starts", message)
-            self.next_stream = NewGeneration(full=False)
-        elif isinstance(exc, ProcessServerUnavailableError):
-            log.warning("%s; trying again", message)
-            self.next_stream = Reopen(0.0)
-        else:
-            log.error(
-                "%s; replication stopped: writes are marked dirty and the stream is tried "
-                "again in %g s", message, REOPEN_AFTER_S,
-            )  # fmt: skip
-            self.next_stream = Reopen(REOPEN_AFTER_S)
-        self.changed()
+    def take_failure(self, stream: ReplicationStream) -> BaseException | None:
+        """The failure reported for ``stream``, now forgotten."""
+        return self._failures.pop(id(stream), None)
 
-    async def _bring_up(self, wait_s: float) -> None:
-        """Start the stream :attr:`next_stream` says, after ``wait_s`` at least."""
-        plan = self.next_stream or Reopen(0.0)
-        try:
-            if isinstance(plan, NewGeneration):
-                await asyncio.sleep(wait_s)
-                await self._start_generation(plan)
-            else:
-                await asyncio.sleep(max(wait_s, plan.delay_s))
-                await self._reopen()
-        except BlockreplError as exc:
-            log.warning(
-                "disk %s: the stream cannot start yet: %s; again in %g s",
-                self.disk_id, exc.message, RETRY_AFTER_S,
-            )  # fmt: skip
-            await asyncio.sleep(RETRY_AFTER_S)
-
-    async def _reopen(self) -> None:
-        try:
-            stream = ReplicationStream.open(
-                self.disk_id, state=self.state, pool=self.pool, journal_dir=self.journal_dir,
-                source=None, executor=self.executor,
-            )  # fmt: skip
-        except JournalError as exc:
-            log.error("disk %s: %s; a new generation starts", self.disk_id, exc.message)
-            self.next_stream = NewGeneration(full=False)
-            return
-        if stream is None:
-            self.next_stream = NewGeneration(full=True)
-            return
-        await self._set_stream(stream)
-
-    async def _start_generation(self, plan: NewGeneration) -> None:
-        """Mark what must be resynced (durably, in the plugin), then start the generation."""
-        async with self.lock:
-            whole = [(0, self.geometry.disk_bytes)] if plan.full else []
-            pending = await self.mark_pending(whole, self.received_rid, True)
-            for offset, length in pending:
-                self.pending.update(self.geometry.regions_of(offset, length))
-            self.window_open = True
-            self._ship_actions.clear()
-        record = self.state.stream(self.disk_id)
-        known = record.generation if record is not None else 0
-        if record is not None:
-            self.floor = StreamPosition(record.generation, record.trimmed_seq)
-        stream = await ReplicationStream.create_after(
-            self.disk_id, known, state=self.state, pool=self.pool, journal_dir=self.journal_dir,
-            source=None, executor=self.executor,
-        )  # fmt: skip
-        self.stats.generations_started += 1
-        await self._set_stream(stream)
-
-    async def _set_stream(self, stream: ReplicationStream) -> None:
-        stream.start()
-        async with self.lock:
-            self.stream = stream
-            self.next_stream = None
-        log.info(
-            "disk %s: streaming generation %d from seq %d", self.disk_id, stream.generation,
-            stream.end_seq + 1,
-        )  # fmt: skip
-        self.changed()
+    def forget_ship_actions(self) -> None:
+        """A new generation starts: nothing of the old one will be shipped."""
+        self._ship_actions.clear()
 
     async def close(self) -> None:
         stream, self.stream = self.stream, None
@@ -510,9 +379,9 @@ class CaptureReplication:
             "shipped_seq": stream.trimmed_seq if stream else None,
             "journal_bytes": stream.journal_bytes if stream else None,
             "journal_max_bytes": self.journal_max_bytes,
-            "window_open": self.window_open,
-            "pending_regions": len(self.pending),
-            "resyncing_regions": self.resyncing,
+            "window_open": self.window.is_open,
+            "pending_regions": self.window.pending_regions,
+            "resyncing_regions": self.window.resyncing_regions,
             "region_bytes": self.geometry.region_bytes,
             "size_bytes": self.geometry.disk_bytes,
             "received_rid": self.received_rid,

@@ -17,6 +17,9 @@ output. Three things differ from ``agent sync``:
 - the last batch ends the resync window (RESYNC_END) only if no region was
   left dirty meanwhile; otherwise the window stays open for the next pass.
 
+The stamps, the pending regions and the window are kept by
+:class:`~agent.capture.window.ResyncWindow`; this module does the I/O.
+
 Once the master target holds the pass, the plugin is told (RESYNCED) that
 the pass's regions need no resync for requests up to the one the agent had
 seen when the pass started.
@@ -36,7 +39,8 @@ from typing import Final
 from agent.capture.plugin import wire
 from agent.capture.plugin.dirtymap import merge_regions
 from agent.capture.records import chunk_ranges
-from agent.capture.replication import RESYNC, RESYNC_END, CaptureReplication, Mode
+from agent.capture.replication import CaptureReplication, Mode
+from agent.capture.window import RESYNC
 from agent.compare import RangesPlan
 from agent.errors import StreamBrokenError
 from agent.state import SyncProgress
@@ -67,7 +71,7 @@ class CaptureOutput:
     appended: bool = False
 
     async def read(self, pieces: list[tuple[int, int]]) -> list[bytearray]:
-        stamp = self.replication.stamp
+        stamp = self.replication.window.stamp
         loop = asyncio.get_running_loop()
         source = self.replication.source
         datas = await loop.run_in_executor(
@@ -89,11 +93,11 @@ class CaptureOutput:
                     f"disk {replication.disk_id}: the stream changed during the resync pass"
                 )
             fresh = await self._refreshed(records)
-            end = final and not replication.pending
+            flags = replication.window.pass_flags(last=final)
             data, zeros = await replication.append_batches(
-                self.stream, fresh, RESYNC, capture_ns, final_flags=RESYNC_END if end else RESYNC
+                self.stream, fresh, RESYNC, capture_ns, final_flags=flags
             )
-            replication.window_open = not end
+            replication.window.pass_appended(flags)
             self.appended = True
             replication.stats.resync_data_bytes += data
             replication.stats.resync_zero_bytes += zeros
@@ -111,15 +115,12 @@ class CaptureOutput:
 
     async def _refreshed(self, records: Sequence[Write | Zero]) -> list[Record]:
         """``records``, with every part a live request wrote since it was read read again."""
-        stamps = self.replication.live_stamps or {}
+        window = self.replication.window
         geometry = self.replication.geometry
         out: list[Record] = []
         for record in records:
             read_at = self._read_stamp(record.offset)
-            stale = [
-                region for region in geometry.regions_of(record.offset, record.length)
-                if stamps.get(region, 0) > read_at
-            ]  # fmt: skip
+            stale = window.written_since(geometry.regions_of(record.offset, record.length), read_at)
             if not stale:
                 out.append(record)
                 continue
@@ -164,15 +165,14 @@ async def run_resyncs(
     hash_executor: ThreadPoolExecutor,
 ) -> None:
     """Resync the pending regions whenever there are some and the stream can take them (forever)."""
+    window = replication.window
     while True:
         seen = replication.version
         stream = replication.stream
-        if stream is None or replication.mode is not Mode.JOURNALING or not replication.pending:
+        if stream is None or replication.mode is not Mode.JOURNALING or not window.has_pending:
             await replication.wait_change(seen)
             continue
-        regions = set(replication.pending)
-        replication.pending.clear()
-        replication.resyncing = len(regions)
+        regions = window.take_pass()
         done = False
         try:
             await _pass(replication, stream, regions, executor, hash_executor)
@@ -183,10 +183,10 @@ async def run_resyncs(
                 replication.disk_id, len(regions), exc.message,
             )  # fmt: skip
         finally:
-            replication.live_stamps = None
-            replication.resyncing = 0
-            if not done:
-                replication.pending |= regions
+            if done:
+                window.pass_ended()
+            else:
+                window.pass_failed()
         if not done:
             await asyncio.sleep(PASS_RETRY_S)
 
@@ -194,7 +194,7 @@ async def run_resyncs(
 async def _pass(
     replication: CaptureReplication,
     stream: ReplicationStream,
-    regions: set[int],
+    regions: frozenset[int],
     executor: ThreadPoolExecutor,
     hash_executor: ThreadPoolExecutor,
 ) -> None:
@@ -209,11 +209,10 @@ async def _pass(
         "disk %s: resyncing %d regions (%d bytes) from the source", replication.disk_id,
         len(regions), size,
     )  # fmt: skip
-    replication.live_stamps = {}
     progress = SyncProgress(
         generation=stream.generation, source=str(replication.source.path),
         source_size=geometry.disk_bytes, chunk_bytes=chunk, cursor=0,
-        window_open=replication.window_open, started_ns=time.time_ns(),
+        window_open=replication.window.is_open, started_ns=time.time_ns(),
         baseline=replication.baseline(stream),
     )  # fmt: skip
     output = CaptureOutput(replication, stream, executor)

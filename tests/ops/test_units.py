@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.capture.daemon import DRAIN_TIMEOUT_S, NBDKIT_STOP_TIMEOUT_S
+from agent.capture.daemon import DRAIN_TIMEOUT_S
+from agent.capture.export import NBDKIT_STOP_TIMEOUT_S
 from agent.config import MAX_BARRIER_S
 from agent.tags import UNQUIESCE_TIMEOUT_S
 from mastertarget.daemon import SHUTDOWN_GRACE_S as MT_GRACE_S

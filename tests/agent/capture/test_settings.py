@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.capture.daemon import Listen, parse_listen
+from agent.capture.export import Listen, parse_listen
 from agent.config import load
 from agent.tags import auto_name
 from runtime.errors import ConfigError, InvalidArgumentError

@@ -20,6 +20,7 @@ from aiohttp import web
 from agent.capture.plugin import wire
 from agent.capture.plugin.dirtymap import Geometry
 from agent.capture.replication import CaptureReplication, NewGeneration
+from agent.capture.supervisor import supervise
 from agent.client import ProcessServerPool
 from agent.config import load
 from agent.source import SourceDisk
@@ -93,7 +94,7 @@ async def test_streams_broken_at_once_are_started_again_after_a_growing_wait(
                 send=sent.append, mark_pending=mark_pending,
             )  # fmt: skip
             replication.next_stream = NewGeneration(full=True)
-            supervisor = asyncio.create_task(replication.supervise())
+            supervisor = asyncio.create_task(supervise(replication))
             await asyncio.sleep(WATCH_S)
             supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
