@@ -50,7 +50,8 @@ from mastertarget.journal import UndoJournal
 from mastertarget.metrics import MasterTargetMetrics
 from mastertarget.replica import DiskReplica
 from mastertarget.state import StateStore
-from protocol.hrl import HRL_HEADER, Compression, HrlSealer, SealedHrl
+from protocol.compression import Compression
+from protocol.hrl import HRL_HEADER, HrlSealer, SealedHrl
 from protocol.keyring import KeyRing
 from protocol.records import Record, Write
 from protocol.sequencing import StreamPosition

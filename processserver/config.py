@@ -9,8 +9,8 @@ import dataclasses
 from pathlib import Path
 from typing import Final
 
+from protocol.compression import DEFAULT_ZSTD_LEVEL, MAX_ZSTD_LEVEL
 from protocol.errors import MalformedError
-from protocol.hrl import DEFAULT_ZSTD_LEVEL, MAX_ZSTD_LEVEL
 from protocol.limits import MAX_BATCH_PAYLOAD, check_id
 from runtime.config import (
     MAX_TIMEOUT_S,

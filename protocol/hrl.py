@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import Final
 
 import xxhash
@@ -49,6 +48,12 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from protocol import headers, ids
+from protocol.compression import (
+    DEFAULT_ZSTD_LEVEL,
+    MAX_ZSTD_LEVEL,
+    Compression,
+    decompress_stored,
+)
 from protocol.errors import (
     AuthenticationFailedError,
     ChecksumMismatchError,
@@ -72,26 +77,12 @@ from protocol.records import (
 
 HRL_MAGIC: Final = b"BRH1"
 HRL_VERSION: Final = 1
-#: zstd level 1 is the fastest level that still finds most redundancy in disk
-#: blocks; the process server may raise it in its config.
-DEFAULT_ZSTD_LEVEL: Final = 1
-#: zstd levels above 19 need far more memory on both sides for little gain.
-MAX_ZSTD_LEVEL: Final = 19
 
 # magic || version || compression || flags || disk_id_len || disk_id || generation
 # || first_seq || last_seq || record_count || key_id || first_capture_ns
 # || last_capture_ns || receive_ns || plaintext_len || stored_len || data_len || reserved
 # || kdf_salt || plaintext_xxh3_128 || header_xxh3_64
 HRL_HEADER: Final = struct.Struct("<4sBBBB64sQQQIIQQQQQII32s16sQ")
-
-
-class Compression(IntEnum):
-    """How the plaintext is stored before encryption."""
-
-    #: stored as is: the writer chooses this when zstd would not make it smaller
-    NONE = 0
-    #: one zstd frame with its content size set
-    ZSTD = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,31 +422,3 @@ def open_hrl(data: Buffer, keyring: KeyRing) -> HrlFile:
         plaintext, header.record_count, header.data_len, what=f"HRL seq {header.first_seq}"
     )
     return HrlFile(header, plaintext, records)
-
-
-def decompress_stored(
-    compression: Compression, stored: bytes, plaintext_len: int, *, what: str
-) -> bytes:
-    """The plaintext of an authenticated body: checked, and bounded by ``plaintext_len``.
-
-    Raises:
-        MalformedError: the zstd frame has no valid header, declares another
-            size, is invalid, or gives another length.
-    """
-    if compression is Compression.NONE:
-        return stored
-    try:
-        size = zstandard.frame_content_size(stored)
-    except zstandard.ZstdError as exc:
-        raise MalformedError(f"{what}: zstd frame header is invalid: {exc}") from None
-    if size != plaintext_len:
-        raise MalformedError(f"{what}: zstd frame must declare {plaintext_len} bytes, found {size}")
-    try:
-        plaintext = zstandard.ZstdDecompressor().decompress(stored, max_output_size=plaintext_len)
-    except zstandard.ZstdError as exc:
-        raise MalformedError(f"{what}: zstd frame is invalid: {exc}") from None
-    if len(plaintext) != plaintext_len:
-        raise MalformedError(
-            f"{what}: plaintext must be {plaintext_len} bytes, found {len(plaintext)}"
-        )
-    return plaintext

@@ -50,6 +50,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from protocol import headers, ids
+from protocol.compression import Compression, decompress_stored
 from protocol.errors import (
     AuthenticationFailedError,
     ChecksumMismatchError,
@@ -57,7 +58,6 @@ from protocol.errors import (
     MalformedError,
     TruncatedError,
 )
-from protocol.hrl import Compression, decompress_stored
 from protocol.keyring import SALT_BYTES, KeyRing, check_key_id
 from protocol.limits import GCM_TAG_BYTES, MAX_SEQ, MiB
 from protocol.records import (

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from protocol.compression import Compression
 from protocol.errors import BlockreplError, LimitExceededError, MalformedError
-from protocol.hrl import HRL_HEADER, Compression, HrlHeader
+from protocol.hrl import HRL_HEADER, HrlHeader
 from protocol.limits import (
     HRL_HEADER_BYTES,
     MAX_DISK_BYTES,

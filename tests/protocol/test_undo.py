@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from protocol.compression import Compression
 from protocol.errors import (
     AuthenticationFailedError,
     BadMagicError,
@@ -21,7 +22,7 @@ from protocol.errors import (
     UnknownKeyError,
     UnsupportedVersionError,
 )
-from protocol.hrl import Compression, HrlSealer, open_hrl
+from protocol.hrl import HrlSealer, open_hrl
 from protocol.keyring import KeyRing
 from protocol.records import Record, Write, Zero, encode_records
 from protocol.undo import (

@@ -36,8 +36,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from protocol import headers
 from protocol.batch import BATCH_HEADER
+from protocol.compression import Compression
 from protocol.errors import ProtocolError
-from protocol.hrl import HRL_HEADER, Compression
+from protocol.hrl import HRL_HEADER
 from protocol.keyring import KeyRing
 from protocol.limits import GCM_TAG_BYTES, MiB
 from protocol.records import Buffer
