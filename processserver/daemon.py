@@ -18,7 +18,7 @@ import logging
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -27,14 +27,15 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from processserver import config as ps_config
-from processserver.cache import Cache, CachedFile
+from processserver.cache import Cache
 from processserver.committer import GroupCommitter
 from processserver.config import ProcessServerConfig
-from processserver.ingest import DiskIngest, Sealers
 from processserver.metrics import PREFIX, ProcessServerMetrics
-from processserver.positions import DiskPosition, PositionStore
+from processserver.positions import PositionStore
+from processserver.sealers import Sealers
 from processserver.server import build_app
 from processserver.shipper import Shipper
+from processserver.stream import DiskStream, StreamParts
 from protocol.api import MAX_ANSWER_BYTES, ErrorBody, MtDiskState
 from protocol.errors import ProtocolError
 from protocol.sequencing import StreamPosition
@@ -109,14 +110,13 @@ class ProcessServer:
     reloads: ReloadMetrics
     #: the key file as loaded: a reload tells when its content changed
     key_file: FileContent
-    disks: dict[str, DiskIngest] = field(default_factory=dict)
+    disks: dict[str, DiskStream] = field(default_factory=dict)
     _server_tls: ReloadableServerContext | None = None
     _client: _ClientTls | None = None
     _in_flight: InFlight = field(init=False)
     _runner: web.AppRunner | None = None
     _metrics_server: MetricsServer | None = None
     _shipper: Shipper | None = None
-    _failed_over: set[str] = field(default_factory=set)
     _closing: bool = False
 
     def __post_init__(self) -> None:
@@ -150,17 +150,10 @@ class ProcessServer:
         reloads = ReloadMetrics(registry, PREFIX)
         ps = cls(config, metrics, cache, positions, executor, sealers, reloads, key_file)
         committer = GroupCommitter(cache, positions, executor)
+        parts = StreamParts(cache, positions, committer, sealers, executor, metrics)
         for machine in config.machines:
             for disk_id in machine.disks:
-                position, files = await loop.run_in_executor(executor, ps._recover, disk_id)
-                disk = DiskIngest(disk_id, position, sealers=sealers, committer=committer,
-                                  executor=executor)  # fmt: skip
-                disk.cached.extend(files)  # shipping resumes where it stopped
-                ps.disks[disk_id] = disk
-                metrics.sealed_bytes.labels(disk_id)  # the series exists from the start
-                metrics.backlog_age.labels(disk_id).set_function(
-                    lambda disk_id=disk_id: ps.backlog_age_s(disk_id)  # type: ignore[misc]
-                )
+                ps.disks[disk_id] = await DiskStream.recover(disk_id, parts)
         metrics.cache_bytes.set_function(lambda: cache.bytes)
         metrics.cache_high_bytes.set(config.cache_high_bytes)
         metrics.cache_low_bytes.set(config.cache_low_bytes)
@@ -175,23 +168,6 @@ class ProcessServer:
             raise
         log.info("process server ready: %d disks, data port %d", len(ps.disks), ps.port)
         return ps
-
-    def _recover(self, disk_id: str) -> tuple[DiskPosition, list[CachedFile]]:
-        """The disk's position and cached files after a restart (blocking)."""
-        scan = self.cache.scan(disk_id)
-        position = self.positions.get(disk_id)
-        if scan.files:
-            last = scan.files[-1]
-            position = replace(
-                position, acked=max(position.acked, StreamPosition(last.generation, last.last_seq))
-            )
-        if scan.quarantined:
-            for path, reason in scan.quarantined:
-                log.error("disk %s: quarantined cached file %s (%s)", disk_id, path, reason)
-            position = replace(position, resync_required=True)
-            self.positions.put({disk_id: position})
-        self.metrics.resync_required.labels(disk_id).set(int(position.resync_required))
-        return position, scan.files
 
     async def _open_ports(
         self, registry: CollectorRegistry, data_port: int | None, metrics_port: int | None
@@ -228,47 +204,19 @@ class ProcessServer:
             return False, f"cache over its high mark ({self.cache.bytes} bytes)"
         return True, "ready"
 
-    def backlog_age_s(self, disk_id: str) -> float:
-        """Age of the disk's oldest cached file, read at scrape time."""
-        _, oldest = self.backlog(disk_id)
-        return 0.0 if oldest is None else max(0.0, (time.time_ns() - oldest) / 1e9)
-
-    def backlog(self, disk_id: str) -> tuple[int, int | None]:
-        """Bytes of a disk's cached files and the time the oldest was stored."""
-        cached = self.disks[disk_id].cached
-        return sum(f.size for f in cached), (cached[0].stored_ns if cached else None)
-
     @property
     def shipper(self) -> Shipper:
         assert self._shipper is not None
         return self._shipper
 
-    def failed_over(self, disk_id: str) -> bool:
-        """The master target failed this disk over: nothing more is shipped for it."""
-        return disk_id in self._failed_over
-
-    def mark_failed_over(self, disk_id: str) -> None:
-        self._failed_over.add(disk_id)
-
-    async def require_resync(self, disk: DiskIngest) -> None:
-        """Mark the disk resync-required, durably; the agent reads it from the state."""
-        if disk.position.resync_required:
-            return
-        moved = replace(disk.position, resync_required=True)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self.positions.put, {disk.disk_id: moved})
-        # Batches may have been acknowledged meanwhile: keep their position.
-        disk.position = replace(disk.position, resync_required=True)
-        self.metrics.resync_required.labels(disk.disk_id).set(1)
-
-    async def follow_master_target(self, disk: DiskIngest) -> bool:
+    async def follow_master_target(self, disk: DiskStream) -> bool:
         """Take the master target's position of a disk if it is past this one's (durably).
 
         For a batch that leaves a gap here while nothing of the disk waits in
         the cache: the agent moved here from another process server (which
         died with files in its cache, say) and sends again from what the
         master target holds. The master target's seq order keeps the stream
-        exact; the caller holds the disk's lock.
+        exact; the caller holds the disk's request lock.
 
         Returns:
             True if the position moved.
@@ -291,27 +239,7 @@ class ProcessServer:
         except (aiohttp.ClientError, OSError, TimeoutError):
             return False
         there = StreamPosition(state.position.generation, state.position.received_seq)
-        if disk.cached or there <= disk.position.acked:
-            return False
-        moved = replace(disk.position, acked=there, shipped_seq=there.seq, resync_required=False)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self.positions.put, {disk.disk_id: moved})
-        disk.position = moved
-        self.metrics.resync_required.labels(disk.disk_id).set(0)
-        log.info(
-            "disk %s: took the master target's position, generation %d seq %d",
-            disk.disk_id, there.generation, there.seq,
-        )  # fmt: skip
-        return True
-
-    async def start_generation(self, disk: DiskIngest, position: StreamPosition) -> None:
-        """Move a disk to a newer generation, durably (the caller holds its lock)."""
-        moved = replace(disk.position, acked=position, shipped_seq=0, resync_required=False)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self.positions.put, {disk.disk_id: moved})
-        disk.position = moved
-        self.metrics.resync_required.labels(disk.disk_id).set(0)
-        log.info("disk %s: generation %d started", disk.disk_id, position.generation)
+        return await disk.follow(there)
 
     async def reload(self, path: Path) -> bool:
         """Reread the config file and apply what can change while running (SIGHUP).

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Final
 import aiohttp
 from aiohttp import web
 
-from processserver.ingest import DiskIngest, Verdict
+from processserver.stream import DiskStream, Verdict
 from protocol.api import (
     MAX_ANSWER_BYTES,
     AckedPosition,
@@ -31,7 +31,7 @@ from protocol.api import (
 )
 from protocol.batch import BatchDecoder
 from protocol.errors import BlockreplError, MalformedError, ProtocolError
-from protocol.sequencing import Fit, StreamPosition
+from protocol.sequencing import Fit
 from runtime.answers import read_answer
 from runtime.bodies import body_pieces, small_body
 from runtime.errors import BodyTimeoutError, DurabilityError, PeerIdentityError
@@ -95,16 +95,16 @@ async def authorise(request: web.Request, handler: Handler) -> web.StreamRespons
     return await handler(request)
 
 
-def _disk(request: web.Request) -> DiskIngest:
+def _disk(request: web.Request) -> DiskStream:
     return request.app[PS].disks[request.match_info["disk"]]
 
 
-def _position(disk: DiskIngest) -> AckedPosition:
+def _position(disk: DiskStream) -> AckedPosition:
     acked = disk.position.acked
     return AckedPosition(disk.disk_id, acked.generation, acked.seq)
 
 
-def _answer(disk: DiskIngest, verdict: Verdict | None) -> web.Response:
+def _answer(disk: DiskStream, verdict: Verdict | None) -> web.Response:
     refusal = None
     if verdict is not None and verdict.admission.fit not in (Fit.NEXT, Fit.DUPLICATE):
         refusal = refusal_of(verdict.admission)
@@ -127,7 +127,7 @@ async def post_batches(request: web.Request) -> web.StreamResponse:
     decoder = BatchDecoder(expected_disk_id=disk.disk_id)
     verdict: Verdict | None = None
     try:
-        async with disk.lock:
+        async with disk.request_lock:
             pieces = body_pieces(request.content, timeout_s=ps.config.connections.body_timeout_s)
             eof = False
             while not eof:
@@ -138,7 +138,6 @@ async def post_batches(request: web.Request) -> web.StreamResponse:
                     decoder.feed_eof()
                     eof = True
                 for batch in decoder.events():
-                    sealed_before = disk.sealed_bytes
                     verdict = await disk.take(batch)
                     # Nothing of ours waits to be shipped: the master target
                     # may hold the stream further than we do.
@@ -148,10 +147,7 @@ async def post_batches(request: web.Request) -> web.StreamResponse:
                         and await ps.follow_master_target(disk)
                     ):
                         verdict = await disk.take(batch)
-                    ps.metrics.count_batch(disk.disk_id, batch, verdict)
-                    ps.metrics.sealed_bytes.labels(disk.disk_id).inc(
-                        disk.sealed_bytes - sealed_before
-                    )
+                    ps.metrics.count_batch(disk.disk_id, batch, verdict.admission.fit)
                     if verdict.admission.fit not in (Fit.NEXT, Fit.DUPLICATE):
                         return _answer(disk, verdict)
     except BlockreplError as exc:
@@ -169,7 +165,6 @@ async def get_state(request: web.Request) -> web.StreamResponse:
     """GET /v1/disks/{disk}/state[?shipped=N&wait_s=S]: with ``shipped``, the
     answer waits (``wait_s`` at most) until the master target holds seq N of
     the current generation, so an agent hears it at once instead of polling."""
-    ps = request.app[PS]
     disk = _disk(request)
     if "shipped" in request.query:
         try:
@@ -182,11 +177,10 @@ async def get_state(request: web.Request) -> web.StreamResponse:
         except MalformedError as exc:
             return _from_exception(exc)
         await disk.wait_shipped(int(seq), wait_s)
-    backlog_bytes, _ = ps.backlog(disk.disk_id)
     position = disk.position
     state = PsDiskState(
         disk.disk_id, position.acked.generation, position.acked.seq, position.shipped_seq,
-        backlog_bytes, ps.backlog_age_s(disk.disk_id), position.resync_required,
+        disk.backlog_bytes, disk.backlog_age_s(), position.resync_required,
     )  # fmt: skip
     return web.json_response(state.to_json())
 
@@ -216,7 +210,7 @@ async def post_generation(request: web.Request) -> web.StreamResponse:
             request, max_bytes=MAX_SMALL_BODY, timeout_s=ps.config.connections.body_timeout_s
         )
         generation = GenerationRequest.parse_bytes(raw).generation
-        async with disk.lock:
+        async with disk.request_lock:
             current = disk.position.acked.generation
             if generation <= current:
                 refusal = StaleGeneration(
@@ -224,7 +218,7 @@ async def post_generation(request: web.Request) -> web.StreamResponse:
                     f"a new generation must be above the current {current}, found {generation}",
                 )
                 return web.json_response(GenerationAnswer(refusal).to_json(), status=409)
-            await ps.start_generation(disk, StreamPosition(generation, 0))
+            await disk.start_generation(generation)
     except BlockreplError as exc:
         return _from_exception(exc)
     return web.json_response(GenerationAnswer(_position(disk)).to_json())

@@ -30,14 +30,13 @@ import asyncio
 import logging
 import random
 import ssl
-from dataclasses import replace
 from typing import TYPE_CHECKING, Final
 
 import aiohttp
 
 from processserver.cache import CachedFile
 from processserver.config import MasterTargetLink
-from processserver.ingest import DiskIngest
+from processserver.stream import DiskStream
 from protocol.api import CONFLICT, MAX_ANSWER_BYTES, OK, ErrorBody, HrlAnswer
 from protocol.errors import ProtocolError
 from protocol.reaction import ShipAction, ShipDecision, react_to_hrl
@@ -65,8 +64,8 @@ class Shipper:
         self._session = _new_session(tls, ps.config.master_target)
         self._retiring: set[asyncio.Task[None]] = set()
         self._tasks = [
-            vital(asyncio.create_task(self._ship_disk(disk), name=f"ship-{disk.disk_id}"))
-            for disk in ps.disks.values()
+            vital(asyncio.create_task(self._ship_disk(stream), name=f"ship-{stream.disk_id}"))
+            for stream in ps.disks.values()
         ]
         self._stopping = False
 
@@ -103,32 +102,24 @@ class Shipper:
         await asyncio.gather(*self._tasks, *self._retiring, return_exceptions=True)
         await self._session.close()
 
-    async def _ship_disk(self, disk: DiskIngest) -> None:
+    async def _ship_disk(self, stream: DiskStream) -> None:
         backoff = BACKOFF_FIRST_S
         while not self._stopping:
-            if not disk.cached or (disk.position.resync_required and not disk.cached):
-                disk.wake.clear()
-                await disk.wake.wait()
-                continue
-            if self._ps.failed_over(disk.disk_id):
-                disk.wake.clear()
-                await disk.wake.wait()
-                continue
-            head = disk.cached[0]
+            head = await stream.next_to_ship()
             async with self._slots:
-                outcome = await self._send(disk, head)
+                outcome = await self._send(stream, head)
             if outcome:
                 backoff = BACKOFF_FIRST_S
             else:
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.5))  # noqa: S311 - jitter
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
 
-    async def _send(self, disk: DiskIngest, head: CachedFile) -> bool:
+    async def _send(self, stream: DiskStream, head: CachedFile) -> bool:
         """Send one file and carry out what its answer decides; False when the
         caller should back off."""
         ps = self._ps
         loop = asyncio.get_running_loop()
-        url = f"{self._base}/v1/disks/{disk.disk_id}/hrl/{head.generation}/{head.first_seq}"
+        url = f"{self._base}/v1/disks/{stream.disk_id}/hrl/{head.generation}/{head.first_seq}"
         status = 0
         try:
             data = await loop.run_in_executor(ps.executor, head.path.read_bytes)
@@ -141,58 +132,48 @@ class Shipper:
             answer = HrlAnswer.parse_bytes(status, raw) if status in (OK, CONFLICT) else None
         except ProtocolError as exc:
             ps.metrics.malformed_answers.labels("put-hrl").inc()
-            ps.metrics.ship_retries.labels(disk.disk_id).inc()
+            ps.metrics.ship_retries.labels(stream.disk_id).inc()
             log.warning("disk %s: the master target answered %s with %d and a body that breaks "
-                        "docs/api.md: %s", disk.disk_id, head.path.name, status,
+                        "docs/api.md: %s", stream.disk_id, head.path.name, status,
                         exc.message)  # fmt: skip
             return False
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-            ps.metrics.ship_retries.labels(disk.disk_id).inc()
-            log.debug("disk %s: shipping %s failed: %s", disk.disk_id, head.path.name, exc)
+            ps.metrics.ship_retries.labels(stream.disk_id).inc()
+            log.debug("disk %s: shipping %s failed: %s", stream.disk_id, head.path.name, exc)
             return False
         if answer is None:
-            ps.metrics.ship_retries.labels(disk.disk_id).inc()
-            log.warning("disk %s: the master target answered %d to %s: %s", disk.disk_id, status,
+            ps.metrics.ship_retries.labels(stream.disk_id).inc()
+            log.warning("disk %s: the master target answered %d to %s: %s", stream.disk_id, status,
                         head.path.name, ErrorBody.explain(raw).to_json())  # fmt: skip
             return False
-        return await self._carry_out(disk, head, len(data), react_to_hrl(answer, disk.cached))
+        return await self._carry_out(stream, head, len(data), react_to_hrl(answer, stream.cached))
 
     async def _carry_out(
-        self, disk: DiskIngest, head: CachedFile, size: int, decision: ShipDecision
+        self, stream: DiskStream, head: CachedFile, size: int, decision: ShipDecision
     ) -> bool:
         """Do what protocol/reaction.py decided; False when the caller should back off."""
+        metrics = self._ps.metrics
         if decision.action is ShipAction.SHIPPED:
-            await self._shipped(disk, head, size)
+            await stream.shipped(head)
+            metrics.bytes_out.labels(stream.disk_id).inc(size)
+            metrics.files_out.labels(stream.disk_id).inc()
             return True
         if decision.action is ShipAction.STOP:
-            log.warning("disk %s: %s; shipping stops", disk.disk_id, decision.reason)
-            self._ps.mark_failed_over(disk.disk_id)
+            log.warning("disk %s: %s; shipping stops", stream.disk_id, decision.reason)
+            stream.fail_over()
             return True
-        await self._drop(disk, decision.held)  # the master target holds these already
+        await stream.drop_held(decision.held)  # the master target holds these already
+        metrics.files_out.labels(stream.disk_id).inc(decision.held)
         if decision.resync:
-            log.error("disk %s: %s; the disk needs a resync", disk.disk_id, decision.reason)
-            await self._ps.require_resync(disk)
-        await self._drop(disk, decision.older)  # of generations that can never be whole
+            log.error("disk %s: %s; the disk needs a resync", stream.disk_id, decision.reason)
+            await stream.require_resync()
+        await stream.drop_older(decision.older)  # of generations that can never be whole
+        metrics.files_out.labels(stream.disk_id).inc(decision.older)
         if decision.action is ShipAction.BACK_OFF:
             # A refusal with no way forward: sending the same file again at once would loop.
-            log.debug("disk %s: %s; backing off", disk.disk_id, decision.reason)
+            log.debug("disk %s: %s; backing off", stream.disk_id, decision.reason)
             return False
         return True
-
-    async def _shipped(self, disk: DiskIngest, head: CachedFile, size: int) -> None:
-        ps = self._ps
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(ps.executor, ps.cache.remove, head)
-        if disk.cached and disk.cached[0] is head:
-            disk.cached.popleft()
-        disk.position = replace(disk.position, shipped_seq=head.last_seq)
-        ps.metrics.bytes_out.labels(disk.disk_id).inc(size)
-        ps.metrics.files_out.labels(disk.disk_id).inc()
-
-    async def _drop(self, disk: DiskIngest, count: int) -> None:
-        """Drop ``count`` files from the head of the disk's cache, as shipped."""
-        for _ in range(count):
-            await self._shipped(disk, disk.cached[0], 0)
 
 
 def _new_session(tls: ssl.SSLContext, link: MasterTargetLink) -> aiohttp.ClientSession:
