@@ -145,6 +145,10 @@ class ProcessServerConfig:
         """The machine that may write ``disk_id``, or None if no machine may."""
         return next((m.id for m in self.machines if disk_id in m.disks), None)
 
+    def owners(self) -> dict[str, str]:
+        """The machine that may write each disk, by disk id."""
+        return {disk: m.id for m in self.machines for disk in m.disks}
+
 
 def load(path: str | Path) -> ProcessServerConfig:
     """Load and check a process server config file.

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -30,16 +29,13 @@ from processserver import config as ps_config
 from processserver.cache import Cache
 from processserver.committer import GroupCommitter
 from processserver.config import ProcessServerConfig
+from processserver.master_target_client import MasterTargetClient
 from processserver.metrics import PREFIX, ProcessServerMetrics
 from processserver.positions import PositionStore
 from processserver.sealers import Sealers
 from processserver.server import build_app
 from processserver.shipper import Shipper
 from processserver.stream import DiskStream, StreamParts
-from protocol.api import MAX_ANSWER_BYTES, ErrorBody, MtDiskState
-from protocol.errors import ProtocolError
-from protocol.sequencing import StreamPosition
-from runtime.answers import read_answer
 from runtime.config import TlsFiles
 from runtime.inflight import CANCEL_TIMEOUT_S, InFlight
 from runtime.keyfile import load_keyring
@@ -68,9 +64,6 @@ log = logging.getLogger("blockrepl.processserver")
 #: a batch of the largest size still arriving over a slow link. The units'
 #: TimeoutStopSec= is above it (systemd/processserver.service).
 SHUTDOWN_GRACE_S: Final = 30.0
-#: Seconds to wait for the master target's position of a disk: the agent's
-#: request waits meanwhile.
-FOLLOW_TIMEOUT: Final = aiohttp.ClientTimeout(total=10)
 #: Threads for sealing, group commits and scans: both cores sealing while a
 #: group is written.
 WORKERS: Final = 4
@@ -116,6 +109,7 @@ class ProcessServer:
     _in_flight: InFlight = field(init=False)
     _runner: web.AppRunner | None = None
     _metrics_server: MetricsServer | None = None
+    _master_target: MasterTargetClient | None = None
     _shipper: Shipper | None = None
     _closing: bool = False
 
@@ -159,7 +153,12 @@ class ProcessServer:
         metrics.cache_low_bytes.set(config.cache_low_bytes)
         try:
             ps._client = _ClientTls.load(config.master_target.tls)
-            ps._shipper = Shipper(ps, ps._client.context)
+            ps._master_target = MasterTargetClient(
+                config.master_target, ps._client.context, metrics
+            )
+            ps._shipper = Shipper(ps.disks.values(), ps._master_target, metrics, executor,
+                                  max_in_flight=config.max_in_flight)  # fmt: skip
+            ps._shipper.start()
             ps._server_tls = ReloadableServerContext(config.tls)
             ps._show_certificates()
             await ps._open_ports(registry, data_port, metrics_port)
@@ -173,7 +172,11 @@ class ProcessServer:
         self, registry: CollectorRegistry, data_port: int | None, metrics_port: int | None
     ) -> None:
         request_logs = RequestLogs(registry, PREFIX)
-        app = build_app(self)
+        assert self._master_target is not None
+        app = build_app(
+            streams=self.disks, owners=self.config.owners(), connections=self.config.connections,
+            metrics=self.metrics, cache=self.cache, master_target=self._master_target,
+        )  # fmt: skip
         self._in_flight.install(app)
         self._runner = web.AppRunner(
             app, access_log=None, shutdown_timeout=CANCEL_TIMEOUT_S,
@@ -209,38 +212,6 @@ class ProcessServer:
         assert self._shipper is not None
         return self._shipper
 
-    async def follow_master_target(self, disk: DiskStream) -> bool:
-        """Take the master target's position of a disk if it is past this one's (durably).
-
-        For a batch that leaves a gap here while nothing of the disk waits in
-        the cache: the agent moved here from another process server (which
-        died with files in its cache, say) and sends again from what the
-        master target holds. The master target's seq order keeps the stream
-        exact; the caller holds the disk's request lock.
-
-        Returns:
-            True if the position moved.
-        """
-        url = f"{self.shipper.base_url}/v1/disks/{disk.disk_id}/state"
-        try:
-            async with self.shipper.session.get(url, timeout=FOLLOW_TIMEOUT) as response:
-                raw = await read_answer(response.content, max_bytes=MAX_ANSWER_BYTES,
-                                        what="the master target's disk state")  # fmt: skip
-                if response.status != 200:
-                    log.debug("disk %s: the master target answered %d to %s: %s", disk.disk_id,
-                              response.status, url, ErrorBody.explain(raw).to_json())  # fmt: skip
-                    return False
-            state = MtDiskState.parse_bytes(raw)
-        except ProtocolError as exc:
-            self.metrics.malformed_answers.labels("state").inc()
-            log.warning("disk %s: the master target's answer to %s breaks docs/api.md: %s; "
-                        "the gap stands", disk.disk_id, url, exc.message)  # fmt: skip
-            return False
-        except (aiohttp.ClientError, OSError, TimeoutError):
-            return False
-        there = StreamPosition(state.position.generation, state.position.received_seq)
-        return await disk.follow(there)
-
     async def reload(self, path: Path) -> bool:
         """Reread the config file and apply what can change while running (SIGHUP).
 
@@ -262,7 +233,7 @@ class ProcessServer:
         new = plan.config
         assert self._server_tls is not None
         assert self._client is not None
-        assert self._shipper is not None
+        assert self._master_target is not None
         loop = asyncio.get_running_loop()
         # TLS files are read even when their names did not change: a renewed
         # certificate usually keeps its file name.
@@ -271,7 +242,7 @@ class ProcessServer:
         restart = await loop.run_in_executor(
             self.executor, self.key_file.waits_for_restart, "key_file", new.key_file
         )
-        shipper = self._shipper
+        master_target = self._master_target
         renewed = renewal_note("client", client.path, self._client.certificate, client.certificate)
         notes = [server.note, renewed]
 
@@ -279,7 +250,7 @@ class ProcessServer:
             if touches(plan, "logging"):
                 setup_logging(new.logging)
             server.commit()
-            shipper.replace_tls(client.context)
+            master_target.replace_tls(client.context)
             self._client = client
             self.cache.set_marks(high_bytes=new.cache_high_bytes, low_bytes=new.cache_low_bytes)
             self.metrics.cache_high_bytes.set(new.cache_high_bytes)
@@ -304,6 +275,8 @@ class ProcessServer:
             await self._in_flight.drain(self._runner, SHUTDOWN_GRACE_S)
         if self._shipper is not None:
             await self._shipper.close()
+        if self._master_target is not None:
+            await self._master_target.close()
         if self._metrics_server is not None:
             await self._metrics_server.close()
         self.executor.shutdown(wait=True)
