@@ -60,8 +60,17 @@ class DiskPosition:
         """A batch ending at ``last`` is cached."""
         return replace(self, acked=last)
 
-    def shipped(self, last_seq: int) -> DiskPosition:
-        """The master target holds a cached file that ends at ``last_seq``."""
+    def shipped(self, generation: int, last_seq: int) -> DiskPosition:
+        """The master target holds a cached file of ``generation`` that ends at ``last_seq``.
+
+        ``shipped_seq`` is a seq of the acknowledged generation (docs/api.md):
+        a file of an older one, shipped or dropped after the agent started a
+        newer generation, moves nothing. Taken as a seq of the new generation
+        it would let the agent trim journal entries the master target does
+        not hold (DESIGN.md invariant 1).
+        """
+        if generation != self.acked.generation:
+            return self
         return replace(self, shipped_seq=last_seq)
 
     def needing_resync(self) -> DiskPosition:

@@ -266,7 +266,7 @@ class DiskStream:
         await loop.run_in_executor(parts.executor, parts.cache.remove, file)
         if self._cached and self._cached[0] is file:
             self._cached.popleft()
-        self._move(self._position.shipped(file.last_seq))
+        self._move(self._position.shipped(file.generation, file.last_seq))
 
     async def _commit(self, moved: DiskPosition) -> None:
         """Commit ``moved`` to the database, then take it; the caller holds ``_changing``.

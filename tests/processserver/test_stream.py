@@ -112,6 +112,29 @@ async def test_shipped_files_go_and_moves_that_matter_are_durable(parts: StreamP
     assert stream.position == parts.positions.get(DISK)
 
 
+async def test_files_of_an_older_generation_shipped_move_no_seq_of_the_new_one(
+    parts: StreamParts,
+) -> None:
+    """The agent started generation 2 while files of generation 1 wait in the cache:
+    when those reach the master target (or are dropped), ``shipped_seq`` of
+    generation 2 stays where it is. The agent trims its generation-2 journal
+    up to ``shipped_seq``; a seq of generation 1 there would trim batches the
+    master target does not hold."""
+    stream = await DiskStream.recover(DISK, parts)
+    async with stream.request_lock:
+        for seq in (1, 2, 3):
+            await stream.take(_batch(1, seq, [Write(0, b"o" * 100)]))
+        await stream.start_generation(2)
+        await stream.take(_batch(2, 1, [Write(0, b"n" * 100)], StreamFlags.RESYNC))
+    await stream.shipped(await stream.next_to_ship())  # generation 1, seq 1
+    await stream.drop_older(2)  # generation 1, seqs 2 and 3
+    assert stream.position == DiskPosition(StreamPosition(2, 1), 0, False)
+    await stream.wait_shipped(1, 0.05)
+    assert stream.position.shipped_seq == 0, "the long poll must not answer early either"
+    await stream.shipped(await stream.next_to_ship())  # generation 2, seq 1
+    assert stream.position == DiskPosition(StreamPosition(2, 1), 1, False)
+
+
 async def test_a_restart_takes_the_later_of_database_and_cache_and_quarantine_needs_a_resync(
     parts: StreamParts,
 ) -> None:
@@ -161,7 +184,8 @@ async def test_a_resync_marked_while_a_batch_is_written_survives_in_the_database
 def test_position_moves_are_pure() -> None:
     at = DiskPosition(StreamPosition(2, 10), 4, False)
     assert at.stored(StreamPosition(2, 12)) == DiskPosition(StreamPosition(2, 12), 4, False)
-    assert at.shipped(8) == DiskPosition(StreamPosition(2, 10), 8, False)
+    assert at.shipped(2, 8) == DiskPosition(StreamPosition(2, 10), 8, False)
+    assert at.shipped(1, 900) == at, "a seq of an older generation is no seq of this one"
     assert at.needing_resync().resync_required
     assert at.following(StreamPosition(2, 30), cached=True) is None
     assert at.following(StreamPosition(2, 10), cached=False) is None
