@@ -60,6 +60,12 @@ class GroupCommitter:
             self._running = asyncio.create_task(self._drain())
         return await submission.done
 
+    async def close(self) -> None:
+        """Wait until the group being written, and any queued behind it, is done:
+        its writes and fsyncs then no longer run on the executor."""
+        if self._running is not None:
+            await asyncio.gather(self._running, return_exceptions=True)
+
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while self._waiting:

@@ -13,12 +13,13 @@ from protocol.compression import DEFAULT_ZSTD_LEVEL, MAX_ZSTD_LEVEL
 from protocol.errors import MalformedError
 from protocol.limits import MAX_BATCH_PAYLOAD, check_id
 from runtime.config import (
-    MAX_TIMEOUT_S,
     ConnectionTimeouts,
     FieldValueError,
     LoggingConfig,
     MetricsListen,
     TlsFiles,
+    check_https_url,
+    check_seconds,
     load_config,
 )
 
@@ -87,14 +88,10 @@ class MasterTargetLink:
     transfer_timeout_s: float = DEFAULT_TRANSFER_TIMEOUT_S
 
     def __post_init__(self) -> None:
-        if not self.url.startswith("https://"):
-            raise FieldValueError("url", f"expected an https:// URL, found {self.url!r}")
-        for name in ("connect_timeout_s", "read_timeout_s", "transfer_timeout_s"):
-            value = getattr(self, name)
-            if not 0 < value <= MAX_TIMEOUT_S:
-                raise FieldValueError(
-                    name, f"expected 0 < seconds <= {MAX_TIMEOUT_S}, found {value}"
-                )
+        check_https_url("url", self.url)
+        check_seconds("connect_timeout_s", self.connect_timeout_s)
+        check_seconds("read_timeout_s", self.read_timeout_s)
+        check_seconds("transfer_timeout_s", self.transfer_timeout_s)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -147,6 +144,10 @@ class ProcessServerConfig:
     def owner(self, disk_id: str) -> str | None:
         """The machine that may write ``disk_id``, or None if no machine may."""
         return next((m.id for m in self.machines if disk_id in m.disks), None)
+
+    def owners(self) -> dict[str, str]:
+        """The machine that may write each disk, by disk id."""
+        return {disk: m.id for m in self.machines for disk in m.disks}
 
 
 def load(path: str | Path) -> ProcessServerConfig:

@@ -1,49 +1,53 @@
-"""The process server daemon: config, cache, positions, ingest, the data API
-and the metrics listener, wired together.
+"""The process server daemon: config, cache, positions, the disks' streams, the
+shipper, the data API and the metrics listener, wired together.
 
 ``ProcessServer.start`` recovers the cache as a crash left it (every file's
 header checked, torn or corrupt ones quarantined and their disks marked
 resync-required), takes each disk's position as the later of the position
-database and the cache, then opens the ports.
+database and the cache, then opens the ports. Each part is registered for
+its teardown as it is made (the executor, the position database, the group
+committer, the client of the master target, the shipper, the data
+listener, the metrics listener), so a start that fails at any step leaves
+no thread, task or open file behind (tests/processserver/test_start_failures.py).
 
 ``ProcessServer.reload`` (SIGHUP) applies the keys of :data:`RELOADABLE` and
-rereads the TLS files; ``close`` (SIGTERM) stops taking connections, lets the
-requests in flight finish (up to :data:`SHUTDOWN_GRACE_S`) and closes.
+rereads the TLS files; ``close`` (SIGTERM) stops taking connections and lets
+the requests in flight finish (up to :data:`SHUTDOWN_GRACE_S`) while the
+metrics listener says why the daemon is not ready, then closes the rest,
+the last made first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-import aiohttp
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 
 from processserver import config as ps_config
-from processserver.cache import Cache, CachedFile
+from processserver.cache import Cache
 from processserver.committer import GroupCommitter
 from processserver.config import ProcessServerConfig
-from processserver.ingest import DiskIngest, Sealers
+from processserver.master_target_client import MasterTargetClient
 from processserver.metrics import PREFIX, ProcessServerMetrics
-from processserver.positions import DiskPosition, PositionStore
+from processserver.positions import PositionStore
+from processserver.sealers import Sealers
 from processserver.server import build_app
 from processserver.shipper import Shipper
-from protocol.api import MAX_ANSWER_BYTES, ErrorBody, MtDiskState
-from protocol.errors import ProtocolError
-from protocol.sequencing import StreamPosition
-from runtime.answers import read_answer
+from processserver.stream import DiskStream, StreamParts
 from runtime.config import TlsFiles
 from runtime.inflight import CANCEL_TIMEOUT_S, InFlight
 from runtime.keyfile import load_keyring
 from runtime.logs import setup_logging
-from runtime.metrics import MetricsServer, new_registry, start_metrics_server
+from runtime.metrics import new_registry, start_metrics_server
 from runtime.reload import (
     FileContent,
     Prepared,
@@ -52,7 +56,7 @@ from runtime.reload import (
     reload_config,
     touches,
 )
-from runtime.serverlog import RequestLogs
+from runtime.serverlog import RequestLogs, ServerLog
 from runtime.tls import (
     CertificateInfo,
     ReloadableServerContext,
@@ -67,9 +71,6 @@ log = logging.getLogger("blockrepl.processserver")
 #: a batch of the largest size still arriving over a slow link. The units'
 #: TimeoutStopSec= is above it (systemd/processserver.service).
 SHUTDOWN_GRACE_S: Final = 30.0
-#: Seconds to wait for the master target's position of a disk: the agent's
-#: request waits meanwhile.
-FOLLOW_TIMEOUT: Final = aiohttp.ClientTimeout(total=10)
 #: Threads for sealing, group commits and scans: both cores sealing while a
 #: group is written.
 WORKERS: Final = 4
@@ -96,31 +97,58 @@ class _ClientTls:
         return cls(files.cert_file, client_context(files), certificate_info(files.cert_file))
 
 
+class _DataListener:
+    """The data API on its port; :meth:`close` drains its requests in flight, once."""
+
+    def __init__(
+        self, app: web.Application, config: ProcessServerConfig, requests_in_flight: Gauge,
+        server_log: ServerLog,
+    ) -> None:  # fmt: skip
+        self._in_flight = InFlight(requests_in_flight)
+        self._in_flight.install(app)
+        self._runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=CANCEL_TIMEOUT_S,
+            keepalive_timeout=config.connections.idle_timeout_s, logger=server_log,
+        )  # fmt: skip
+        self._closed = False
+
+    async def open(self, host: str, port: int, tls: ssl.SSLContext) -> None:
+        """Listen on ``host:port``; :meth:`close` closes it, whether this raised or not."""
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port, ssl_context=tls).start()
+
+    @property
+    def port(self) -> int:
+        return int(self._runner.addresses[0][1])
+
+    async def close(self) -> None:
+        """Stop listening and let the requests in flight finish (runtime/inflight.py)."""
+        if not self._closed:
+            self._closed = True
+            await self._in_flight.drain(self._runner, SHUTDOWN_GRACE_S)
+
+
 @dataclass
 class ProcessServer:
     """A running process server. Build with :meth:`start`, stop with :meth:`close`."""
 
     config: ProcessServerConfig
     metrics: ProcessServerMetrics
+    reloads: ReloadMetrics
     cache: Cache
-    positions: PositionStore
     executor: ThreadPoolExecutor
     sealers: Sealers
-    reloads: ReloadMetrics
     #: the key file as loaded: a reload tells when its content changed
     key_file: FileContent
-    disks: dict[str, DiskIngest] = field(default_factory=dict)
-    _server_tls: ReloadableServerContext | None = None
-    _client: _ClientTls | None = None
-    _in_flight: InFlight = field(init=False)
-    _runner: web.AppRunner | None = None
-    _metrics_server: MetricsServer | None = None
-    _shipper: Shipper | None = None
-    _failed_over: set[str] = field(default_factory=set)
+    disks: dict[str, DiskStream]
+    shipper: Shipper
+    _master_target: MasterTargetClient
+    _client: _ClientTls
+    _server_tls: ReloadableServerContext
+    _data: _DataListener
+    #: everything :meth:`close` closes after the data listener, the last made first
+    _resources: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
     _closing: bool = False
-
-    def __post_init__(self) -> None:
-        self._in_flight = InFlight(self.metrics.requests_in_flight)
 
     @classmethod
     async def start(
@@ -134,92 +162,84 @@ class ProcessServer:
         """Recover the cache, then open the ports.
 
         Raises:
-            BlockreplError: a file or volume check failed; the message says which.
+            BlockreplError: a file, key or certificate check failed, or the
+                metrics port cannot be bound; the message says which.
+            OSError: the cache folders cannot be made, or the data port bound.
         """
         registry = registry or new_registry()
+        logs = RequestLogs(registry, PREFIX)
+        async with contextlib.AsyncExitStack() as stack:
+            ps = await cls._open(stack, config, registry, logs.for_listener("data"), data_port)
+            listener = await start_metrics_server(
+                registry, config.metrics, alive=lambda: not ps._closing, ready=ps.ready,
+                port=metrics_port, server_log=logs.for_listener("metrics"),
+            )  # fmt: skip
+            stack.push_async_callback(listener.close)
+            ps._resources = stack.pop_all()
+        log.info("process server ready: %d disks, data port %d", len(ps.disks), ps.port)
+        return ps
+
+    @classmethod
+    async def _open(
+        cls,
+        stack: contextlib.AsyncExitStack,
+        config: ProcessServerConfig,
+        registry: CollectorRegistry,
+        data_log: ServerLog,
+        data_port: int | None,
+    ) -> ProcessServer:
+        """All but the metrics listener, each part pushed on ``stack`` as it is made."""
         metrics = ProcessServerMetrics(registry)
+        reloads = ReloadMetrics(registry, PREFIX)
         config.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="ps-io")
+        stack.callback(executor.shutdown, wait=True)
         loop = asyncio.get_running_loop()
         keyring = await loop.run_in_executor(executor, load_keyring, config.key_file)
         key_file = await loop.run_in_executor(executor, FileContent.read, config.key_file)
         cache = Cache(config.cache_dir, high_bytes=config.cache_high_bytes,
                       low_bytes=config.cache_low_bytes)  # fmt: skip
         positions = PositionStore(config.cache_dir / POSITIONS_DB)
-        sealers = Sealers(keyring, config.zstd_level)
-        reloads = ReloadMetrics(registry, PREFIX)
-        ps = cls(config, metrics, cache, positions, executor, sealers, reloads, key_file)
+        stack.callback(positions.close)
+        # Once more (it is idempotent): the executor's threads have ended, and
+        # no commit of theirs still runs, when the database closes.
+        stack.callback(executor.shutdown, wait=True)
         committer = GroupCommitter(cache, positions, executor)
-        for machine in config.machines:
-            for disk_id in machine.disks:
-                position, files = await loop.run_in_executor(executor, ps._recover, disk_id)
-                disk = DiskIngest(disk_id, position, sealers=sealers, committer=committer,
-                                  executor=executor)  # fmt: skip
-                disk.cached.extend(files)  # shipping resumes where it stopped
-                ps.disks[disk_id] = disk
-                metrics.sealed_bytes.labels(disk_id)  # the series exists from the start
-                metrics.backlog_age.labels(disk_id).set_function(
-                    lambda disk_id=disk_id: ps.backlog_age_s(disk_id)  # type: ignore[misc]
-                )
+        stack.push_async_callback(committer.close)
+        sealers = Sealers(keyring, config.zstd_level)
+        parts = StreamParts(cache, positions, committer, sealers, executor, metrics)
+        disks = {disk: await DiskStream.recover(disk, parts) for disk in config.owners()}
         metrics.cache_bytes.set_function(lambda: cache.bytes)
         metrics.cache_high_bytes.set(config.cache_high_bytes)
         metrics.cache_low_bytes.set(config.cache_low_bytes)
-        try:
-            ps._client = _ClientTls.load(config.master_target.tls)
-            ps._shipper = Shipper(ps, ps._client.context)
-            ps._server_tls = ReloadableServerContext(config.tls)
-            ps._show_certificates()
-            await ps._open_ports(registry, data_port, metrics_port)
-        except BaseException:
-            await ps.close()
-            raise
-        log.info("process server ready: %d disks, data port %d", len(ps.disks), ps.port)
+        client = _ClientTls.load(config.master_target.tls)
+        master_target = await stack.enter_async_context(
+            MasterTargetClient(config.master_target, client.context, metrics)
+        )
+        shipping = Shipper(
+            disks.values(), master_target, metrics, executor, max_in_flight=config.max_in_flight
+        )
+        shipper = await stack.enter_async_context(shipping)
+        server_tls = ReloadableServerContext(config.tls)
+        app = build_app(
+            streams=disks, owners=config.owners(), connections=config.connections,
+            metrics=metrics, cache=cache, master_target=master_target,
+        )  # fmt: skip
+        data = _DataListener(app, config, metrics.requests_in_flight, data_log)
+        stack.push_async_callback(data.close)
+        await data.open(config.host, config.port if data_port is None else data_port,
+                        server_tls.context)  # fmt: skip
+        ps = cls(
+            config, metrics, reloads, cache, executor, sealers, key_file, disks, shipper,
+            master_target, client, server_tls, data,
+        )  # fmt: skip
+        ps._show_certificates()
         return ps
-
-    def _recover(self, disk_id: str) -> tuple[DiskPosition, list[CachedFile]]:
-        """The disk's position and cached files after a restart (blocking)."""
-        scan = self.cache.scan(disk_id)
-        position = self.positions.get(disk_id)
-        if scan.files:
-            last = scan.files[-1]
-            position = replace(
-                position, acked=max(position.acked, StreamPosition(last.generation, last.last_seq))
-            )
-        if scan.quarantined:
-            for path, reason in scan.quarantined:
-                log.error("disk %s: quarantined cached file %s (%s)", disk_id, path, reason)
-            position = replace(position, resync_required=True)
-            self.positions.put({disk_id: position})
-        self.metrics.resync_required.labels(disk_id).set(int(position.resync_required))
-        return position, scan.files
-
-    async def _open_ports(
-        self, registry: CollectorRegistry, data_port: int | None, metrics_port: int | None
-    ) -> None:
-        request_logs = RequestLogs(registry, PREFIX)
-        app = build_app(self)
-        self._in_flight.install(app)
-        self._runner = web.AppRunner(
-            app, access_log=None, shutdown_timeout=CANCEL_TIMEOUT_S,
-            keepalive_timeout=self.config.connections.idle_timeout_s,
-            logger=request_logs.for_listener("data"),
-        )  # fmt: skip
-        await self._runner.setup()
-        assert self._server_tls is not None
-        site = web.TCPSite(
-            self._runner, self.config.host, self.config.port if data_port is None else data_port,
-            ssl_context=self._server_tls.context,
-        )  # fmt: skip
-        await site.start()
-        self._metrics_server = await start_metrics_server(
-            registry, self.config.metrics, alive=lambda: not self._closing, ready=self.ready,
-            port=metrics_port, server_log=request_logs.for_listener("metrics"),
-        )  # fmt: skip
 
     @property
     def port(self) -> int:
-        assert self._runner is not None
-        return int(self._runner.addresses[0][1])
+        """The data port bound: the configured one, or the one the kernel chose for port 0."""
+        return self._data.port
 
     def ready(self) -> tuple[bool, str]:
         if self._closing:
@@ -227,91 +247,6 @@ class ProcessServer:
         if self.cache.full:
             return False, f"cache over its high mark ({self.cache.bytes} bytes)"
         return True, "ready"
-
-    def backlog_age_s(self, disk_id: str) -> float:
-        """Age of the disk's oldest cached file, read at scrape time."""
-        _, oldest = self.backlog(disk_id)
-        return 0.0 if oldest is None else max(0.0, (time.time_ns() - oldest) / 1e9)
-
-    def backlog(self, disk_id: str) -> tuple[int, int | None]:
-        """Bytes of a disk's cached files and the time the oldest was stored."""
-        cached = self.disks[disk_id].cached
-        return sum(f.size for f in cached), (cached[0].stored_ns if cached else None)
-
-    @property
-    def shipper(self) -> Shipper:
-        assert self._shipper is not None
-        return self._shipper
-
-    def failed_over(self, disk_id: str) -> bool:
-        """The master target failed this disk over: nothing more is shipped for it."""
-        return disk_id in self._failed_over
-
-    def mark_failed_over(self, disk_id: str) -> None:
-        self._failed_over.add(disk_id)
-
-    async def require_resync(self, disk: DiskIngest) -> None:
-        """Mark the disk resync-required, durably; the agent reads it from the state."""
-        if disk.position.resync_required:
-            return
-        moved = replace(disk.position, resync_required=True)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self.positions.put, {disk.disk_id: moved})
-        # Batches may have been acknowledged meanwhile: keep their position.
-        disk.position = replace(disk.position, resync_required=True)
-        self.metrics.resync_required.labels(disk.disk_id).set(1)
-
-    async def follow_master_target(self, disk: DiskIngest) -> bool:
-        """Take the master target's position of a disk if it is past this one's (durably).
-
-        For a batch that leaves a gap here while nothing of the disk waits in
-        the cache: the agent moved here from another process server (which
-        died with files in its cache, say) and sends again from what the
-        master target holds. The master target's seq order keeps the stream
-        exact; the caller holds the disk's lock.
-
-        Returns:
-            True if the position moved.
-        """
-        url = f"{self.shipper.base_url}/v1/disks/{disk.disk_id}/state"
-        try:
-            async with self.shipper.session.get(url, timeout=FOLLOW_TIMEOUT) as response:
-                raw = await read_answer(response.content, max_bytes=MAX_ANSWER_BYTES,
-                                        what="the master target's disk state")  # fmt: skip
-                if response.status != 200:
-                    log.debug("disk %s: the master target answered %d to %s: %s", disk.disk_id,
-                              response.status, url, ErrorBody.explain(raw).to_json())  # fmt: skip
-                    return False
-            state = MtDiskState.parse_bytes(raw)
-        except ProtocolError as exc:
-            self.metrics.malformed_answers.labels("state").inc()
-            log.warning("disk %s: the master target's answer to %s breaks docs/api.md: %s; "
-                        "the gap stands", disk.disk_id, url, exc.message)  # fmt: skip
-            return False
-        except (aiohttp.ClientError, OSError, TimeoutError):
-            return False
-        there = StreamPosition(state.position.generation, state.position.received_seq)
-        if disk.cached or there <= disk.position.acked:
-            return False
-        moved = replace(disk.position, acked=there, shipped_seq=there.seq, resync_required=False)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self.positions.put, {disk.disk_id: moved})
-        disk.position = moved
-        self.metrics.resync_required.labels(disk.disk_id).set(0)
-        log.info(
-            "disk %s: took the master target's position, generation %d seq %d",
-            disk.disk_id, there.generation, there.seq,
-        )  # fmt: skip
-        return True
-
-    async def start_generation(self, disk: DiskIngest, position: StreamPosition) -> None:
-        """Move a disk to a newer generation, durably (the caller holds its lock)."""
-        moved = replace(disk.position, acked=position, shipped_seq=0, resync_required=False)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self.positions.put, {disk.disk_id: moved})
-        disk.position = moved
-        self.metrics.resync_required.labels(disk.disk_id).set(0)
-        log.info("disk %s: generation %d started", disk.disk_id, position.generation)
 
     async def reload(self, path: Path) -> bool:
         """Reread the config file and apply what can change while running (SIGHUP).
@@ -332,9 +267,6 @@ class ProcessServer:
     async def _prepare_reload(self, plan: ReloadPlan[ProcessServerConfig]) -> Prepared:
         """Everything of a reload that can fail; the commit it returns cannot."""
         new = plan.config
-        assert self._server_tls is not None
-        assert self._client is not None
-        assert self._shipper is not None
         loop = asyncio.get_running_loop()
         # TLS files are read even when their names did not change: a renewed
         # certificate usually keeps its file name.
@@ -343,7 +275,6 @@ class ProcessServer:
         restart = await loop.run_in_executor(
             self.executor, self.key_file.waits_for_restart, "key_file", new.key_file
         )
-        shipper = self._shipper
         renewed = renewal_note("client", client.path, self._client.certificate, client.certificate)
         notes = [server.note, renewed]
 
@@ -351,7 +282,7 @@ class ProcessServer:
             if touches(plan, "logging"):
                 setup_logging(new.logging)
             server.commit()
-            shipper.replace_tls(client.context)
+            self._master_target.replace_tls(client.context)
             self._client = client
             self.cache.set_marks(high_bytes=new.cache_high_bytes, low_bytes=new.cache_low_bytes)
             self.metrics.cache_high_bytes.set(new.cache_high_bytes)
@@ -362,8 +293,6 @@ class ProcessServer:
         return Prepared(commit, tuple(n for n in notes if n), restart)
 
     def _show_certificates(self) -> None:
-        assert self._server_tls is not None
-        assert self._client is not None
         expiry = self.reloads.certificate_expiry
         expiry.labels("server").set(self._server_tls.certificate.not_after_s)
         expiry.labels("client").set(self._client.certificate.not_after_s)
@@ -372,12 +301,6 @@ class ProcessServer:
         """Stop taking requests (those in flight finish), then close everything."""
         self._closing = True
         started = time.monotonic()
-        if self._runner is not None:
-            await self._in_flight.drain(self._runner, SHUTDOWN_GRACE_S)
-        if self._shipper is not None:
-            await self._shipper.close()
-        if self._metrics_server is not None:
-            await self._metrics_server.close()
-        self.executor.shutdown(wait=True)
-        self.positions.close()
+        await self._data.close()
+        await self._resources.aclose()
         log.info("process server stopped in %.1f s", time.monotonic() - started)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from processserver.ingest import Verdict
 from protocol.batch import Batch
 from protocol.sequencing import Fit
 
@@ -105,8 +104,8 @@ class ProcessServerMetrics:
             registry=registry,
         )  # fmt: skip
 
-    def count_batch(self, disk_id: str, batch: Batch, verdict: Verdict) -> None:
-        fit = verdict.admission.fit
+    def count_batch(self, disk_id: str, batch: Batch, fit: Fit) -> None:
+        """Count a batch by how it fit in its disk's stream."""
         if fit is Fit.NEXT:
             self.batches_in.labels(disk_id).inc()
             self.bytes_in.labels(disk_id).inc(batch.header.payload_len)

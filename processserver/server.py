@@ -4,6 +4,11 @@ Specified in docs/api.md. Every request comes over mutual TLS 1.3; the
 middleware names the machine from its client certificate and refuses (403)
 a request for a disk the config does not give that machine, before a handler
 runs: no byte of its body is read (DESIGN.md invariant 7).
+
+The handlers get what they use through the application's typed keys
+(:func:`build_app`): the disks' streams, who owns which disk, the
+connection timeouts, the metrics, the cache and the client of the master
+target; nothing else of the daemon.
 """
 
 from __future__ import annotations
@@ -11,13 +16,16 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Final
 
 import aiohttp
 from aiohttp import web
 
-from processserver.ingest import DiskIngest, Verdict
+from processserver.cache import Cache
+from processserver.master_target_client import MasterTargetClient
+from processserver.metrics import ProcessServerMetrics
+from processserver.stream import DiskStream, Verdict
 from protocol.api import (
     MAX_ANSWER_BYTES,
     AckedPosition,
@@ -29,20 +37,27 @@ from protocol.api import (
     StaleGeneration,
     refusal_of,
 )
-from protocol.batch import BatchDecoder
+from protocol.batch import Batch, BatchDecoder
 from protocol.errors import BlockreplError, MalformedError, ProtocolError
-from protocol.sequencing import Fit, StreamPosition
+from protocol.sequencing import Fit
 from runtime.answers import read_answer
 from runtime.bodies import body_pieces, small_body
+from runtime.config import ConnectionTimeouts
 from runtime.errors import BodyTimeoutError, DurabilityError, PeerIdentityError
 from runtime.tls import connection_identity
 
-if TYPE_CHECKING:
-    from processserver.daemon import ProcessServer
-
 log = logging.getLogger("blockrepl.processserver.api")
 
-PS: Final = web.AppKey["ProcessServer"]("processserver")
+#: Each disk's stream, by disk id.
+STREAMS: Final = web.AppKey[Mapping[str, DiskStream]]("streams")
+#: The machine that may write each disk, by disk id.
+OWNERS: Final = web.AppKey[Mapping[str, str]]("owners")
+CONNECTIONS: Final = web.AppKey("connections", ConnectionTimeouts)
+METRICS: Final = web.AppKey("metrics", ProcessServerMetrics)
+CACHE: Final = web.AppKey("cache", Cache)
+#: The process server's client of the master target: the checksum
+#: pass-through and the master target's position at a gap.
+MASTER_TARGET: Final = web.AppKey("master_target", MasterTargetClient)
 #: Bytes of the master target's checksum answer passed on per write.
 READ_CHUNK: Final = 256 * 1024
 #: Seconds an agent is asked to wait when the cache is full or a write
@@ -75,7 +90,6 @@ def _from_exception(exc: BlockreplError) -> web.Response:
 @web.middleware
 async def authorise(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Refuse a machine asking about a disk that is not its own."""
-    ps = request.app[PS]
     disk_id = request.match_info.get("disk", "")
     machine: str | None = None
     reason = "no TLS connection"
@@ -84,51 +98,52 @@ async def authorise(request: web.Request, handler: Handler) -> web.StreamRespons
             machine = connection_identity(request.transport.get_extra_info("ssl_object"))
     except PeerIdentityError as exc:
         reason = exc.message
-    owner = ps.config.owner(disk_id)
+    owner = request.app[OWNERS].get(disk_id)
     if machine is None or owner != machine:
         if machine is not None:
             reason = f"machine {machine!r} may not write disk {disk_id!r}"
-        ps.metrics.rejects.labels("forbidden").inc()
+        request.app[METRICS].rejects.labels("forbidden").inc()
         refusal = _error(403, "forbidden", reason)
         refusal.force_close()  # the body stays unread: the connection cannot be reused
         return refusal
     return await handler(request)
 
 
-def _disk(request: web.Request) -> DiskIngest:
-    return request.app[PS].disks[request.match_info["disk"]]
+def _stream(request: web.Request) -> DiskStream:
+    return request.app[STREAMS][request.match_info["disk"]]
 
 
-def _position(disk: DiskIngest) -> AckedPosition:
-    acked = disk.position.acked
-    return AckedPosition(disk.disk_id, acked.generation, acked.seq)
+def _position(stream: DiskStream) -> AckedPosition:
+    acked = stream.position.acked
+    return AckedPosition(stream.disk_id, acked.generation, acked.seq)
 
 
-def _answer(disk: DiskIngest, verdict: Verdict | None) -> web.Response:
+def _answer(stream: DiskStream, verdict: Verdict | None) -> web.Response:
     refusal = None
     if verdict is not None and verdict.admission.fit not in (Fit.NEXT, Fit.DUPLICATE):
         refusal = refusal_of(verdict.admission)
-    answer = BatchesAnswer(_position(disk), refusal)
+    answer = BatchesAnswer(_position(stream), refusal)
     return web.json_response(answer.to_json(), status=answer.status)
 
 
 async def post_batches(request: web.Request) -> web.StreamResponse:
     """POST /v1/disks/{disk}/batches: batches in, acknowledged once durable."""
-    ps = request.app[PS]
-    disk = _disk(request)
-    if ps.cache.full:
-        ps.metrics.rejects.labels("cache-full").inc()
+    metrics, cache = request.app[METRICS], request.app[CACHE]
+    stream = _stream(request)
+    if cache.full:
+        metrics.rejects.labels("cache-full").inc()
         return _error(
             503, "cache-full",
-            f"the cache holds {ps.cache.bytes} bytes, over its high mark of "
-            f"{ps.cache.high_bytes}; batches are taken again below {ps.cache.low_bytes}",
+            f"the cache holds {cache.bytes} bytes, over its high mark of "
+            f"{cache.high_bytes}; batches are taken again below {cache.low_bytes}",
         )  # fmt: skip
     started = time.monotonic()
-    decoder = BatchDecoder(expected_disk_id=disk.disk_id)
+    decoder = BatchDecoder(expected_disk_id=stream.disk_id)
     verdict: Verdict | None = None
+    body_timeout_s = request.app[CONNECTIONS].body_timeout_s
     try:
-        async with disk.lock:
-            pieces = body_pieces(request.content, timeout_s=ps.config.connections.body_timeout_s)
+        async with stream.request_lock:
+            pieces = body_pieces(request.content, timeout_s=body_timeout_s)
             eof = False
             while not eof:
                 chunk = await anext(pieces, b"")
@@ -138,39 +153,44 @@ async def post_batches(request: web.Request) -> web.StreamResponse:
                     decoder.feed_eof()
                     eof = True
                 for batch in decoder.events():
-                    sealed_before = disk.sealed_bytes
-                    verdict = await disk.take(batch)
-                    # Nothing of ours waits to be shipped: the master target
-                    # may hold the stream further than we do.
-                    if (
-                        verdict.admission.fit is Fit.GAP
-                        and not disk.cached
-                        and await ps.follow_master_target(disk)
-                    ):
-                        verdict = await disk.take(batch)
-                    ps.metrics.count_batch(disk.disk_id, batch, verdict)
-                    ps.metrics.sealed_bytes.labels(disk.disk_id).inc(
-                        disk.sealed_bytes - sealed_before
-                    )
+                    verdict = await _take(request.app[MASTER_TARGET], stream, batch)
+                    metrics.count_batch(stream.disk_id, batch, verdict.admission.fit)
                     if verdict.admission.fit not in (Fit.NEXT, Fit.DUPLICATE):
-                        return _answer(disk, verdict)
+                        return _answer(stream, verdict)
     except BlockreplError as exc:
-        ps.metrics.rejects.labels(exc.code).inc()
+        metrics.rejects.labels(exc.code).inc()
         if isinstance(exc, DurabilityError):
-            log.error("disk %s: cannot cache a batch: %s", disk.disk_id, exc.message)
+            log.error("disk %s: cannot cache a batch: %s", stream.disk_id, exc.message)
         return _from_exception(exc)
     if decoder.batches == 0:
         return _error(400, "malformed", "the body held no batch")
-    ps.metrics.ack_seconds.observe(time.monotonic() - started)
-    return _answer(disk, verdict)
+    metrics.ack_seconds.observe(time.monotonic() - started)
+    return _answer(stream, verdict)
+
+
+async def _take(master_target: MasterTargetClient, stream: DiskStream, batch: Batch) -> Verdict:
+    """Place one batch; the caller holds the stream's request lock.
+
+    A batch that leaves a gap while nothing of the disk waits in the cache:
+    the agent may have moved here from another process server (which died
+    with files in its cache, say) and sends again from what the master
+    target holds. If the master target's stream is further than this one,
+    the stream takes its position and the batch is placed again; the master
+    target's seq order keeps the stream exact.
+    """
+    verdict = await stream.take(batch)
+    if verdict.admission.fit is Fit.GAP and not stream.cached:
+        there = await master_target.received_position(stream.disk_id)
+        if there is not None and await stream.follow(there):
+            verdict = await stream.take(batch)
+    return verdict
 
 
 async def get_state(request: web.Request) -> web.StreamResponse:
     """GET /v1/disks/{disk}/state[?shipped=N&wait_s=S]: with ``shipped``, the
     answer waits (``wait_s`` at most) until the master target holds seq N of
     the current generation, so an agent hears it at once instead of polling."""
-    ps = request.app[PS]
-    disk = _disk(request)
+    stream = _stream(request)
     if "shipped" in request.query:
         try:
             seq = _query_number(request, "shipped", int, 0, 2**63 - 1)
@@ -181,12 +201,11 @@ async def get_state(request: web.Request) -> web.StreamResponse:
             )
         except MalformedError as exc:
             return _from_exception(exc)
-        await disk.wait_shipped(int(seq), wait_s)
-    backlog_bytes, _ = ps.backlog(disk.disk_id)
-    position = disk.position
+        await stream.wait_shipped(int(seq), wait_s)
+    position = stream.position
     state = PsDiskState(
-        disk.disk_id, position.acked.generation, position.acked.seq, position.shipped_seq,
-        backlog_bytes, ps.backlog_age_s(disk.disk_id), position.resync_required,
+        stream.disk_id, position.acked.generation, position.acked.seq, position.shipped_seq,
+        stream.backlog_bytes, stream.backlog_age_s(), position.resync_required,
     )  # fmt: skip
     return web.json_response(state.to_json())
 
@@ -209,25 +228,24 @@ def _query_number(
 
 async def post_generation(request: web.Request) -> web.StreamResponse:
     """POST /v1/disks/{disk}/generation {"generation": N}: start a newer generation."""
-    ps = request.app[PS]
-    disk = _disk(request)
+    stream = _stream(request)
     try:
         raw = await small_body(
-            request, max_bytes=MAX_SMALL_BODY, timeout_s=ps.config.connections.body_timeout_s
+            request, max_bytes=MAX_SMALL_BODY, timeout_s=request.app[CONNECTIONS].body_timeout_s
         )
         generation = GenerationRequest.parse_bytes(raw).generation
-        async with disk.lock:
-            current = disk.position.acked.generation
+        async with stream.request_lock:
+            current = stream.position.acked.generation
             if generation <= current:
                 refusal = StaleGeneration(
                     current,
                     f"a new generation must be above the current {current}, found {generation}",
                 )
                 return web.json_response(GenerationAnswer(refusal).to_json(), status=409)
-            await ps.start_generation(disk, StreamPosition(generation, 0))
+            await stream.start_generation(generation)
     except BlockreplError as exc:
         return _from_exception(exc)
-    return web.json_response(GenerationAnswer(_position(disk)).to_json())
+    return web.json_response(GenerationAnswer(_position(stream)).to_json())
 
 
 #: Headers of the master target's checksum answer that the agent needs.
@@ -243,15 +261,14 @@ async def get_checksums(request: web.Request) -> web.StreamResponse:
     A protected machine reaches only its process server (as in the seeds);
     the resync compares its disk with the target through here.
     """
-    ps = request.app[PS]
-    disk = _disk(request)
-    shipper = ps.shipper
-    url = f"{shipper.base_url}/v1/disks/{disk.disk_id}/checksums?{request.query_string}"
+    master_target = request.app[MASTER_TARGET]
+    stream = _stream(request)
+    url = f"{master_target.base_url}/v1/disks/{stream.disk_id}/checksums?{request.query_string}"
     response: web.StreamResponse | None = None
     try:
-        async with shipper.session.get(url) as upstream:
+        async with master_target.session.get(url) as upstream:
             if upstream.status != 200:
-                return await _refusal_passed_on(ps, upstream)
+                return await _refusal_passed_on(request.app, upstream)
             response = web.StreamResponse(
                 headers={h: upstream.headers[h] for h in PASSED_HEADERS if h in upstream.headers}
             )
@@ -261,7 +278,7 @@ async def get_checksums(request: web.Request) -> web.StreamResponse:
             await response.write_eof()
             return response
     except (aiohttp.ClientError, OSError) as exc:
-        ps.metrics.rejects.labels("master-target-unreachable").inc()
+        request.app[METRICS].rejects.labels("master-target-unreachable").inc()
         if response is not None and request.transport is not None:
             # The status and part of the digests went out: an error answer now
             # would land inside the body, and the agent would wait for the rest
@@ -270,11 +287,13 @@ async def get_checksums(request: web.Request) -> web.StreamResponse:
             return response
         return _error(
             503, "master-target-unreachable",
-            f"the master target at {shipper.base_url} did not answer: {exc}",
+            f"the master target at {master_target.base_url} did not answer: {exc}",
         )  # fmt: skip
 
 
-async def _refusal_passed_on(ps: ProcessServer, upstream: aiohttp.ClientResponse) -> web.Response:
+async def _refusal_passed_on(
+    app: web.Application, upstream: aiohttp.ClientResponse
+) -> web.Response:
     """The master target's refusal of a checksum request, as it gave it; one
     that breaks docs/api.md (or is longer than an answer may be) is counted
     and answered 503, as if the master target had not answered."""
@@ -283,25 +302,48 @@ async def _refusal_passed_on(ps: ProcessServer, upstream: aiohttp.ClientResponse
                                 what="the master target's refusal")  # fmt: skip
         refusal = ErrorBody.parse_bytes(raw)
     except ProtocolError as exc:
-        ps.metrics.malformed_answers.labels("checksums").inc()
-        ps.metrics.rejects.labels("master-target-unreachable").inc()
+        app[METRICS].malformed_answers.labels("checksums").inc()
+        app[METRICS].rejects.labels("master-target-unreachable").inc()
         log.warning("the master target answered a checksum request with %d and a body that "
                     "breaks docs/api.md: %s", upstream.status, exc.message)  # fmt: skip
         return _error(
             503, "master-target-unreachable",
-            f"the master target at {ps.shipper.base_url} answered {upstream.status} with a "
+            f"the master target at {app[MASTER_TARGET].base_url} answered {upstream.status} with a "
             f"body that breaks docs/api.md: {exc.message}",
         )  # fmt: skip
     return web.json_response(refusal.to_json(), status=upstream.status)
 
 
-def build_app(ps: ProcessServer) -> web.Application:
-    """The data API application of one process server."""
+def build_app(
+    *,
+    streams: Mapping[str, DiskStream],
+    owners: Mapping[str, str],
+    connections: ConnectionTimeouts,
+    metrics: ProcessServerMetrics,
+    cache: Cache,
+    master_target: MasterTargetClient,
+) -> web.Application:
+    """The data API application of one process server.
+
+    Args:
+        streams: each disk's stream, by disk id.
+        owners: the machine that may write each disk, by disk id.
+        connections: how long a body may stall.
+        metrics: the process server's series.
+        cache: whose fill level refuses batches (503 ``cache-full``).
+        master_target: for the checksum pass-through and the master
+            target's position at a gap.
+    """
     app = web.Application(
         middlewares=[authorise],
         client_max_size=MAX_SMALL_BODY,
     )
-    app[PS] = ps
+    app[STREAMS] = streams
+    app[OWNERS] = owners
+    app[CONNECTIONS] = connections
+    app[METRICS] = metrics
+    app[CACHE] = cache
+    app[MASTER_TARGET] = master_target
     app.router.add_post("/v1/disks/{disk}/batches", post_batches)
     app.router.add_get("/v1/disks/{disk}/state", get_state)
     app.router.add_post("/v1/disks/{disk}/generation", post_generation)

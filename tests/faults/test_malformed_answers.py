@@ -316,7 +316,8 @@ async def test_the_shipper_takes_a_malformed_answer_as_a_failure(
         else:
             await _until("the answer counted", lambda: _count(ps, **malformed) >= 1)
             assert _count(ps, "ship_retries_total", disk=DISK) >= 1
-        assert all(not task.done() for task in ps.shipper._tasks), "the shipper must live"
+        assert ps.shipper.tasks, "the shipper runs"
+        assert all(not task.done() for task in ps.shipper.tasks), "the shipper must live"
         if shape != "in-pieces":
             assert ps.disks[DISK].cached, "the file stays until the master target has it"
             assert ps.disks[DISK].position.shipped_seq == 0

@@ -53,8 +53,35 @@ def test_mistakes_are_named(tmp_path: Path, extra: str, tables: str, message: st
         load(path)
 
 
-def test_master_target_must_be_https(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://mt:9444", r"master_target\.url: expected https://HOST\[:PORT\] with nothing "
+         r"after it, found 'http://mt:9444'"),
+        ("https://mt:9444/v1", r"master_target\.url: expected https://HOST\[:PORT\] with "
+         r"nothing after it, found 'https://mt:9444/v1'"),
+        ("https://mt:0", r"master_target\.url: expected a port 1\.\.65535 in 'https://mt:0'"),
+    ],
+)  # fmt: skip
+def test_master_target_must_be_an_https_host(tmp_path: Path, url: str, message: str) -> None:
     path = tmp_path / "ps.toml"
-    path.write_text(BASE.format(extra="machines = []").replace("https://", "http://"))
-    with pytest.raises(ConfigError, match="https://"):
+    path.write_text(BASE.format(extra="machines = []").replace("https://mt:9444", url))
+    with pytest.raises(ConfigError, match=message):
+        load(path)
+
+
+@pytest.mark.parametrize(
+    ("timeout", "message"),
+    [
+        ("connect_timeout_s = 0", "connect_timeout_s: expected 0 < seconds <= 86400, found 0"),
+        ("read_timeout_s = -1", "read_timeout_s: expected 0 < seconds <= 86400, found -1"),
+        ("transfer_timeout_s = 86401", "transfer_timeout_s: expected 0 < seconds <= 86400, "
+         "found 86401"),
+    ],
+)  # fmt: skip
+def test_master_target_timeouts_are_bounded(tmp_path: Path, timeout: str, message: str) -> None:
+    path = tmp_path / "ps.toml"
+    text = BASE.format(extra="machines = []")
+    path.write_text(text.replace('url = "https://mt:9444"', f'url = "https://mt:9444"\n{timeout}'))
+    with pytest.raises(ConfigError, match=f"master_target\\.{message}"):
         load(path)

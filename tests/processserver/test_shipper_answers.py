@@ -88,7 +88,8 @@ async def test_a_refusal_with_no_way_forward_is_waited_out(
             await asyncio.sleep(REFUSING_S)
             print(f"{len(puts)} PUTs in {REFUSING_S:g} s")
             assert 1 <= len(puts) <= MAX_PUTS, (len(puts), json.dumps(answer))
-            assert all(not task.done() for task in ps.shipper._tasks)
+            assert ps.shipper.tasks, "the shipper runs"
+            assert all(not task.done() for task in ps.shipper.tasks)
             assert ps.disks[DISK].cached, "the file must stay cached until the master target has it"
         finally:
             await ps.close()

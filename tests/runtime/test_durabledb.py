@@ -1,7 +1,9 @@
-"""The daemons' sqlite: all or nothing per transaction, newer schemas refused."""
+"""The daemons' sqlite: all or nothing per transaction, newer schemas and damaged
+files refused, with nothing left open."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -36,3 +38,33 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
         raw.execute("PRAGMA user_version=7")
     with pytest.raises(DurabilityError, match="schema version 7; this build reads up to 1"):
         DurableDatabase(path, schema=SCHEMA, version=1, what="test database")
+
+
+def _open_on(path: Path) -> list[str]:
+    """The file descriptors of this process open on ``path`` or its WAL files."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(path)):
+            found.append(target)
+    return found
+
+
+@pytest.mark.parametrize("damage", ["not-a-database", "newer-schema"])
+def test_a_refused_database_holds_no_file_open(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "x.db"
+    if damage == "not-a-database":
+        path.write_bytes(b"not a database, " * 512)
+    else:
+        DurableDatabase(path, schema=SCHEMA, version=1, what="test database").close()
+        with sqlite3.connect(path) as raw:
+            raw.execute("PRAGMA user_version=7")
+        raw.close()
+    with pytest.raises(DurabilityError, match=r"test database .*x\.db") as refused:
+        DurableDatabase(path, schema=SCHEMA, version=1, what="test database")
+    # The traceback keeps the refused object alive: its file must be closed anyway.
+    assert refused.value.__traceback__ is not None
+    assert _open_on(path) == []

@@ -1,0 +1,149 @@
+"""The shipper on its own: a disk's stream, the client of the master target and a
+stand-in master target, with no process server daemon around them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from processserver.cache import Cache
+from processserver.committer import GroupCommitter
+from processserver.config import MasterTargetLink
+from processserver.master_target_client import MasterTargetClient
+from processserver.metrics import ProcessServerMetrics
+from processserver.positions import PositionStore
+from processserver.sealers import Sealers
+from processserver.shipper import Shipper
+from processserver.stream import DiskStream, StreamParts
+from protocol.api import FailedOver, HrlAnswer, ReceivedPosition
+from protocol.batch import BatchDecoder, encode_batch
+from protocol.hrl import open_hrl
+from protocol.records import Record, Write
+from runtime.config import TlsFiles
+from tests.conftest import Deployment
+from tests.faults.daemons import free_port
+from tests.standin import Handler, Route, stand_in
+
+DISK = "vm01-d0"
+#: Seconds the files have to reach the stand-in: milliseconds on loopback.
+SETTLE_S = 10.0
+#: Seconds a stopped shipper is watched for a PUT it should not make.
+QUIET_S = 0.6
+
+
+@pytest.fixture
+def parts(tmp_path: Path, deployment: Deployment) -> Iterator[StreamParts]:
+    executor = ThreadPoolExecutor(max_workers=2)
+    cache = Cache(tmp_path / "cache", high_bytes=10**9, low_bytes=10**8)
+    store = PositionStore(tmp_path / "positions.db")
+    yield StreamParts(
+        cache, store, GroupCommitter(cache, store, executor),
+        Sealers(deployment.keyring, 1), executor, ProcessServerMetrics(CollectorRegistry()),
+    )  # fmt: skip
+    executor.shutdown()
+    store.close()
+
+
+@pytest_asyncio.fixture
+async def stream(parts: StreamParts) -> DiskStream:
+    stream = await DiskStream.recover(DISK, parts)
+    async with stream.request_lock:
+        for seq in (1, 2, 3):
+            body = encode_batch(
+                disk_id=DISK, generation=1, first_seq=seq, records=[Write(seq * 4096, b"%d" % seq)],
+                first_capture_ns=1, last_capture_ns=2,
+            )  # fmt: skip
+            decoder = BatchDecoder(expected_disk_id=DISK)
+            decoder.feed(body)
+            for batch in decoder.events():
+                await stream.take(batch)
+    return stream
+
+
+def _link(deployment: Deployment, port: int) -> MasterTargetLink:
+    pki = deployment.pki
+    files = TlsFiles(
+        ca_file=pki / "ca.pem", cert_file=pki / "machine-ps01.pem",
+        key_file=pki / "machine-ps01.key",
+    )  # fmt: skip
+    return MasterTargetLink(url=f"https://127.0.0.1:{port}", tls=files)
+
+
+@contextlib.asynccontextmanager
+async def _shipping(
+    deployment: Deployment, parts: StreamParts, stream: DiskStream, put_hrl: Handler
+) -> AsyncIterator[Shipper]:
+    """``stream`` shipped to a stand-in master target that answers PUTs with ``put_hrl``."""
+    port = free_port()
+    route: Route = ("PUT", "/v1/disks/{disk}/hrl/{generation}/{seq}", put_hrl)
+    async with (
+        stand_in(deployment, port, "mastertarget", [route]),
+        MasterTargetClient(
+            _link(deployment, port), deployment.client_tls("ps01"), parts.metrics
+        ) as client,
+        Shipper([stream], client, parts.metrics, parts.executor, max_in_flight=2) as shipper,
+    ):
+        yield shipper
+
+
+async def _until(what: str, done: Callable[[], bool]) -> None:
+    deadline = asyncio.get_running_loop().time() + SETTLE_S
+    while not done():
+        assert asyncio.get_running_loop().time() < deadline, f"not within {SETTLE_S} s: {what}"
+        await asyncio.sleep(0.02)
+
+
+async def test_files_go_to_the_master_target_and_leave_the_cache(
+    deployment: Deployment, parts: StreamParts, stream: DiskStream
+) -> None:
+    received: list[tuple[str, tuple[Record, ...]]] = []
+
+    async def put_hrl(request: web.Request) -> web.Response:
+        opened = open_hrl(await request.read(), deployment.keyring)
+        received.append((request.path, opened.records))
+        position = ReceivedPosition(DISK, 1, opened.header.last_seq, 1, 0)
+        return web.json_response(HrlAnswer(position).to_json())
+
+    files = [f.path for f in stream.cached]
+    async with _shipping(deployment, parts, stream, put_hrl) as shipper:
+        assert len(shipper.tasks) == 1
+        await _until("every file shipped", lambda: not stream.cached)
+    assert [path for path, _ in received] == [f"/v1/disks/{DISK}/hrl/1/{seq}" for seq in (1, 2, 3)]
+    assert [records for _, records in received] == [
+        (Write(seq * 4096, b"%d" % seq),) for seq in (1, 2, 3)
+    ]
+    assert not any(path.exists() for path in files)
+    assert stream.position.shipped_seq == 3
+    assert (
+        parts.metrics.registry.get_sample_value(
+            "blockrepl_processserver_hrl_files_out_total", {"disk": DISK}
+        )
+        == 3
+    )
+    assert all(task.done() for task in shipper.tasks), "close ends the shipping task"
+
+
+async def test_a_failed_over_disk_ships_nothing_more(
+    deployment: Deployment, parts: StreamParts, stream: DiskStream
+) -> None:
+    puts: list[str] = []
+
+    async def put_hrl(request: web.Request) -> web.Response:
+        await request.read()
+        puts.append(request.path)
+        return web.json_response(HrlAnswer(None, FailedOver("failed over")).to_json(), status=409)
+
+    async with _shipping(deployment, parts, stream, put_hrl):
+        await _until("the refusal taken", lambda: stream.failed_over)
+        await asyncio.sleep(QUIET_S)
+    assert puts == [f"/v1/disks/{DISK}/hrl/1/1"]
+    assert [f.first_seq for f in stream.cached] == [1, 2, 3], "nothing is deleted"
+    assert stream.position.shipped_seq == 0
