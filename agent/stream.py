@@ -50,7 +50,13 @@ from agent.source import SourceDisk
 from agent.state import AgentState, StreamRecord
 from protocol.api import BatchesAnswer, StaleGeneration
 from protocol.batch import BatchDecoder
-from protocol.reaction import Journaled, SendAction, react_to_batches
+from protocol.reaction import (
+    Journaled,
+    SendAction,
+    StateAction,
+    react_to_batches,
+    react_to_state,
+)
 from protocol.records import Buffer, Record, StreamFlags
 
 log = logging.getLogger("blockrepl.agent.stream")
@@ -528,30 +534,17 @@ class ReplicationStream:
             await self._pool.failed(exc)
             return
         self._pool.succeeded()
-        if state.generation > self.generation:
+        journal = Journaled(self.generation, self._record.trimmed_seq, self.end_seq)
+        decision = react_to_state(state, journal, self._acked)
+        if decision.action is StateAction.BROKEN:
             raise StreamBrokenError(
-                f"disk {self.disk_id}: {client.url} is on generation {state.generation}, "
-                f"newer than this stream's {self.generation}"
+                f"disk {self.disk_id}: {client.url} {decision.reason}",
+                details=JOURNAL_BEHIND if decision.journal_behind else None,
             )
-        if state.generation < self.generation:
-            # It has not seen this generation yet: what it says is about older ones
-            # (it takes the master target's position when the batches come).
-            return
-        if state.resync_required:
-            raise StreamBrokenError(
-                f"disk {self.disk_id}: {client.url} says the disk needs a resync (seqs the "
-                "master target needs are lost)"
-            )
-        if state.acked_seq > self.end_seq:
-            raise StreamBrokenError(
-                f"disk {self.disk_id}: {client.url} holds seqs up to {state.acked_seq} of "
-                f"generation {self.generation}, but this agent gave out only up to {self.end_seq}",
-                details=JOURNAL_BEHIND,
-            )
-        if state.acked_seq > self._acked:
-            await self._set_acked(state.acked_seq)
-        if state.shipped_seq > self._record.trimmed_seq:
-            await self._trim(min(state.shipped_seq, self.end_seq))
+        if decision.acked_seq is not None:
+            await self._set_acked(decision.acked_seq)
+        if decision.trim_seq is not None:
+            await self._trim(decision.trim_seq)
 
     async def _trim(self, seq: int) -> None:
         record = StreamRecord(self.generation, seq)
