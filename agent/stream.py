@@ -43,9 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from agent.client import ProcessServerPool
 from agent.errors import ProcessServerUnavailableError, StreamBrokenError
 from agent.journal import EntryKind, Journal, JournalEntry, encode
+from agent.pool import ProcessServerPool
 from agent.source import SourceDisk
 from agent.state import AgentState, StreamRecord
 from protocol.api import BatchesAnswer, StaleGeneration

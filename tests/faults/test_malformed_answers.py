@@ -28,9 +28,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from agent.client import ProcessServerClient, ProcessServerPool
+from agent.client import ProcessServerClient
 from agent.errors import ProcessServerUnavailableError, RefusedError
 from agent.journal import EntryKind
+from agent.pool import ProcessServerPool
 from agent.state import AgentState
 from agent.stream import ReplicationStream
 from processserver import config as ps_config
