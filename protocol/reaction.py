@@ -12,7 +12,7 @@ as fast as the network allows. The agent also asks where the process server
 stands (its state answer) to trim what the master target holds, and that
 answer may say the stream cannot go on (:func:`react_to_state`).
 
-The callers (agent/stream.py, processserver/shipper.py) carry the decisions
+The callers (agent/sender.py, processserver/shipper.py) carry the decisions
 out; these functions only decide, so every answer kind is tested without a
 socket (tests/protocol/test_reaction.py).
 """

@@ -25,8 +25,13 @@ import time
 from typing import Final
 
 from agent.capture.replication import CaptureReplication, NewGeneration, Reopen
-from agent.errors import JournalError, ProcessServerUnavailableError, StreamBrokenError
-from agent.stream import JOURNAL_BEHIND, ReplicationStream
+from agent.errors import (
+    JOURNAL_BEHIND,
+    JournalError,
+    ProcessServerUnavailableError,
+    StreamBrokenError,
+)
+from agent.stream import ReplicationStream
 from protocol.errors import BlockreplError
 from protocol.sequencing import StreamPosition
 
