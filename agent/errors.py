@@ -7,6 +7,8 @@ setup" (65, 66, 77, 78).
 
 from __future__ import annotations
 
+from typing import Final
+
 from protocol.errors import BlockreplError
 
 
@@ -105,6 +107,12 @@ class StreamBrokenError(AgentError):
 
     code = "stream-broken"
     exit_code = 75  # EX_TEMPFAIL
+
+
+#: The ``details`` of a StreamBrokenError raised because the process server
+#: holds seqs this agent's journal does not reach (it was lost, or restored
+#: from an old backup): everything the master target received is still good.
+JOURNAL_BEHIND: Final = {"cause": "journal-behind"}
 
 
 class CaptureError(AgentError):

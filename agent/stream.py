@@ -1,29 +1,19 @@
 """One disk's stream from the source to the master target, through the process servers.
 
-This is the client library the agent's commands build on: a producer (the
-sync today, live capture next) hands it records; it gives them seqs, writes
-each batch to the journal before it is sent (agent/journal.py), and a sender
-task delivers the journal in order::
+This is the client library the agent's commands build on: a producer (a
+sync, live capture) hands it records; it gives them seqs, writes each batch
+to the journal before it is sent (agent/journal.py), and a sender task
+delivers the journal in order::
 
     producer ─ append() ─▶ journal (durable) ─▶ sender ─ POST batches ─▶ process server
                                  ▲                 │
                                  └── trim ◀── shipped_seq (GET state)
 
-The sender:
-
-- sends from the last seq the process server acknowledged, one request at a
-  time, each holding as many whole batches as are ready (up to
-  :data:`REQUEST_MAX_BYTES`);
-- on ``409 gap`` / ``overlap`` sends again from ``expected_seq`` (cutting a
-  batch if the seq falls inside one), on ``503`` waits for Retry-After, on
-  a failed exchange backs off and, after a few, moves to the next process
-  server (agent/client.py);
-- after a move, sends again from the trimmed seq — the last seq the master
-  target is known to hold — because the files the old process server had
-  not shipped may be lost with it. The master target drops what it holds
-  already: its seq order keeps the stream exact;
-- trims the journal only up to ``shipped_seq`` of the process server's state
-  (the master target has those seqs durably), never up to ``acked_seq``.
+Three modules make it: this one, the stream's life and the producer's side;
+agent/backlog.py, what the producer and the sender share (the journal, how
+far it is acknowledged, the batches still in memory); agent/sender.py, the
+sender and its rules (resending, moving between process servers, trimming
+only what the master target holds).
 
 A stream that cannot go on in its generation (a newer generation at the
 process server, ``resync_required``, or seqs there that this agent never
@@ -34,63 +24,22 @@ starts a new generation and resyncs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
 
-from agent.client import ProcessServerPool
-from agent.errors import ProcessServerUnavailableError, StreamBrokenError
+from agent.backlog import Backlog
+from agent.errors import StreamBrokenError
 from agent.journal import EntryKind, Journal, JournalEntry, encode
+from agent.pool import ProcessServerPool
+from agent.sender import StreamSender, StreamStats
 from agent.source import SourceDisk
 from agent.state import AgentState, StreamRecord
-from protocol.api import BatchesAnswer, StaleGeneration
-from protocol.batch import BatchDecoder
-from protocol.reaction import Journaled, SendAction, react_to_batches
-from protocol.records import Buffer, Record, StreamFlags
+from protocol.api import StaleGeneration
+from protocol.records import Record, StreamFlags
 
 log = logging.getLogger("blockrepl.agent.stream")
-
-#: Bytes of batches in one request: several batches share the process
-#: server's group commit, and a failed request costs at most this to resend.
-REQUEST_MAX_BYTES: Final = 64 * 2**20
-#: Bytes of batches held in memory until the process server acknowledges
-#: them (their first send needs no journal read); the producer waits above it.
-MAX_UNACKED_BYTES: Final = 64 * 2**20
-#: Journal bytes (whole batches, as live capture writes them) above which the
-#: producer waits for the master target to catch up: the source side's disk
-#: is bounded however long a process server is away.
-MAX_JOURNAL_BYTES: Final = 4 * 2**30
-#: How often the sender asks for the process server's state while it sends
-#: (to trim) and, growing to :data:`STATE_POLL_MAX_S`, while it waits for the
-#: master target to receive the rest: a state answer is a few hundred bytes,
-#: and a sync that is done should not wait long to hear it.
-STATE_POLL_S: Final = 0.5
-STATE_POLL_MIN_S: Final = 0.02
-STATE_POLL_MAX_S: Final = 0.25
-#: How long a state request may wait at the process server for the master
-#: target to take the rest, while someone waits for the stream to be shipped
-#: (a sync at its end): it hears it at once rather than at the next poll.
-STATE_WAIT_S: Final = 2.0
-#: The ``details`` of a StreamBrokenError raised because the process server
-#: holds seqs this agent's journal does not reach (it was lost, or restored
-#: from an old backup): everything the master target received is still good.
-JOURNAL_BEHIND: Final = {"cause": "journal-behind"}
-
-
-@dataclass
-class StreamStats:
-    """What the sender did; bytes are batch bytes on the wire (headers included)."""
-
-    sent_bytes: int = 0
-    #: batches sent again: after a failure, a refusal or a move
-    resent_bytes: int = 0
-    requests: int = 0
-    batches: int = 0
 
 
 class ReplicationStream:
@@ -100,7 +49,8 @@ class ReplicationStream:
         disk_id: the disk.
         state: the agent's state database.
         pool: the process servers.
-        journal_dir: the disk's journal folder.
+        journal: the disk's journal, as opened for ``record``.
+        record: the stream's generation and trimmed seq.
         source: the source disk, for entries that refer to it (may be None
             when every entry is whole).
         executor: threads for journal and state writes and source reads.
@@ -118,25 +68,9 @@ class ReplicationStream:
         executor: Executor,
     ) -> None:
         self.disk_id = disk_id
-        self._state = state
-        self._pool = pool
-        self._journal = journal
-        self._record = record
-        self._source = source
-        self._executor = executor
-        #: last seq the process server in use acknowledged (or the trimmed seq)
-        self._acked = record.trimmed_seq
-        #: highest seq ever put on the wire, to count resends
-        self._sent_high = record.trimmed_seq
-        self._unacked: dict[int, list[Buffer]] = {}
-        self._unacked_bytes = 0
-        self._changed = asyncio.Condition()
-        self._task: asyncio.Task[None] | None = None
-        self._error: BaseException | None = None
-        self._closing = False
-        #: callers of :meth:`wait_shipped` now: the sender then long-polls
-        self._shipped_waiters = 0
-        self.stats = StreamStats()
+        self._backlog = Backlog(disk_id, state=state, journal=journal, record=record,
+                                source=source, executor=executor)  # fmt: skip
+        self._sender = StreamSender(self._backlog, pool)
 
     @classmethod
     def open(
@@ -244,22 +178,26 @@ class ReplicationStream:
 
     @property
     def generation(self) -> int:
-        return self._record.generation
+        return self._backlog.generation
 
     @property
     def trimmed_seq(self) -> int:
         """The last seq the master target is known to hold durably."""
-        return self._record.trimmed_seq
+        return self._backlog.trimmed_seq
 
     @property
     def end_seq(self) -> int:
         """The last seq given out: in the journal, or trimmed."""
-        end = self._journal.end_seq
-        return self._record.trimmed_seq if end is None else end
+        return self._backlog.end_seq
 
     @property
     def acked_seq(self) -> int:
-        return self._acked
+        return self._backlog.acked_seq
+
+    @property
+    def stats(self) -> StreamStats:
+        """What the sender did."""
+        return self._sender.stats
 
     # --- the producer's side -------------------------------------------------------------
 
@@ -287,33 +225,24 @@ class ReplicationStream:
             MalformedError, LimitExceededError: the records do not make a valid batch.
             DurabilityError: the journal write failed; nothing was queued.
         """
-        async with self._changed:
-            if wait:
-                await self._changed.wait_for(lambda: self._error is not None or self.has_room)
-            self._raise_if_failed()
+        backlog = self._backlog
+        await backlog.wait(lambda: not wait or backlog.has_room)
         batch = encode(
             disk_id=self.disk_id, generation=self.generation, first_seq=self.end_seq + 1,
             records=records, first_capture_ns=first_capture_ns,
             last_capture_ns=last_capture_ns, flags=flags,
         )  # fmt: skip
-        loop = asyncio.get_running_loop()
-        entry = await loop.run_in_executor(self._executor, self._journal.append, batch, kind)
-        async with self._changed:
-            if self._unacked_bytes < MAX_UNACKED_BYTES:
-                self._unacked[entry.first_seq] = batch.segments
-                self._unacked_bytes += batch.wire_bytes
-            self._changed.notify_all()
-        return entry
+        return await backlog.append(batch, kind)
 
     @property
     def has_room(self) -> bool:
         """Whether :meth:`append` would go on without waiting."""
-        return self._unacked_bytes < MAX_UNACKED_BYTES and self._journal.bytes < MAX_JOURNAL_BYTES
+        return self._backlog.has_room
 
     @property
     def journal_bytes(self) -> int:
         """Bytes of the journal entries not yet at the master target."""
-        return self._journal.bytes
+        return self._backlog.journal_bytes
 
     async def wait_until(self, done: Callable[[], bool]) -> None:
         """Until ``done()`` holds, checked whenever the stream moves (acks, trims, appends).
@@ -321,270 +250,37 @@ class ReplicationStream:
         Raises:
             whatever stopped the sender.
         """
-        await self._wait(done)
+        await self._backlog.wait(done)
 
     async def wait_failed(self) -> BaseException:
         """Until the sender stops on an error; that error."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: self._error is not None)
-            assert self._error is not None
-            return self._error
+        return await self._backlog.wait_failed()
 
     async def wait_acked(self) -> None:
         """Until the process server has acknowledged every journaled batch."""
-        await self._wait(lambda: self._acked >= self.end_seq)
+        await self._backlog.wait(lambda: self._backlog.acked_seq >= self.end_seq)
 
     async def wait_shipped(self) -> None:
         """Until the master target holds every journaled batch (the journal is empty)."""
-        self._shipped_waiters += 1
+        backlog = self._backlog
+        backlog.shipped_waiters += 1
         try:
-            async with self._changed:
-                self._changed.notify_all()  # a sender idling between polls asks at once
-            await self._wait(lambda: self._journal.end_seq is None)
+            await backlog.wake()  # a sender idling between polls asks at once
+            await backlog.wait(lambda: backlog.shipped)
         finally:
-            self._shipped_waiters -= 1
-
-    async def _wait(self, done: Callable[[], bool]) -> None:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self._error is not None or done())
-            self._raise_if_failed()
-
-    def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise self._error
+            backlog.shipped_waiters -= 1
 
     # --- the sender ----------------------------------------------------------------------
 
     def start(self) -> None:
         """Start the sender task."""
-        self._task = asyncio.create_task(self._run(), name=f"send-{self.disk_id}")
+        self._sender.start()
 
     async def close(self) -> None:
         """Stop the sender (a request in flight is abandoned; the journal keeps it)."""
-        self._closing = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._sender.close()
 
-    async def _run(self) -> None:
-        try:
-            await self._send_forever()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # handed to the producer; it decides
-            async with self._changed:
-                self._error = exc
-                self._changed.notify_all()
-
-    async def _send_forever(self) -> None:
-        epoch = -1
-        last_poll = 0.0
-        poll_wait = STATE_POLL_MIN_S
-        while not self._closing:
-            if epoch != self._pool.epoch:
-                # A process server we have not used yet (or used before a
-                # move): what the old one acknowledged may be lost with it.
-                epoch = self._pool.epoch
-                self._acked = self._record.trimmed_seq
-                await self._refresh()
-                last_poll = time.monotonic()
-                continue
-            pending = [e for e in self._journal.entries if e.last_seq > self._acked]
-            if pending:
-                await self._send(pending)
-                if time.monotonic() - last_poll >= STATE_POLL_S:
-                    await self._refresh()
-                    last_poll = time.monotonic()
-                poll_wait = STATE_POLL_MIN_S
-            elif self._journal.entries and self._shipped_waiters:
-                # Someone waits for the end: the process server answers the
-                # moment the master target holds it. A wait that ends with no
-                # progress (its bound, or a server that does not wait) backs off.
-                trimmed = self._record.trimmed_seq
-                await self._refresh(until_shipped=self.end_seq)
-                last_poll = time.monotonic()
-                if self._record.trimmed_seq == trimmed:
-                    await self._idle(poll_wait)
-                    poll_wait = min(poll_wait * 2, STATE_POLL_MAX_S)
-            elif self._journal.entries:  # all acknowledged, not all shipped: ask again soon
-                await self._idle(poll_wait, until_waited_on=True)
-                poll_wait = min(poll_wait * 2, STATE_POLL_MAX_S)
-                await self._refresh()
-                last_poll = time.monotonic()
-            else:
-                await self._idle(None)
-                poll_wait = STATE_POLL_MIN_S
-
-    async def _idle(self, timeout: float | None, *, until_waited_on: bool = False) -> None:
-        """Until there is something to send, or ``timeout``; with
-        ``until_waited_on``, also until someone waits for the stream to be shipped."""
-        async with self._changed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._changed.wait_for(
-                        lambda: (
-                            any(e.last_seq > self._acked for e in self._journal.entries)
-                            or (until_waited_on and self._shipped_waiters > 0)
-                        )
-                    ),
-                    timeout,
-                )
-
-    async def _send(self, pending: list[JournalEntry]) -> None:
-        first = self._acked + 1
-        body, size, batches = await self._request_body(pending, first)
-        client = self._pool.current
-        try:
-            answer = await client.post_batches(self.disk_id, _iterate(body))
-        except ProcessServerUnavailableError as exc:
-            await self._pool.failed(exc)
-            return
-        self._pool.succeeded()
-        last = first + sum(count for count in batches) - 1
-        self.stats.requests += 1
-        self.stats.batches += len(batches)
-        self.stats.sent_bytes += size
-        if first <= self._sent_high:
-            resent_to = min(last, self._sent_high)
-            share = (resent_to - first + 1) / max(1, last - first + 1)
-            self.stats.resent_bytes += int(size * share)
-        self._sent_high = max(self._sent_high, last)
-        await self._handle(answer, first)
-
-    async def _request_body(
-        self, pending: list[JournalEntry], first: int
-    ) -> tuple[list[Buffer], int, list[int]]:
-        """The buffers of the next request: whole batches from seq ``first``."""
-        loop = asyncio.get_running_loop()
-        body: list[Buffer] = []
-        counts: list[int] = []
-        size = 0
-        for entry in pending:
-            parts = self._unacked.get(entry.first_seq)
-            if parts is None:
-                parts = await loop.run_in_executor(
-                    self._executor, self._journal.load, entry, self._source
-                )
-            if entry.first_seq < first:  # the process server wants a seq inside this batch
-                parts = _cut(parts, first)
-            part_bytes = sum(memoryview(p).nbytes for p in parts)
-            if body and size + part_bytes > REQUEST_MAX_BYTES:
-                break
-            body.extend(parts)
-            counts.append(entry.last_seq - max(first, entry.first_seq) + 1)
-            size += part_bytes
-        return body, size, counts
-
-    async def _handle(self, answer: BatchesAnswer, first: int) -> None:
-        """Carry out protocol/reaction.py's decision on the answer to a request from ``first``."""
-        journal = Journaled(self.generation, self._record.trimmed_seq, self.end_seq)
-        decision = react_to_batches(answer, first, journal)
-        match decision.action:
-            case SendAction.BROKEN:
-                raise StreamBrokenError(
-                    f"disk {self.disk_id}: {decision.reason}",
-                    details=JOURNAL_BEHIND if decision.journal_behind else None,
-                )
-            case SendAction.ACKED:
-                await self._set_acked(decision.seq)
-            case SendAction.BACK_OFF:  # a failure, waited out like any other
-                await self._pool.failed(
-                    ProcessServerUnavailableError(f"{self._pool.current.url} {decision.reason}")
-                )
-            case SendAction.RESEND:
-                log.info("disk %s: %s; sending again from seq %d", self.disk_id, decision.reason,
-                         decision.seq)  # fmt: skip
-                await self._set_acked(decision.seq - 1)
-
-    async def _set_acked(self, seq: int) -> None:
-        if seq > self.end_seq:
-            raise StreamBrokenError(
-                f"disk {self.disk_id}: the process server acknowledged seq {seq} of generation "
-                f"{self.generation}, but this agent gave out seqs only up to {self.end_seq}",
-                details=JOURNAL_BEHIND,
-            )
-        async with self._changed:
-            self._acked = seq
-            for first in [f for f in self._unacked if f <= seq]:
-                parts = self._unacked.pop(first)
-                self._unacked_bytes -= sum(memoryview(p).nbytes for p in parts)
-            self._changed.notify_all()
-
-    async def _refresh(self, *, until_shipped: int | None = None) -> None:
-        """Ask the process server where the disk stands; trim what the master target holds.
-
-        Args:
-            until_shipped: let the answer wait (:data:`STATE_WAIT_S` at most)
-                until the master target holds this seq.
-        """
-        client = self._pool.current
-        try:
-            state = await client.state(
-                self.disk_id, until_shipped=until_shipped, wait_s=STATE_WAIT_S
-            )
-        except ProcessServerUnavailableError as exc:
-            await self._pool.failed(exc)
-            return
-        self._pool.succeeded()
-        if state.generation > self.generation:
-            raise StreamBrokenError(
-                f"disk {self.disk_id}: {client.url} is on generation {state.generation}, "
-                f"newer than this stream's {self.generation}"
-            )
-        if state.generation < self.generation:
-            # It has not seen this generation yet: what it says is about older ones
-            # (it takes the master target's position when the batches come).
-            return
-        if state.resync_required:
-            raise StreamBrokenError(
-                f"disk {self.disk_id}: {client.url} says the disk needs a resync (seqs the "
-                "master target needs are lost)"
-            )
-        if state.acked_seq > self.end_seq:
-            raise StreamBrokenError(
-                f"disk {self.disk_id}: {client.url} holds seqs up to {state.acked_seq} of "
-                f"generation {self.generation}, but this agent gave out only up to {self.end_seq}",
-                details=JOURNAL_BEHIND,
-            )
-        if state.acked_seq > self._acked:
-            await self._set_acked(state.acked_seq)
-        if state.shipped_seq > self._record.trimmed_seq:
-            await self._trim(min(state.shipped_seq, self.end_seq))
-
-    async def _trim(self, seq: int) -> None:
-        record = StreamRecord(self.generation, seq)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._state.put_stream, self.disk_id, record)
-        self._record = record
-        await loop.run_in_executor(self._executor, self._journal.trim, self.generation, seq)
-        async with self._changed:
-            self._acked = max(self._acked, seq)
-            self._changed.notify_all()
-
-
-async def _iterate(parts: list[Buffer]) -> AsyncIterator[bytes | memoryview]:
-    for part in parts:
-        yield part if isinstance(part, bytes) else memoryview(part)
-
-
-def _cut(parts: list[Buffer], first: int) -> list[Buffer]:
-    """The records of a batch from seq ``first`` on, as a batch of their own.
-
-    A process server that merged batches into one file leaves the master
-    target at a seq inside one of ours; the records are the same, so the
-    stream stays exact.
-    """
-    decoder = BatchDecoder()
-    for part in parts:
-        decoder.feed(part)
-    decoder.feed_eof()
-    (batch,) = list(decoder.events())
-    h = batch.header
-    cut = encode(
-        disk_id=h.disk_id, generation=h.generation, first_seq=first,
-        records=batch.records[first - h.first_seq :], first_capture_ns=h.first_capture_ns,
-        last_capture_ns=h.last_capture_ns, flags=h.flags,
-    )  # fmt: skip
-    return cut.segments
+    @property
+    def sending(self) -> bool:
+        """Whether the sender runs: it stops only when closed or on an error."""
+        return self._sender.running

@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Final
 
-from agent.client import ProcessServerPool
 from agent.compare import (
     ComparePlan,
     Granularity,
@@ -54,6 +53,7 @@ from agent.compare import (
     hash_region,
     runs,
 )
+from agent.pool import ProcessServerPool
 from agent.source import READ_PIECE_BYTES, SourceDisk
 from agent.state import SyncProgress
 from agent.sync_output import PassOutput

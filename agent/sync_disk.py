@@ -37,7 +37,7 @@ from agent.capture.dirty import (
     marker_path,
     write_marker,
 )
-from agent.client import ProcessServerClient, ProcessServerPool
+from agent.client import ProcessServerClient
 from agent.config import AgentConfig
 from agent.errors import (
     JournalError,
@@ -46,6 +46,7 @@ from agent.errors import (
     StreamBrokenError,
     TargetMismatchError,
 )
+from agent.pool import ProcessServerPool
 from agent.source import SourceDisk
 from agent.state import AgentState, DiskLock, SyncProgress
 from agent.stream import ReplicationStream

@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 from typing import Final, Protocol
 
-from agent.client import ProcessServerClient, ProcessServerPool
+from agent.client import ProcessServerClient
 from agent.compare import DIGEST_BYTES, Granularity, Span
 from agent.errors import ProcessServerUnavailableError
+from agent.pool import ProcessServerPool
 from protocol.sequencing import StreamPosition
 
 #: Seconds to wait before asking again for digests that the master target

@@ -8,9 +8,11 @@ and every refusal needs a way forward. One that names none — a gap
 expecting the very seq just sent, a stale generation with nothing older to
 drop — is waited out like a failed exchange (:attr:`SendAction.BACK_OFF`,
 :attr:`ShipAction.BACK_OFF`): sending the same run again at once would loop
-as fast as the network allows.
+as fast as the network allows. The agent also asks where the process server
+stands (its state answer) to trim what the master target holds, and that
+answer may say the stream cannot go on (:func:`react_to_state`).
 
-The callers (agent/stream.py, processserver/shipper.py) carry the decisions
+The callers (agent/sender.py, processserver/shipper.py) carry the decisions
 out; these functions only decide, so every answer kind is tested without a
 socket (tests/protocol/test_reaction.py).
 """
@@ -22,7 +24,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from protocol.api import BatchesAnswer, FailedOver, HrlAnswer, SeqRefusal, StaleGeneration
+from protocol.api import (
+    BatchesAnswer,
+    FailedOver,
+    HrlAnswer,
+    PsDiskState,
+    SeqRefusal,
+    StaleGeneration,
+)
 
 # --- the agent: its journal, sent to a process server ------------------------------------
 
@@ -110,6 +119,78 @@ def _send_again(refusal: SeqRefusal, first_seq: int, journal: Journaled) -> Send
             f"{expected}, the seq the request began with",
         )  # fmt: skip
     return SendDecision(SendAction.RESEND, expected, reason=refusal.code)
+
+
+class StateAction(enum.Enum):
+    #: the answer is about an older generation: the process server has not seen
+    #: this one yet (it takes the master target's position when the batches come)
+    IGNORE = "ignore"
+    #: move what is acknowledged and trim the journal, where the decision says
+    FOLLOW = "follow"
+    #: the stream cannot go on in its generation: the owner starts a new one
+    BROKEN = "broken"
+
+
+@dataclass(frozen=True, slots=True)
+class StateDecision:
+    """What the stream does after a state answer. ``reason`` follows the process
+    server's name in a log line or an error ("https://ps01:9443 is on ...")."""
+
+    action: StateAction
+    #: FOLLOW: the process server holds every seq up to this one (None: nothing new)
+    acked_seq: int | None = None
+    #: FOLLOW: trim the journal up to this seq, which the master target holds (None: keep)
+    trim_seq: int | None = None
+    reason: str = ""
+    #: BROKEN because the process server holds seqs this journal never had
+    journal_behind: bool = False
+
+
+def react_to_state(state: PsDiskState, journal: Journaled, acked_seq: int) -> StateDecision:
+    """The stream's next step after the process server's state of the disk.
+
+    Args:
+        state: the answer.
+        journal: what the stream holds.
+        acked_seq: the last seq the stream counts as acknowledged.
+
+    In this order:
+
+    - a newer generation there: BROKEN (another agent, or a resync it started);
+    - an older one: IGNORE;
+    - ``resync_required`` (seqs the master target needs are lost): BROKEN;
+    - ``acked_seq`` past what this agent gave out (its state is older than
+      the stream): BROKEN, journal behind;
+    - otherwise FOLLOW: acknowledged up to its ``acked_seq`` if that is beyond
+      ``acked_seq``, and trimmed up to its ``shipped_seq`` (no further than the
+      journal's end) if that is beyond ``journal.trimmed_seq``.
+    """
+    if state.generation > journal.generation:
+        return StateDecision(
+            StateAction.BROKEN, reason=f"is on generation {state.generation}, "
+            f"newer than this stream's {journal.generation}",
+        )  # fmt: skip
+    if state.generation < journal.generation:
+        return StateDecision(StateAction.IGNORE)
+    if state.resync_required:
+        return StateDecision(
+            StateAction.BROKEN, reason="says the disk needs a resync (seqs the master target "
+            "needs are lost)",
+        )  # fmt: skip
+    if state.acked_seq > journal.end_seq:
+        return StateDecision(
+            StateAction.BROKEN, journal_behind=True,
+            reason=f"holds seqs up to {state.acked_seq} of generation {journal.generation}, "
+            f"but this agent gave out only up to {journal.end_seq}",
+        )  # fmt: skip
+    return StateDecision(
+        StateAction.FOLLOW,
+        acked_seq=state.acked_seq if state.acked_seq > acked_seq else None,
+        trim_seq=(
+            min(state.shipped_seq, journal.end_seq)
+            if state.shipped_seq > journal.trimmed_seq else None
+        ),
+    )  # fmt: skip
 
 
 # --- the process server: its cache, shipped to the master target -------------------------

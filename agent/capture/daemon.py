@@ -51,9 +51,9 @@ from agent.capture.plugin.dirtymap import Geometry, merge_regions
 from agent.capture.replication import CaptureReplication, NewGeneration
 from agent.capture.resync import run_resyncs
 from agent.capture.supervisor import supervise
-from agent.client import ProcessServerPool
 from agent.config import AgentConfig
 from agent.errors import CaptureError, JournalError
+from agent.pool import ProcessServerPool
 from agent.source import SourceDisk
 from agent.state import AgentState, DiskLock
 from agent.stream import ReplicationStream

@@ -42,10 +42,10 @@ from agent.capture.plugin import wire
 from agent.capture.plugin.dirtymap import Geometry
 from agent.capture.records import Request, pack, records_of, regions_of
 from agent.capture.window import ResyncWindow
-from agent.client import ProcessServerPool
 from agent.config import TABLE_RESERVE_BYTES, AgentConfig
 from agent.errors import StreamBrokenError
 from agent.journal import EntryKind
+from agent.pool import ProcessServerPool
 from agent.source import SourceDisk
 from agent.state import AgentState
 from agent.stream import ReplicationStream

@@ -16,6 +16,10 @@ output. Three things differ from ``agent sync``:
   live request before them in the stream, and any later one follows them;
 - the last batch ends the resync window (RESYNC_END) only if no region was
   left dirty meanwhile; otherwise the window stays open for the next pass.
+  A pass runs whenever the window is open, even over no region (a new
+  generation that had nothing to mark): it compares nothing and sends the
+  disk's last chunk again, as it reads now, to carry RESYNC_END
+  (agent/sync.py) — nothing else would ever close the window.
 
 The stamps, the pending regions and the window are kept by
 :class:`~agent.capture.window.ResyncWindow`; this module does the I/O.
@@ -164,12 +168,12 @@ async def run_resyncs(
     executor: ThreadPoolExecutor,
     hash_executor: ThreadPoolExecutor,
 ) -> None:
-    """Resync the pending regions whenever there are some and the stream can take them (forever)."""
+    """Run a pass whenever the window says one is due and the stream can take it (forever)."""
     window = replication.window
     while True:
         seen = replication.version
         stream = replication.stream
-        if stream is None or replication.mode is not Mode.JOURNALING or not window.has_pending:
+        if stream is None or replication.mode is not Mode.JOURNALING or not window.pass_due:
             await replication.wait_change(seen)
             continue
         regions = window.take_pass()
@@ -205,10 +209,14 @@ async def _pass(
     region_ranges = [geometry.span(region) for region in sorted(regions)]
     ranges = chunk_ranges(region_ranges, chunk, geometry.disk_bytes)
     size = sum(length for _, length in ranges)
-    log.info(
-        "disk %s: resyncing %d regions (%d bytes) from the source", replication.disk_id,
-        len(regions), size,
-    )  # fmt: skip
+    if regions:
+        log.info(
+            "disk %s: resyncing %d regions (%d bytes) from the source", replication.disk_id,
+            len(regions), size,
+        )  # fmt: skip
+    else:
+        log.info("disk %s: no region to resync: a pass over none ends the window",
+                 replication.disk_id)  # fmt: skip
     progress = SyncProgress(
         generation=stream.generation, source=str(replication.source.path),
         source_size=geometry.disk_bytes, chunk_bytes=chunk, cursor=0,

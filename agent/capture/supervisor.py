@@ -13,7 +13,8 @@ What comes next depends on why the stream ended
 
 A new generation first has the plugin mark, durably, every region of a
 journaled request not yet shipped as pending (their journal is gone), then
-opens the resync window. Meanwhile requests are left dirty.
+opens the resync window — with no region marked too: a pass over none then
+ends it (agent/capture/window.py). Meanwhile requests are left dirty.
 """
 
 from __future__ import annotations
@@ -24,8 +25,13 @@ import time
 from typing import Final
 
 from agent.capture.replication import CaptureReplication, NewGeneration, Reopen
-from agent.errors import JournalError, ProcessServerUnavailableError, StreamBrokenError
-from agent.stream import JOURNAL_BEHIND, ReplicationStream
+from agent.errors import (
+    JOURNAL_BEHIND,
+    JournalError,
+    ProcessServerUnavailableError,
+    StreamBrokenError,
+)
+from agent.stream import ReplicationStream
 from protocol.errors import BlockreplError
 from protocol.sequencing import StreamPosition
 

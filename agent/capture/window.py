@@ -7,7 +7,8 @@ From then until a resync pass has read every such region again, every batch
 carries the stream flag RESYNC — the *window* — and the master target offers
 no recovery point inside it (DESIGN.md invariant 6). The pass's last batch
 carries RESYNC_END, but only if nothing was left dirty meanwhile; otherwise
-the window stays open for the next pass.
+the window stays open for the next pass. Nothing else closes the window, so
+a pass is due whenever it is open, even with no region to read again.
 
 A pass reads the source while live writes go on. A region it read may be
 written, and that live request journaled, before the pass's batch is: the
@@ -66,9 +67,14 @@ class ResyncWindow:
         return len(self._resyncing or ())
 
     @property
-    def has_pending(self) -> bool:
-        """Whether a pass has regions to take."""
-        return bool(self._pending)
+    def pass_due(self) -> bool:
+        """Whether a pass should start now: none runs, and the window is open.
+
+        Only a pass's RESYNC_END closes the window, so an open one needs a pass
+        even with no region pending (a new generation that marked none, a pass
+        over none that failed): that pass compares nothing and ends the window.
+        """
+        return self._resyncing is None and (self._open or bool(self._pending))
 
     @property
     def settled(self) -> bool:
@@ -111,8 +117,14 @@ class ResyncWindow:
 
     def generation_marked(self, regions: Iterable[int]) -> None:
         """A new generation starts: ``regions`` (every range the plugin has pending then,
-        those of journaled requests not yet shipped among them) need a resync; the
-        window opens even if there are none."""
+        those of journaled requests not yet shipped among them) need a resync.
+
+        The window opens even if there are none: what the old generation left at the
+        master target (a pass's RESYNC batches whose RESYNC_END was lost with the
+        journal, say) may hold its window open, and only a RESYNC_END closes it. With
+        no region, the next pass compares nothing and sends that batch
+        (:attr:`pass_due`).
+        """
         self._pending.update(regions)
         self._open = True
 

@@ -1,7 +1,7 @@
 """The process-server pool's failure policy: no failure is answered at once,
 a command gives up, a service rides out an outage with a bounded log.
 
-The waits are recorded instead of slept (``asyncio.sleep`` of agent/client.py
+The waits are recorded instead of slept (``asyncio.sleep`` of agent/pool.py
 is replaced); the policy, the clients and their errors are the real ones.
 """
 
@@ -13,14 +13,14 @@ import time
 
 import pytest
 
-from agent import client as client_module
-from agent.client import (
+from agent import pool as pool_module
+from agent.errors import ProcessServerUnavailableError
+from agent.pool import (
     BACKOFF_FIRST_S,
     BACKOFF_MAX_S,
     FAILOVER_AFTER_FAILURES,
     ProcessServerPool,
 )
-from agent.errors import ProcessServerUnavailableError
 
 URLS = ("https://ps-a:9443", "https://ps-b:9443")
 
@@ -32,7 +32,7 @@ def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     async def record(seconds: float) -> None:
         waited.append(seconds)
 
-    monkeypatch.setattr(client_module.asyncio, "sleep", record)
+    monkeypatch.setattr(pool_module.asyncio, "sleep", record)
     return waited
 
 

@@ -19,9 +19,9 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from agent.client import ProcessServerPool
 from agent.errors import StreamBrokenError
 from agent.journal import EntryKind
+from agent.pool import ProcessServerPool
 from agent.state import AgentState, StreamRecord
 from agent.stream import ReplicationStream
 from mastertarget import config as mt_config

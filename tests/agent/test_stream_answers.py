@@ -17,8 +17,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from agent.client import ProcessServerPool
 from agent.journal import EntryKind
+from agent.pool import ProcessServerPool
 from agent.state import AgentState
 from agent.stream import ReplicationStream
 from protocol.batch import BatchDecoder

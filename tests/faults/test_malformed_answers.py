@@ -28,9 +28,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from agent.client import ProcessServerClient, ProcessServerPool
+from agent.client import ProcessServerClient
 from agent.errors import ProcessServerUnavailableError, RefusedError
 from agent.journal import EntryKind
+from agent.pool import ProcessServerPool
 from agent.state import AgentState
 from agent.stream import ReplicationStream
 from processserver import config as ps_config
@@ -235,7 +236,7 @@ async def test_the_stream_outlives_a_process_server_that_answers_nonsense(
             await stream.append([Write(0, b"\x33" * 4096)], flags=NO_FLAGS, first_capture_ns=now,
                                 last_capture_ns=now, kind=EntryKind.INLINE)  # fmt: skip
             await asyncio.sleep(REFUSING_S)
-            alive = stream._task is not None and not stream._task.done()
+            alive = stream.sending
             malformed = pool.current.malformed_answers
             await stream.close()
         await pool.close()

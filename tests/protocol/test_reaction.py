@@ -14,6 +14,7 @@ from protocol.api import (
     BatchesAnswer,
     FailedOver,
     HrlAnswer,
+    PsDiskState,
     ReceivedPosition,
     SeqRefusal,
     StaleGeneration,
@@ -24,8 +25,11 @@ from protocol.reaction import (
     SendDecision,
     ShipAction,
     ShipDecision,
+    StateAction,
+    StateDecision,
     react_to_batches,
     react_to_hrl,
+    react_to_state,
 )
 
 # --- the agent ------------------------------------------------------------------------
@@ -99,6 +103,89 @@ def test_a_resend_always_moves_to_a_journaled_seq_other_than_the_one_sent(
     if decision.action is SendAction.RESEND:
         assert decision.seq != first
         assert trimmed < decision.seq <= journal.end_seq + 1
+
+
+#: The stream counts seqs up to 25 as acknowledged.
+ACKED = 25
+
+
+def _state(
+    generation: int = 2, acked: int = 30, shipped: int = 15, *, resync: bool = False
+) -> PsDiskState:
+    return PsDiskState("d", generation, acked, shipped, 0, 0.0, resync)
+
+
+@pytest.mark.parametrize(
+    ("state", "decision"),
+    [
+        # A newer generation there: another agent, or a resync the process server began.
+        (_state(3), StateDecision(StateAction.BROKEN)),
+        (_state(3, acked=99, resync=True), StateDecision(StateAction.BROKEN)),
+        # An older one: it has not seen this generation yet.
+        (_state(1), StateDecision(StateAction.IGNORE)),
+        (_state(1, acked=99, shipped=99, resync=True), StateDecision(StateAction.IGNORE)),
+        (_state(resync=True), StateDecision(StateAction.BROKEN)),
+        # The whole disk is compared then: resync_required wins over a journal behind.
+        (_state(acked=41, resync=True), StateDecision(StateAction.BROKEN)),
+        (_state(acked=41), StateDecision(StateAction.BROKEN, journal_behind=True)),
+        (_state(acked=41, shipped=41), StateDecision(StateAction.BROKEN, journal_behind=True)),
+        # Acknowledged further, and the master target holds more: both move.
+        (_state(), StateDecision(StateAction.FOLLOW, acked_seq=30, trim_seq=15)),
+        (_state(acked=40, shipped=40), StateDecision(StateAction.FOLLOW, 40, 40)),
+        # Neither moves back, nor stays put as a move.
+        (_state(acked=ACKED, shipped=10), StateDecision(StateAction.FOLLOW)),
+        (_state(acked=20, shipped=5), StateDecision(StateAction.FOLLOW)),
+        (_state(acked=0, shipped=0), StateDecision(StateAction.FOLLOW)),
+        (_state(acked=26, shipped=10), StateDecision(StateAction.FOLLOW, acked_seq=26)),
+        (_state(acked=20, shipped=11), StateDecision(StateAction.FOLLOW, trim_seq=11)),
+        # A shipped seq past the journal's end trims no further than the end.
+        (_state(acked=40, shipped=45), StateDecision(StateAction.FOLLOW, 40, 40)),
+    ],
+    ids=[
+        "newer", "newer-wins", "older", "older-says-nothing", "resync", "resync-wins",
+        "journal-behind", "journal-behind-shipped", "both-move", "all-shipped", "acked-same",
+        "acked-older", "fresh-server", "acked-moves", "trim-moves", "shipped-past-end",
+    ],
+)  # fmt: skip
+def test_the_stream_reacts_to_each_state(state: PsDiskState, decision: StateDecision) -> None:
+    found = react_to_state(state, JOURNAL, ACKED)
+    assert (found.action, found.acked_seq, found.trim_seq, found.journal_behind) == (
+        decision.action, decision.acked_seq, decision.trim_seq, decision.journal_behind,
+    )  # fmt: skip
+    assert bool(found.reason) == (found.action is StateAction.BROKEN)
+
+
+def test_a_broken_state_names_what_was_expected_and_found() -> None:
+    reasons = [
+        react_to_state(state, JOURNAL, ACKED).reason
+        for state in (_state(3), _state(resync=True), _state(acked=41))
+    ]
+    assert reasons == [
+        "is on generation 3, newer than this stream's 2",
+        "says the disk needs a resync (seqs the master target needs are lost)",
+        "holds seqs up to 41 of generation 2, but this agent gave out only up to 40",
+    ]
+
+
+@given(
+    generation=st.integers(1, 3),
+    acked=st.integers(0, 60),
+    shipped=st.integers(0, 60),
+    resync=st.booleans(),
+    stream_acked=st.integers(10, 40),
+)
+def test_a_state_never_moves_the_stream_back_nor_past_its_journal(
+    generation: int, acked: int, shipped: int, resync: bool, stream_acked: int
+) -> None:
+    decision = react_to_state(_state(generation, acked, shipped, resync=resync), JOURNAL,
+                              stream_acked)  # fmt: skip
+    if decision.action is not StateAction.FOLLOW:
+        assert (decision.acked_seq, decision.trim_seq) == (None, None)
+        return
+    if decision.acked_seq is not None:
+        assert stream_acked < decision.acked_seq <= JOURNAL.end_seq
+    if decision.trim_seq is not None:
+        assert JOURNAL.trimmed_seq < decision.trim_seq <= min(shipped, JOURNAL.end_seq)
 
 
 # --- the shipper ----------------------------------------------------------------------

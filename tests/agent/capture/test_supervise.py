@@ -21,8 +21,8 @@ from agent.capture.plugin import wire
 from agent.capture.plugin.dirtymap import Geometry
 from agent.capture.replication import CaptureReplication, NewGeneration
 from agent.capture.supervisor import supervise
-from agent.client import ProcessServerPool
 from agent.config import load
+from agent.pool import ProcessServerPool
 from agent.source import SourceDisk
 from agent.state import AgentState
 from protocol.limits import MiB

@@ -30,7 +30,11 @@ The invariants are DESIGN.md invariant 6, "points are honest":
   write journaled after the pass read it is read again (the stamps);
 - the window is closed only when nothing is pending or being resynced, and
   then the target is the source and the master target's window is closed;
-- RESYNC_END is carried only by a pass's last batch, with nothing pending.
+- RESYNC_END is carried only by a pass's last batch, with nothing pending;
+- and the window does close: after a quiet period with the stream up (no
+  write, no failure, a pass run whenever the window says one is due) it is
+  closed — whatever opened it, a new generation with no region to resync
+  among them.
 """
 
 from __future__ import annotations
@@ -64,6 +68,9 @@ LAST_REGION: Final = REGIONS - 1
 #: interleaving that broke a window here needs two or three, and runs with
 #: more keep the window open to their end, where nothing can go wrong.
 TROUBLES: Final = 4
+#: Passes a quiet period runs at most: one under way may be refused (a new generation
+#: came) or end with regions pending (they came during it); the next takes them all.
+QUIET_PASSES: Final = 3
 #: Runs of the machine: a few seconds on one core.
 MAX_EXAMPLES: Final = 500
 #: Runs a broken window is given to be found in: each of those below is, in
@@ -218,12 +225,13 @@ class WindowMachine(RuleBasedStateMachine):
 
     # --- a resync pass ------------------------------------------------------------------
 
-    @precondition(lambda self: self.resync is None and self.window.has_pending)
+    @precondition(lambda self: self.resync is None and self.window.pass_due)
     @rule(data=st.data())
     def pass_starts(self, data: st.DataObject) -> None:
-        """A pass takes the pending regions, and compares some of them at once."""
+        """A pass takes the pending regions (maybe none), and compares some of them at once."""
         self.resync = Pass(self.window.take_pass())
-        self._compare(data.draw(st.sets(st.sampled_from(sorted(self.resync.regions)))))
+        if self.resync.regions:
+            self._compare(data.draw(st.sets(st.sampled_from(sorted(self.resync.regions)))))
 
     @precondition(
         lambda self: self.resync is not None and self.resync.compared != self.resync.regions
@@ -251,18 +259,26 @@ class WindowMachine(RuleBasedStateMachine):
         left are compared just before it)."""
         resync = self.resync
         assert resync is not None
+        last = last or not resync.reads
+        chosen = (
+            None if last else data.draw(st.sets(st.sampled_from(sorted(resync.reads)), min_size=1))
+        )
+        self._append_pass_batch(chosen, held)
+
+    def _append_pass_batch(self, chosen: Iterable[int] | None, held: bool) -> None:
+        """Append the regions ``chosen`` of those the pass read, or with None its last batch."""
+        resync = self.resync
+        assert resync is not None
         if resync.doomed:  # the stream changed: the append is refused
             self.window.pass_failed()
             self.resync = None
             return
-        last = last or not resync.reads
-        if last:
+        last = chosen is None
+        if chosen is None:
             self._compare(resync.regions - resync.compared)
-            chosen = sorted(resync.reads)
-        else:
-            chosen = sorted(data.draw(st.sets(st.sampled_from(sorted(resync.reads)), min_size=1)))
+            chosen = resync.reads
         versions: dict[int, int] = {}
-        for region in chosen:
+        for region in sorted(chosen):
             stamp, version = resync.reads.pop(region)
             if self.window.written_since([region], stamp):
                 version = self.source[region]
@@ -289,6 +305,23 @@ class WindowMachine(RuleBasedStateMachine):
         self._trouble()
         self.window.pass_failed()
         self.resync = None
+
+    @rule()
+    def quiet_period(self) -> None:
+        """No write and no failure for a while, the stream up: an append under way ends,
+        and the capture runs a pass whenever the window says one is due
+        (resync.py, ``run_resyncs``), each to its end. Nothing else can close the
+        window, so it must be closed then — after a new generation with no region to
+        resync too."""
+        if self.appending is not None:
+            self.append_ends(fails=False)
+        for _ in range(QUIET_PASSES):
+            if self.resync is None:
+                if not self.window.pass_due:
+                    break
+                self.resync = Pass(self.window.take_pass())
+            self._append_pass_batch(None, held=False)
+        assert not self.window.is_open, "a quiet period left the window open: nothing closes it"
 
     # --- the end of an append -----------------------------------------------------------
 
@@ -380,10 +413,18 @@ class DropsTheRegionsOfAFailedPass(ResyncWindow):
         self.pass_ended()
 
 
+class OnlyRegionsMakeAPassDue(ResyncWindow):
+    """A new generation with no region to mark leaves the window open for good."""
+
+    @property
+    def pass_due(self) -> bool:
+        return self.resyncing_regions == 0 and self.pending_regions > 0
+
+
 @pytest.mark.parametrize(
     "broken",
     [ForgetsTheStamps, EndsWithRegionsPending, ClosesDespiteAFailureDuringTheLastBatch,
-     DropsTheRegionsOfAFailedPass],
+     DropsTheRegionsOfAFailedPass, OnlyRegionsMakeAPassDue],
     ids=lambda broken: broken.__name__,
 )  # fmt: skip
 def test_the_machine_finds_a_broken_window(broken: type[ResyncWindow]) -> None:
@@ -395,3 +436,23 @@ def test_the_machine_finds_a_broken_window(broken: type[ResyncWindow]) -> None:
     )  # fmt: skip
     with pytest.raises(AssertionError):
         run_state_machine_as_test(machine, settings=found)
+
+
+def test_a_new_generation_with_no_region_is_closed_by_a_pass_over_none() -> None:
+    window = ResyncWindow()
+    window.unclean_start([])
+    assert (window.settled, window.pass_due) == (True, False)
+    window.generation_marked([])
+    # Open, with nothing pending: only a pass (over none) can close it.
+    assert (window.is_open, window.tag(), window.pass_due) == (True, (RESYNC, False), True)
+    assert window.take_pass() == frozenset()
+    assert (window.is_open, window.pass_due) == (True, False)  # a pass is under way
+    window.pass_failed()  # the pass over none failed: it is due again
+    assert (window.is_open, window.pass_due) == (True, True)
+    window.take_pass()
+    flags = window.pass_flags(last=True)
+    assert flags == RESYNC_END
+    window.pass_appended(flags)
+    window.pass_ended()
+    assert (window.settled, window.pass_due) == (True, False)
+    assert window.tag() == (NO_FLAGS, True)

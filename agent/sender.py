@@ -1,0 +1,231 @@
+"""The sender of a disk's stream: it delivers the journal to the process servers, in order.
+
+The sender (one task per stream, agent/stream.py starts it):
+
+- sends from the last seq the process server acknowledged, one request at a
+  time, each holding as many whole batches as are ready (up to
+  :data:`~agent.batch_request.REQUEST_MAX_BYTES`; agent/batch_request.py);
+- on ``409 gap`` / ``overlap`` sends again from ``expected_seq`` (cutting a
+  batch if the seq falls inside one), on ``503`` waits for Retry-After, on
+  a failed exchange backs off and, after a few, moves to the next process
+  server (agent/pool.py);
+- after a move, sends again from the trimmed seq — the last seq the master
+  target is known to hold — because the files the old process server had
+  not shipped may be lost with it. The master target drops what it holds
+  already: its seq order keeps the stream exact;
+- trims the journal only up to ``shipped_seq`` of the process server's state
+  (the master target has those seqs durably), never up to ``acked_seq``.
+
+What to do with each answer is decided by protocol/reaction.py; the sender
+carries it out on the stream's :class:`~agent.backlog.Backlog`. An error that
+stops it (a stream that cannot go on in its generation, a process server
+given up on) is handed to the backlog, where the producer raises it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Final
+
+from agent.backlog import Backlog
+from agent.batch_request import build_request
+from agent.errors import JOURNAL_BEHIND, ProcessServerUnavailableError, StreamBrokenError
+from agent.journal import JournalEntry
+from agent.pool import ProcessServerPool
+from protocol.api import BatchesAnswer
+from protocol.reaction import SendAction, StateAction, react_to_batches, react_to_state
+
+#: The stream's logger: the sender's lines were always the stream's.
+log = logging.getLogger("blockrepl.agent.stream")
+
+#: How often the sender asks for the process server's state while it sends
+#: (to trim) and, growing to :data:`STATE_POLL_MAX_S`, while it waits for the
+#: master target to receive the rest: a state answer is a few hundred bytes,
+#: and a sync that is done should not wait long to hear it.
+STATE_POLL_S: Final = 0.5
+STATE_POLL_MIN_S: Final = 0.02
+STATE_POLL_MAX_S: Final = 0.25
+#: How long a state request may wait at the process server for the master
+#: target to take the rest, while someone waits for the stream to be shipped
+#: (a sync at its end): it hears it at once rather than at the next poll.
+STATE_WAIT_S: Final = 2.0
+
+
+@dataclass
+class StreamStats:
+    """What the sender did; bytes are batch bytes on the wire (headers included)."""
+
+    sent_bytes: int = 0
+    #: batches sent again: after a failure, a refusal or a move
+    resent_bytes: int = 0
+    requests: int = 0
+    batches: int = 0
+
+
+class StreamSender:
+    """The task that sends ``backlog`` through ``pool``: :meth:`start`, then :meth:`close`."""
+
+    def __init__(self, backlog: Backlog, pool: ProcessServerPool) -> None:
+        self._backlog = backlog
+        self._pool = pool
+        #: highest seq ever put on the wire, to count resends
+        self._sent_high = backlog.trimmed_seq
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.stats = StreamStats()
+
+    @property
+    def running(self) -> bool:
+        """Whether the task runs: it ends only when closed or on an error."""
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"send-{self._backlog.disk_id}")
+
+    async def close(self) -> None:
+        """Stop (a request in flight is abandoned; the journal keeps it)."""
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        try:
+            await self._send_forever()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # handed to the producer; it decides
+            await self._backlog.fail(exc)
+
+    async def _send_forever(self) -> None:
+        backlog = self._backlog
+        epoch = -1
+        last_poll = 0.0
+        poll_wait = STATE_POLL_MIN_S
+        while not self._closing:
+            if epoch != self._pool.epoch:
+                # A process server we have not used yet (or used before a
+                # move): what the old one acknowledged may be lost with it.
+                epoch = self._pool.epoch
+                backlog.send_again_from_trimmed()
+                await self._refresh()
+                last_poll = time.monotonic()
+                continue
+            to_send = backlog.to_send()
+            if to_send:
+                await self._send(to_send)
+                if time.monotonic() - last_poll >= STATE_POLL_S:
+                    await self._refresh()
+                    last_poll = time.monotonic()
+                poll_wait = STATE_POLL_MIN_S
+            elif not backlog.shipped and backlog.shipped_waiters:
+                # Someone waits for the end: the process server answers the
+                # moment the master target holds it. A wait that ends with no
+                # progress (its bound, or a server that does not wait) backs off.
+                trimmed = backlog.trimmed_seq
+                await self._refresh(until_shipped=backlog.end_seq)
+                last_poll = time.monotonic()
+                if backlog.trimmed_seq == trimmed:
+                    await self._idle(poll_wait)
+                    poll_wait = min(poll_wait * 2, STATE_POLL_MAX_S)
+            elif not backlog.shipped:  # all acknowledged, not all shipped: ask again soon
+                await self._idle(poll_wait, until_waited_on=True)
+                poll_wait = min(poll_wait * 2, STATE_POLL_MAX_S)
+                await self._refresh()
+                last_poll = time.monotonic()
+            else:
+                await self._idle(None)
+                poll_wait = STATE_POLL_MIN_S
+
+    async def _idle(self, timeout: float | None, *, until_waited_on: bool = False) -> None:
+        """Until there is something to send, or ``timeout``; with
+        ``until_waited_on``, also until someone waits for the stream to be shipped."""
+        backlog = self._backlog
+        async with backlog.changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    backlog.changed.wait_for(
+                        lambda: (
+                            backlog.has_to_send or (until_waited_on and backlog.shipped_waiters > 0)
+                        )
+                    ),
+                    timeout,
+                )
+
+    async def _send(self, to_send: list[JournalEntry]) -> None:
+        backlog = self._backlog
+        first = backlog.acked_seq + 1
+        request = await build_request(to_send, first, backlog.buffers)
+        client = self._pool.current
+        try:
+            answer = await client.post_batches(backlog.disk_id, request.body())
+        except ProcessServerUnavailableError as exc:
+            await self._pool.failed(exc)
+            return
+        self._pool.succeeded()
+        last = request.last_seq
+        self.stats.requests += 1
+        self.stats.batches += len(request.counts)
+        self.stats.sent_bytes += request.size
+        if first <= self._sent_high:
+            resent_to = min(last, self._sent_high)
+            share = (resent_to - first + 1) / max(1, last - first + 1)
+            self.stats.resent_bytes += int(request.size * share)
+        self._sent_high = max(self._sent_high, last)
+        await self._handle(answer, first)
+
+    async def _handle(self, answer: BatchesAnswer, first: int) -> None:
+        """Carry out protocol/reaction.py's decision on the answer to a request from ``first``."""
+        backlog = self._backlog
+        decision = react_to_batches(answer, first, backlog.journaled())
+        match decision.action:
+            case SendAction.BROKEN:
+                raise StreamBrokenError(
+                    f"disk {backlog.disk_id}: {decision.reason}",
+                    details=JOURNAL_BEHIND if decision.journal_behind else None,
+                )
+            case SendAction.ACKED:
+                await backlog.set_acked(decision.seq)
+            case SendAction.BACK_OFF:  # a failure, waited out like any other
+                await self._pool.failed(
+                    ProcessServerUnavailableError(f"{self._pool.current.url} {decision.reason}")
+                )
+            case SendAction.RESEND:
+                log.info("disk %s: %s; sending again from seq %d", backlog.disk_id,
+                         decision.reason, decision.seq)  # fmt: skip
+                await backlog.set_acked(decision.seq - 1)
+
+    async def _refresh(self, *, until_shipped: int | None = None) -> None:
+        """Ask the process server where the disk stands, and carry out protocol/reaction.py's
+        decision: follow what it acknowledged, trim what the master target holds.
+
+        Args:
+            until_shipped: let the answer wait (:data:`STATE_WAIT_S` at most)
+                until the master target holds this seq.
+        """
+        backlog = self._backlog
+        client = self._pool.current
+        try:
+            state = await client.state(
+                backlog.disk_id, until_shipped=until_shipped, wait_s=STATE_WAIT_S
+            )
+        except ProcessServerUnavailableError as exc:
+            await self._pool.failed(exc)
+            return
+        self._pool.succeeded()
+        decision = react_to_state(state, backlog.journaled(), backlog.acked_seq)
+        if decision.action is StateAction.BROKEN:
+            raise StreamBrokenError(
+                f"disk {backlog.disk_id}: {client.url} {decision.reason}",
+                details=JOURNAL_BEHIND if decision.journal_behind else None,
+            )
+        if decision.acked_seq is not None:
+            await backlog.set_acked(decision.acked_seq)
+        if decision.trim_seq is not None:
+            await backlog.trim(decision.trim_seq)
