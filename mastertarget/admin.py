@@ -122,11 +122,13 @@ async def _body(request: web.Request) -> bytes:
 
 
 async def _choose(replica: DiskReplica, text: str) -> RecoveryPoint:
+    """The point ``text`` names; call it inside the disk's keeping_history()."""
     spec = parse_spec(text)
     if spec.kind is SpecKind.LATEST:  # every received change first (lowest RPO)
         await _drain(replica)
     applied: StreamPosition = replica.applied
-    return select_point(spec, replica.points(), processed_seq=(applied.generation, applied.seq))
+    points = await replica.history.points()
+    return select_point(spec, points, processed_seq=(applied.generation, applied.seq))
 
 
 async def _drain(replica: DiskReplica) -> None:
@@ -164,9 +166,10 @@ async def post_recover(request: web.Request) -> web.StreamResponse:
     mt = request.app[ADMIN]
     try:
         asked = RecoverRequest.parse_bytes(await _body(request))
-        point = await _choose(replica, asked.point)
-        with mt.metrics.recover_seconds.time():
-            result = await replica.recover(point, Path(asked.output), asked.format)
+        async with replica.history.keeping_history():  # the chosen point's undo data stays
+            point = await _choose(replica, asked.point)
+            with mt.metrics.recover_seconds.time():
+                result = await replica.history.recover(point, Path(asked.output), asked.format)
     except BlockreplError as exc:
         return _error(exc)
     return web.json_response(recover_answer(result).to_json())
@@ -177,9 +180,10 @@ async def post_failover(request: web.Request) -> web.StreamResponse:
     mt = request.app[ADMIN]
     try:
         asked = FailoverRequest.parse_bytes(await _body(request))
-        point = await _choose(replica, asked.point)
-        with mt.metrics.failover_seconds.time():
-            result = await replica.failover(point)
+        async with replica.history.keeping_history():
+            point = await _choose(replica, asked.point)
+            with mt.metrics.failover_seconds.time():
+                result = await replica.history.failover(point)
     except BlockreplError as exc:
         return _error(exc)
     return web.json_response(recover_answer(result).to_json())
@@ -261,9 +265,9 @@ async def post_group_recover(request: web.Request) -> web.StreamResponse:
         directory, fmt = asked.output_dir, asked.format
         spec = parse_spec(asked.point)
         replicas = [mt.replicas[disk] for disk in group.disks]
-        with contextlib.ExitStack() as history:
+        async with contextlib.AsyncExitStack() as history:
             for replica in replicas:  # before the point is chosen: its undo data must stay
-                history.enter_context(replica.keeping_history())
+                await history.enter_async_context(replica.history.keeping_history())
             if spec.kind is SpecKind.LATEST:
                 for replica in replicas:
                     await _drain(replica)
@@ -286,7 +290,8 @@ async def _recover_members(
     results: list[RecoverResult] = []
     try:
         for member in point.members:
-            result = await mt.replicas[member.disk_id].recover(member, outputs[member.disk_id], fmt)
+            history = mt.replicas[member.disk_id].history
+            result = await history.recover(member, outputs[member.disk_id], fmt)
             mt.metrics.recover_seconds.observe(result.total_s)
             results.append(result)
     except BaseException:

@@ -26,7 +26,6 @@ import contextlib
 import json
 import logging
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -49,9 +48,9 @@ from mastertarget.admin import (
 from mastertarget.config import GroupConfig, MasterTargetConfig
 from mastertarget.daemon import JOURNAL_DIR, STATE_DB, MasterTarget
 from mastertarget.disks import open_disk
-from mastertarget.disks.base import TargetDisk
 from mastertarget.errors import DiskError
 from mastertarget.groups import select_group_point
+from mastertarget.guarded_target import GuardedTarget
 from mastertarget.journal import UndoJournal
 from mastertarget.points import RecoveryPoint
 from mastertarget.pointspec import parse_spec, select_point
@@ -272,7 +271,7 @@ class _Offline:
     """What a command needs to work on a disk while the daemon is stopped."""
 
     store: StateStore
-    target: TargetDisk
+    target: GuardedTarget
     journal: UndoJournal
     point: RecoveryPoint
 
@@ -297,7 +296,10 @@ def _offline(config: MasterTargetConfig, disk_id: str, spec: str) -> Iterator[_O
     try:
         store = StateStore(volume.path / STATE_DB)
         try:
-            target = open_disk(disk.target, disk.format)
+            target = GuardedTarget(
+                open_disk(disk.target, disk.format),
+                opener=lambda: open_disk(disk.target, disk.format),
+            )
             try:
                 point = select_point(parse_spec(spec), store.points(disk_id))
                 journal = UndoJournal(volume.path / JOURNAL_DIR, load_keyring(config.key_file))
@@ -327,9 +329,8 @@ def _recover(args: argparse.Namespace) -> int:
     if answer is None:
         with _offline(config, args.disk, args.point) as disk:
             result = recover_copy(
-                target=disk.target, lock=threading.Lock(), journal=disk.journal,
-                store=disk.store, point=disk.point, output=output, output_format=args.format,
-                progress=_bar("copy"),
+                target=disk.target, journal=disk.journal, store=disk.store, point=disk.point,
+                output=output, output_format=args.format, progress=_bar("copy"),
             )  # fmt: skip
         answer = recover_answer(result)
     return _report(args, answer, f"recovered disk {args.disk} into {output}")
@@ -380,10 +381,13 @@ def _recover_group_offline(
             for member in point.members:
                 disk = config.disk(member.disk_id)
                 assert disk is not None  # the config checks every group disk is one
-                target = open_disk(disk.target, disk.format)
+                target = GuardedTarget(
+                    open_disk(disk.target, disk.format),
+                    opener=lambda: open_disk(disk.target, disk.format),  # noqa: B023 - used here
+                )
                 try:
                     results.append(recover_copy(
-                        target=target, lock=threading.Lock(), journal=journal, store=store,
+                        target=target, journal=journal, store=store,
                         point=member, output=outputs[member.disk_id],
                         output_format=output_format, progress=_bar(member.disk_id),
                     ))  # fmt: skip
@@ -401,9 +405,9 @@ def _failover(args: argparse.Namespace) -> int:
     body = FailoverRequest(args.point).to_json()
     answer = asyncio.run(_admin(config, "POST", path, body, RecoverAnswer.parse))
     if answer is None:
-        with _offline(config, args.disk, args.point) as disk:
+        with _offline(config, args.disk, args.point) as disk, disk.target.hold() as target:
             result = failover_in_place(
-                target=disk.target, journal=disk.journal, store=disk.store, point=disk.point
+                target=target, journal=disk.journal, store=disk.store, point=disk.point
             )
         answer = recover_answer(result)
     return _report(args, answer, f"failed disk {args.disk} over in place")

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from mastertarget import config as mt_config
 from mastertarget.admin import SOCKET_MODE, build_admin_app
-from mastertarget.config import DiskConfig, MasterTargetConfig
-from mastertarget.disks import CreateFormat, create_disk, open_disk
-from mastertarget.disks.base import TargetDisk
+from mastertarget.config import MasterTargetConfig
 from mastertarget.inbox import Inbox
 from mastertarget.journal import UndoJournal
 from mastertarget.metrics import PREFIX, MasterTargetMetrics
@@ -104,7 +103,6 @@ class MasterTarget:
     replicas: dict[str, DiskReplica] = field(default_factory=dict)
     _server_tls: ReloadableServerContext | None = None
     _in_flight: InFlight = field(init=False)
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     rpo: RpoMonitor | None = None
     _housekeeper: asyncio.Task[None] | None = None
     _runner: web.AppRunner | None = None
@@ -195,49 +193,45 @@ class MasterTarget:
         return mt
 
     async def _open_disks(self) -> None:
-        loop = asyncio.get_running_loop()
         inbox = Inbox(self.config.cache_dir)
         journal = UndoJournal(self.retention.path / JOURNAL_DIR, self.keyring)
         for disk in self.config.disks:
-            target = await loop.run_in_executor(self.executor, _open_target, disk)
-            try:
-                replica = await loop.run_in_executor(
-                    self.executor,
-                    lambda disk=disk, target=target: DiskReplica.open(  # type: ignore[misc]
-                        disk, target, store=self.store, inbox=inbox, keyring=self.keyring,
-                        metrics=self.metrics, executor=self.executor,
-                        reopen=lambda: open_disk(disk.target, disk.format), journal=journal,
-                    ),
-                )  # fmt: skip
-            except BaseException:
-                target.close()
-                raise
+            replica = await DiskReplica.open(
+                disk, store=self.store, inbox=inbox, keyring=self.keyring, metrics=self.metrics,
+                executor=self.executor, journal=journal, on_points=self._observer(disk.id),
+            )  # fmt: skip
             self.replicas[disk.id] = replica
-            self._watch(replica)
-            self._tasks.append(vital(asyncio.create_task(replica.run(), name=f"apply-{disk.id}")))
+            await self._watch(disk.id)
+            replica.start()
             status = replica.status()
             log.info(
                 "disk %s: target %s (%d bytes), applied generation %d seq %d, "
                 "%d files waiting, state %s",
-                disk.id, disk.target, target.size, status.applied.generation,
+                disk.id, disk.target, status.target_size, status.applied.generation,
                 status.applied.seq, status.inbox_files, status.state.value,
             )  # fmt: skip
 
-    def _watch(self, replica: DiskReplica) -> None:
-        """Feed the RPO monitor with the disk's points, newest last."""
+    def _observer(self, disk_id: str) -> Callable[[list[RecoveryPoint]], None]:
+        """What a disk's applier tells its consistent points to: the RPO, newest last."""
         assert self.rpo is not None
         rpo = self.rpo
-        disk_id = replica.config.id
-        rpo.add_disk(disk_id, time.time_ns())
-        _, _, newest = self.store.consistent_summary(disk_id)
-        if newest is not None:
-            rpo.observe_point(disk_id, newest.capture_ns, newest.applied_ns)
 
         def observe(points: list[RecoveryPoint]) -> None:
             if points:
                 rpo.observe_point(disk_id, points[-1].capture_ns, points[-1].applied_ns)
 
-        replica.on_points = observe
+        return observe
+
+    async def _watch(self, disk_id: str) -> None:
+        """Start the RPO of a disk, from its newest consistent point in the catalog."""
+        assert self.rpo is not None
+        self.rpo.add_disk(disk_id, time.time_ns())
+        loop = asyncio.get_running_loop()
+        _, _, newest = await loop.run_in_executor(
+            self.executor, self.store.consistent_summary, disk_id
+        )
+        if newest is not None:
+            self.rpo.observe_point(disk_id, newest.capture_ns, newest.applied_ns)
 
     async def _housekeeping(self) -> None:
         """Every HOUSEKEEPING_S: prune to the window, evaluate the RPO, refresh gauges."""
@@ -261,12 +255,17 @@ class MasterTarget:
         over = capacity > 0 and used * 100 > capacity * high_water_percent
         now = time.time_ns()
         for disk_id, replica in self.replicas.items():
-            cutoff = await replica.prune(
+            cutoff = await replica.history.prune(
                 now_ns=now, window_s=self.config.retention.window_s, over_high_water=over
             )
             if cutoff is not None:
                 self._report_prune(disk_id, cutoff, used, capacity)
-            await loop.run_in_executor(self.executor, self._refresh_points, replica, now)
+            summary = await loop.run_in_executor(
+                self.executor, lambda disk_id=disk_id: (  # type: ignore[misc]
+                    self.store.consistent_summary(disk_id), self.store.undo_bytes(disk_id)
+                )
+            )  # fmt: skip
+            self._refresh_points(replica, summary, now)
         await loop.run_in_executor(self.executor, self._refresh_groups, now)
         assert self.rpo is not None
         for disk_id, status in self.rpo.evaluate(now).items():
@@ -286,19 +285,21 @@ class MasterTarget:
                 self.config.retention.high_water_percent, cutoff.early,
             )  # fmt: skip
 
-    def _refresh_points(self, replica: DiskReplica, now_ns: int) -> None:
+    def _refresh_points(
+        self,
+        replica: DiskReplica,
+        summary: tuple[tuple[dict[str, int], RecoveryPoint | None, RecoveryPoint | None], int],
+        now_ns: int,
+    ) -> None:
         disk_id = replica.config.id
-        counts, oldest, _ = self.store.consistent_summary(disk_id)
+        (counts, oldest, _), undo_bytes = summary
         for kind in PointKind:
             self.metrics.points.labels(disk_id, kind.value).set(counts.get(kind.value, 0))
         window = point_age_ns(oldest, now_ns) / 1e9 if oldest is not None else 0.0
         self.metrics.window.labels(disk_id).set(window)
-        target = self.config.retention.window_s
-        if window >= target:
-            replica.pruned_early = False
-        short = replica.pruned_early and window < target
-        self.metrics.shortfall.labels(disk_id).set(target - window if short else 0.0)
-        self.metrics.undo_bytes.labels(disk_id).set(self.store.undo_bytes(disk_id))
+        shortfall = replica.history.shortfall_s(window, self.config.retention.window_s)
+        self.metrics.shortfall.labels(disk_id).set(shortfall)
+        self.metrics.undo_bytes.labels(disk_id).set(undo_bytes)
 
     def _refresh_groups(self, now_ns: int) -> None:
         """Each group's common points and RPO (docs/groups.md), by the same rule
@@ -379,7 +380,7 @@ class MasterTarget:
         full = [
             r.config.id
             for r in self.replicas.values()
-            if r.inbox_bytes() >= self.config.inbox_quota_bytes
+            if r.receiver.inbox_bytes() >= self.config.inbox_quota_bytes
         ]
         if full:
             return False, f"inbox over quota for disks {', '.join(full)}"
@@ -446,27 +447,12 @@ class MasterTarget:
             await self._admin_runner.cleanup()
             self.config.admin_socket.unlink(missing_ok=True)
         for replica in self.replicas.values():
-            await replica.stop()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            replica.stop()
         for replica in self.replicas.values():
-            replica.target.close()
+            await replica.close()
         if self._metrics_server is not None:
             await self._metrics_server.close()
         self.executor.shutdown(wait=True)  # a cancelled prune may still run there
         self.store.close()
         self.retention.lock.release()
         log.info("master target stopped in %.1f s", time.monotonic() - started)
-
-
-def _open_target(disk: DiskConfig) -> TargetDisk:
-    """Open the disk's target, creating it first when the config says so."""
-    if disk.create and not disk.target.exists():
-        assert disk.size_bytes is not None  # DiskConfig checks it
-        kind: CreateFormat = "raw"
-        if disk.format == "vmdk":
-            kind = "vmdk-sparse" if disk.vmdk_subformat == "monolithicSparse" else "vmdk-flat"
-        log.info("disk %s: creating %s target %s of %d bytes", disk.id, kind, disk.target,
-                 disk.size_bytes)  # fmt: skip
-        return create_disk(disk.target, kind, disk.size_bytes)
-    return open_disk(disk.target, disk.format)

@@ -18,6 +18,7 @@ import xxhash
 from aiohttp import web
 
 from mastertarget.config import MAX_HRL_FILE_BYTES
+from mastertarget.guarded_target import GuardedTarget
 from mastertarget.replica import DiskReplica
 from mastertarget.state import DiskState
 from protocol.api import (
@@ -159,17 +160,18 @@ async def put_hrl(request: web.Request) -> web.StreamResponse:
                 details={"max_file_bytes": MAX_HRL_FILE_BYTES},
             )
         header, data = await _receive(request, replica, generation, seq)
-        if replica.inbox_bytes() + len(data) > mt.config.inbox_quota_bytes:
+        receiver = replica.receiver
+        if receiver.inbox_bytes() + len(data) > mt.config.inbox_quota_bytes:
             mt.metrics.errors.labels("inbox-full").inc()
             response = _error(
                 503, "inbox-full",
-                f"disk {replica.config.id} has {replica.inbox_bytes()} bytes waiting to be "
+                f"disk {replica.config.id} has {receiver.inbox_bytes()} bytes waiting to be "
                 f"applied, the quota is {mt.config.inbox_quota_bytes}",
             )  # fmt: skip
             response.headers["Retry-After"] = str(RETRY_AFTER_S)
             return response
-        async with replica.put_lock:
-            verdict = await replica.store(header, data)
+        async with receiver.put_lock:
+            verdict = await receiver.store(header, data)
     except BlockreplError as exc:
         mt.metrics.errors.labels(exc.code).inc()
         if isinstance(exc, DurabilityError):
@@ -279,7 +281,9 @@ async def get_checksums(request: web.Request) -> web.StreamResponse:
     per_call = max(1, CHECKSUM_READ_BYTES // chunk)
     while position < end:
         starts = list(range(position, min(end, position + per_call * chunk), chunk))
-        digests = await loop.run_in_executor(mt.executor, _hash_chunks, replica, starts, chunk, end)
+        digests = await loop.run_in_executor(
+            mt.executor, _hash_chunks, replica.target, starts, chunk, end
+        )
         await response.write(digests)
         position = starts[-1] + chunk
     await response.write_eof()
@@ -303,7 +307,7 @@ def _check_checksum_range(offset: int, length: int, chunk: int, size: int) -> No
         )
 
 
-def _hash_chunks(replica: DiskReplica, starts: list[int], chunk: int, end: int) -> bytes:
+def _hash_chunks(target: GuardedTarget, starts: list[int], chunk: int, end: int) -> bytes:
     """The digests of the consecutive chunks at ``starts``; the last ends at ``end`` at most.
 
     The target is read into one reused buffer: a fresh buffer per read
@@ -311,14 +315,14 @@ def _hash_chunks(replica: DiskReplica, starts: list[int], chunk: int, end: int) 
     """
     out = bytearray()
     buffer = memoryview(bytearray(CHECKSUM_PIECE_BYTES))
-    with replica.disk_lock:  # a whole file applied, or none of it
+    with target.hold() as disk:  # a whole group applied, or none of it
         if chunk >= CHECKSUM_PIECE_BYTES:
             for start in starts:
                 digest = xxhash.xxh3_128()
                 stop = min(start + chunk, end)
                 for piece in range(start, stop, CHECKSUM_PIECE_BYTES):
                     view = buffer[: min(CHECKSUM_PIECE_BYTES, stop - piece)]
-                    replica.target.read_into(piece, view)
+                    disk.read_into(piece, view)
                     digest.update(view)
                 out += digest.digest()
             return bytes(out)
@@ -327,7 +331,7 @@ def _hash_chunks(replica: DiskReplica, starts: list[int], chunk: int, end: int) 
         stop = min(starts[-1] + chunk, end)
         for base in range(starts[0], stop, per_piece):
             view = buffer[: min(per_piece, stop - base)]
-            replica.target.read_into(base, view)
+            disk.read_into(base, view)
             for at in range(0, len(view), chunk):
                 out += xxhash.xxh3_128_digest(view[at : at + chunk])
     return bytes(out)
