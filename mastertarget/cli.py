@@ -35,7 +35,7 @@ from typing import Final, TypeVar
 import aiohttp
 
 from mastertarget import config as mt_config
-from mastertarget.admin import (
+from mastertarget.admin_answers import (
     DEFAULT_POINTS_LIMIT,
     group_of,
     group_points,

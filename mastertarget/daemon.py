@@ -326,7 +326,10 @@ class MasterTarget:
         request_logs = RequestLogs(registry, PREFIX)
         listen = self.config.listen
         assert self._server_tls is not None
-        app = build_app(self)
+        app = build_app(
+            replicas=self.replicas, config=lambda: self.config, metrics=self.metrics,
+            keyring=self.keyring, executor=self.executor,
+        )  # fmt: skip
         self._in_flight.install(app)
         self._runner = web.AppRunner(
             app, access_log=None, shutdown_timeout=CANCEL_TIMEOUT_S,
@@ -354,8 +357,12 @@ class MasterTarget:
     async def _open_admin(self, request_logs: RequestLogs) -> None:
         path = self.config.admin_socket
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        app = build_admin_app(
+            replicas=self.replicas, config=lambda: self.config, metrics=self.metrics,
+            executor=self.executor, catalog=self.store,
+        )  # fmt: skip
         self._admin_runner = web.AppRunner(
-            build_admin_app(self), access_log=None, logger=request_logs.for_listener("admin")
+            app, access_log=None, logger=request_logs.for_listener("admin")
         )
         await self._admin_runner.setup()
         await web.UnixSite(self._admin_runner, str(path)).start()

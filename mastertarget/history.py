@@ -30,6 +30,7 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import Final, TypeVar
 
+from mastertarget.admin_answers import points_listing
 from mastertarget.applying import DiskApplier
 from mastertarget.errors import DiskError
 from mastertarget.guarded_target import GuardedTarget
@@ -45,6 +46,7 @@ from mastertarget.recovery import (
 )
 from mastertarget.retention import Cutoff, choose_cutoff, point_age_ns
 from mastertarget.state import StateStore
+from protocol.admin_api import PointsListing
 from protocol.sequencing import StreamPosition
 
 T = TypeVar("T")
@@ -96,6 +98,10 @@ class DiskHistory:
     async def points(self) -> list[RecoveryPoint]:
         """Every recovery point of the disk in the catalog, oldest first."""
         return await self._run(lambda: self._store.points(self.disk_id))
+
+    async def listing(self, limit: int) -> PointsListing:
+        """The window and the ``limit`` newest consistent points (``GET .../points``)."""
+        return await self._run(lambda: points_listing(self._store, self.disk_id, limit))
 
     @contextlib.asynccontextmanager
     async def keeping_history(self) -> AsyncIterator[None]:
