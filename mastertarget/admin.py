@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from pathlib import Path
@@ -21,19 +20,17 @@ from aiohttp import web
 
 from mastertarget.admin_answers import (
     group_of,
-    group_points,
     group_points_listing,
-    group_recover_answer,
     parse_limit,
     recover_answer,
 )
 from mastertarget.app_state import CATALOG, CONFIG, EXECUTOR, METRICS, REPLICAS, replica_or_404
 from mastertarget.config import MasterTargetConfig
-from mastertarget.groups import GroupPoint, select_group_point
+from mastertarget.group_recovery import recover_group
 from mastertarget.metrics import MasterTargetMetrics
 from mastertarget.points import RecoveryPoint
 from mastertarget.pointspec import SpecKind, parse_spec, select_point
-from mastertarget.recovery import OutputFormat, RecoverResult, group_outputs, set_aside
+from mastertarget.recovery import RecoverResult
 from mastertarget.replica import DiskReplica
 from mastertarget.state import StateStore
 from protocol.admin_api import (
@@ -146,14 +143,12 @@ async def get_group_points(request: web.Request) -> web.StreamResponse:
 
 async def post_group_recover(request: web.Request) -> web.StreamResponse:
     replicas = request.app[REPLICAS]
-    catalog = request.app[CATALOG]
-    executor = request.app[EXECUTOR]
-    started = time.monotonic()
+    metrics = request.app[METRICS]
     loop = asyncio.get_running_loop()
     try:
         group = group_of(request.app[CONFIG]().groups, request.match_info["group"])
         asked = GroupRecoverRequest.parse_bytes(await _body(request))
-        directory, fmt = asked.output_dir, asked.format
+        fmt = asked.format
         spec = parse_spec(asked.point)
         members = [replicas[disk] for disk in group.disks]
         async with contextlib.AsyncExitStack() as history:
@@ -162,34 +157,22 @@ async def post_group_recover(request: web.Request) -> web.StreamResponse:
             if spec.kind is SpecKind.LATEST:
                 for replica in members:
                     await _drain(replica)
-            points = await loop.run_in_executor(executor, group_points, catalog, group)
-            point = select_group_point(spec, group.id, points)
-            outputs = await loop.run_in_executor(
-                executor, group_outputs, list(group.disks), Path(directory), fmt
-            )
-            results = await _recover_members(request.app, point, outputs, fmt)
+
+            def recover_member(point: RecoveryPoint, output: Path) -> RecoverResult:
+                result = replicas[point.disk_id].history.copy_at(point, output, fmt)
+                metrics.recover_seconds.observe(result.total_s)
+                return result
+
+            answer = await loop.run_in_executor(
+                request.app[EXECUTOR],
+                lambda: recover_group(
+                    request.app[CATALOG], group, spec, directory=Path(asked.output_dir),
+                    output_format=fmt, recover_member=recover_member,
+                ),
+            )  # fmt: skip
     except BlockreplError as exc:
         return _error(exc)
-    answer = group_recover_answer(point, outputs, results, time.monotonic() - started)
     return web.json_response(answer.to_json())
-
-
-async def _recover_members(
-    app: web.Application, point: GroupPoint, outputs: dict[str, Path], fmt: OutputFormat
-) -> list[RecoverResult]:
-    """Each member disk at its own point of the group point, one after the other."""
-    results: list[RecoverResult] = []
-    try:
-        for member in point.members:
-            history = app[REPLICAS][member.disk_id].history
-            result = await history.recover(member, outputs[member.disk_id], fmt)
-            app[METRICS].recover_seconds.observe(result.total_s)
-            results.append(result)
-    except BaseException:
-        finished = [outputs[r.point.disk_id] for r in results]
-        await asyncio.get_running_loop().run_in_executor(app[EXECUTOR], set_aside, finished)
-        raise
-    return results
 
 
 def build_admin_app(
