@@ -309,23 +309,23 @@ class DiskApplier:
     async def _quarantine(self, entry: InboxEntry, exc: ProtocolError) -> None:
         """Move a file that failed verification aside; the disk needs a resync."""
         reason = f"{exc.code}: {exc.message}"
-
-        def job() -> apply_policy.Transition:
-            where = self._inbox.quarantine(self.disk_id, entry, reason, now_ns=time.time_ns())
-            change = apply_policy.quarantined(
-                entry.generation, entry.first_seq, entry.last_seq, reason, str(where)
-            )
-            self._store.set_state(self.disk_id, change.state, change.error, now_ns=time.time_ns())
-            return change
-
-        change = await self._run(job)
-        log.error(
-            "disk %s: %s; the disk needs a resync or the file sent again",
-            self.disk_id,
-            change.error,
+        where = await self._run(
+            lambda: self._inbox.quarantine(self.disk_id, entry, reason, now_ns=time.time_ns())
         )
+        log.error(
+            "disk %s: quarantined %s (%s); the disk needs a resync or the file sent again",
+            self.disk_id, where, reason,
+        )  # fmt: skip
         self._metrics.quarantined.labels(self.disk_id, exc.code).inc()
         self._metrics.errors.labels(exc.code).inc()
+        change = apply_policy.quarantined(
+            entry.generation, entry.first_seq, entry.last_seq, reason, str(where)
+        )
+        await self._run(
+            lambda: self._store.set_state(
+                self.disk_id, change.state, change.error, now_ns=time.time_ns()
+            )
+        )
         self._record = dataclasses.replace(
             self._record, state=change.state, last_error=change.error
         )
