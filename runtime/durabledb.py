@@ -43,23 +43,34 @@ class DurableDatabase:
             self._db = sqlite3.connect(
                 path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S
             )
+        except sqlite3.Error as exc:
+            raise DurabilityError(f"cannot open {what} {path}: {exc}") from exc
+        try:
+            self._prepare(schema, version, created=created)
+        except BaseException:
+            self._db.close()  # a refused file keeps no descriptor open
+            raise
+        if created:
+            fsync_dir(path.parent)  # the new file's name must survive too
+        self._lock = threading.Lock()
+
+    def _prepare(self, schema: str, version: int, *, created: bool) -> None:
+        """WAL and full sync, the damage check, the schema and its version."""
+        try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             if not created:
-                self._check_whole(path)
+                self._check_whole(self.path)
             found = self._db.execute("PRAGMA user_version").fetchone()[0]
             if found > version:
                 raise DurabilityError(
-                    f"{what} {path} has schema version {found}; this build reads up to "
-                    f"{version}: run the newer release"
+                    f"{self._what} {self.path} has schema version {found}; this build reads up "
+                    f"to {version}: run the newer release"
                 )
             self._db.executescript(schema)
             self._db.execute(f"PRAGMA user_version={int(version)}")
         except sqlite3.Error as exc:
-            raise DurabilityError(f"cannot open {what} {path}: {exc}") from exc
-        if created:
-            fsync_dir(path.parent)  # the new file's name must survive too
-        self._lock = threading.Lock()
+            raise DurabilityError(f"cannot open {self._what} {self.path}: {exc}") from exc
 
     def _check_whole(self, path: Path) -> None:
         """Refuse a damaged database at open, before anything is read from it or built on it.
@@ -70,7 +81,6 @@ class DurableDatabase:
         """
         problems = [row[0] for row in self._db.execute("PRAGMA quick_check(5)").fetchall()]
         if problems != ["ok"]:
-            self._db.close()
             raise DurabilityError(
                 f"{self._what} {path} is damaged ({'; '.join(problems)}); the daemon will not "
                 "start on it: see docs/operations.md, 'A damaged state database'"
