@@ -221,6 +221,9 @@ class DiskApplier:
         record = self._record
         state = self._policy.state_after_apply(record.state)
         started = time.monotonic()
+        # From now on a stop, or room made on the retention volume, cuts the
+        # wait after a failure short, even one that comes while the group runs.
+        self._resume.clear()
         try:
             applied = await self._changes(self._apply_job(group, record, state))
         except (DiskError, DurabilityError) as exc:
@@ -351,7 +354,6 @@ class DiskApplier:
 
     async def _wait_out(self, pause: Pause) -> None:
         """Wait the pause's back-off, or until stop() or resume() cut it short."""
-        self._resume.clear()
         try:
             await asyncio.wait_for(self._resume.wait(), timeout=pause.wait_s)
         except TimeoutError:
