@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.datagen import synthetic_blocks
 from mastertarget.config import DiskConfig
-from mastertarget.disks import CreateFormat, create_disk, open_disk
+from mastertarget.disks import CreateFormat, create_disk
 from mastertarget.inbox import Inbox
 from mastertarget.journal import UndoJournal
 from mastertarget.metrics import MasterTargetMetrics
@@ -103,28 +103,25 @@ def build(args: argparse.Namespace) -> Workload:
 async def _apply_once(work: Workload, root: Path, kind: CreateFormat, journaled: bool) -> float:
     """Seconds for a DiskReplica to drain an inbox of every file into a new target."""
     target_path = root / ("target.img" if kind == "raw" else "target.vmdk")
-    target = create_disk(target_path, kind, work.disk_bytes)
+    create_disk(target_path, kind, work.disk_bytes).close()
     inbox = Inbox(root / "cache")
     inbox.prepare("bench")
     for sealed in work.files:
         inbox.store(sealed.header, list(sealed.segments), now_ns=time.time_ns())
     store = StateStore(root / "state.db")
     executor = ThreadPoolExecutor(max_workers=4)
-    config = DiskConfig(id="bench", target=target_path)
-    replica = DiskReplica.open(
-        config, target, store=store, inbox=inbox, keyring=work.keyring,
+    config = DiskConfig(id="bench", target=target_path, format="raw" if kind == "raw" else "vmdk")
+    replica = await DiskReplica.open(
+        config, store=store, inbox=inbox, keyring=work.keyring,
         metrics=MasterTargetMetrics(CollectorRegistry()), executor=executor,
-        reopen=lambda: open_disk(target_path, "raw" if kind == "raw" else "vmdk"),
         journal=UndoJournal(root / "journal", work.keyring) if journaled else None,
     )  # fmt: skip
     last = work.files[-1].header
     started = time.perf_counter()
-    task = asyncio.create_task(replica.run())
+    replica.start()
     await replica.wait_applied(StreamPosition(last.generation, last.last_seq))
     elapsed = time.perf_counter() - started
-    await replica.stop()
-    await task
-    target.close()
+    await replica.close()
     store.close()
     executor.shutdown()
     return elapsed

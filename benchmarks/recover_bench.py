@@ -10,7 +10,7 @@ In one run, on one volume:
   recovery point), the image is hashed, then ``--changes-mib`` of 64 KiB
   random writes arrive through the inbox as HRL files and are applied, each
   file's before-images captured into the journal first;
-- recover: ``await replica.recover(point, output, "raw")`` — the target
+- recover: ``await replica.history.recover(point, output, "raw")`` — the target
   copied (all-zero 4 MiB pieces skipped), then the undo files after the point
   verified and applied to the copy, then the copy fsynced;
 - copy: ``shutil.copyfile`` of the target file (sendfile(2) on Linux: a
@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.datagen import synthetic_blocks
 from mastertarget.config import DiskConfig
-from mastertarget.disks import create_disk, open_disk
+from mastertarget.disks import create_disk
 from mastertarget.disks.base import TargetDisk
 from mastertarget.inbox import Inbox
 from mastertarget.journal import UndoJournal
@@ -94,9 +94,7 @@ class Prepared:
 
     root: Path
     target_path: Path
-    target: TargetDisk
     replica: DiskReplica
-    task: asyncio.Task[None]
     store: StateStore
     executor: ThreadPoolExecutor
     point: RecoveryPoint
@@ -134,8 +132,8 @@ async def _push(replica: DiskReplica, sealer: HrlSealer, records: list[Record], 
         records, disk_id=DISK_ID, generation=1, first_seq=seq, first_capture_ns=seq,
         last_capture_ns=seq, receive_ns=seq, salt=os.urandom(32),
     )  # fmt: skip
-    async with replica.put_lock:
-        await replica.store(sealed.header, sealed.to_bytes())
+    async with replica.receiver.put_lock:
+        await replica.receiver.store(sealed.header, sealed.to_bytes())
     return seq + len(records)
 
 
@@ -146,22 +144,22 @@ async def prepare(setup: Setup, root: Path) -> Prepared:
     target_path = root / "target.img"
     target = create_disk(target_path, "raw", setup.disk_bytes)
     _fill(target, setup, rng)
+    target.close()
     store = StateStore(root / "state.db")
     executor = ThreadPoolExecutor(max_workers=4)
-    replica = DiskReplica.open(
-        DiskConfig(id=DISK_ID, target=target_path), target, store=store,
+    replica = await DiskReplica.open(
+        DiskConfig(id=DISK_ID, target=target_path), store=store,
         inbox=Inbox(root / "cache"), keyring=keyring,
         metrics=MasterTargetMetrics(CollectorRegistry()), executor=executor,
-        reopen=lambda: open_disk(target_path, "raw"),
         journal=UndoJournal(root / "journal", keyring),
     )  # fmt: skip
-    task = asyncio.create_task(replica.run())
+    replica.start()
     sealer = HrlSealer(keyring)
     slots = setup.disk_bytes // setup.block
     # One small file first: its end is the recovery point the changes are undone to.
     seq = await _push(replica, sealer, [Write(0, rng.randbytes(setup.block))], 1)
     await replica.wait_applied(StreamPosition(1, seq - 1))
-    point = next(p for p in replica.points() if p.seq == seq - 1)
+    point = next(p for p in await replica.history.points() if p.seq == seq - 1)
     point_digest = await asyncio.get_running_loop().run_in_executor(executor, _digest, target_path)
     pool = _pool(setup, setup.changes_bytes // setup.block, setup.seed + 1)
     writes = setup.changes_bytes // setup.block
@@ -178,15 +176,13 @@ async def prepare(setup: Setup, root: Path) -> Prepared:
         raise SystemExit("the changes left the image as it was: the check would prove nothing")
     parts = store.undo_after(DISK_ID, StreamPosition(point.generation, point.seq))
     return Prepared(
-        root, target_path, target, replica, task, store, executor, point, point_digest,
+        root, target_path, replica, store, executor, point, point_digest,
         sum(p.bytes for p in parts),
     )  # fmt: skip
 
 
 async def close(prepared: Prepared) -> None:
-    await prepared.replica.stop()
-    await prepared.task
-    prepared.target.close()
+    await prepared.replica.close()
     prepared.store.close()
     prepared.executor.shutdown()
 
@@ -214,7 +210,7 @@ async def recover_once(prepared: Prepared, output: Path, *, check: bool) -> tupl
     """
     os.sync()
     started = time.perf_counter()
-    result = await prepared.replica.recover(prepared.point, output, "raw")
+    result = await prepared.replica.history.recover(prepared.point, output, "raw")
     elapsed = time.perf_counter() - started
     if check and _digest(output) != prepared.point_digest:
         raise SystemExit(f"recovered image {output} differs from the image at the point")

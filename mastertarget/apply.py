@@ -1,4 +1,5 @@
-"""Applying the records of one verified HRL file to a target disk.
+"""Applying the records of one verified HRL file to a target disk, and the
+checks a file passes before it is applied.
 
 A file is cut into **segments** at its TAG records: a segment is a run of
 WRITE and ZERO records between two recovery points, and is the unit the
@@ -17,6 +18,7 @@ from typing import Final
 
 from mastertarget.disks.base import TargetDisk
 from mastertarget.points import PointKind, RecoveryPoint
+from protocol.errors import MalformedError
 from protocol.hrl import HrlFile
 from protocol.records import StreamFlags, Tag, TagKind, Write, Zero
 
@@ -58,6 +60,44 @@ class Segment:
             else:
                 merged.append([start, end])
         return [(start, end - start) for start, end in merged]
+
+
+def check_file(
+    hrl: HrlFile, name: str, *, disk_id: str, place: tuple[int, int, int], target_size: int
+) -> None:
+    """Refuse a verified file that does not belong where it is, or cannot apply.
+
+    Args:
+        name: the file's name, for messages.
+        place: ``(generation, first_seq, last_seq)`` its name gives it in the stream.
+        target_size: the target's size: every record must lie inside it.
+
+    Raises:
+        MalformedError: the header names another disk or place, or a record
+            lies past the end of the target (caught here it is quarantined
+            with its reason, where the target would refuse it at every retry).
+    """
+    header = hrl.header
+    found = (header.disk_id, header.generation, header.first_seq, header.last_seq)
+    expected = (disk_id, *place)
+    if found != expected:
+        raise MalformedError(
+            f"inbox file {name} must hold disk {expected[0]} generation {expected[1]} seqs "
+            f"{expected[2]}..{expected[3]}, found disk {found[0]} generation {found[1]} seqs "
+            f"{found[2]}..{found[3]}"
+        )
+    for record in hrl.records:
+        if isinstance(record, Write):
+            offset, length = record.offset, len(record.data)
+        elif isinstance(record, Zero):
+            offset, length = record.offset, record.length
+        else:
+            continue
+        if offset + length > target_size:
+            raise MalformedError(
+                f"inbox file {name}: expected records inside the {target_size}-byte target, "
+                f"found one at offset {offset} length {length} (end {offset + length})"
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,8 +26,6 @@ import contextlib
 import json
 import logging
 import sys
-import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +34,10 @@ from typing import Final, TypeVar
 import aiohttp
 
 from mastertarget import config as mt_config
-from mastertarget.admin import (
+from mastertarget.admin_answers import (
     DEFAULT_POINTS_LIMIT,
     group_of,
-    group_points,
     group_points_listing,
-    group_recover_answer,
     parse_limit,
     points_listing,
     recover_answer,
@@ -49,20 +45,17 @@ from mastertarget.admin import (
 from mastertarget.config import GroupConfig, MasterTargetConfig
 from mastertarget.daemon import JOURNAL_DIR, STATE_DB, MasterTarget
 from mastertarget.disks import open_disk
-from mastertarget.disks.base import TargetDisk
 from mastertarget.errors import DiskError
-from mastertarget.groups import select_group_point
+from mastertarget.group_recovery import recover_group
+from mastertarget.guarded_target import GuardedTarget
 from mastertarget.journal import UndoJournal
 from mastertarget.points import RecoveryPoint
 from mastertarget.pointspec import parse_spec, select_point
 from mastertarget.recovery import (
     OutputFormat,
-    Progress,
     RecoverResult,
     failover_in_place,
-    group_outputs,
     recover_copy,
-    set_aside,
 )
 from mastertarget.retention_volume import (
     RetentionVolume,
@@ -88,6 +81,7 @@ from runtime.answers import read_answer
 from runtime.errors import InvalidArgumentError
 from runtime.keyfile import load_keyring
 from runtime.logs import setup_logging
+from runtime.progress import copy_progress
 from runtime.service import run_daemon
 
 T = TypeVar("T")
@@ -250,29 +244,12 @@ def _group_points(args: argparse.Namespace, config: MasterTargetConfig) -> int:
     return 0
 
 
-def _bar(label: str) -> Progress | None:
-    if not sys.stderr.isatty():
-        return None
-    started = time.monotonic()
-
-    def show(done: int, total: int) -> None:
-        share = done / total if total else 1.0
-        filled = int(share * 30)
-        line = f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {share:6.1%} "
-        line += f"{time.monotonic() - started:6.1f} s"
-        print(line, end="", file=sys.stderr, flush=True)
-        if done >= total:
-            print(file=sys.stderr)
-
-    return show
-
-
 @dataclass(frozen=True)
 class _Offline:
     """What a command needs to work on a disk while the daemon is stopped."""
 
     store: StateStore
-    target: TargetDisk
+    target: GuardedTarget
     journal: UndoJournal
     point: RecoveryPoint
 
@@ -297,7 +274,10 @@ def _offline(config: MasterTargetConfig, disk_id: str, spec: str) -> Iterator[_O
     try:
         store = StateStore(volume.path / STATE_DB)
         try:
-            target = open_disk(disk.target, disk.format)
+            target = GuardedTarget(
+                open_disk(disk.target, disk.format),
+                opener=lambda: open_disk(disk.target, disk.format),
+            )
             try:
                 point = select_point(parse_spec(spec), store.points(disk_id))
                 journal = UndoJournal(volume.path / JOURNAL_DIR, load_keyring(config.key_file))
@@ -327,9 +307,8 @@ def _recover(args: argparse.Namespace) -> int:
     if answer is None:
         with _offline(config, args.disk, args.point) as disk:
             result = recover_copy(
-                target=disk.target, lock=threading.Lock(), journal=disk.journal,
-                store=disk.store, point=disk.point, output=output, output_format=args.format,
-                progress=_bar("copy"),
+                target=disk.target, journal=disk.journal, store=disk.store, point=disk.point,
+                output=output, output_format=args.format, progress=copy_progress("copied"),
             )  # fmt: skip
         answer = recover_answer(result)
     return _report(args, answer, f"recovered disk {args.disk} into {output}")
@@ -365,34 +344,32 @@ def _recover_group_offline(
     output_format: OutputFormat,
 ) -> GroupRecoverAnswer:  # fmt: skip
     """Every disk of the group at one group point, on the retention volume directly."""
-    started = time.monotonic()
     with contextlib.ExitStack() as stack:
         volume = _lock_volume(config)
         stack.callback(volume.lock.release)
         store = StateStore(volume.path / STATE_DB)
         stack.callback(store.close)
-        points = group_points(store, group)
-        point = select_group_point(parse_spec(spec), group.id, points)
-        outputs = group_outputs(list(group.disks), directory, output_format)
         journal = UndoJournal(volume.path / JOURNAL_DIR, load_keyring(config.key_file))
-        results: list[RecoverResult] = []
-        try:
-            for member in point.members:
-                disk = config.disk(member.disk_id)
-                assert disk is not None  # the config checks every group disk is one
-                target = open_disk(disk.target, disk.format)
-                try:
-                    results.append(recover_copy(
-                        target=target, lock=threading.Lock(), journal=journal, store=store,
-                        point=member, output=outputs[member.disk_id],
-                        output_format=output_format, progress=_bar(member.disk_id),
-                    ))  # fmt: skip
-                finally:
-                    target.close()
-        except BaseException:
-            set_aside([outputs[r.point.disk_id] for r in results])
-            raise
-    return group_recover_answer(point, outputs, results, time.monotonic() - started)
+
+        def recover_member(point: RecoveryPoint, output: Path) -> RecoverResult:
+            disk = config.disk(point.disk_id)
+            assert disk is not None  # the config checks every group disk is one
+            target = GuardedTarget(
+                open_disk(disk.target, disk.format),
+                opener=lambda: open_disk(disk.target, disk.format),
+            )
+            try:
+                return recover_copy(
+                    target=target, journal=journal, store=store, point=point, output=output,
+                    output_format=output_format, progress=copy_progress("copied"),
+                )  # fmt: skip
+            finally:
+                target.close()
+
+        return recover_group(
+            store, group, parse_spec(spec), directory=directory, output_format=output_format,
+            recover_member=recover_member,
+        )  # fmt: skip
 
 
 def _failover(args: argparse.Namespace) -> int:
@@ -401,9 +378,9 @@ def _failover(args: argparse.Namespace) -> int:
     body = FailoverRequest(args.point).to_json()
     answer = asyncio.run(_admin(config, "POST", path, body, RecoverAnswer.parse))
     if answer is None:
-        with _offline(config, args.disk, args.point) as disk:
+        with _offline(config, args.disk, args.point) as disk, disk.target.hold() as target:
             result = failover_in_place(
-                target=disk.target, journal=disk.journal, store=disk.store, point=disk.point
+                target=target, journal=disk.journal, store=disk.store, point=disk.point
             )
         answer = recover_answer(result)
     return _report(args, answer, f"failed disk {args.disk} over in place")

@@ -5,9 +5,21 @@ target disks, appliers, the data API and the metrics listener together.
 invariants: the retention volume is checked and locked first (so a second
 master target cannot share it), the state and inbox are recovered as a crash
 left them, and the data port opens last, when every disk can take files.
-``close`` runs the other way: the port closes (requests in flight finish),
-the appliers finish the file in hand, then files are closed. ``reload``
-(SIGHUP) applies the keys of :data:`RELOADABLE` and rereads the TLS files.
+Each resource is registered with the daemon's ``AsyncExitStack`` as soon as
+it is made, so a start that fails at any step releases everything the steps
+before it made; no constructor starts a task.
+
+``close`` stops in the order that loses nothing: the data port closes
+(requests in flight finish), the admin socket closes, the appliers finish
+the group in hand; then the stack releases the rest, the other way round
+from how it was made (metrics listener, targets, threads, catalog, lock).
+``reload`` (SIGHUP) applies the keys of :data:`RELOADABLE` and rereads the
+TLS files.
+
+Threads: the daemon's own state (the running config, the replicas, whether
+it is closing) is owned by the event loop; the blocking steps of a start and
+a reload (the volume checks, the key file, the catalog, the TLS files, the
+folders) run on its executor.
 """
 
 from __future__ import annotations
@@ -17,35 +29,31 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from mastertarget import config as mt_config
 from mastertarget.admin import SOCKET_MODE, build_admin_app
-from mastertarget.config import DiskConfig, MasterTargetConfig
-from mastertarget.disks import CreateFormat, create_disk, open_disk
-from mastertarget.disks.base import TargetDisk
+from mastertarget.config import MasterTargetConfig
+from mastertarget.housekeeping import Housekeeper
 from mastertarget.inbox import Inbox
 from mastertarget.journal import UndoJournal
 from mastertarget.metrics import PREFIX, MasterTargetMetrics
-from mastertarget.points import PointKind, RecoveryPoint
 from mastertarget.replica import DiskReplica
-from mastertarget.retention import Cutoff, point_age_ns
 from mastertarget.retention_volume import (
     RetentionVolume,
     check_retention_volume,
     installed_package_dir,
-    usage,
 )
 from mastertarget.rpo import RpoMonitor
 from mastertarget.server import build_app
 from mastertarget.state import StateStore
-from protocol.errors import BlockreplError
 from protocol.keyring import KeyRing
 from runtime.inflight import CANCEL_TIMEOUT_S, InFlight
 from runtime.keyfile import load_keyring
@@ -60,10 +68,11 @@ from runtime.reload import (
     touches,
 )
 from runtime.serverlog import RequestLogs
-from runtime.service import vital
 from runtime.tls import ReloadableServerContext
 
 log = logging.getLogger("blockrepl.mastertarget")
+
+T = TypeVar("T")
 
 #: Seconds the requests in flight may take to finish when the daemon stops:
 #: one largest file at a slow link's pace. The unit's TimeoutStopSec= is
@@ -74,9 +83,6 @@ SHUTDOWN_GRACE_S: Final = 30.0
 MIN_WORKERS: Final = 4
 #: The name of the state database on the retention volume.
 STATE_DB: Final = "state.db"
-#: Seconds between housekeeping rounds (pruning, RPO, gauges): an RPO
-#: crossing is seen within this long of happening.
-HOUSEKEEPING_S: Final = 5.0
 #: The retention journal's folder on the retention volume.
 JOURNAL_DIR: Final = "journal"
 #: Keys a reload (SIGHUP) applies while the daemon runs; any other change
@@ -101,21 +107,30 @@ class MasterTarget:
     reloads: ReloadMetrics
     #: the key file as loaded: a reload tells when its content changed
     key_file: FileContent
+    server_tls: ReloadableServerContext
+    #: what releases everything made so far, the other way round
+    stack: contextlib.AsyncExitStack
     replicas: dict[str, DiskReplica] = field(default_factory=dict)
-    _server_tls: ReloadableServerContext | None = None
+    housekeeper: Housekeeper = field(init=False)
     _in_flight: InFlight = field(init=False)
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    rpo: RpoMonitor | None = None
-    _housekeeper: asyncio.Task[None] | None = None
     _runner: web.AppRunner | None = None
-    _admin_runner: web.AppRunner | None = None
+    #: closes the admin socket and removes its file
+    _close_admin: Callable[[], Awaitable[None]] | None = None
     _metrics_server: MetricsServer | None = None
     _closing: bool = False
-    #: when each group was first seen: its RPO counts from there until it has a point
-    _groups_seen: dict[str, int] = field(default_factory=dict)
+    _closed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self._in_flight = InFlight(self.metrics.requests_in_flight)
+        rpo = RpoMonitor(
+            self.config.rpo_threshold_s, log=logging.getLogger("blockrepl.mastertarget.rpo")
+        )
+        self.housekeeper = Housekeeper(
+            replicas=self.replicas, config=lambda: self.config, metrics=self.metrics,
+            executor=self.executor, store=self.store, retention_path=self.retention.path, rpo=rpo,
+        )  # fmt: skip
+        self.metrics.rpo_threshold.set(self.config.rpo_threshold_s)
+        self.metrics.window_target.set(self.config.retention.window_s)
 
     @classmethod
     async def start(
@@ -140,53 +155,19 @@ class MasterTarget:
         Raises:
             BlockreplError: a check failed (retention volume, key file, TLS
                 files, a target disk); the message says which and why.
+            OSError: a port or the admin socket cannot be opened.
         """
         registry = registry or new_registry()
-        metrics = MasterTargetMetrics(registry)
-        metrics.inbox_quota_bytes.set(config.inbox_quota_bytes)
-        loop = asyncio.get_running_loop()
-        config.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        retention = check_retention_volume(
-            config.retention.dir,
-            cache_dir=config.cache_dir,
-            install_dir=installed_package_dir(),
-            targets=[d.target for d in config.disks],
-            mountinfo=mountinfo,
-            allow_shared_volume=config.retention.allow_shared_volume,
-        )
-        if config.retention.allow_shared_volume:
-            log.warning(
-                "retention directory %s may share a volume with the cache, the installation "
-                "or a target (retention.allow_shared_volume = true): for demos and tests only",
-                retention.path,
-            )
-        executor = ThreadPoolExecutor(
-            max_workers=max(MIN_WORKERS, len(config.disks) + 2), thread_name_prefix="mt-io"
-        )
+        stack = contextlib.AsyncExitStack()
         try:
-            keyring = await loop.run_in_executor(executor, load_keyring, config.key_file)
-            key_file = await loop.run_in_executor(executor, FileContent.read, config.key_file)
-            store = StateStore(retention.path / STATE_DB)
-        except BaseException:
-            executor.shutdown()
-            retention.lock.release()
-            raise
-        reloads = ReloadMetrics(registry, PREFIX)
-        mt = cls(config, keyring, metrics, executor, retention, store, reloads, key_file)
-        mt.rpo = RpoMonitor(
-            config.rpo_threshold_s, log=logging.getLogger("blockrepl.mastertarget.rpo")
-        )
-        metrics.rpo_threshold.set(config.rpo_threshold_s)
-        metrics.window_target.set(config.retention.window_s)
-        try:
-            mt._server_tls = ReloadableServerContext(config.tls)
-            reloads.certificate_expiry.labels("server").set(mt._server_tls.certificate.not_after_s)
+            mt = await cls._open(stack, config, registry, mountinfo)
             await mt._open_disks()
-            await mt.housekeep()
-            mt._housekeeper = vital(asyncio.create_task(mt._housekeeping(), name="housekeeping"))
+            await mt.housekeeper.round()
+            mt.housekeeper.start()
+            stack.push_async_callback(mt.housekeeper.stop)
             await mt._open_ports(registry, data_port, metrics_port)
         except BaseException:
-            await mt.close()
+            await stack.aclose()
             raise
         log.info(
             "master target ready: %d disks, data port %s, metrics port %s",
@@ -194,138 +175,85 @@ class MasterTarget:
         )  # fmt: skip
         return mt
 
+    @classmethod
+    async def _open(
+        cls,
+        stack: contextlib.AsyncExitStack,
+        config: MasterTargetConfig,
+        registry: CollectorRegistry,
+        mountinfo: str,
+    ) -> MasterTarget:
+        """The threads, the retention volume and its lock, the keys, the catalog, the TLS files."""
+        metrics = MasterTargetMetrics(registry)
+        metrics.inbox_quota_bytes.set(config.inbox_quota_bytes)
+        executor = ThreadPoolExecutor(
+            max_workers=max(MIN_WORKERS, len(config.disks) + 2), thread_name_prefix="mt-io"
+        )
+        stack.callback(executor.shutdown, wait=True)
+
+        def run(job: Callable[[], T]) -> asyncio.Future[T]:
+            return asyncio.get_running_loop().run_in_executor(executor, job)
+
+        await run(lambda: config.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700))
+        retention = await run(
+            lambda: check_retention_volume(
+                config.retention.dir, cache_dir=config.cache_dir,
+                install_dir=installed_package_dir(), targets=[d.target for d in config.disks],
+                mountinfo=mountinfo, allow_shared_volume=config.retention.allow_shared_volume,
+            )
+        )  # fmt: skip
+        stack.callback(retention.lock.release)
+        if config.retention.allow_shared_volume:
+            log.warning(
+                "retention directory %s may share a volume with the cache, the installation "
+                "or a target (retention.allow_shared_volume = true): for demos and tests only",
+                retention.path,
+            )
+        keyring = await run(lambda: load_keyring(config.key_file))
+        key_file = await run(lambda: FileContent.read(config.key_file))
+        store = await run(lambda: StateStore(retention.path / STATE_DB))
+        stack.callback(store.close)
+        # Registered again, so it runs before the catalog closes: a job still
+        # running (a cancelled request's) may use the catalog.
+        stack.callback(executor.shutdown, wait=True)
+        server_tls = await run(lambda: ReloadableServerContext(config.tls))
+        reloads = ReloadMetrics(registry, PREFIX)
+        reloads.certificate_expiry.labels("server").set(server_tls.certificate.not_after_s)
+        return cls(
+            config, keyring, metrics, executor, retention, store, reloads, key_file, server_tls,
+            stack,
+        )  # fmt: skip
+
     async def _open_disks(self) -> None:
-        loop = asyncio.get_running_loop()
         inbox = Inbox(self.config.cache_dir)
         journal = UndoJournal(self.retention.path / JOURNAL_DIR, self.keyring)
         for disk in self.config.disks:
-            target = await loop.run_in_executor(self.executor, _open_target, disk)
-            try:
-                replica = await loop.run_in_executor(
-                    self.executor,
-                    lambda disk=disk, target=target: DiskReplica.open(  # type: ignore[misc]
-                        disk, target, store=self.store, inbox=inbox, keyring=self.keyring,
-                        metrics=self.metrics, executor=self.executor,
-                        reopen=lambda: open_disk(disk.target, disk.format), journal=journal,
-                    ),
-                )  # fmt: skip
-            except BaseException:
-                target.close()
-                raise
+            replica = await DiskReplica.open(
+                disk, store=self.store, inbox=inbox, keyring=self.keyring, metrics=self.metrics,
+                executor=self.executor, journal=journal,
+                on_points=self.housekeeper.points_observer(disk.id),
+            )  # fmt: skip
+            self.stack.push_async_callback(replica.close)
             self.replicas[disk.id] = replica
-            self._watch(replica)
-            self._tasks.append(vital(asyncio.create_task(replica.run(), name=f"apply-{disk.id}")))
+            await self.housekeeper.watch(disk.id)
+            replica.start()
             status = replica.status()
             log.info(
                 "disk %s: target %s (%d bytes), applied generation %d seq %d, "
                 "%d files waiting, state %s",
-                disk.id, disk.target, target.size, status.applied.generation,
+                disk.id, disk.target, status.target_size, status.applied.generation,
                 status.applied.seq, status.inbox_files, status.state.value,
             )  # fmt: skip
-
-    def _watch(self, replica: DiskReplica) -> None:
-        """Feed the RPO monitor with the disk's points, newest last."""
-        assert self.rpo is not None
-        rpo = self.rpo
-        disk_id = replica.config.id
-        rpo.add_disk(disk_id, time.time_ns())
-        _, _, newest = self.store.consistent_summary(disk_id)
-        if newest is not None:
-            rpo.observe_point(disk_id, newest.capture_ns, newest.applied_ns)
-
-        def observe(points: list[RecoveryPoint]) -> None:
-            if points:
-                rpo.observe_point(disk_id, points[-1].capture_ns, points[-1].applied_ns)
-
-        replica.on_points = observe
-
-    async def _housekeeping(self) -> None:
-        """Every HOUSEKEEPING_S: prune to the window, evaluate the RPO, refresh gauges."""
-        while not self._closing:
-            await asyncio.sleep(HOUSEKEEPING_S)
-            try:
-                await self.housekeep()
-            except BlockreplError as exc:  # a report, not a reason to stop replicating
-                log.error("housekeeping failed: %s", exc.message)
-                self.metrics.errors.labels(exc.code).inc()
-
-    async def housekeep(self) -> None:
-        """One round of housekeeping: prune, evaluate the RPO, refresh the gauges."""
-        loop = asyncio.get_running_loop()
-        used, free, capacity = await loop.run_in_executor(self.executor, usage, self.retention.path)
-        self.metrics.retention_used.set(used)
-        self.metrics.retention_free.set(free)
-        self.metrics.retention_capacity.set(capacity)
-        high_water_percent = self.config.retention.high_water_percent
-        self.metrics.retention_high_water.set(capacity * high_water_percent / 100)
-        over = capacity > 0 and used * 100 > capacity * high_water_percent
-        now = time.time_ns()
-        for disk_id, replica in self.replicas.items():
-            cutoff = await replica.prune(
-                now_ns=now, window_s=self.config.retention.window_s, over_high_water=over
-            )
-            if cutoff is not None:
-                self._report_prune(disk_id, cutoff, used, capacity)
-            await loop.run_in_executor(self.executor, self._refresh_points, replica, now)
-        await loop.run_in_executor(self.executor, self._refresh_groups, now)
-        assert self.rpo is not None
-        for disk_id, status in self.rpo.evaluate(now).items():
-            self.metrics.rpo.labels(disk_id).set(status.rpo_s)
-            self.metrics.rpo_exceeded.labels(disk_id).set(1 if status.exceeded else 0)
-            self.metrics.clock_skew.labels(disk_id).set(status.skew_s)
-
-    def _report_prune(self, disk_id: str, cutoff: Cutoff, used: int, capacity: int) -> None:
-        if cutoff.expired:
-            self.metrics.pruned_points.labels(disk_id, "expired").inc(cutoff.expired)
-        if cutoff.early:
-            self.metrics.pruned_points.labels(disk_id, "volume-full").inc(cutoff.early)
-            log.warning(
-                "disk %s: retention volume %s is %.0f %% full (high-water %.0f %%): dropped "
-                "%d of the oldest recovery points before their time",
-                disk_id, self.retention.path, 100 * used / capacity,
-                self.config.retention.high_water_percent, cutoff.early,
-            )  # fmt: skip
-
-    def _refresh_points(self, replica: DiskReplica, now_ns: int) -> None:
-        disk_id = replica.config.id
-        counts, oldest, _ = self.store.consistent_summary(disk_id)
-        for kind in PointKind:
-            self.metrics.points.labels(disk_id, kind.value).set(counts.get(kind.value, 0))
-        window = point_age_ns(oldest, now_ns) / 1e9 if oldest is not None else 0.0
-        self.metrics.window.labels(disk_id).set(window)
-        target = self.config.retention.window_s
-        if window >= target:
-            replica.pruned_early = False
-        short = replica.pruned_early and window < target
-        self.metrics.shortfall.labels(disk_id).set(target - window if short else 0.0)
-        self.metrics.undo_bytes.labels(disk_id).set(self.store.undo_bytes(disk_id))
-
-    def _refresh_groups(self, now_ns: int) -> None:
-        """Each group's common points and RPO (docs/groups.md), by the same rule
-        as a disk's: a capture time later than the apply time counts as the
-        apply time, so a source clock ahead cannot hide a violation."""
-        groups = self.config.groups
-        for gone in set(self._groups_seen) - {g.id for g in groups}:
-            del self._groups_seen[gone]
-            self.metrics.group_rpo.remove(gone)
-            self.metrics.group_points.remove(gone)
-        for group in groups:
-            since = self._groups_seen.setdefault(group.id, now_ns)
-            summary = self.store.group_summary(group.id, group.disks)
-            count, newest_ns = 0, since
-            if summary is not None:
-                count, capture_ns, applied_ns = summary
-                newest_ns = min(capture_ns, applied_ns)
-            self.metrics.group_points.labels(group.id).set(count)
-            self.metrics.group_rpo.labels(group.id).set(max(0, now_ns - newest_ns) / 1e9)
 
     async def _open_ports(
         self, registry: CollectorRegistry, data_port: int | None, metrics_port: int | None
     ) -> None:
         request_logs = RequestLogs(registry, PREFIX)
         listen = self.config.listen
-        assert self._server_tls is not None
-        app = build_app(self)
+        app = build_app(
+            replicas=self.replicas, config=lambda: self.config, metrics=self.metrics,
+            keyring=self.keyring, executor=self.executor,
+        )  # fmt: skip
         self._in_flight.install(app)
         self._runner = web.AppRunner(
             app, access_log=None, shutdown_timeout=CANCEL_TIMEOUT_S,
@@ -333,13 +261,11 @@ class MasterTarget:
             logger=request_logs.for_listener("data"),
         )  # fmt: skip
         await self._runner.setup()
-        site = web.TCPSite(
-            self._runner,
-            listen.host,
-            listen.port if data_port is None else data_port,
-            ssl_context=self._server_tls.context,
-        )
-        await site.start()
+        self.stack.push_async_callback(_cleanup, self._runner)
+        port = listen.port if data_port is None else data_port
+        await web.TCPSite(
+            self._runner, listen.host, port, ssl_context=self.server_tls.context
+        ).start()
         await self._open_admin(request_logs)
         self._metrics_server = await start_metrics_server(
             registry,
@@ -349,16 +275,30 @@ class MasterTarget:
             port=metrics_port,
             server_log=request_logs.for_listener("metrics"),
         )
+        self.stack.push_async_callback(self._metrics_server.close)
 
     async def _open_admin(self, request_logs: RequestLogs) -> None:
         path = self.config.admin_socket
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        self._admin_runner = web.AppRunner(
-            build_admin_app(self), access_log=None, logger=request_logs.for_listener("admin")
-        )
-        await self._admin_runner.setup()
-        await web.UnixSite(self._admin_runner, str(path)).start()
+        await self._run(lambda: path.parent.mkdir(parents=True, exist_ok=True, mode=0o755))
+        app = build_admin_app(
+            replicas=self.replicas, config=lambda: self.config, metrics=self.metrics,
+            executor=self.executor, catalog=self.store,
+        )  # fmt: skip
+        runner = web.AppRunner(app, access_log=None, logger=request_logs.for_listener("admin"))
+        await runner.setup()
+        self.stack.push_async_callback(_cleanup, runner)
+        await web.UnixSite(runner, str(path)).start()
+
+        async def close_admin() -> None:
+            await _cleanup(runner)
+            path.unlink(missing_ok=True)
+
+        self._close_admin = close_admin
+        self.stack.push_async_callback(close_admin)
         os.chmod(path, SOCKET_MODE)
+
+    def _run(self, job: Callable[[], T]) -> asyncio.Future[T]:
+        return asyncio.get_running_loop().run_in_executor(self.executor, job)
 
     @property
     def port(self) -> int:
@@ -376,14 +316,15 @@ class MasterTarget:
         """Whether the data port can take files, and why not."""
         if self._closing:
             return False, "shutting down"
-        full = [
-            r.config.id
-            for r in self.replicas.values()
-            if r.inbox_bytes() >= self.config.inbox_quota_bytes
-        ]
+        quota = self.config.inbox_quota_bytes
+        full = [r.config.id for r in self.replicas.values() if r.receiver.inbox_bytes() >= quota]
         if full:
             return False, f"inbox over quota for disks {', '.join(full)}"
         return True, "ready"
+
+    async def housekeep(self) -> None:
+        """One round of housekeeping now (mastertarget/housekeeping.py)."""
+        await self.housekeeper.round()
 
     async def reload(self, path: Path) -> bool:
         """Reread the config file and apply what can change while running (SIGHUP).
@@ -409,16 +350,11 @@ class MasterTarget:
         them; the RPO threshold and the gauges are set here.
         """
         new = plan.config
-        assert self._server_tls is not None
-        assert self.rpo is not None
-        server_tls, rpo = self._server_tls, self.rpo
-        loop = asyncio.get_running_loop()
+        server_tls, rpo = self.server_tls, self.housekeeper.rpo
         # TLS files are read even when their names did not change: a renewed
         # certificate usually keeps its file name.
-        server = await loop.run_in_executor(self.executor, server_tls.prepare, new.tls)
-        restart = await loop.run_in_executor(
-            self.executor, self.key_file.waits_for_restart, "key_file", new.key_file
-        )
+        server = await self._run(lambda: server_tls.prepare(new.tls))
+        restart = await self._run(lambda: self.key_file.waits_for_restart("key_file", new.key_file))
 
         def commit() -> None:
             if touches(plan, "logging"):
@@ -433,40 +369,30 @@ class MasterTarget:
         return Prepared(commit, (server.note,) if server.note else (), restart)
 
     async def close(self) -> None:
-        """Stop taking requests, let the appliers finish the file in hand, close everything."""
+        """Stop taking requests, let the appliers finish the group in hand, close everything.
+
+        A second call waits for the first to end.
+        """
+        if self._closing:
+            await self._closed.wait()
+            return
         self._closing = True
         started = time.monotonic()
-        if self._housekeeper is not None:
-            self._housekeeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._housekeeper
-        if self._runner is not None:
-            await self._in_flight.drain(self._runner, SHUTDOWN_GRACE_S)
-        if self._admin_runner is not None:
-            await self._admin_runner.cleanup()
-            self.config.admin_socket.unlink(missing_ok=True)
-        for replica in self.replicas.values():
-            await replica.stop()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        for replica in self.replicas.values():
-            replica.target.close()
-        if self._metrics_server is not None:
-            await self._metrics_server.close()
-        self.executor.shutdown(wait=True)  # a cancelled prune may still run there
-        self.store.close()
-        self.retention.lock.release()
+        try:
+            await self.housekeeper.stop()
+            if self._runner is not None:
+                await self._in_flight.drain(self._runner, SHUTDOWN_GRACE_S)
+            if self._close_admin is not None:
+                await self._close_admin()
+            for replica in self.replicas.values():
+                replica.stop()
+        finally:
+            await self.stack.aclose()
+            self._closed.set()
         log.info("master target stopped in %.1f s", time.monotonic() - started)
 
 
-def _open_target(disk: DiskConfig) -> TargetDisk:
-    """Open the disk's target, creating it first when the config says so."""
-    if disk.create and not disk.target.exists():
-        assert disk.size_bytes is not None  # DiskConfig checks it
-        kind: CreateFormat = "raw"
-        if disk.format == "vmdk":
-            kind = "vmdk-sparse" if disk.vmdk_subformat == "monolithicSparse" else "vmdk-flat"
-        log.info("disk %s: creating %s target %s of %d bytes", disk.id, kind, disk.target,
-                 disk.size_bytes)  # fmt: skip
-        return create_disk(disk.target, kind, disk.size_bytes)
-    return open_disk(disk.target, disk.format)
+async def _cleanup(runner: web.AppRunner) -> None:
+    """Close a runner's sites and connections, once (``cleanup`` does it again otherwise)."""
+    if runner.server is not None:
+        await runner.cleanup()

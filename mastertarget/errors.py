@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+
 from protocol.errors import BlockreplError
 
 
@@ -39,6 +41,22 @@ class DiskIOError(DiskError):
         self.errno = errno
 
 
+class RetentionCriterion(enum.StrEnum):
+    """Why a retention directory was refused: the ``criterion`` of :class:`RetentionVolumeError`."""
+
+    MISSING = "missing"
+    NOT_A_DIRECTORY = "not-a-directory"
+    INACCESSIBLE = "inaccessible"
+    MOUNT_TABLE = "mount-table"
+    FAT_FILE_SYSTEM = "fat-file-system"
+    ZERO_CAPACITY = "zero-capacity"
+    NOT_WRITABLE = "not-writable"
+    CACHE_VOLUME = "cache-volume"
+    INSTALL_VOLUME = "install-volume"
+    REPLICATION_TARGET = "replication-target"
+    LOCKED = "locked"
+
+
 class RetentionVolumeError(BlockreplError):
     """The retention directory cannot hold a retention journal: the master target does not start.
 
@@ -49,8 +67,7 @@ class RetentionVolumeError(BlockreplError):
     Args:
         message: the criterion, the directory and what was found.
         criterion: which check failed, machine-readable: a value of
-            :class:`mastertarget.retention_volume.Criterion` (``"fat-file-system"``,
-            ``"locked"``...).
+            :class:`RetentionCriterion` (``"fat-file-system"``, ``"locked"``...).
         directory: the retention directory as configured; None when the
             failure is not about one directory (an unreadable mount table).
     """
@@ -66,6 +83,15 @@ class RetentionVolumeError(BlockreplError):
         super().__init__(message, details=details)
         self.criterion = criterion
         self.directory = directory
+
+    @classmethod
+    def refusing(
+        cls, criterion: RetentionCriterion, shown: str, found: str
+    ) -> RetentionVolumeError:
+        """The refusal of ``shown`` for ``criterion``: ``retention directory D <found>``."""
+        return cls(
+            f"retention directory {shown} {found}", criterion=criterion.value, directory=shown
+        )
 
 
 class DiskExistsError(DiskError):

@@ -19,6 +19,7 @@ a ``.reason`` file beside them, for an operator to inspect.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -53,6 +54,11 @@ class InboxEntry:
     def end(self) -> StreamPosition:
         """The stream position after this file is applied."""
         return StreamPosition(self.generation, self.last_seq)
+
+    @property
+    def place(self) -> tuple[int, int, int]:
+        """``(generation, first_seq, last_seq)``: where its name puts it in the stream."""
+        return self.generation, self.first_seq, self.last_seq
 
 
 class Inbox:
@@ -105,6 +111,11 @@ class Inbox:
     def remove(self, entry: InboxEntry) -> None:
         """Remove an applied file (see the module docstring for why no fsync)."""
         entry.path.unlink(missing_ok=True)
+
+    def remove_all(self, entries: Iterable[InboxEntry]) -> None:
+        """Remove files that can never apply (see :mod:`mastertarget.pending`)."""
+        for entry in entries:
+            self.remove(entry)
 
     def quarantine(self, disk_id: str, entry: InboxEntry, reason: str, *, now_ns: int) -> Path:
         """Move a file that failed verification aside, with its reason; durable.

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from typing import Final, Literal
 from mastertarget.disks import create_disk
 from mastertarget.disks.base import TargetDisk
 from mastertarget.errors import DiskExistsError
+from mastertarget.guarded_target import GuardedTarget
 from mastertarget.journal import UndoJournal, UndoPart
 from mastertarget.points import RecoveryPoint
 from mastertarget.state import DiskState, StateStore
@@ -113,8 +113,7 @@ def roll_back(
 
 def recover_copy(
     *,
-    target: TargetDisk,
-    lock: threading.Lock,
+    target: GuardedTarget,
     journal: UndoJournal,
     store: StateStore,
     point: RecoveryPoint,
@@ -125,7 +124,7 @@ def recover_copy(
     """Write the disk as it was at ``point`` to a new file ``output`` (blocking).
 
     Args:
-        lock: the disk's apply lock; held while the target is copied.
+        target: the disk's target; its lock is held while it is copied.
 
     Raises:
         DiskExistsError: ``output`` exists.
@@ -139,8 +138,8 @@ def recover_copy(
     out = create_disk(output, kind, target.size)
     try:
         try:
-            with lock:
-                copied = copy_target(target, out, progress)
+            with target.hold() as disk:
+                copied = copy_target(disk, out, progress)
                 parts = store.undo_after(disk_id, StreamPosition(point.generation, point.seq))
             copy_s = time.monotonic() - started
             undo_bytes = roll_back(out, journal, disk_id, parts)

@@ -8,7 +8,8 @@ checks at start-up, in an order that reports the most basic fault first
 (missing, not a directory, mount table, file system, capacity, writable,
 cache, install, targets, lock), and refuses with a
 :class:`~mastertarget.errors.RetentionVolumeError` naming the failed criterion.
-The lock is taken last, once every other check passed, and kept.
+The lock (mastertarget/retention_lock.py) is taken last, once every other
+check passed, and kept.
 ``allow_shared_volume`` lifts the same-volume rules for a demo or a test on
 one disk; the others, and the rule that a target device must not hold the
 directory, still apply.
@@ -30,19 +31,15 @@ is the one it will be created on.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import enum
-import errno
-import fcntl
 import os
 import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Final, NamedTuple
 
-from mastertarget.errors import RetentionVolumeError
+from mastertarget.errors import RetentionCriterion, RetentionVolumeError
+from mastertarget.retention_lock import RetentionLock, file_kind, take_lock
 from runtime.errors import MountTableError
 from runtime.mounts import (
     MOUNTINFO_PATH,
@@ -58,12 +55,6 @@ StrPath = str | os.PathLike[str]
 
 #: The retention directory on Linux when the config names none (DESIGN.md policy table).
 DEFAULT_RETENTION_DIR: Final = Path("/mnt/retention")
-#: The lock file a master target holds inside its retention directory. A dot
-#: name, so that listings of journal files skip it.
-LOCK_FILE_NAME: Final = ".blockrepl.lock"
-#: Largest lock file content read back: a pid (at most 20 digits), a space, a
-#: host name (HOST_NAME_MAX is 64) and a newline, with room to spare.
-MAX_LOCK_FILE_BYTES: Final = 256
 #: File system types refused (mount table names, lower case). The seed names
 #: FAT and FAT32 (Linux: vfat, msdos, and fat/umsdos on old kernels). exFAT is
 #: refused too, for the same reasons: no metadata journal, so a crash can lose
@@ -71,69 +62,6 @@ MAX_LOCK_FILE_BYTES: Final = 256
 #: DESIGN.md checklist), and no owners or modes, so journal files cannot be
 #: kept private to the master target.
 FAT_FILE_SYSTEMS: Final = frozenset({"vfat", "msdos", "fat", "umsdos", "exfat"})
-
-
-class Criterion(enum.StrEnum):
-    """Why a retention directory was refused: the ``criterion`` of the error."""
-
-    MISSING = "missing"
-    NOT_A_DIRECTORY = "not-a-directory"
-    INACCESSIBLE = "inaccessible"
-    MOUNT_TABLE = "mount-table"
-    FAT_FILE_SYSTEM = "fat-file-system"
-    ZERO_CAPACITY = "zero-capacity"
-    NOT_WRITABLE = "not-writable"
-    CACHE_VOLUME = "cache-volume"
-    INSTALL_VOLUME = "install-volume"
-    REPLICATION_TARGET = "replication-target"
-    LOCKED = "locked"
-
-
-class RetentionLock:
-    """An exclusive ``flock`` on ``RETENTION_DIR/.blockrepl.lock``.
-
-    Held until :meth:`release` or the end of the process (the kernel drops a
-    flock when its last descriptor closes, so kill -9 leaves no stale lock).
-    The descriptor is close-on-exec, so a child such as qemu-img does not keep
-    the lock alive after the master target dies. The file holds the holder's
-    pid and host name for the refusal message of a second master target; it
-    is never deleted, as unlinking a lock file lets two processes lock two
-    different files under one name.
-    """
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self._path = path
-        self._fd = fd
-
-    @property
-    def path(self) -> Path:
-        """The lock file."""
-        return self._path
-
-    @property
-    def held(self) -> bool:
-        """True until :meth:`release` was called."""
-        return self._fd >= 0
-
-    def release(self) -> None:
-        """Release the lock (closing the descriptor drops the flock). Idempotent."""
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
-
-    def __enter__(self) -> RetentionLock:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.release()
-
-    def __repr__(self) -> str:
-        return f"RetentionLock({str(self._path)!r}, held={self.held})"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -208,7 +136,9 @@ def check_retention_volume(
             allow_shared_volume=allow_shared_volume,
         )  # fmt: skip
     except MountTableError as exc:
-        raise RetentionVolumeError(exc.message, criterion=Criterion.MOUNT_TABLE.value) from exc
+        raise RetentionVolumeError(
+            exc.message, criterion=RetentionCriterion.MOUNT_TABLE.value
+        ) from exc
 
 
 def _check(
@@ -226,8 +156,8 @@ def _check(
     table = read_mount_table(mountinfo)
     mount = find_mount(table, str(resolved))
     if mount.base_fstype in FAT_FILE_SYSTEMS:
-        raise _refuse(
-            Criterion.FAT_FILE_SYSTEM,
+        raise RetentionVolumeError.refusing(
+            RetentionCriterion.FAT_FILE_SYSTEM,
             shown,
             f"is on a {mount.fstype} file system (mount {mount.mount_point}): FAT, FAT32 and"
             " exFAT volumes cannot hold a retention journal (no metadata journal, no file"
@@ -254,7 +184,7 @@ def _check(
         device=here.device,
         capacity_bytes=capacity,
         free_bytes=free,
-        lock=_take_lock(shown, resolved),
+        lock=take_lock(shown, resolved),
     )
 
 
@@ -270,8 +200,10 @@ def usage(directory: StrPath) -> tuple[int, int, int]:
     try:
         stats = os.statvfs(directory)
     except OSError as exc:
-        raise _refuse(
-            Criterion.INACCESSIBLE, os.fspath(directory), f"cannot be measured: {exc.strerror}"
+        raise RetentionVolumeError.refusing(
+            RetentionCriterion.INACCESSIBLE,
+            os.fspath(directory),
+            f"cannot be measured: {exc.strerror}",
         ) from exc
     capacity = stats.f_blocks * stats.f_frsize
     used = (stats.f_blocks - stats.f_bfree) * stats.f_frsize
@@ -292,20 +224,22 @@ def _existing_directory(shown: str) -> Path:
         resolved = Path(shown).resolve(strict=True)
         mode = resolved.stat().st_mode
     except FileNotFoundError:
-        raise _refuse(
-            Criterion.MISSING,
+        raise RetentionVolumeError.refusing(
+            RetentionCriterion.MISSING,
             shown,
             "does not exist: expected a directory on a volume of its own (mount the retention"
             " volume there)",
         ) from None
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
         reason = exc.strerror if isinstance(exc, OSError) else str(exc)
-        raise _refuse(Criterion.INACCESSIBLE, shown, f"cannot be examined: {reason}") from exc
+        raise RetentionVolumeError.refusing(
+            RetentionCriterion.INACCESSIBLE, shown, f"cannot be examined: {reason}"
+        ) from exc
     if not stat.S_ISDIR(mode):
-        raise _refuse(
-            Criterion.NOT_A_DIRECTORY,
+        raise RetentionVolumeError.refusing(
+            RetentionCriterion.NOT_A_DIRECTORY,
             shown,
-            f"is not a directory: expected a directory, found a {_kind(mode)} ({resolved})",
+            f"is not a directory: expected a directory, found a {file_kind(mode)} ({resolved})",
         )
     return resolved
 
@@ -316,8 +250,8 @@ def _capacity(shown: str, resolved: Path, mount: MountEntry) -> tuple[int, int]:
     if capacity == 0:
         # Pseudo file systems (proc, sysfs) and a tmpfs mounted with size=0
         # ("no limit") report no blocks: nothing to budget 24 hours of undo in.
-        raise _refuse(
-            Criterion.ZERO_CAPACITY,
+        raise RetentionVolumeError.refusing(
+            RetentionCriterion.ZERO_CAPACITY,
             shown,
             f"has zero capacity: statvfs reports 0 blocks on the {mount.fstype} file system"
             f" mounted at {mount.mount_point}; expected a volume with a fixed, non-zero size",
@@ -328,16 +262,16 @@ def _capacity(shown: str, resolved: Path, mount: MountEntry) -> tuple[int, int]:
 def _check_writable(shown: str, resolved: Path, mount: MountEntry) -> None:
     """Refuse a directory on a read-only mount, or one this process may not write."""
     if mount.read_only:
-        raise _refuse(
-            Criterion.NOT_WRITABLE,
+        raise RetentionVolumeError.refusing(
+            RetentionCriterion.NOT_WRITABLE,
             shown,
             f"is not writable: its mount {mount.mount_point} ({mount.fstype}) is read-only",
         )
     effective = os.access in os.supports_effective_ids
     if not os.access(resolved, os.W_OK | os.X_OK, effective_ids=effective):
         info = resolved.stat()
-        raise _refuse(
-            Criterion.NOT_WRITABLE,
+        raise RetentionVolumeError.refusing(
+            RetentionCriterion.NOT_WRITABLE,
             shown,
             f"is not writable by uid {os.geteuid()}: found mode {stat.S_IMODE(info.st_mode):04o}"
             f" owned by uid {info.st_uid} gid {info.st_gid}",
@@ -354,12 +288,12 @@ def _check_own_volume(
 ) -> None:
     """Refuse a retention directory on the cache volume or the install volume."""
     for criterion, what, other in (
-        (Criterion.CACHE_VOLUME, "cache directory", os.fspath(cache_dir)),
-        (Criterion.INSTALL_VOLUME, "install directory", os.fspath(install_dir)),
+        (RetentionCriterion.CACHE_VOLUME, "cache directory", os.fspath(cache_dir)),
+        (RetentionCriterion.INSTALL_VOLUME, "install directory", os.fspath(install_dir)),
     ):
         shared = _shared_volume(here, _placement(other, table))
         if shared:
-            raise _refuse(
+            raise RetentionVolumeError.refusing(
                 criterion,
                 shown,
                 f"is on the same volume as the {what} {other} ({shared}):"
@@ -399,83 +333,20 @@ def _check_not_target(
             )
         else:
             return
-        raise _refuse(
-            Criterion.REPLICATION_TARGET,
+        raise RetentionVolumeError.refusing(
+            RetentionCriterion.REPLICATION_TARGET,
             shown,
             f"is in use as a replication target: target {target} is the {found};"
             " a retention volume must not be used for any other purpose",
         )
     shared = _shared_volume(here, _placement(target, table)) if same_volume else ""
     if shared:
-        raise _refuse(
-            Criterion.REPLICATION_TARGET,
+        raise RetentionVolumeError.refusing(
+            RetentionCriterion.REPLICATION_TARGET,
             shown,
             f"is in use as a replication target: target {target} is on the same volume"
             f" ({shared}); a retention volume must not be used for any other purpose",
         )
-
-
-def _take_lock(shown: str, resolved: Path) -> RetentionLock:
-    """Lock the directory for this process, or the refusal naming the holder."""
-    path = resolved / LOCK_FILE_NAME
-    fd = _open_lock_file(shown, path)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        holder = _holder(fd)
-        os.close(fd)
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise _refuse(
-                Criterion.LOCKED, shown, f"cannot be locked ({path}): {exc.strerror}"
-            ) from exc
-        raise _refuse(
-            Criterion.LOCKED,
-            shown,
-            f"is locked: another master target ({holder}) holds {path}; stop it or give"
-            " this master target a retention directory of its own",
-        ) from None
-    try:
-        # Holder facts for a second master target's message; the lock itself
-        # is the flock, so a torn or empty content is harmless.
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {os.uname().nodename}\n".encode(), 0)
-    except OSError as exc:
-        os.close(fd)
-        raise _refuse(
-            Criterion.NOT_WRITABLE, shown, f"cannot write the lock file {path}: {exc.strerror}"
-        ) from exc
-    return RetentionLock(path, fd)
-
-
-def _open_lock_file(shown: str, path: Path) -> int:
-    """Open (creating) the lock file; refuse anything but a regular file."""
-    try:
-        # O_NOFOLLOW: a symlink planted under the lock's name must not make a
-        # master target running as root truncate the file it points at.
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-    except OSError as exc:
-        raise _refuse(
-            Criterion.NOT_WRITABLE, shown, f"cannot open the lock file {path}: {exc.strerror}"
-        ) from exc
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise _refuse(
-            Criterion.LOCKED,
-            shown,
-            f"has a {_kind(mode)} as its lock file {path}: expected a regular file",
-        )
-    return fd
-
-
-def _holder(fd: int) -> str:
-    """The holder as the lock file names it: ``pid 123 on host mt01``."""
-    with contextlib.suppress(OSError):
-        words = os.pread(fd, MAX_LOCK_FILE_BYTES, 0).decode("ascii", "replace").split()
-        if words and words[0].isdigit():
-            host = f" on host {words[1]}" if len(words) > 1 else ""
-            return f"pid {words[0]}{host}"
-    return "its pid is not recorded yet"
 
 
 # --- helpers ----------------------------------------------------------------------
@@ -510,24 +381,3 @@ def _shared_volume(here: _Placement, there: _Placement) -> str:
             f" {here.mount.mount_point} and {there.mount.mount_point}"
         )
     return ""
-
-
-def _kind(mode: int) -> str:
-    """What a file is, by its mode, for messages."""
-    kinds = (
-        (stat.S_ISDIR, "directory"),
-        (stat.S_ISREG, "regular file"),
-        (stat.S_ISLNK, "symbolic link"),
-        (stat.S_ISBLK, "block device"),
-        (stat.S_ISCHR, "character device"),
-        (stat.S_ISFIFO, "FIFO"),
-        (stat.S_ISSOCK, "socket"),
-    )
-    return next((name for test, name in kinds if test(mode)), f"file of mode {mode:o}")
-
-
-def _refuse(criterion: Criterion, shown: str, found: str) -> RetentionVolumeError:
-    """The refusal of ``shown`` for ``criterion``: ``retention directory D <found>``."""
-    return RetentionVolumeError(
-        f"retention directory {shown} {found}", criterion=criterion.value, directory=shown
-    )

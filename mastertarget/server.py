@@ -9,15 +9,18 @@ an unauthorised body is read, let alone decoded (DESIGN.md invariant 7).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Final
+from concurrent.futures import Executor
+from typing import Final
 
 import xxhash
 from aiohttp import web
 
-from mastertarget.config import MAX_HRL_FILE_BYTES
+from mastertarget.app_state import CONFIG, EXECUTOR, KEYRING, METRICS, REPLICAS, replica_or_404
+from mastertarget.config import MAX_HRL_FILE_BYTES, MasterTargetConfig
+from mastertarget.guarded_target import GuardedTarget
+from mastertarget.metrics import MasterTargetMetrics
 from mastertarget.replica import DiskReplica
 from mastertarget.state import DiskState
 from protocol.api import (
@@ -34,14 +37,12 @@ from protocol.batch import NEED_DATA
 from protocol.errors import BlockreplError, LimitExceededError, MalformedError, TruncatedError
 from protocol.hrl import HrlHeader
 from protocol.hrl_receiver import FileReceived, HeaderReady, HrlReceiver
+from protocol.keyring import KeyRing
 from protocol.limits import GiB, MiB
 from protocol.sequencing import Fit
 from runtime.bodies import body_pieces
 from runtime.errors import BodyTimeoutError, DurabilityError, PeerIdentityError
 from runtime.tls import connection_identity
-
-if TYPE_CHECKING:
-    from mastertarget.daemon import MasterTarget
 
 log = logging.getLogger("blockrepl.mastertarget.api")
 
@@ -64,7 +65,6 @@ CHECKSUM_READ_BYTES: Final = 64 * MiB
 CHECKSUM_PIECE_BYTES: Final = MiB
 DIGEST_BYTES: Final = 16
 
-MT: Final = web.AppKey["MasterTarget"]("mastertarget")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -84,7 +84,7 @@ def _from_exception(exc: BlockreplError) -> web.Response:
 @web.middleware
 async def authorise(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Refuse any client the config does not list as a process server; count answers."""
-    mt = request.app[MT]
+    metrics = request.app[METRICS]
     identity: str | None = None
     reason = "no TLS connection"
     try:
@@ -92,33 +92,17 @@ async def authorise(request: web.Request, handler: Handler) -> web.StreamRespons
             identity = connection_identity(request.transport.get_extra_info("ssl_object"))
     except PeerIdentityError as exc:
         reason = exc.message
-    if identity is None or identity not in mt.config.process_servers:
+    if identity is None or identity not in request.app[CONFIG]().process_servers:
         reason = reason if identity is None else f"machine {identity!r} is not a process server"
-        mt.metrics.errors.labels("forbidden").inc()
+        metrics.errors.labels("forbidden").inc()
         refusal = _error(403, "forbidden", f"{reason}; allowed: the configured process servers")
         refusal.force_close()  # the body stays unread: the connection cannot be reused
         return refusal
     response: web.StreamResponse = await handler(request)
     route = request.match_info.route.resource
     name = route.canonical if route is not None else "unmatched"
-    mt.metrics.requests.labels(name, str(response.status)).inc()
+    metrics.requests.labels(name, str(response.status)).inc()
     return response
-
-
-def replica_or_404(replicas: Mapping[str, DiskReplica], request: web.Request) -> DiskReplica:
-    """The replica the URL's ``{disk}`` names, or a 404 ``unknown-disk`` answer."""
-    disk_id = request.match_info["disk"]
-    replica = replicas.get(disk_id)
-    if replica is None:
-        refusal = ErrorBody(
-            "unknown-disk", f"disk {disk_id!r} is not replicated to this master target"
-        )
-        raise web.HTTPNotFound(text=json.dumps(refusal.to_json()), content_type="application/json")
-    return replica
-
-
-def _replica(request: web.Request) -> DiskReplica:
-    return replica_or_404(request.app[MT].replicas, request)
 
 
 def _position(replica: DiskReplica) -> ReceivedPosition:
@@ -141,8 +125,9 @@ def _int_segment(request: web.Request, name: str) -> int:
 
 async def put_hrl(request: web.Request) -> web.StreamResponse:
     """PUT /v1/disks/{disk}/hrl/{generation}/{seq}: store one HRL file durably."""
-    mt = request.app[MT]
-    replica = _replica(request)
+    metrics = request.app[METRICS]
+    replica = replica_or_404(request)
+    receiver = replica.receiver
     try:
         generation = _int_segment(request, "generation")
         seq = _int_segment(request, "seq")
@@ -159,24 +144,25 @@ async def put_hrl(request: web.Request) -> web.StreamResponse:
                 details={"max_file_bytes": MAX_HRL_FILE_BYTES},
             )
         header, data = await _receive(request, replica, generation, seq)
-        if replica.inbox_bytes() + len(data) > mt.config.inbox_quota_bytes:
-            mt.metrics.errors.labels("inbox-full").inc()
+        quota = request.app[CONFIG]().inbox_quota_bytes
+        if receiver.inbox_bytes() + len(data) > quota:
+            metrics.errors.labels("inbox-full").inc()
             response = _error(
                 503, "inbox-full",
-                f"disk {replica.config.id} has {replica.inbox_bytes()} bytes waiting to be "
-                f"applied, the quota is {mt.config.inbox_quota_bytes}",
+                f"disk {replica.config.id} has {receiver.inbox_bytes()} bytes waiting to be "
+                f"applied, the quota is {quota}",
             )  # fmt: skip
             response.headers["Retry-After"] = str(RETRY_AFTER_S)
             return response
-        async with replica.put_lock:
-            verdict = await replica.store(header, data)
+        async with receiver.put_lock:
+            verdict = await receiver.store(header, data)
     except BlockreplError as exc:
-        mt.metrics.errors.labels(exc.code).inc()
+        metrics.errors.labels(exc.code).inc()
         if isinstance(exc, DurabilityError):
             log.error("disk %s: cannot store a received file: %s", replica.config.id, exc.message)
         return _from_exception(exc)
     if verdict.fit is Fit.DUPLICATE:
-        mt.metrics.duplicates.labels(replica.config.id).inc()
+        metrics.duplicates.labels(replica.config.id).inc()
     elif verdict.fit is not Fit.NEXT:
         return _answer(HrlAnswer(_position(replica), refusal_of(verdict)))
     return _answer(HrlAnswer(_position(replica)))
@@ -188,8 +174,8 @@ async def _receive(
     receiver = HrlReceiver(max_file_len=MAX_HRL_FILE_BYTES)
     header: HrlHeader | None = None
     data: bytes | None = None
-    keyring = request.app[MT].keyring
-    timeout_s = request.app[MT].config.connections.body_timeout_s
+    keyring = request.app[KEYRING]
+    timeout_s = request.app[CONFIG]().connections.body_timeout_s
     async for chunk in body_pieces(request.content, timeout_s=timeout_s):
         receiver.feed(chunk)
         while (event := receiver.next_event()) is not NEED_DATA:
@@ -222,7 +208,7 @@ def _check_header(header: HrlHeader, disk_id: str, generation: int, seq: int) ->
 
 async def get_state(request: web.Request) -> web.StreamResponse:
     """GET /v1/disks/{disk}/state."""
-    status = _replica(request).status()
+    status = replica_or_404(request).status()
     received, applied = status.received, status.applied
     state = MtDiskState(
         ReceivedPosition(status.disk_id, received.generation, received.seq,
@@ -235,9 +221,9 @@ async def get_state(request: web.Request) -> web.StreamResponse:
 
 async def get_disks(request: web.Request) -> web.StreamResponse:
     """GET /v1/disks: every disk replicated here, with its state."""
-    mt = request.app[MT]
     disks = DiskList(tuple(
-        DiskSummary(r.config.id, r.state.value, r.applied.seq) for r in mt.replicas.values()
+        DiskSummary(r.config.id, r.state.value, r.applied.seq)
+        for r in request.app[REPLICAS].values()
     ))  # fmt: skip
     return web.json_response(disks.to_json())
 
@@ -255,8 +241,7 @@ def _query_int(request: web.Request, name: str, default: int | None = None) -> i
 
 async def get_checksums(request: web.Request) -> web.StreamResponse:
     """GET /v1/disks/{disk}/checksums?offset=&length=&chunk=: XXH3-128 per chunk, streamed."""
-    replica = _replica(request)
-    mt = request.app[MT]
+    replica = replica_or_404(request)
     try:
         offset = _query_int(request, "offset", 0)
         length = _query_int(request, "length", max(0, replica.target.size - offset))
@@ -279,7 +264,9 @@ async def get_checksums(request: web.Request) -> web.StreamResponse:
     per_call = max(1, CHECKSUM_READ_BYTES // chunk)
     while position < end:
         starts = list(range(position, min(end, position + per_call * chunk), chunk))
-        digests = await loop.run_in_executor(mt.executor, _hash_chunks, replica, starts, chunk, end)
+        digests = await loop.run_in_executor(
+            request.app[EXECUTOR], _hash_chunks, replica.target, starts, chunk, end
+        )
         await response.write(digests)
         position = starts[-1] + chunk
     await response.write_eof()
@@ -303,7 +290,7 @@ def _check_checksum_range(offset: int, length: int, chunk: int, size: int) -> No
         )
 
 
-def _hash_chunks(replica: DiskReplica, starts: list[int], chunk: int, end: int) -> bytes:
+def _hash_chunks(target: GuardedTarget, starts: list[int], chunk: int, end: int) -> bytes:
     """The digests of the consecutive chunks at ``starts``; the last ends at ``end`` at most.
 
     The target is read into one reused buffer: a fresh buffer per read
@@ -311,14 +298,14 @@ def _hash_chunks(replica: DiskReplica, starts: list[int], chunk: int, end: int) 
     """
     out = bytearray()
     buffer = memoryview(bytearray(CHECKSUM_PIECE_BYTES))
-    with replica.disk_lock:  # a whole file applied, or none of it
+    with target.hold() as disk:  # a whole group applied, or none of it
         if chunk >= CHECKSUM_PIECE_BYTES:
             for start in starts:
                 digest = xxhash.xxh3_128()
                 stop = min(start + chunk, end)
                 for piece in range(start, stop, CHECKSUM_PIECE_BYTES):
                     view = buffer[: min(CHECKSUM_PIECE_BYTES, stop - piece)]
-                    replica.target.read_into(piece, view)
+                    disk.read_into(piece, view)
                     digest.update(view)
                 out += digest.digest()
             return bytes(out)
@@ -327,19 +314,36 @@ def _hash_chunks(replica: DiskReplica, starts: list[int], chunk: int, end: int) 
         stop = min(starts[-1] + chunk, end)
         for base in range(starts[0], stop, per_piece):
             view = buffer[: min(per_piece, stop - base)]
-            replica.target.read_into(base, view)
+            disk.read_into(base, view)
             for at in range(0, len(view), chunk):
                 out += xxhash.xxh3_128_digest(view[at : at + chunk])
     return bytes(out)
 
 
-def build_app(mt: MasterTarget) -> web.Application:
-    """The data API application of one master target."""
+def build_app(
+    *,
+    replicas: Mapping[str, DiskReplica],
+    config: Callable[[], MasterTargetConfig],
+    metrics: MasterTargetMetrics,
+    keyring: KeyRing,
+    executor: Executor,
+) -> web.Application:
+    """The data API application over ``replicas``.
+
+    Args:
+        config: returns the running config (process servers, inbox quota, timeouts).
+        keyring: refuses a file sealed under an unknown key before it is stored.
+        executor: hashes the targets for checksums.
+    """
     app = web.Application(
         middlewares=[authorise],
         client_max_size=1024,
     )
-    app[MT] = mt
+    app[REPLICAS] = replicas
+    app[CONFIG] = config
+    app[METRICS] = metrics
+    app[KEYRING] = keyring
+    app[EXECUTOR] = executor
     app.router.add_put(r"/v1/disks/{disk}/hrl/{generation}/{seq}", put_hrl)
     app.router.add_get("/v1/disks", get_disks)
     app.router.add_get("/v1/disks/{disk}/state", get_state)

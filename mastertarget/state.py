@@ -8,7 +8,9 @@ only after the data it covers is durable — the applier flushes the target
 first). The recovery-point catalog of the retention journal lives in the same
 database, so a marker and the points it makes honest commit together.
 
-Every method may be called from any thread: one connection, one lock.
+Every method may be called from any thread (one connection, one lock), but
+not from the event loop: each is a blocking sqlite call, and a commit waits
+for an fsync.
 """
 
 from __future__ import annotations
@@ -145,9 +147,14 @@ class StateStore:
         points: list[RecoveryPoint],
         undo: list[UndoPart],
         now_ns: int,
+        state: DiskState | None = None,
     ) -> None:
         """Advance the marker and add the points and undo parts it makes good,
         in one transaction: durable, all or nothing, when this returns.
+
+        Args:
+            state: a new replication state to record with it (its error
+                cleared), or None to leave the state as it is.
 
         Raises:
             DurabilityError: the commit failed; nothing of it counts.
@@ -158,6 +165,11 @@ class StateStore:
                 "updated_ns = ? WHERE disk_id = ?",
                 (applied.generation, applied.seq, int(resync_open), now_ns, disk_id),
             )
+            if state is not None:
+                db.execute(
+                    "UPDATE disks SET state = ?, last_error = '' WHERE disk_id = ?",
+                    (state.value, disk_id),
+                )
             db.executemany(
                 "INSERT OR REPLACE INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [

@@ -4,7 +4,11 @@ admin socket and, with the daemon stopped, on the retention volume directly."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import pty
+import subprocess
 import sys
 from pathlib import Path
 
@@ -97,3 +101,72 @@ async def test_points_recover_failover_online_and_offline(
     assert (state["state"], state["applied_seq"]) == ("failed-over", 2)
     status, body = await pusher2.send(pusher2.seal("d0", 1, 3, [Write(0, b"C")]))
     assert (status, body["error"]) == (409, "failed-over")
+
+
+def _on_a_terminal(*args: str) -> tuple[int, str, bytes]:
+    """Run the command with standard error on a pseudo-terminal; its status,
+    standard output and what the terminal received."""
+    primary, secondary = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "mastertarget.cli", *args],
+            stdout=subprocess.PIPE, stderr=secondary, timeout=60, check=False,
+        )  # fmt: skip
+        os.close(secondary)
+        seen = b""
+        with contextlib.suppress(OSError):  # EIO once the terminal has no writer
+            while chunk := os.read(primary, 65536):
+                seen += chunk
+    finally:
+        os.close(primary)
+    return proc.returncode, proc.stdout.decode(), seen
+
+
+async def test_an_offline_recover_draws_the_copy_and_erases_it_for_the_summary(
+    deployment: Deployment,
+    start_mt,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    """On a terminal, the copy of each disk is a progress line (runtime/progress.py)
+    that the summary replaces; a pipe gets the summary alone."""
+    config = write_config(
+        deployment, tmp_path,
+        [{"id": d, "target": tmp_path / f"{d}.raw", "create": True, "size_bytes": SIZE}
+         for d in ("d0", "d1")],
+    )  # fmt: skip
+    with config.open("a") as extra:
+        extra.write('[[groups]]\nid = "g"\ndisks = ["d0", "d1"]\n')
+    mt, pusher = await start_mt(config)
+    tag = Tag(TagKind.GROUP, bytes(range(16)), "round", 0, "g")
+    for disk in ("d0", "d1"):
+        sealed = pusher.seal(disk, 1, 1, [Write(0, disk.encode() * 2048), tag])
+        assert (await pusher.send(sealed))[0] == 200
+        await mt.replicas[disk].wait_applied(StreamPosition(1, 2))
+    await mt.close()
+
+    output = tmp_path / "one.raw"
+    code, out, seen = await asyncio.to_thread(
+        _on_a_terminal, "recover", "--config", str(config), "--disk", "d0", "--point", "latest",
+        "--output", str(output),
+    )  # fmt: skip
+    assert code == 0, seen
+    assert out.startswith(f"recovered disk d0 into {output} at crash point seq 2")
+    drawn = seen.split(b"\r")
+    assert b"100.0%  copied 2.0 MiB of 2.0 MiB" in drawn, seen
+    assert seen.endswith(b"\r" + b" " * len(b"100.0%  copied 2.0 MiB of 2.0 MiB") + b"\r")
+
+    code, out, seen = await asyncio.to_thread(
+        _on_a_terminal, "recover", "--config", str(config), "--group", "g", "--point", "latest",
+        "--output-dir", str(tmp_path / "group"),
+    )  # fmt: skip
+    assert code == 0, seen
+    assert out.startswith("recovered group g at crash group point round")
+    assert seen.split(b"\r").count(b"100.0%  copied 2.0 MiB of 2.0 MiB") == 2, seen
+    assert (tmp_path / "group" / "d1.raw").read_bytes()[:4] == b"d1d1"
+
+    code, out, err = await _cli(
+        "recover", "--config", str(config), "--disk", "d1", "--point", "latest",
+        "--output", str(tmp_path / "piped.raw"),
+    )  # fmt: skip
+    assert (code, err) == (0, "")
+    assert out.startswith("recovered disk d1")

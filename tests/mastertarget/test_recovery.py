@@ -70,14 +70,14 @@ async def test_recover_at_every_point_equals_the_source_then(
     snapshots, last = await _stream_with_tags(pusher, random.Random(11), files=12)
     replica = mt.replicas["d0"]
     await replica.wait_applied(StreamPosition(1, last))
-    points = replica.points()
+    points = await replica.history.points()
     assert {(p.seq, p.name) for p in points} == set(snapshots)
     assert all(p.consistent for p in points)
     assert {p.kind for p in points if p.name} == {PointKind.APP}
     for index, point in enumerate(points):
         fmt = "vmdk" if index % 2 else "raw"
         output = tmp_path / f"recovered-{index}.{fmt}"
-        result = await replica.recover(point, output, fmt)
+        result = await replica.history.recover(point, output, fmt)
         assert result.point == point
         assert_image_holds(output, snapshots[(point.seq, point.name)], fmt=fmt)
     # replication went on meanwhile: a new file still applies
@@ -95,12 +95,12 @@ async def test_failover_rolls_back_in_place_and_refuses_later_files(
     snapshots, last = await _stream_with_tags(pusher, random.Random(5), files=9)
     replica = mt.replicas["d0"]
     await replica.wait_applied(StreamPosition(1, last))
-    app_points = [p for p in replica.points() if p.kind is PointKind.APP]
+    app_points = [p for p in (await replica.history.points()) if p.kind is PointKind.APP]
     point = app_points[0]
-    await replica.failover(point)
+    await replica.history.failover(point)
     state = await pusher.state("d0")
     assert (state["state"], state["applied_seq"]) == ("failed-over", point.seq)
-    assert all(p.seq <= point.seq for p in replica.points())
+    assert all(p.seq <= point.seq for p in (await replica.history.points()))
     status, body = await pusher.send(pusher.seal("d0", 1, point.seq + 1, [Write(0, b"x")]))
     assert (status, body["error"]) == (409, "failed-over")
     await mt.close()
@@ -118,7 +118,7 @@ async def test_points_inside_a_resync_are_not_consistent(
     await pusher.send(pusher.seal("d0", 1, 2, [Write(0, b"b")], resync))
     await pusher.send(pusher.seal("d0", 1, 3, [Write(0, b"c")], resync | StreamFlags.RESYNC_END))
     await replica.wait_applied(StreamPosition(1, 3))
-    consistent = {p.seq: p.consistent for p in replica.points()}
+    consistent = {p.seq: p.consistent for p in (await replica.history.points())}
     assert consistent == {1: True, 2: False, 3: True}
 
 
@@ -141,16 +141,16 @@ async def test_a_corrupt_undo_file_fails_only_the_points_that_need_it(
     data[len(data) // 2] ^= 0x01
     newest.write_bytes(bytes(data))
     target_before = (tmp_path / "target.vmdk").read_bytes()
-    points = replica.points()
+    points = await replica.history.points()
     output = tmp_path / "old.raw"
     with pytest.raises(ProtocolError, match=newest.name) as refused:
-        await replica.recover(points[0], output, "raw")
+        await replica.history.recover(points[0], output, "raw")
     assert refused.value.code == "authentication-failed"
     assert not output.exists()  # the name asked for never holds a wrong disk
     assert (tmp_path / "old.raw.incomplete").exists()
     with pytest.raises(ProtocolError, match=newest.name):
-        await replica.failover(points[0])
+        await replica.history.failover(points[0])
     assert (tmp_path / "target.vmdk").read_bytes() == target_before
     latest = tmp_path / "latest.raw"
-    await replica.recover(points[-1], latest, "raw")
+    await replica.history.recover(points[-1], latest, "raw")
     assert_image_holds(latest, snapshots[(points[-1].seq, points[-1].name)])

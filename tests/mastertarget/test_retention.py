@@ -62,7 +62,7 @@ async def test_old_points_go_and_the_rest_stay_recoverable(
     journal = tmp_path / "retention" / "journal" / "d0"
     files_before = len(list(journal.glob("*.undo")))
     await mt.housekeep()
-    kept = replica.points()
+    kept = await replica.history.points()
     assert [p.seq for p in kept] == sorted(snapshots)[5:]
     assert len(list(journal.glob("*.undo"))) < files_before
     assert _gauge(mt, "blockrepl_mastertarget_pruned_points_total", disk="d0",
@@ -70,7 +70,7 @@ async def test_old_points_go_and_the_rest_stay_recoverable(
     assert _gauge(mt, "blockrepl_mastertarget_retention_window_seconds", disk="d0") < 60
     for point in kept:
         out = tmp_path / f"r{point.seq}.raw"
-        await replica.recover(point, out, "raw")
+        await replica.history.recover(point, out, "raw")
         assert_image_holds(out, snapshots[point.seq])
 
 

@@ -23,10 +23,9 @@ from typing import TypedDict
 
 import pytest
 
-from mastertarget.errors import RetentionVolumeError
+from mastertarget.errors import RetentionCriterion, RetentionVolumeError
+from mastertarget.retention_lock import LOCK_FILE_NAME
 from mastertarget.retention_volume import (
-    LOCK_FILE_NAME,
-    Criterion,
     check_retention_volume,
     installed_package_dir,
     usage,
@@ -285,7 +284,7 @@ def test_usage_of_a_missing_directory_is_refused(tmp_path: Path) -> None:
 
 def test_missing_directory_is_refused(tmp_path: Path, local_dirs: LocalDirs) -> None:
     error = _refusal(tmp_path / "retention", targets=[], **local_dirs)
-    assert error.criterion == Criterion.MISSING
+    assert error.criterion == RetentionCriterion.MISSING
     assert error.message == (
         f"retention directory {tmp_path / 'retention'} does not exist: expected a directory"
         " on a volume of its own (mount the retention volume there)"
@@ -297,7 +296,7 @@ def test_a_file_is_not_a_directory(tmp_path: Path, local_dirs: LocalDirs) -> Non
     file = tmp_path / "retention"
     file.write_bytes(b"")
     error = _refusal(file, targets=[], **local_dirs)
-    assert error.criterion == Criterion.NOT_A_DIRECTORY
+    assert error.criterion == RetentionCriterion.NOT_A_DIRECTORY
     assert error.message == (
         f"retention directory {file} is not a directory: expected a directory,"
         f" found a regular file ({file})"
@@ -308,7 +307,7 @@ def test_zero_capacity_is_refused_on_a_real_pseudo_file_system(
     local_dirs: LocalDirs,
 ) -> None:
     error = _refusal("/proc", targets=[], **local_dirs)
-    assert error.criterion == Criterion.ZERO_CAPACITY
+    assert error.criterion == RetentionCriterion.ZERO_CAPACITY
     assert error.message == (
         "retention directory /proc has zero capacity: statvfs reports 0 blocks on the proc"
         " file system mounted at /proc; expected a volume with a fixed, non-zero size"
@@ -324,7 +323,7 @@ def test_read_only_mount_is_refused(
         f"2 1 8:1 / {_escape(other_volume)} ro,relatime - ext4 /dev/sdb1 rw",
     )
     error = _refusal(other_volume, targets=[], mountinfo=table, **local_dirs)
-    assert error.criterion == Criterion.NOT_WRITABLE
+    assert error.criterion == RetentionCriterion.NOT_WRITABLE
     assert error.message == (
         f"retention directory {other_volume} is not writable: its mount {other_volume}"
         " (ext4) is read-only"
@@ -353,7 +352,7 @@ def test_directory_without_write_permission_is_refused(
         finally:
             other_volume.chmod(0o700)
         criterion, message = error.criterion, error.message
-    assert criterion == Criterion.NOT_WRITABLE
+    assert criterion == RetentionCriterion.NOT_WRITABLE
     owner = other_volume.stat()
     assert message == (
         f"retention directory {other_volume} is not writable by uid {uid}: found mode"
@@ -376,7 +375,7 @@ def test_fat_family_file_systems_are_refused(
         f"40 27 8:17 / {_escape(retention)} rw,relatime shared:12 - {fstype} /dev/sdb1 rw",
     )
     error = _refusal(retention, targets=[], mountinfo=table, **local_dirs)
-    assert error.criterion == Criterion.FAT_FILE_SYSTEM
+    assert error.criterion == RetentionCriterion.FAT_FILE_SYSTEM
     assert error.message == (
         f"retention directory {retention} is on a {fstype} file system (mount {retention}):"
         " FAT, FAT32 and exFAT volumes cannot hold a retention journal (no metadata journal,"
@@ -407,7 +406,7 @@ def test_cache_volume_is_refused_even_before_the_cache_exists(
     retention.mkdir()
     cache = other_volume / "cache" / "inbox"  # not made yet: judged by /dev/shm/...
     error = _refusal(retention, cache_dir=cache, install_dir=local_dirs["install_dir"], targets=[])
-    assert error.criterion == Criterion.CACHE_VOLUME
+    assert error.criterion == RetentionCriterion.CACHE_VOLUME
     device = other_volume.stat().st_dev
     assert error.message == (
         f"retention directory {retention} is on the same volume as the cache directory {cache}"
@@ -422,7 +421,7 @@ def test_install_volume_is_refused(
     error = _refusal(
         other_volume, cache_dir=local_dirs["cache_dir"], install_dir=other_volume, targets=[]
     )
-    assert error.criterion == Criterion.INSTALL_VOLUME
+    assert error.criterion == RetentionCriterion.INSTALL_VOLUME
     assert f"same volume as the install directory {other_volume}" in error.message
 
 
@@ -437,7 +436,7 @@ def test_same_mount_entry_is_one_volume_even_when_st_dev_differs(
     # table puts both paths on the one mount "/".
     table = _fake_table(tmp_path, "1 0 0:99 / / rw - overlay overlay rw")
     error = _refusal(other_volume, targets=[], mountinfo=table, **local_dirs)
-    assert error.criterion == Criterion.CACHE_VOLUME
+    assert error.criterion == RetentionCriterion.CACHE_VOLUME
     assert "(both on the overlay mount /)" in error.message
 
 
@@ -451,7 +450,7 @@ def test_one_file_system_at_two_mount_points_is_one_volume(
         f"2 1 254:0 /srv/retention {_escape(other_volume)} rw - ext4 /dev/vda rw",
     )
     error = _refusal(other_volume, targets=[], mountinfo=table, **local_dirs)
-    assert error.criterion == Criterion.CACHE_VOLUME
+    assert error.criterion == RetentionCriterion.CACHE_VOLUME
     assert f"(one file system, device 254:0, mounted at {other_volume} and /)" in error.message
 
 
@@ -470,7 +469,7 @@ def test_target_file_on_the_retention_volume_is_refused(
         target.write_bytes(b"\0" * 512)
     elsewhere = local_dirs["install_dir"].parent / "vm02.raw"
     error = _refusal(retention, targets=[elsewhere, target], **local_dirs)
-    assert error.criterion == Criterion.REPLICATION_TARGET
+    assert error.criterion == RetentionCriterion.REPLICATION_TARGET
     device = other_volume.stat().st_dev
     assert error.message == (
         f"retention directory {retention} is in use as a replication target: target {target}"
@@ -495,7 +494,7 @@ def test_target_block_device_holding_the_retention_directory_is_refused(
     device = other_volume.stat().st_dev
     target = _block_node(tmp_path, device)
     error = _refusal(other_volume, targets=[target], **local_dirs)
-    assert error.criterion == Criterion.REPLICATION_TARGET
+    assert error.criterion == RetentionCriterion.REPLICATION_TARGET
     mount = find_mount(read_mount_table(), str(other_volume)).mount_point
     assert error.message == (
         f"retention directory {other_volume} is in use as a replication target: target"
@@ -523,7 +522,7 @@ def test_target_disk_whose_partition_holds_the_retention_directory_is_refused(
     error = _refusal(
         other_volume, targets=[unrelated, target], sys_dev_block=by_number, **local_dirs
     )
-    assert error.criterion == Criterion.REPLICATION_TARGET
+    assert error.criterion == RetentionCriterion.REPLICATION_TARGET
     assert f"target {target} is the disk 7:99, a partition of which holds it" in error.message
 
 
@@ -540,13 +539,15 @@ def test_allow_shared_volume_lifts_only_the_same_volume_rules(
     with volume.lock:
         assert volume.device == tmp_path.stat().st_dev
         error = _refusal(retention, targets=[], allow_shared_volume=True, **local_dirs)
-        assert error.criterion == Criterion.LOCKED
+        assert error.criterion == RetentionCriterion.LOCKED
     # A target device that holds the directory is never allowed.
     node = _block_node(tmp_path, tmp_path.stat().st_dev)
     error = _refusal(retention, targets=[node], allow_shared_volume=True, **local_dirs)
-    assert error.criterion == Criterion.REPLICATION_TARGET
+    assert error.criterion == RetentionCriterion.REPLICATION_TARGET
     # Without the flag, the same layout is refused.
-    assert _refusal(retention, targets=[], **local_dirs).criterion == Criterion.CACHE_VOLUME
+    assert (
+        _refusal(retention, targets=[], **local_dirs).criterion == RetentionCriterion.CACHE_VOLUME
+    )
 
 
 # --- the lock -------------------------------------------------------------------------
@@ -557,7 +558,7 @@ def test_a_second_check_in_the_same_process_is_refused(
 ) -> None:
     with check_retention_volume(other_volume, targets=[], **local_dirs).lock:
         error = _refusal(other_volume, targets=[], **local_dirs)
-    assert error.criterion == Criterion.LOCKED
+    assert error.criterion == RetentionCriterion.LOCKED
     assert error.message == (
         f"retention directory {other_volume} is locked: another master target"
         f" (pid {os.getpid()} on host {os.uname().nodename}) holds"
@@ -579,7 +580,7 @@ def test_lock_held_by_another_process_is_refused_until_it_dies(
         assert holder.stdout is not None
         assert holder.stdout.readline() == "locked\n"
         error = _refusal(other_volume, targets=[], **local_dirs)
-        assert error.criterion == Criterion.LOCKED
+        assert error.criterion == RetentionCriterion.LOCKED
         assert f"(pid {holder.pid} on host " in error.message
         assert f"holds {other_volume / LOCK_FILE_NAME};" in error.message
     finally:
@@ -617,7 +618,7 @@ def test_a_symlink_in_place_of_the_lock_file_is_not_followed(
     victim.write_text("keep me\n")
     (other_volume / LOCK_FILE_NAME).symlink_to(victim)
     error = _refusal(other_volume, targets=[], **local_dirs)
-    assert error.criterion == Criterion.NOT_WRITABLE
+    assert error.criterion == RetentionCriterion.NOT_WRITABLE
     assert f"cannot open the lock file {other_volume / LOCK_FILE_NAME}" in error.message
     assert victim.read_text() == "keep me\n"
 
