@@ -23,7 +23,7 @@ from runtime.config import (
     load_config,
 )
 
-#: The agent's metrics listener (DESIGN.md).
+#: The agent's metrics listener (docs/design.md).
 DEFAULT_METRICS_PORT: Final = 9103
 #: Where the agent keeps each disk's stream position, journal and sync progress.
 DEFAULT_STATE_DIR: Final = Path("/var/lib/blockrepl/agent")
@@ -77,13 +77,13 @@ DEFAULT_NBDKIT_START_TIMEOUT_S: Final = 30.0
 DEFAULT_HOLD_MAX_S: Final = 10.0
 
 #: Tags: crash-consistent every 5 minutes and app-consistent every 60 (the
-#: failback policy of the seeds; DESIGN.md), writes held at most 5 s for a
+#: failback policy of the seeds; docs/design.md), writes held at most 5 s for a
 #: round, applications frozen at most 10 s (as VSS allows a writer).
 DEFAULT_CRASH_INTERVAL_S: Final = 300.0
 DEFAULT_APP_INTERVAL_S: Final = 3600.0
 DEFAULT_ROUND_TIMEOUT_S: Final = 5.0
 DEFAULT_FREEZE_MAX_S: Final = 10.0
-#: The shortest interval between tags: a second, as DESIGN.md asks ("aim for seconds").
+#: The shortest interval between tags: a second, as docs/design.md asks ("aim for seconds").
 MIN_TAG_INTERVAL_S: Final = 1.0
 
 #: The longest a group round holds writes on any member: every write of

@@ -15,7 +15,7 @@ or the capture's resync).
 
 Every batch of a pass carries the stream flag RESYNC and the last one
 RESYNC_END, so the master target offers no recovery point inside an
-unfinished pass and keeps the last good one (DESIGN.md invariant 6).
+unfinished pass and keeps the last good one (docs/design.md invariant 6).
 
 **Resume.** The pass's cursor — every differing chunk before it is in the
 journal — is kept durably (agent/state.py); a pass that was interrupted

@@ -22,7 +22,7 @@ applies nothing until it is protected again, and nothing is applied while a
 failover or anything else holds the applier (``suspended``).
 
 After a target error the group is applied again, whole, after a wait
-(DESIGN.md crash-safe checklist item 4: never "retry the fsync and carry
+(docs/design.md crash-safe checklist item 4: never "retry the fsync and carry
 on"): :data:`RETRY_FIRST_S`, doubled after each wait that ran out, up to
 :data:`RETRY_MAX_S`; back to the first once a group applies, or when a wait
 is cut short (the daemon stops, or pruning made room on the retention

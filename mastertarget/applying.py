@@ -6,7 +6,7 @@ release the GIL). For a group of files the applier:
 1. verifies each whole ahead of time (protocol/hrl.py ``open_hrl``) and checks
    its header against its place in the stream;
 2. makes the before-images of each segment durable in the retention journal
-   before the segment's first write (DESIGN.md invariant 3);
+   before the segment's first write (docs/design.md invariant 3);
 3. applies the records in order (mastertarget/apply.py) and flushes the
    target once;
 4. commits the applied marker, the group's recovery points, its undo index
@@ -266,7 +266,7 @@ class DiskApplier:
         """Journal, apply, flush once, mark once (blocking; on an executor thread).
 
         Each segment's before-images are durable in the journal before its
-        first write is issued (DESIGN.md invariant 3); the marker, the new
+        first write is issued (docs/design.md invariant 3); the marker, the new
         points, the undo index and the state commit together after the flush.
         """
         now = time.time_ns()

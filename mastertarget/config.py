@@ -23,9 +23,9 @@ from runtime.config import (
     load_config,
 )
 
-#: The data port of the master target (DESIGN.md).
+#: The data port of the master target (docs/design.md).
 DEFAULT_PORT: Final = 9444
-#: The metrics listener of the master target (DESIGN.md).
+#: The metrics listener of the master target (docs/design.md).
 DEFAULT_METRICS_PORT: Final = 9102
 #: Where the retention journal, the recovery-point catalog and the applied
 #: markers live on Linux (the failback policy of the seeds).

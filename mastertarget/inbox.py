@@ -8,7 +8,7 @@ sort in stream order::
 
 A file is stored with the crash-safe write of runtime/crashsafe.py (temp file,
 fsync, rename, directory fsync) before the PUT that brought it is answered:
-DESIGN.md invariant 1. After it is applied and the marker moved, it is
+docs/design.md invariant 1. After it is applied and the marker moved, it is
 unlinked without a directory fsync: if the unlink is lost in a crash, the
 file's seqs are at or below the marker at start-up and it is removed again.
 

@@ -2,7 +2,7 @@
 
 Before a segment's first write reaches the target, the bytes it will change
 are read from the target, sealed into undo files (protocol/undo.py) and made
-durable (DESIGN.md invariant 3)::
+durable (docs/design.md invariant 3)::
 
     RETENTION_DIR/journal/DISK/GGGG…-FFFF…-LLLL…-CCCCCCC.undo
                                 gen    first  last  chunk

@@ -5,7 +5,7 @@ rebuilt exactly: the state after applying every record up to and including
 ``seq`` of ``generation``. The master target records one at the end of every
 applied HRL file (crash-consistent for a single-disk machine) and one at
 every TAG record (named: crash, app or group). A point inside an unfinished
-resync pass is recorded as not consistent and never offered (DESIGN.md
+resync pass is recorded as not consistent and never offered (docs/design.md
 invariant 6).
 """
 

@@ -1,6 +1,6 @@
 """Point SPECs: how an operator names a recovery point, and which point that picks.
 
-``mastertarget points/recover/failover --point SPEC`` takes one of (DESIGN.md):
+``mastertarget points/recover/failover --point SPEC`` takes one of (docs/design.md):
 
 ==================  ==========================================================
 ``latest``          the newest consistent point. Callers drain the inbox
@@ -16,7 +16,7 @@ ISO-8601 time       the newest consistent point captured at or before it,
 ``tag:NAME``        the newest consistent point tagged NAME (names may repeat).
 ==================  ==========================================================
 
-Only consistent points are ever chosen (DESIGN.md invariant 6). "Newest" is
+Only consistent points are ever chosen (docs/design.md invariant 6). "Newest" is
 the largest ``(generation, seq)``: the stream order is the truth, clocks are
 not. Times are compared with ``capture_ns``, the source's clock, because an
 operator names the moment on the protected machine ("just before the bad
@@ -384,7 +384,7 @@ def _why_no_tag(name: str, points: Sequence[RecoveryPoint], consistent: list[Rec
     if any(p.name == name for p in points):
         return (
             f"tag {name!r} is only on points taken during a resync, which are not offered"
-            " (DESIGN.md invariant 6)"
+            " (docs/design.md invariant 6)"
         )
     names = _tag_names(consistent)
     if not names:

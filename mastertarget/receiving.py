@@ -4,7 +4,7 @@ the inbox, and the received position.
 A file is admitted by its place after what the disk holds
 (protocol/sequencing.py): only the next one is stored. It is stored with the
 crash-safe write of mastertarget/inbox.py before the PUT is answered
-(DESIGN.md invariant 1), then queued (mastertarget/pending.py) for the
+(docs/design.md invariant 1), then queued (mastertarget/pending.py) for the
 applier, which takes files from the head of the queue and tells the receiver
 what it applied, quarantined or rolled back.
 

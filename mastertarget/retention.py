@@ -5,7 +5,7 @@ seeds) go, oldest first, with the undo data only they needed. When the
 retention volume fills past its high-water mark, the oldest history goes
 early, a tenth of the points at a time, until usage is back under the
 low-water mark; what the window then falls short of is a metric and a log
-line. Replication never stops to save history (DESIGN.md invariant 5).
+line. Replication never stops to save history (docs/design.md invariant 5).
 
 A point's age is counted as the RPO counts it (docs/recovery-points.md): from
 ``min(capture_ns, applied_ns)``, so a source clock running ahead cannot keep a

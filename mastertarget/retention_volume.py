@@ -53,13 +53,13 @@ from runtime.mounts import (
 
 StrPath = str | os.PathLike[str]
 
-#: The retention directory on Linux when the config names none (DESIGN.md policy table).
+#: The retention directory on Linux when the config names none (docs/design.md policy table).
 DEFAULT_RETENTION_DIR: Final = Path("/mnt/retention")
 #: File system types refused (mount table names, lower case). The seed names
 #: FAT and FAT32 (Linux: vfat, msdos, and fat/umsdos on old kernels). exFAT is
 #: refused too, for the same reasons: no metadata journal, so a crash can lose
 #: the renames and directory entries the journal's crash safety rests on (the
-#: DESIGN.md checklist), and no owners or modes, so journal files cannot be
+#: docs/design.md checklist), and no owners or modes, so journal files cannot be
 #: kept private to the master target.
 FAT_FILE_SYSTEMS: Final = frozenset({"vfat", "msdos", "fat", "umsdos", "exfat"})
 

@@ -2,7 +2,7 @@
 
 **RPO** of a disk is the age of its newest recovery point on the master
 target, counted from when the source captured it, compared with a threshold
-(DESIGN.md: 15 minutes by default). Above it the disk's health is
+(docs/design.md: 15 minutes by default). Above it the disk's health is
 ``rpo-exceeded``; each crossing, up and down, logs exactly one line.
 
 **Clock skew never hides a violation.** ``capture_ns`` is read on the source
@@ -46,7 +46,7 @@ HEALTH_RPO_EXCEEDED: Final = "rpo-exceeded"
 #: The health state of a disk within its RPO threshold.
 HEALTH_OK: Final = "ok"
 
-#: Default RPO threshold (DESIGN.md policy numbers: 15 minutes).
+#: Default RPO threshold (docs/design.md policy numbers: 15 minutes).
 DEFAULT_RPO_THRESHOLD_S: Final = 15 * 60.0
 
 #: Source clock ahead by more than this logs a warning. NTP keeps clocks

@@ -3,7 +3,7 @@
 Specified in docs/api.md. Every request comes over mutual TLS 1.3; the
 middleware names the client from its certificate and refuses (403) anyone the
 config does not list as a process server before a handler runs, so no byte of
-an unauthorised body is read, let alone decoded (DESIGN.md invariant 7).
+an unauthorised body is read, let alone decoded (docs/design.md invariant 7).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ replication state, in sqlite on the retention volume.
 
 sqlite in WAL mode with ``synchronous=FULL``: a commit returns only after the
 write-ahead log is fsynced, so a marker that was committed survives power
-loss (DESIGN.md crash-safe checklist item 7: the applied marker is written
+loss (docs/design.md crash-safe checklist item 7: the applied marker is written
 only after the data it covers is durable — the applier flushes the target
 first). The recovery-point catalog of the retention journal lives in the same
 database, so a marker and the points it makes honest commit together.

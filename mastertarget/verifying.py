@@ -6,7 +6,7 @@ mastertarget/apply.py ``check_file``): :data:`PREFETCH_FILES` and
 :data:`PREFETCH_BYTES` at most. Files whose verification is done when a
 group starts are applied together, with one flush and one marker commit:
 under load the fsyncs per file fall below one, idle the latency stays one
-file. Nothing unverified is ever applied (DESIGN.md invariant 4).
+file. Nothing unverified is ever applied (docs/design.md invariant 4).
 
 Threads: the verifications in flight (their futures) are owned by the event
 loop. Each verification runs on an executor thread with the file's entry,

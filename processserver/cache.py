@@ -8,7 +8,7 @@
 Files are stored by **group commit** (:meth:`Cache.store_group`): every file
 of a group is written under a temp name and fsynced, renamed into place, and
 then each directory that gained a file is fsynced once. A batch is
-acknowledged only after its group returned (DESIGN.md invariant 1); many
+acknowledged only after its group returned (docs/design.md invariant 1); many
 concurrent requests share the directory fsyncs. A shipped file is deleted
 only after the master target's 200, without a directory fsync: if the delete
 is lost in a crash, the file is shipped again and the master target answers

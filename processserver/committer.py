@@ -6,7 +6,7 @@ durable on the executor, new submissions gather; the next group takes all of
 them. A group is durable when every file was fsynced and renamed, each
 directory that gained a file was fsynced once, and the new positions were
 committed to the position database: only then is any request of it
-answered (DESIGN.md invariant 1). If any step fails, every request of the
+answered (docs/design.md invariant 1). If any step fails, every request of the
 group fails (503) and none is acknowledged.
 """
 

@@ -23,9 +23,9 @@ from runtime.config import (
     load_config,
 )
 
-#: The data port agents send to (DESIGN.md, as in the seeds).
+#: The data port agents send to (docs/design.md, as in the seeds).
 DEFAULT_PORT: Final = 9443
-#: The metrics listener of the process server (DESIGN.md).
+#: The metrics listener of the process server (docs/design.md).
 DEFAULT_METRICS_PORT: Final = 9101
 #: Where HRL files wait to be shipped: the process server's cache volume.
 DEFAULT_CACHE_DIR: Final = Path("/var/cache/blockrepl/processserver")

@@ -67,7 +67,7 @@ class DiskPosition:
         a file of an older one, shipped or dropped after the agent started a
         newer generation, moves nothing. Taken as a seq of the new generation
         it would let the agent trim journal entries the master target does
-        not hold (DESIGN.md invariant 1).
+        not hold (docs/design.md invariant 1).
         """
         if generation != self.acked.generation:
             return self

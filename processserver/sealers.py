@@ -3,7 +3,7 @@
 zstd and AES-GCM release the GIL, so the executor's threads seal batches of
 many disks at once; a zstd context is not thread-safe, so each thread keeps
 a sealer of its own (protocol/hrl.py). Each file is sealed under a key and
-nonce of its own, derived from a fresh random salt (DESIGN.md invariant 8).
+nonce of its own, derived from a fresh random salt (docs/design.md invariant 8).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Specified in docs/api.md. Every request comes over mutual TLS 1.3; the
 middleware names the machine from its client certificate and refuses (403)
 a request for a disk the config does not give that machine, before a handler
-runs: no byte of its body is read (DESIGN.md invariant 7).
+runs: no byte of its body is read (docs/design.md invariant 7).
 
 The handlers get what they use through the application's typed keys
 (:func:`build_app`): the disks' streams, who owns which disk, the

@@ -2,7 +2,7 @@
 
 One task per disk takes the disk's cached files oldest first and PUTs them
 to the master target (docs/api.md), a bounded number at a time over all
-disks. A file is deleted only after the master target's 200 (DESIGN.md
+disks. A file is deleted only after the master target's 200 (docs/design.md
 invariant 1). On a refusal the master target's answer decides, as
 protocol/reaction.py says:
 

@@ -2,7 +2,7 @@
 and the only code that changes either.
 
 Every change of a disk's position is one named operation of
-:class:`DiskStream`, and each writes what it must, in the order DESIGN.md
+:class:`DiskStream`, and each writes what it must, in the order docs/design.md
 invariant 1 and crash-safe checklist item 3 ask, before anything relies on
 the new position:
 

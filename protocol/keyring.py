@@ -2,7 +2,7 @@
 
 Each HRL file is encrypted under a key and nonce of its own, derived with
 HKDF-SHA256 from the data key named by the header's key id and the header's
-random 32-byte salt (DESIGN.md invariant 8). Two files share a (key, nonce)
+random 32-byte salt (docs/design.md invariant 8). Two files share a (key, nonce)
 pair only if their salts collide, which for 256 random bits does not happen;
 within one file the nonce is used once. Key ids let a deployment rotate: new
 files use the active key, old files still name the key that sealed them.

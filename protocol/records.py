@@ -48,7 +48,7 @@ class StreamFlags(IntFlag):
 
     #: The records come from a resync pass (initial replication or checksum
     #: resync): the target is not consistent anywhere inside the pass, so no
-    #: recovery point may be offered there (DESIGN.md invariant 6).
+    #: recovery point may be offered there (docs/design.md invariant 6).
     RESYNC = 0x01
     #: This batch ends the resync pass: after its last record the target is
     #: consistent again. Only valid together with RESYNC.

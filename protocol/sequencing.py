@@ -1,5 +1,5 @@
 """Where a run of records fits in a disk's stream: the ordering rule of
-DESIGN.md invariant 2, as one pure function both daemons use.
+docs/design.md invariant 2, as one pure function both daemons use.
 
 A disk's stream is totally ordered by ``(generation, seq)``. A receiver knows
 its position: the generation it is in and the last seq it holds durably.

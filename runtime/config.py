@@ -84,7 +84,7 @@ def check_https_url(name: str, url: str) -> None:
 
     The clients put their API paths after it; a path, query, fragment or
     user name in the config would be silently dropped or end up in every
-    request, and plain http would break mutual TLS (DESIGN.md invariant 7).
+    request, and plain http would break mutual TLS (docs/design.md invariant 7).
 
     Raises:
         FieldValueError: naming ``name``, when it is not.

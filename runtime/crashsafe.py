@@ -1,4 +1,4 @@
-"""Crash-safe file writes: the checklist of DESIGN.md as small functions.
+"""Crash-safe file writes: the checklist of docs/design.md as small functions.
 
 Checklist items implemented here:
 

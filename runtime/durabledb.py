@@ -1,5 +1,5 @@
 """sqlite as the daemons keep their markers: WAL mode with ``synchronous=FULL``,
-so a committed transaction survives power loss (DESIGN.md crash-safe
+so a committed transaction survives power loss (docs/design.md crash-safe
 checklist item 7), one connection shared by threads under a lock, a schema
 version that a newer file refuses, and every sqlite error turned into a
 :class:`~runtime.errors.DurabilityError` that names the file.

@@ -55,7 +55,7 @@ class BodyTimeoutError(BlockreplError):
 class DurabilityError(BlockreplError):
     """A write, fsync, rename or unlink failed: the data must be treated as lost.
 
-    DESIGN.md crash-safe checklist item 4: after a failed fsync the kernel may
+    docs/design.md crash-safe checklist item 4: after a failed fsync the kernel may
     have dropped the dirty pages, so a retry that succeeds proves nothing. The
     caller fails the batch (503: the sender keeps it and sends it again) or
     restarts and recovers; it never carries on.

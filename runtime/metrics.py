@@ -1,6 +1,6 @@
 """The Prometheus metrics and health listener every daemon runs beside its data port.
 
-A plain-HTTP aiohttp server (DESIGN.md "Metrics and health"; 127.0.0.1:9101
+A plain-HTTP aiohttp server (docs/design.md "Metrics and health"; 127.0.0.1:9101
 for the process server, 9102 for the master target, 9103 for the agent):
 
 * ``GET /metrics``: the daemon's own :class:`~prometheus_client.CollectorRegistry`

@@ -3,7 +3,7 @@
 Written to standard error, and only when it is a terminal: a log file, a
 pipe or journald gets the summary line and nothing else. The line is
 redrawn in place at most :data:`REDRAW_S` apart and erased at the end.
-Every command that can take long draws its progress with it (DESIGN.md,
+Every command that can take long draws its progress with it (docs/design.md,
 "Names, ports, commands"): ``blockrepl agent sync`` with
 :class:`ProgressLine`, a copy that reports ``(done, total)`` with
 :func:`copy_progress`.

@@ -1,4 +1,4 @@
-"""Mutual TLS 1.3 with the deployment's private CA (DESIGN.md invariant 7).
+"""Mutual TLS 1.3 with the deployment's private CA (docs/design.md invariant 7).
 
 Every data connection (agent -> process server on 9443, process server ->
 master target on 9444) is TLS 1.3 in both directions of trust: the server

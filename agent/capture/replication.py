@@ -15,7 +15,7 @@ journaled (acknowledged JOURNALED) or only left dirty (DIRTY) — never lost:
 A request left dirty means the target misses a write that later ones may
 follow: from then until a resync pass ends, every batch carries the stream
 flag RESYNC (the *window*, held by :class:`~agent.capture.window.ResyncWindow`),
-so the master target offers no recovery point there (DESIGN.md invariant 6).
+so the master target offers no recovery point there (docs/design.md invariant 6).
 The pass's last batch carries RESYNC_END.
 
 The plugin keeps the dirty map; this side tells it what became clean:

@@ -5,7 +5,7 @@ source write that failed, an unclean start, a new generation whose journal
 is gone) leaves the target missing something that later writes may follow.
 From then until a resync pass has read every such region again, every batch
 carries the stream flag RESYNC — the *window* — and the master target offers
-no recovery point inside it (DESIGN.md invariant 6). The pass's last batch
+no recovery point inside it (docs/design.md invariant 6). The pass's last batch
 carries RESYNC_END, but only if nothing was left dirty meanwhile; otherwise
 the window stays open for the next pass. Nothing else closes the window, so
 a pass is due whenever it is open, even with no region to read again.

@@ -1,5 +1,5 @@
 """The deployment's private certificate authority: what ``blockrepl certs`` runs
-(DESIGN.md invariant 7).
+(docs/design.md invariant 7).
 
 ``blockrepl certs init`` makes, in one directory: the CA (``ca.pem``,
 ``ca.key``) and the two server certificates (``processserver.pem/.key``,

@@ -6,7 +6,7 @@ five operations. Back-ends: raw image files and block devices
 (:mod:`mastertarget.disks.vmdk`). :func:`mastertarget.disks.open_disk` picks
 one by the configured format.
 
-Durability contract (DESIGN.md invariants 1 and 3): after :meth:`flush`
+Durability contract (docs/design.md invariants 1 and 3): after :meth:`flush`
 returns, every write and zero issued before it survives power loss, including
 any metadata the back-end needed to make it readable (a sparse VMDK's grain
 tables). Before :meth:`flush`, a crash may leave any subset of the writes,
@@ -29,7 +29,7 @@ class FailureLatch:
     """What makes a target disk unusable once a write, zero or flush failed.
 
     A failed write or fsync means the changes since the last flush are gone
-    (DESIGN.md crash-safe checklist item 4): going on would ack data that is
+    (docs/design.md crash-safe checklist item 4): going on would ack data that is
     not there. The disk refuses every further change until it is reopened
     and replayed from the last durable point.
 
@@ -124,7 +124,7 @@ class TargetDisk(Protocol):
 
         Raises:
             DiskIOError: fsync failed: the writes since the last flush must be
-                treated as lost (DESIGN.md crash-safe checklist item 4).
+                treated as lost (docs/design.md crash-safe checklist item 4).
         """
         ...
 

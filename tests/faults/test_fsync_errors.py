@@ -2,7 +2,7 @@
 
 After a failed fsync the kernel may have dropped the dirty pages: the data
 must count as lost, never retried on the same file and carried on with
-(DESIGN.md, crash-safe checklist). So: the request whose group failed is not
+(docs/design.md, crash-safe checklist). So: the request whose group failed is not
 acknowledged (503, the sender sends it again), no partial or temporary file
 stays, the daemon keeps serving, and when the disk works again everything
 ends applied and identical. ``BLOCKREPL_FAIL_FSYNC`` (runtime/crashpoints.py)

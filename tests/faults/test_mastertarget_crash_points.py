@@ -3,7 +3,7 @@ undo file is written, once the undo is durable, after the target is written,
 after it is flushed, after the marker commits — then restart and resend.
 Every recovery point listed afterwards must rebuild the disk exactly as it
 was at that point: a before-image captured again after a partial apply would
-hold new data and break the points before it (DESIGN.md invariant 3)."""
+hold new data and break the points before it (docs/design.md invariant 3)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ of the image taken while the master target is frozen is what a power cut at
 that instant leaves. The master target restarts on the copy each time, and
 the stream goes on from the seq it says it received. It must still hold
 every file it answered 200 for, and at the end every recovery point must
-rebuild the disk exactly as it was at that point (DESIGN.md invariants 1
+rebuild the disk exactly as it was at that point (docs/design.md invariants 1
 and 3).
 """
 

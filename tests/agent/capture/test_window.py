@@ -18,7 +18,7 @@ until it is in the stream (or failed). Only what does not take the lock
 comes in between: a failed source write (the socket reader takes FAILED as
 it comes), a pass starting, reading or failing.
 
-The invariants are DESIGN.md invariant 6, "points are honest":
+The invariants are docs/design.md invariant 6, "points are honest":
 
 - every point the master target would offer (a tag outside its window, the
   end of a batch that leaves it closed) and every tag the agent calls

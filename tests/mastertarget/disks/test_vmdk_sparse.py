@@ -175,7 +175,7 @@ class PowerLossFile(DiskFile):
     It keeps the content made durable by the last sync and the writes,
     truncates and zeros issued since. At every sync it saves the images a
     power loss just before that sync could leave: none of those changes, each
-    one alone, and all of them (DESIGN.md crash-safe checklist item 8).
+    one alone, and all of them (docs/design.md crash-safe checklist item 8).
     """
 
     durable: bytearray
