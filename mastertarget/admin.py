@@ -38,9 +38,9 @@ from protocol.admin_api import (
     GroupRecoverRequest,
     RecoverRequest,
 )
-from protocol.api import ErrorBody
 from protocol.errors import BlockreplError, MalformedError
 from protocol.sequencing import StreamPosition
+from runtime.apiserver import exception_answer
 from runtime.bodies import small_body
 
 #: Admin request bodies are small JSON objects.
@@ -83,16 +83,12 @@ async def _drain(replica: DiskReplica) -> None:
         ) from None
 
 
-def _error(exc: BlockreplError) -> web.Response:
-    return web.json_response(ErrorBody.of(exc).to_json(), status=exc.http_status)
-
-
 async def get_points(request: web.Request) -> web.StreamResponse:
     replica = replica_or_404(request)
     try:
         limit = parse_limit(request.query.get("limit"))
     except BlockreplError as exc:
-        return _error(exc)
+        return exception_answer(exc)
     answer = await replica.history.listing(limit)
     return web.json_response(answer.to_json())
 
@@ -107,7 +103,7 @@ async def post_recover(request: web.Request) -> web.StreamResponse:
             with request.app[METRICS].recover_seconds.time():
                 result = await history.recover(point, Path(asked.output), asked.format)
     except BlockreplError as exc:
-        return _error(exc)
+        return exception_answer(exc)
     return web.json_response(recover_answer(result).to_json())
 
 
@@ -121,7 +117,7 @@ async def post_failover(request: web.Request) -> web.StreamResponse:
             with request.app[METRICS].failover_seconds.time():
                 result = await history.failover(point)
     except BlockreplError as exc:
-        return _error(exc)
+        return exception_answer(exc)
     return web.json_response(recover_answer(result).to_json())
 
 
@@ -133,7 +129,7 @@ async def get_group_points(request: web.Request) -> web.StreamResponse:
         group = group_of(request.app[CONFIG]().groups, request.match_info["group"])
         limit = parse_limit(request.query.get("limit"))
     except BlockreplError as exc:
-        return _error(exc)
+        return exception_answer(exc)
     loop = asyncio.get_running_loop()
     answer = await loop.run_in_executor(
         request.app[EXECUTOR], group_points_listing, request.app[CATALOG], group, limit
@@ -171,7 +167,7 @@ async def post_group_recover(request: web.Request) -> web.StreamResponse:
                 ),
             )  # fmt: skip
     except BlockreplError as exc:
-        return _error(exc)
+        return exception_answer(exc)
     return web.json_response(answer.to_json())
 
 

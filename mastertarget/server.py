@@ -26,7 +26,6 @@ from mastertarget.state import DiskState
 from protocol.api import (
     DiskList,
     DiskSummary,
-    ErrorBody,
     FailedOver,
     HrlAnswer,
     MtDiskState,
@@ -40,15 +39,19 @@ from protocol.hrl_receiver import FileReceived, HeaderReady, HrlReceiver
 from protocol.keyring import KeyRing
 from protocol.limits import GiB, MiB
 from protocol.sequencing import Fit
+from runtime.apiserver import (
+    caller,
+    decimal,
+    error_answer,
+    exception_answer,
+    forbidden,
+    query_int,
+)
 from runtime.bodies import body_pieces
-from runtime.errors import BodyTimeoutError, DurabilityError, PeerIdentityError
-from runtime.tls import connection_identity
+from runtime.errors import DurabilityError
 
 log = logging.getLogger("blockrepl.mastertarget.api")
 
-#: Seconds a sender is asked to wait when the inbox is full or a write failed:
-#: long enough for the applier to drain a few files.
-RETRY_AFTER_S: Final = 5
 #: Checksum chunks: at least a page, at most a region the resync compares at
 #: its top level.
 MIN_CHECKSUM_CHUNK: Final = 4096
@@ -68,36 +71,15 @@ DIGEST_BYTES: Final = 16
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _error(status: int, code: str, message: str, **details: object) -> web.Response:
-    return web.json_response(ErrorBody(code, message, details).to_json(), status=status)
-
-
-def _from_exception(exc: BlockreplError) -> web.Response:
-    response = web.json_response(ErrorBody.of(exc).to_json(), status=exc.http_status)
-    if exc.http_status == 503:
-        response.headers["Retry-After"] = str(RETRY_AFTER_S)
-    if isinstance(exc, BodyTimeoutError):
-        response.force_close()  # the rest of the body is not read: the connection is spent
-    return response
-
-
 @web.middleware
 async def authorise(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Refuse any client the config does not list as a process server; count answers."""
     metrics = request.app[METRICS]
-    identity: str | None = None
-    reason = "no TLS connection"
-    try:
-        if request.transport is not None:
-            identity = connection_identity(request.transport.get_extra_info("ssl_object"))
-    except PeerIdentityError as exc:
-        reason = exc.message
+    identity, reason = caller(request)
     if identity is None or identity not in request.app[CONFIG]().process_servers:
         reason = reason if identity is None else f"machine {identity!r} is not a process server"
         metrics.errors.labels("forbidden").inc()
-        refusal = _error(403, "forbidden", f"{reason}; allowed: the configured process servers")
-        refusal.force_close()  # the body stays unread: the connection cannot be reused
-        return refusal
+        return forbidden(f"{reason}; allowed: the configured process servers")
     response: web.StreamResponse = await handler(request)
     route = request.match_info.route.resource
     name = route.canonical if route is not None else "unmatched"
@@ -116,21 +98,14 @@ def _answer(answer: HrlAnswer) -> web.Response:
     return web.json_response(answer.to_json(), status=answer.status)
 
 
-def _int_segment(request: web.Request, name: str) -> int:
-    text = request.match_info[name]
-    if not text.isdigit() or len(text) > 19:
-        raise MalformedError(f"{name} in the URL must be a decimal number, found {text!r}")
-    return int(text)
-
-
 async def put_hrl(request: web.Request) -> web.StreamResponse:
     """PUT /v1/disks/{disk}/hrl/{generation}/{seq}: store one HRL file durably."""
     metrics = request.app[METRICS]
     replica = replica_or_404(request)
     receiver = replica.receiver
     try:
-        generation = _int_segment(request, "generation")
-        seq = _int_segment(request, "seq")
+        generation = decimal(request.match_info["generation"], "generation in the URL")
+        seq = decimal(request.match_info["seq"], "seq in the URL")
         if replica.state is DiskState.FAILED_OVER:
             refusal = FailedOver(
                 f"disk {replica.config.id} was failed over: it takes no more replication "
@@ -147,20 +122,18 @@ async def put_hrl(request: web.Request) -> web.StreamResponse:
         quota = request.app[CONFIG]().inbox_quota_bytes
         if receiver.inbox_bytes() + len(data) > quota:
             metrics.errors.labels("inbox-full").inc()
-            response = _error(
+            return error_answer(
                 503, "inbox-full",
                 f"disk {replica.config.id} has {receiver.inbox_bytes()} bytes waiting to be "
                 f"applied, the quota is {quota}",
             )  # fmt: skip
-            response.headers["Retry-After"] = str(RETRY_AFTER_S)
-            return response
         async with receiver.put_lock:
             verdict = await receiver.store(header, data)
     except BlockreplError as exc:
         metrics.errors.labels(exc.code).inc()
         if isinstance(exc, DurabilityError):
             log.error("disk %s: cannot store a received file: %s", replica.config.id, exc.message)
-        return _from_exception(exc)
+        return exception_answer(exc)
     if verdict.fit is Fit.DUPLICATE:
         metrics.duplicates.labels(replica.config.id).inc()
     elif verdict.fit is not Fit.NEXT:
@@ -228,27 +201,16 @@ async def get_disks(request: web.Request) -> web.StreamResponse:
     return web.json_response(disks.to_json())
 
 
-def _query_int(request: web.Request, name: str, default: int | None = None) -> int:
-    text = request.query.get(name)
-    if text is None:
-        if default is None:
-            raise MalformedError(f"query parameter {name} is required")
-        return default
-    if not text.isdigit() or len(text) > 19:
-        raise MalformedError(f"query parameter {name} must be a decimal number, found {text!r}")
-    return int(text)
-
-
 async def get_checksums(request: web.Request) -> web.StreamResponse:
     """GET /v1/disks/{disk}/checksums?offset=&length=&chunk=: XXH3-128 per chunk, streamed."""
     replica = replica_or_404(request)
     try:
-        offset = _query_int(request, "offset", 0)
-        length = _query_int(request, "length", max(0, replica.target.size - offset))
-        chunk = _query_int(request, "chunk")
+        offset = query_int(request, "offset", 0)
+        length = query_int(request, "length", max(0, replica.target.size - offset))
+        chunk = query_int(request, "chunk")
         _check_checksum_range(offset, length, chunk, replica.target.size)
     except BlockreplError as exc:
-        return _from_exception(exc)
+        return exception_answer(exc)
     response = web.StreamResponse(
         headers={
             "Content-Type": "application/octet-stream",

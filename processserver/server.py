@@ -14,7 +14,6 @@ target; nothing else of the daemon.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Final
@@ -41,10 +40,17 @@ from protocol.batch import Batch, BatchDecoder
 from protocol.errors import BlockreplError, MalformedError, ProtocolError
 from protocol.sequencing import Fit
 from runtime.answers import read_answer
+from runtime.apiserver import (
+    caller,
+    error_answer,
+    exception_answer,
+    forbidden,
+    query_int,
+    query_seconds,
+)
 from runtime.bodies import body_pieces, small_body
 from runtime.config import ConnectionTimeouts
-from runtime.errors import BodyTimeoutError, DurabilityError, PeerIdentityError
-from runtime.tls import connection_identity
+from runtime.errors import DurabilityError
 
 log = logging.getLogger("blockrepl.processserver.api")
 
@@ -60,9 +66,6 @@ CACHE: Final = web.AppKey("cache", Cache)
 MASTER_TARGET: Final = web.AppKey("master_target", MasterTargetClient)
 #: Bytes of the master target's checksum answer passed on per write.
 READ_CHUNK: Final = 256 * 1024
-#: Seconds an agent is asked to wait when the cache is full or a write
-#: failed: long enough for the shipper to drain some files.
-RETRY_AFTER_S: Final = 5
 #: A generation request is a small JSON object.
 MAX_SMALL_BODY: Final = 4096
 #: Longest a state request may wait for the shipped position to move
@@ -73,39 +76,16 @@ MAX_STATE_WAIT_S: Final = 5.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _error(status: int, code: str, message: str, **details: object) -> web.Response:
-    response = web.json_response(ErrorBody(code, message, details).to_json(), status=status)
-    if status == 503:
-        response.headers["Retry-After"] = str(RETRY_AFTER_S)
-    return response
-
-
-def _from_exception(exc: BlockreplError) -> web.Response:
-    response = _error(exc.http_status, exc.code, exc.message, **exc.details)
-    if isinstance(exc, BodyTimeoutError):
-        response.force_close()  # the rest of the body is not read: the connection is spent
-    return response
-
-
 @web.middleware
 async def authorise(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Refuse a machine asking about a disk that is not its own."""
     disk_id = request.match_info.get("disk", "")
-    machine: str | None = None
-    reason = "no TLS connection"
-    try:
-        if request.transport is not None:
-            machine = connection_identity(request.transport.get_extra_info("ssl_object"))
-    except PeerIdentityError as exc:
-        reason = exc.message
-    owner = request.app[OWNERS].get(disk_id)
-    if machine is None or owner != machine:
+    machine, reason = caller(request)
+    if machine is None or request.app[OWNERS].get(disk_id) != machine:
         if machine is not None:
             reason = f"machine {machine!r} may not write disk {disk_id!r}"
         request.app[METRICS].rejects.labels("forbidden").inc()
-        refusal = _error(403, "forbidden", reason)
-        refusal.force_close()  # the body stays unread: the connection cannot be reused
-        return refusal
+        return forbidden(reason)
     return await handler(request)
 
 
@@ -132,7 +112,7 @@ async def post_batches(request: web.Request) -> web.StreamResponse:
     stream = _stream(request)
     if cache.full:
         metrics.rejects.labels("cache-full").inc()
-        return _error(
+        return error_answer(
             503, "cache-full",
             f"the cache holds {cache.bytes} bytes, over its high mark of "
             f"{cache.high_bytes}; batches are taken again below {cache.low_bytes}",
@@ -161,9 +141,9 @@ async def post_batches(request: web.Request) -> web.StreamResponse:
         metrics.rejects.labels(exc.code).inc()
         if isinstance(exc, DurabilityError):
             log.error("disk %s: cannot cache a batch: %s", stream.disk_id, exc.message)
-        return _from_exception(exc)
+        return exception_answer(exc)
     if decoder.batches == 0:
-        return _error(400, "malformed", "the body held no batch")
+        return error_answer(400, "malformed", "the body held no batch")
     metrics.ack_seconds.observe(time.monotonic() - started)
     return _answer(stream, verdict)
 
@@ -193,37 +173,17 @@ async def get_state(request: web.Request) -> web.StreamResponse:
     stream = _stream(request)
     if "shipped" in request.query:
         try:
-            seq = _query_number(request, "shipped", int, 0, 2**63 - 1)
-            wait_s = (
-                _query_number(request, "wait_s", float, 0.0, MAX_STATE_WAIT_S)
-                if "wait_s" in request.query
-                else 0.0
-            )
+            seq = query_int(request, "shipped")
+            wait_s = query_seconds(request, "wait_s", MAX_STATE_WAIT_S)
         except MalformedError as exc:
-            return _from_exception(exc)
-        await stream.wait_shipped(int(seq), wait_s)
+            return exception_answer(exc)
+        await stream.wait_shipped(seq, wait_s)
     position = stream.position
     state = PsDiskState(
         stream.disk_id, position.acked.generation, position.acked.seq, position.shipped_seq,
         stream.backlog_bytes, stream.backlog_age_s(), position.resync_required,
     )  # fmt: skip
     return web.json_response(state.to_json())
-
-
-def _query_number(
-    request: web.Request, name: str, kind: type[int] | type[float], low: float, high: float
-) -> float:
-    """A query parameter as ``kind`` within ``low..high``."""
-    text = request.query.get(name, "")
-    try:
-        value = kind(text)
-    except ValueError:
-        raise MalformedError(
-            f"query parameter {name} must be a {kind.__name__} in {low:g}..{high:g}, found {text!r}"
-        ) from None
-    if math.isnan(value) or not low <= value <= high:
-        raise MalformedError(f"query parameter {name} must be in {low:g}..{high:g}, found {text!r}")
-    return value
 
 
 async def post_generation(request: web.Request) -> web.StreamResponse:
@@ -244,7 +204,7 @@ async def post_generation(request: web.Request) -> web.StreamResponse:
                 return web.json_response(GenerationAnswer(refusal).to_json(), status=409)
             await stream.start_generation(generation)
     except BlockreplError as exc:
-        return _from_exception(exc)
+        return exception_answer(exc)
     return web.json_response(GenerationAnswer(_position(stream)).to_json())
 
 
@@ -285,7 +245,7 @@ async def get_checksums(request: web.Request) -> web.StreamResponse:
             # until its read timeout. A cut connection tells it the answer is short.
             request.transport.close()
             return response
-        return _error(
+        return error_answer(
             503, "master-target-unreachable",
             f"the master target at {master_target.base_url} did not answer: {exc}",
         )  # fmt: skip
@@ -306,7 +266,7 @@ async def _refusal_passed_on(
         app[METRICS].rejects.labels("master-target-unreachable").inc()
         log.warning("the master target answered a checksum request with %d and a body that "
                     "breaks docs/api.md: %s", upstream.status, exc.message)  # fmt: skip
-        return _error(
+        return error_answer(
             503, "master-target-unreachable",
             f"the master target at {app[MASTER_TARGET].base_url} answered {upstream.status} with a "
             f"body that breaks docs/api.md: {exc.message}",
