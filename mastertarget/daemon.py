@@ -57,15 +57,14 @@ from mastertarget.state import StateStore
 from protocol.keyring import KeyRing
 from runtime.inflight import CANCEL_TIMEOUT_S, InFlight
 from runtime.keyfile import load_keyring
-from runtime.logs import setup_logging
 from runtime.metrics import MetricsServer, new_registry, start_metrics_server
 from runtime.reload import (
     FileContent,
     Prepared,
     ReloadMetrics,
     ReloadPlan,
-    reload_config,
-    touches,
+    prepare_server_reload,
+    reload_daemon,
 )
 from runtime.serverlog import RequestLogs
 from runtime.tls import ReloadableServerContext
@@ -330,43 +329,30 @@ class MasterTarget:
         """Reread the config file and apply what can change while running (SIGHUP).
 
         Returns:
-            False if the reload was refused (the reason is logged and the
-            running configuration stays), True otherwise.
+            False if the reload was refused (the reason is logged), True otherwise.
         """
-        running = await reload_config(
-            path=path, load=mt_config.load, running=self.config, reloadable=RELOADABLE,
-            prepare=self._prepare_reload, metrics=self.reloads, log=log,
-        )  # fmt: skip
-        if running is None:
-            return False
-        self.config = running
-        return True
+        return await reload_daemon(self, path, load=mt_config.load, reloadable=RELOADABLE, log=log)
 
-    async def _prepare_reload(self, plan: ReloadPlan[MasterTargetConfig]) -> Prepared:
+    async def prepare_reload(self, plan: ReloadPlan[MasterTargetConfig]) -> Prepared:
         """Everything of a reload that can fail; the commit it returns cannot.
 
         The quota, the window and the high-water mark are read from
         ``self.config`` where they are used, so the new config is enough for
         them; the RPO threshold and the gauges are set here.
         """
-        new = plan.config
-        server_tls, rpo = self.server_tls, self.housekeeper.rpo
-        # TLS files are read even when their names did not change: a renewed
-        # certificate usually keeps its file name.
-        server = await self._run(lambda: server_tls.prepare(new.tls))
-        restart = await self._run(lambda: self.key_file.waits_for_restart("key_file", new.key_file))
+        new, rpo = plan.config, self.housekeeper.rpo
+        common = await prepare_server_reload(
+            plan, server_tls=self.server_tls, key_file=self.key_file, executor=self.executor
+        )
 
         def commit() -> None:
-            if touches(plan, "logging"):
-                setup_logging(new.logging)
-            server.commit()
-            self.reloads.certificate_expiry.labels("server").set(server.certificate.not_after_s)
+            common.commit(self.reloads)
             rpo.threshold_s = new.rpo_threshold_s
             self.metrics.rpo_threshold.set(new.rpo_threshold_s)
             self.metrics.inbox_quota_bytes.set(new.inbox_quota_bytes)
             self.metrics.window_target.set(new.retention.window_s)
 
-        return Prepared(commit, (server.note,) if server.note else (), restart)
+        return Prepared(commit, common.notes, common.restart)
 
     async def close(self) -> None:
         """Stop taking requests, let the appliers finish the group in hand, close everything.

@@ -46,15 +46,14 @@ from processserver.stream import DiskStream, StreamParts
 from runtime.config import TlsFiles
 from runtime.inflight import CANCEL_TIMEOUT_S, InFlight
 from runtime.keyfile import load_keyring
-from runtime.logs import setup_logging
 from runtime.metrics import new_registry, start_metrics_server
 from runtime.reload import (
     FileContent,
     Prepared,
     ReloadMetrics,
     ReloadPlan,
-    reload_config,
-    touches,
+    prepare_server_reload,
+    reload_daemon,
 )
 from runtime.serverlog import RequestLogs, ServerLog
 from runtime.tls import (
@@ -252,36 +251,23 @@ class ProcessServer:
         """Reread the config file and apply what can change while running (SIGHUP).
 
         Returns:
-            False if the reload was refused (the reason is logged and the
-            running configuration stays), True otherwise.
+            False if the reload was refused (the reason is logged), True otherwise.
         """
-        running = await reload_config(
-            path=path, load=ps_config.load, running=self.config, reloadable=RELOADABLE,
-            prepare=self._prepare_reload, metrics=self.reloads, log=log,
-        )  # fmt: skip
-        if running is None:
-            return False
-        self.config = running
-        return True
+        return await reload_daemon(self, path, load=ps_config.load, reloadable=RELOADABLE, log=log)
 
-    async def _prepare_reload(self, plan: ReloadPlan[ProcessServerConfig]) -> Prepared:
+    async def prepare_reload(self, plan: ReloadPlan[ProcessServerConfig]) -> Prepared:
         """Everything of a reload that can fail; the commit it returns cannot."""
         new = plan.config
-        loop = asyncio.get_running_loop()
-        # TLS files are read even when their names did not change: a renewed
-        # certificate usually keeps its file name.
-        server = await loop.run_in_executor(self.executor, self._server_tls.prepare, new.tls)
-        client = await loop.run_in_executor(self.executor, _ClientTls.load, new.master_target.tls)
-        restart = await loop.run_in_executor(
-            self.executor, self.key_file.waits_for_restart, "key_file", new.key_file
+        common = await prepare_server_reload(
+            plan, server_tls=self._server_tls, key_file=self.key_file, executor=self.executor
         )
+        # The client certificate toward the master target, read again too.
+        loop = asyncio.get_running_loop()
+        client = await loop.run_in_executor(self.executor, _ClientTls.load, new.master_target.tls)
         renewed = renewal_note("client", client.path, self._client.certificate, client.certificate)
-        notes = [server.note, renewed]
 
         def commit() -> None:
-            if touches(plan, "logging"):
-                setup_logging(new.logging)
-            server.commit()
+            common.commit(self.reloads)
             self._master_target.replace_tls(client.context)
             self._client = client
             self.cache.set_marks(high_bytes=new.cache_high_bytes, low_bytes=new.cache_low_bytes)
@@ -290,7 +276,7 @@ class ProcessServer:
             self.sealers.set_level(new.zstd_level)
             self._show_certificates()
 
-        return Prepared(commit, tuple(n for n in notes if n), restart)
+        return Prepared(commit, (*common.notes, *([renewed] if renewed else [])), common.restart)
 
     def _show_certificates(self) -> None:
         expiry = self.reloads.certificate_expiry

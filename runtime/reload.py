@@ -23,15 +23,18 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterator
+from concurrent.futures import Executor
 from pathlib import Path
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from protocol.errors import BlockreplError
-from runtime.config import FieldValueError
+from runtime.config import FieldValueError, LoggingConfig, TlsFiles
 from runtime.errors import ConfigError
+from runtime.logs import setup_logging
 from runtime.service import sd_notify
+from runtime.tls import ReloadableServerContext, ServerTlsChange
 
 C = TypeVar("C")
 
@@ -274,3 +277,101 @@ def _show(value: object) -> str:
 def _one_line(text: str) -> str:
     """A STATUS= value: one line (sd_notify separates fields by newlines)."""
     return " ".join(text.split())
+
+
+# --- what every daemon's reload does ---------------------------------------------------------
+
+
+class DaemonConfig(Protocol):
+    """The keys every daemon's configuration has and every reload reads again."""
+
+    @property
+    def tls(self) -> TlsFiles: ...
+
+    @property
+    def key_file(self) -> Path: ...
+
+    @property
+    def logging(self) -> LoggingConfig: ...
+
+
+D = TypeVar("D", bound=DaemonConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerReload:
+    """The part of a reload every daemon makes, prepared: the server's TLS files
+    read again (a renewed certificate usually keeps its file name), the key file
+    compared (a new key ring under the same name waits for a restart), and the
+    log settings if they changed. :meth:`commit` cannot fail."""
+
+    server: ServerTlsChange
+    restart: tuple[str, ...]
+    logging: LoggingConfig | None
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """Lines for the log: a renewed server certificate."""
+        return (self.server.note,) if self.server.note else ()
+
+    def commit(self, metrics: ReloadMetrics) -> None:
+        if self.logging is not None:
+            setup_logging(self.logging)
+        self.server.commit()
+        metrics.certificate_expiry.labels("server").set(self.server.certificate.not_after_s)
+
+
+async def prepare_server_reload(
+    plan: ReloadPlan[D],
+    *,
+    server_tls: ReloadableServerContext,
+    key_file: FileContent,
+    executor: Executor,
+) -> ServerReload:
+    """Read what every reload reads again, on ``executor`` (the files are read whole).
+
+    Raises:
+        TlsSetupError: a TLS file cannot be used; the running context stays.
+    """
+    new = plan.config
+    loop = asyncio.get_running_loop()
+    server = await loop.run_in_executor(executor, server_tls.prepare, new.tls)
+    restart = await loop.run_in_executor(
+        executor, key_file.waits_for_restart, "key_file", new.key_file
+    )
+    return ServerReload(server, restart, new.logging if touches(plan, "logging") else None)
+
+
+class ReloadingDaemon(Protocol[C]):
+    """A daemon as :func:`reload_daemon` sees it."""
+
+    config: C
+    reloads: ReloadMetrics
+
+    async def prepare_reload(self, plan: ReloadPlan[C]) -> Prepared:
+        """Everything of a reload that can fail for ``plan``; the commit it returns cannot."""
+        ...
+
+
+async def reload_daemon(
+    daemon: ReloadingDaemon[C],
+    path: Path,
+    *,
+    load: Callable[[Path], C],
+    reloadable: Collection[str],
+    log: logging.Logger,
+) -> bool:
+    """Reread ``path`` and apply what can change while ``daemon`` runs (SIGHUP).
+
+    Returns:
+        False if the reload was refused (the reason is logged and the
+        running configuration stays), True otherwise.
+    """
+    running = await reload_config(
+        path=path, load=load, running=daemon.config, reloadable=reloadable,
+        prepare=daemon.prepare_reload, metrics=daemon.reloads, log=log,
+    )  # fmt: skip
+    if running is None:
+        return False
+    daemon.config = running
+    return True
