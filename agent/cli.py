@@ -1,24 +1,21 @@
 """The ``blockrepl`` command: administration (certificates, keys) and the agent.
 
 The command is a thin shell: each subcommand group lives in agent/commands/
-and does its work through runtime/ and agent/ objects. Here: parsing,
-printing a one-line summary (or JSON with ``--json``), and turning a
-:class:`~protocol.errors.BlockreplError` into ``blockrepl: error: ...`` on
-standard error and the error's exit code. Any other exception is a bug and
-keeps its traceback.
+and does its work through runtime/ and agent/ objects. It runs as every
+command of the product does (runtime/command.py): a one-line summary (or
+JSON with ``--json``), and a :class:`~protocol.errors.BlockreplError` as
+``blockrepl: error: ...`` on standard error and the error's exit code.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 from collections.abc import Sequence
 from typing import Final
 
-from agent.commands import CommandResult
-from protocol.errors import BlockreplError
+from runtime.command import run_command
 
 PROG: Final = "blockrepl"
 #: The subcommand groups and their modules, in the order ``--help`` lists
@@ -29,8 +26,6 @@ GROUPS: Final = {
     "keys": "agent.commands.keys",
     "agent": "agent.commands.agent",
 }
-#: Exit status after Ctrl-C, as shells report a death by SIGINT (128 + 2).
-EXIT_INTERRUPTED: Final = 130
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -51,31 +46,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``blockrepl`` with ``argv`` (the process arguments by default).
-
-    Returns:
-        The exit status: 0, argparse's 2 for a usage error, or the
-        ``exit_code`` of the BlockreplError that stopped the command.
-    """
+    """Run ``blockrepl`` with ``argv`` (the process arguments by default); the exit status."""
     arguments = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(arguments)
-    try:
-        args = parser.parse_args(arguments)
-    except SystemExit as exc:  # --help, --version or a usage error: argparse printed it
-        return exc.code if isinstance(exc.code, int) else 0
-    try:
-        result: CommandResult = args.handler(args)
-    except BlockreplError as exc:
-        print(f"{PROG}: error: {exc.message}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    if args.json:
-        print(json.dumps(result.data, sort_keys=True))
-    else:
-        print(result.summary)
-    return 0
+    return run_command(PROG, build_parser(arguments), arguments)
 
 
 class _VersionAction(argparse.Action):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -75,9 +74,10 @@ from protocol.admin_api import (
     RecoverRequest,
 )
 from protocol.api import ErrorBody
-from protocol.errors import BlockreplError
+from protocol.errors import RemoteError
 from protocol.jsonbody import loads
 from runtime.answers import read_answer
+from runtime.command import CommandResult, run_command
 from runtime.errors import InvalidArgumentError
 from runtime.keyfile import load_keyring
 from runtime.logs import setup_logging
@@ -138,14 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace) -> CommandResult:
     config = mt_config.load(args.config)
     setup_logging(config.logging)
     logging.getLogger("blockrepl.mastertarget").info("starting with %s", args.config)
     run_daemon(
         lambda: MasterTarget.start(config), lambda mt: mt.close(), lambda mt: mt.reload(args.config)
     )
-    return 0
+    return CommandResult("")
 
 
 async def _admin(
@@ -161,7 +161,7 @@ async def _admin(
         parse: reads the answer (protocol/admin_api.py).
 
     Raises:
-        _AdminError: the daemon refused; its message says why.
+        RemoteError: the daemon refused; its message says why, its code the exit status.
         MalformedError, LimitExceededError: the answer breaks docs/api.md.
     """
     if not config.admin_socket.exists():
@@ -179,17 +179,12 @@ async def _admin(
     except aiohttp.ClientConnectionError:
         return None  # a socket file left by a daemon that died
     if status != 200:
-        raise _AdminError(ErrorBody.explain(raw).message, status)
+        refusal = ErrorBody.explain(raw)
+        raise RemoteError(refusal.message, remote_code=refusal.error)
     return parse(loads(raw, what))
 
 
-class _AdminError(Exception):
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _points(args: argparse.Namespace) -> int:
+def _points(args: argparse.Namespace) -> CommandResult:
     config = mt_config.load(args.config)
     if args.group is not None:
         return _group_points(args, config)
@@ -204,21 +199,19 @@ def _points(args: argparse.Namespace) -> int:
             listing = points_listing(store, args.disk, limit)
         finally:
             store.close()
-    if args.json:
-        print(json.dumps(listing.to_json()))
-        return 0
     window = listing.window
-    print(f"disk {args.disk}: {window.points} points from {window.oldest} to "
-          f"{window.newest} ({window.window_s / 3600:.1f} h)")  # fmt: skip
-    print(f"{'time (UTC)':<32} {'kind':<6} {'seq':>12}  name")
-    for point in listing.points:
-        print(f"{point.time:<32} {point.kind:<6} {point.seq:>12}  {point.name}")
+    lines = [
+        f"disk {args.disk}: {window.points} points from {window.oldest} to {window.newest} "
+        f"({window.window_s / 3600:.1f} h)",
+        f"{'time (UTC)':<32} {'kind':<6} {'seq':>12}  name",
+        *(f"{p.time:<32} {p.kind:<6} {p.seq:>12}  {p.name}" for p in listing.points),
+    ]
     if listing.more:
-        print(f"(the newest {len(listing.points)} shown; --limit N for more)")
-    return 0
+        lines.append(f"(the newest {len(listing.points)} shown; --limit N for more)")
+    return CommandResult("\n".join(lines), listing.to_json())
 
 
-def _group_points(args: argparse.Namespace, config: MasterTargetConfig) -> int:
+def _group_points(args: argparse.Namespace, config: MasterTargetConfig) -> CommandResult:
     group = group_of(config.groups, args.group)
     limit = parse_limit(str(args.limit))
     path = f"/v1/groups/{group.id}/points?limit={limit}"
@@ -229,19 +222,16 @@ def _group_points(args: argparse.Namespace, config: MasterTargetConfig) -> int:
             listing = group_points_listing(store, group, limit)
         finally:
             store.close()
-    if args.json:
-        print(json.dumps(listing.to_json()))
-        return 0
     window = listing.window
-    hours = window.window_s / 3600
-    print(f"group {group.id} ({', '.join(group.disks)}): {window.points} common points "
-          f"from {window.oldest} to {window.newest} ({hours:.1f} h)")  # fmt: skip
-    print(f"{'time (UTC)':<32} {'kind':<6} name")
-    for point in listing.points:
-        print(f"{point.time:<32} {point.kind:<6} {point.name}")
+    lines = [
+        f"group {group.id} ({', '.join(group.disks)}): {window.points} common points "
+        f"from {window.oldest} to {window.newest} ({window.window_s / 3600:.1f} h)",
+        f"{'time (UTC)':<32} {'kind':<6} name",
+        *(f"{p.time:<32} {p.kind:<6} {p.name}" for p in listing.points),
+    ]
     if listing.more:
-        print(f"(the newest {len(listing.points)} shown; --limit N for more)")
-    return 0
+        lines.append(f"(the newest {len(listing.points)} shown; --limit N for more)")
+    return CommandResult("\n".join(lines), listing.to_json())
 
 
 @dataclass(frozen=True)
@@ -290,7 +280,7 @@ def _offline(config: MasterTargetConfig, disk_id: str, spec: str) -> Iterator[_O
         volume.lock.release()
 
 
-def _recover(args: argparse.Namespace) -> int:
+def _recover(args: argparse.Namespace) -> CommandResult:
     config = mt_config.load(args.config)
     if args.group is not None:
         return _recover_group(args, config)
@@ -311,10 +301,10 @@ def _recover(args: argparse.Namespace) -> int:
                 output=output, output_format=args.format, progress=copy_progress("copied"),
             )  # fmt: skip
         answer = recover_answer(result)
-    return _report(args, answer, f"recovered disk {args.disk} into {output}")
+    return _report(answer, f"recovered disk {args.disk} into {output}")
 
 
-def _recover_group(args: argparse.Namespace, config: MasterTargetConfig) -> int:
+def _recover_group(args: argparse.Namespace, config: MasterTargetConfig) -> CommandResult:
     group = group_of(config.groups, args.group)
     if args.output_dir is None or args.output is not None:
         raise InvalidArgumentError(
@@ -329,14 +319,12 @@ def _recover_group(args: argparse.Namespace, config: MasterTargetConfig) -> int:
     answer = asyncio.run(_admin(config, "POST", path, body, GroupRecoverAnswer.parse))
     if answer is None:
         answer = _recover_group_offline(config, group, args.point, directory, args.format)
-    if args.json:
-        print(json.dumps(answer.to_json()))
-        return 0
     point = answer.point
-    print(f"recovered group {group.id} at {point.kind} group point {point.name} of "
-          f"{point.time} into {directory}: {', '.join(sorted(answer.disks))} in "
-          f"{answer.total_s} s")  # fmt: skip
-    return 0
+    summary = (
+        f"recovered group {group.id} at {point.kind} group point {point.name} of {point.time} "
+        f"into {directory}: {', '.join(sorted(answer.disks))} in {answer.total_s} s"
+    )
+    return CommandResult(summary, answer.to_json())
 
 
 def _recover_group_offline(
@@ -372,7 +360,7 @@ def _recover_group_offline(
         )  # fmt: skip
 
 
-def _failover(args: argparse.Namespace) -> int:
+def _failover(args: argparse.Namespace) -> CommandResult:
     config = mt_config.load(args.config)
     path = f"/v1/disks/{args.disk}/failover"
     body = FailoverRequest(args.point).to_json()
@@ -383,32 +371,21 @@ def _failover(args: argparse.Namespace) -> int:
                 target=target, journal=disk.journal, store=disk.store, point=disk.point
             )
         answer = recover_answer(result)
-    return _report(args, answer, f"failed disk {args.disk} over in place")
+    return _report(answer, f"failed disk {args.disk} over in place")
 
 
-def _report(args: argparse.Namespace, answer: RecoverAnswer, what: str) -> int:
-    if args.json:
-        print(json.dumps(answer.to_json()))
-        return 0
+def _report(answer: RecoverAnswer, what: str) -> CommandResult:
     point = answer.point
-    name = point.name or "(file end)"
-    print(f"{what} at {point.kind} point seq {point.seq} {name} of {point.time} "
-          f"in {answer.total_s} s ({answer.undo_parts} undo parts)")  # fmt: skip
-    return 0
+    summary = (
+        f"{what} at {point.kind} point seq {point.seq} {point.name or '(file end)'} of "
+        f"{point.time} in {answer.total_s} s ({answer.undo_parts} undo parts)"
+    )
+    return CommandResult(summary, answer.to_json())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``mastertarget`` with ``argv``; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    try:
-        status: int = args.handler(args)
-    except BlockreplError as exc:
-        print(f"{PROG}: error: {exc.message}", file=sys.stderr)
-        return exc.exit_code
-    except _AdminError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1 if exc.status >= 500 else 65
-    return status
+    """Run ``mastertarget`` with ``argv`` (runtime/command.py); returns the exit status."""
+    return run_command(PROG, build_parser(), sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,35 @@ class BlockreplError(Exception):
         return {"error": self.code, "message": self.message, **self.details}
 
 
+class RemoteError(BlockreplError):
+    """An error a daemon answered with, carried to the command that asked it.
+
+    Its exit status is the one the error tree gives the daemon's code
+    (:func:`exit_code_of`): a refusal reads the same whether the command
+    did the work itself or asked the running daemon to.
+    """
+
+    code = "remote"
+
+    def __init__(self, message: str, *, remote_code: str) -> None:
+        super().__init__(message)
+        self.remote_code = remote_code
+
+
+def exit_code_of(error: BlockreplError) -> int:
+    """The exit status of ``error``; for a :class:`RemoteError`, that of the error
+    class (among those imported) whose code the daemon answered with, else 1."""
+    if not isinstance(error, RemoteError):
+        return error.exit_code
+    pending: list[type[BlockreplError]] = [BlockreplError]
+    while pending:
+        kind = pending.pop()
+        if kind.code == error.remote_code and kind is not RemoteError:
+            return kind.exit_code
+        pending.extend(kind.__subclasses__())
+    return BlockreplError.exit_code
+
+
 # --- protocol: anything wrong with bytes we were given -------------------------------
 
 

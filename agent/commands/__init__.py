@@ -3,7 +3,8 @@
 Each module has ``add_parser(subparsers, common)``, which adds its group and
 sets ``handler`` on the parsed arguments of every leaf command. A handler does
 the work through runtime/ or agent/ objects and returns a
-:class:`CommandResult`; agent/cli.py prints it and maps errors to exit codes.
+:class:`~runtime.command.CommandResult`; ``runtime.command.run_command``
+prints it and maps errors to exit codes (the convention of every command).
 
 A handler imports the machinery it runs when it runs: a resync pays for
 starting Python and importing what the sync uses, not for the capture
@@ -15,25 +16,6 @@ over; docs/performance.md).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    """What a command did.
-
-    Args:
-        summary: the one line printed on success.
-        data: the same facts for ``--json`` (JSON-serialisable values).
-    """
-
-    summary: str
-    data: Mapping[str, object]
-
-
-#: A leaf command: parsed arguments in, result out; raises BlockreplError on failure.
-Handler = Callable[[argparse.Namespace], CommandResult]
 
 #: The type of ``ArgumentParser.add_subparsers()``'s result, for the modules' signatures.
 Subparsers = argparse._SubParsersAction

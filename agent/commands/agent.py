@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.commands import CommandResult, Subparsers, capture, tag
+from agent.commands import Subparsers, capture, tag
 from agent.commands import group as group_commands
+from runtime.command import CommandResult
 from runtime.progress import human_bytes, human_duration
 
 if TYPE_CHECKING:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from agent.commands import CommandResult, Subparsers
+from agent.commands import Subparsers
+from runtime.command import CommandResult
 from runtime.progress import human_bytes
 
 

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from agent.commands import CommandResult, Subparsers
+from agent.commands import Subparsers
 from agent.pki import (
     LEAF_VALIDITY_DAYS,
     CertificateFiles,
@@ -15,6 +15,7 @@ from agent.pki import (
     machine_file_names,
     revoke,
 )
+from runtime.command import CommandResult
 
 
 def add_parser(

@@ -7,7 +7,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.commands import CommandResult, Subparsers
+from agent.commands import Subparsers
+from runtime.command import CommandResult
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig

@@ -6,7 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
-from agent.commands import CommandResult, Subparsers
+from agent.commands import Subparsers
+from runtime.command import CommandResult
 from runtime.keyfile import KEY_FILE_MODE, write_new_keyring
 
 

@@ -11,7 +11,6 @@ the other commands never load it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -19,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from runtime.command import CommandResult
 from runtime.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -38,8 +38,13 @@ DEFAULT_GUEST_ID: Final = "otherGuest64"
 MAX_CPUS: Final = 768
 MIN_MEMORY_MIB: Final = 4
 MAX_MEMORY_MIB: Final = 24 * 2**20
+#: The exit status of a preflight that ran and found a check failed: an
+#: answer, not an error (docs/operations.md, "Exit statuses of mastertarget vsphere").
+PREFLIGHT_FAILED: Final = 1
 
-Handler = Callable[["VsphereConfig", "VsphereSession", "Inventory", argparse.Namespace], int]
+Handler = Callable[
+    ["VsphereConfig", "VsphereSession", "Inventory", argparse.Namespace], CommandResult
+]
 
 
 def add_commands(commands: Any) -> None:
@@ -109,7 +114,7 @@ def _size_argument(text: str) -> int:
         raise argparse.ArgumentTypeError(exc.message) from None
 
 
-def _run(args: argparse.Namespace, handler: Handler) -> int:
+def _run(args: argparse.Namespace, handler: Handler) -> CommandResult:
     from mastertarget.vsphere import config as vsphere_config  # noqa: PLC0415 - see the module doc
     from mastertarget.vsphere.inventory import load_inventory  # noqa: PLC0415
     from mastertarget.vsphere.session import VsphereSession  # noqa: PLC0415
@@ -123,26 +128,18 @@ def _run(args: argparse.Namespace, handler: Handler) -> int:
         return handler(config, session, inventory, args)
 
 
-def _emit(args: argparse.Namespace, data: dict[str, Any], lines: list[str]) -> None:
-    if args.json:
-        print(json.dumps(data))
-    else:
-        print("\n".join(lines))
-
-
 def _discover(
     config: VsphereConfig, session: VsphereSession, inventory: Inventory, args: argparse.Namespace
-) -> int:
+) -> CommandResult:
     from mastertarget.vsphere.discovery import discover, discovery_text  # noqa: PLC0415
 
     report = discover(session, inventory)
-    _emit(args, report.to_json(), discovery_text(report))
-    return report.exit_code
+    return CommandResult("\n".join(discovery_text(report)), report.to_json(), report.exit_code)
 
 
 def _preflight(
     config: VsphereConfig, session: VsphereSession, inventory: Inventory, args: argparse.Namespace
-) -> int:
+) -> CommandResult:
     from mastertarget.vsphere.operations import master_target  # noqa: PLC0415
     from mastertarget.vsphere.preflight import Plan, failures, run_preflight  # noqa: PLC0415
 
@@ -156,14 +153,14 @@ def _preflight(
         if check.remedy:
             lines.append(f"     to do: {check.remedy}")
     lines.append(f"{len(checks)} checks, {len(failed)} failed")
-    _emit(args, {"master_target": mt.name, "vm": args.vm, "ok": not failed,
-                 "checks": [c.to_json() for c in checks]}, lines)  # fmt: skip
-    return 1 if failed else 0
+    data = {"master_target": mt.name, "vm": args.vm, "ok": not failed,
+            "checks": [c.to_json() for c in checks]}  # fmt: skip
+    return CommandResult("\n".join(lines), data, PREFLIGHT_FAILED if failed else 0)
 
 
 def _attach(
     config: VsphereConfig, session: VsphereSession, inventory: Inventory, args: argparse.Namespace
-) -> int:
+) -> CommandResult:
     from mastertarget.vsphere.operations import attach  # noqa: PLC0415
 
     look = not args.no_guest
@@ -181,14 +178,14 @@ def _attach(
     ]
     lines.append(f"{len(disks)} disk(s) of {args.vm} on {config.master_target_vm}"
                  f" ({sum(d.changed for d in disks)} newly attached)")  # fmt: skip
-    _emit(args, {"master_target": config.master_target_vm, "vm": args.vm,
-                 "disks": [d.to_json() for d in disks]}, lines)  # fmt: skip
-    return 0
+    data = {"master_target": config.master_target_vm, "vm": args.vm,
+            "disks": [d.to_json() for d in disks]}  # fmt: skip
+    return CommandResult("\n".join(lines), data)
 
 
 def _detach(
     config: VsphereConfig, session: VsphereSession, inventory: Inventory, args: argparse.Namespace
-) -> int:
+) -> CommandResult:
     from mastertarget.vsphere.operations import detach  # noqa: PLC0415
 
     disks = detach(session, inventory, config, vm_name=args.vm, files=args.disk,
@@ -196,14 +193,14 @@ def _detach(
     lines = [f"{'detached' if d.changed else 'was not attached:'} {d.file}" for d in disks]
     lines.append(f"{sum(d.changed for d in disks)} disk(s) of {args.vm} detached from"
                  f" {config.master_target_vm}; their files are kept")  # fmt: skip
-    _emit(args, {"master_target": config.master_target_vm, "vm": args.vm,
-                 "disks": [d.to_json() for d in disks]}, lines)  # fmt: skip
-    return 0
+    data = {"master_target": config.master_target_vm, "vm": args.vm,
+            "disks": [d.to_json() for d in disks]}  # fmt: skip
+    return CommandResult("\n".join(lines), data)
 
 
 def _create_vm(
     config: VsphereConfig, session: VsphereSession, inventory: Inventory, args: argparse.Namespace
-) -> int:
+) -> CommandResult:
     from mastertarget.vsphere.operations import create_vm  # noqa: PLC0415
     from mastertarget.vsphere.specs import Firmware, NewVm, Provisioning  # noqa: PLC0415
 
@@ -223,9 +220,9 @@ def _create_vm(
     lines = [f"created VM {vm.name} ({vm.ref.value}) in {vm.vmx_path}, powered off, with:"]
     lines += [f"  {d.file} ({_gib(d.capacity_bytes)}), identity {d.identity}" for d in disks]
     lines.append(f"next: mastertarget vsphere attach --config {args.config} --vm {vm.name}")
-    _emit(args, {"vm": vm.name, "ref": vm.ref.value, "vmx": vm.vmx_path,
-                 "disks": [d.to_json() for d in disks]}, lines)  # fmt: skip
-    return 0
+    data = {"vm": vm.name, "ref": vm.ref.value, "vmx": vm.vmx_path,
+            "disks": [d.to_json() for d in disks]}  # fmt: skip
+    return CommandResult("\n".join(lines), data)
 
 
 def _gib(size: int) -> str:

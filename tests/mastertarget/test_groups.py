@@ -228,7 +228,7 @@ async def test_group_points_listed_and_recovered_online_and_offline(
         "recover", "--config", str(config), "--group", GROUP, "--point", "tag:r1",
         "--output-dir", str(online),
     )  # fmt: skip
-    assert code == 65, err  # a group goes into new files only (a refusal of the daemon)
+    assert code == 73, err  # a group goes into new files only (EX_CANTCREAT, as offline)
     assert "exists" in err
 
     await mt.close()
