@@ -84,8 +84,12 @@ def cut_batch(parts: list[Buffer], first: int) -> list[Buffer]:
     (batch,) = list(decoder.events())
     h = batch.header
     cut = encode(
-        disk_id=h.disk_id, generation=h.generation, first_seq=first,
-        records=batch.records[first - h.first_seq :], first_capture_ns=h.first_capture_ns,
-        last_capture_ns=h.last_capture_ns, flags=h.flags,
-    )  # fmt: skip
+        disk_id=h.disk_id,
+        generation=h.generation,
+        first_seq=first,
+        records=batch.records[first - h.first_seq :],
+        first_capture_ns=h.first_capture_ns,
+        last_capture_ns=h.last_capture_ns,
+        flags=h.flags,
+    )
     return cut.segments

@@ -255,8 +255,9 @@ class ProcessServerClient:
         answer = ErrorBody.explain(raw)
         return RefusedError(
             f"{self.url} refused {what}: {status} {answer.error}: {answer.message}",
-            status=status, server_code=answer.error,
-        )  # fmt: skip
+            status=status,
+            server_code=answer.error,
+        )
 
 
 def _busy(

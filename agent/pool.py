@@ -108,8 +108,9 @@ class ProcessServerPool:
         if self.failing_s > self._give_up_after_s:
             log.warning(
                 "%s answered again after %.0f s without progress on any process server",
-                self.current.url, self.failing_s,
-            )  # fmt: skip
+                self.current.url,
+                self.failing_s,
+            )
         self._failures = 0
         self._failures_since_progress = 0
         self._failing_since = None
@@ -136,9 +137,13 @@ class ProcessServerPool:
             if held is not None:
                 log.warning(
                     "no process server made progress for %.0f s (give_up_after_s = %g); "
-                    "still trying every %g s at most: %s%s", failing, self._give_up_after_s,
-                    BACKOFF_MAX_S, self._errors(), held_back_note(held),
-                )  # fmt: skip
+                    "still trying every %g s at most: %s%s",
+                    failing,
+                    self._give_up_after_s,
+                    BACKOFF_MAX_S,
+                    self._errors(),
+                    held_back_note(held),
+                )
         if exc.retry_after_s is not None:  # alive but busy: it said when to come back
             await asyncio.sleep(max(BACKOFF_FIRST_S, min(exc.retry_after_s, RETRY_AFTER_MAX_S)))
             return
@@ -168,8 +173,10 @@ class ProcessServerPool:
         tried_all = self._failures_since_progress > FAILOVER_AFTER_FAILURES * len(self.clients)
         log.log(
             logging.DEBUG if tried_all else logging.WARNING,
-            "moving from process server %s to %s", before, self.current.url,
-        )  # fmt: skip
+            "moving from process server %s to %s",
+            before,
+            self.current.url,
+        )
 
     async def call(self, op: Callable[[ProcessServerClient], Awaitable[T]]) -> T:
         """Run ``op`` on the current process server until it succeeds, per the policy.

@@ -197,8 +197,12 @@ class StreamSender:
                     ProcessServerUnavailableError(f"{self._pool.current.url} {decision.reason}")
                 )
             case SendAction.RESEND:
-                log.info("disk %s: %s; sending again from seq %d", backlog.disk_id,
-                         decision.reason, decision.seq)  # fmt: skip
+                log.info(
+                    "disk %s: %s; sending again from seq %d",
+                    backlog.disk_id,
+                    decision.reason,
+                    decision.seq,
+                )
                 await backlog.set_acked(decision.seq - 1)
 
     async def _refresh(self, *, until_shipped: int | None = None) -> None:

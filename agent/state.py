@@ -100,12 +100,15 @@ class AgentState:
         except OSError as exc:
             raise DurabilityError(
                 f"cannot create the state directory {state_dir}: {exc.strerror}",
-                errno=exc.errno, path=str(state_dir),
-            ) from exc  # fmt: skip
+                errno=exc.errno,
+                path=str(state_dir),
+            ) from exc
         self._db = DurableDatabase(
-            state_dir / DATABASE_NAME, schema=_SCHEMA, version=SCHEMA_VERSION,
+            state_dir / DATABASE_NAME,
+            schema=_SCHEMA,
+            version=SCHEMA_VERSION,
             what="agent state database",
-        )  # fmt: skip
+        )
 
     def close(self) -> None:
         self._db.close()
@@ -133,18 +136,34 @@ class AgentState:
             return None
         generation, source, size, chunk, cursor, window_open, started, base_gen, base_seq = rows[0]
         return SyncProgress(
-            generation, source, size, chunk, cursor, bool(window_open), started,
+            generation,
+            source,
+            size,
+            chunk,
+            cursor,
+            bool(window_open),
+            started,
             StreamPosition(base_gen, base_seq),
-        )  # fmt: skip
+        )
 
     def put_sync(self, disk_id: str, progress: SyncProgress) -> None:
         """Durable on return."""
         p = progress
         self._db.write(
             "INSERT OR REPLACE INTO syncs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (disk_id, p.generation, p.source, p.source_size, p.chunk_bytes, p.cursor,
-             int(p.window_open), p.started_ns, p.baseline.generation, p.baseline.seq),
-        )  # fmt: skip
+            (
+                disk_id,
+                p.generation,
+                p.source,
+                p.source_size,
+                p.chunk_bytes,
+                p.cursor,
+                int(p.window_open),
+                p.started_ns,
+                p.baseline.generation,
+                p.baseline.seq,
+            ),
+        )
 
     def delete_sync(self, disk_id: str) -> None:
         """The pass is over (durable on return)."""

@@ -68,8 +68,9 @@ class ReplicationStream:
         executor: Executor,
     ) -> None:
         self.disk_id = disk_id
-        self._backlog = Backlog(disk_id, state=state, journal=journal, record=record,
-                                source=source, executor=executor)  # fmt: skip
+        self._backlog = Backlog(
+            disk_id, state=state, journal=journal, record=record, source=source, executor=executor
+        )
         self._sender = StreamSender(self._backlog, pool)
 
     @classmethod
@@ -95,10 +96,16 @@ class ReplicationStream:
         record = state.stream(disk_id)
         if record is None:
             return None
-        journal = Journal(journal_dir, generation=record.generation,
-                          trimmed_seq=record.trimmed_seq)  # fmt: skip
-        return cls(disk_id, state=state, pool=pool, journal=journal, record=record,
-                   source=source, executor=executor)  # fmt: skip
+        journal = Journal(journal_dir, generation=record.generation, trimmed_seq=record.trimmed_seq)
+        return cls(
+            disk_id,
+            state=state,
+            pool=pool,
+            journal=journal,
+            record=record,
+            source=source,
+            executor=executor,
+        )
 
     @classmethod
     async def create(
@@ -138,8 +145,15 @@ class ReplicationStream:
             executor, lambda: Journal(journal_dir, generation=generation, trimmed_seq=0)
         )
         log.info("disk %s: generation %d started", disk_id, generation)
-        return cls(disk_id, state=state, pool=pool, journal=journal, record=record,
-                   source=source, executor=executor)  # fmt: skip
+        return cls(
+            disk_id,
+            state=state,
+            pool=pool,
+            journal=journal,
+            record=record,
+            source=source,
+            executor=executor,
+        )
 
     @classmethod
     async def create_after(
@@ -162,9 +176,14 @@ class ReplicationStream:
 
         async def start(generation: int) -> ReplicationStream:
             return await cls.create(
-                disk_id, generation, state=state, pool=pool, journal_dir=journal_dir,
-                source=source, executor=executor,
-            )  # fmt: skip
+                disk_id,
+                generation,
+                state=state,
+                pool=pool,
+                journal_dir=journal_dir,
+                source=source,
+                executor=executor,
+            )
 
         try:
             return await start(known + 1)
@@ -228,10 +247,14 @@ class ReplicationStream:
         backlog = self._backlog
         await backlog.wait(lambda: not wait or backlog.has_room)
         batch = encode(
-            disk_id=self.disk_id, generation=self.generation, first_seq=self.end_seq + 1,
-            records=records, first_capture_ns=first_capture_ns,
-            last_capture_ns=last_capture_ns, flags=flags,
-        )  # fmt: skip
+            disk_id=self.disk_id,
+            generation=self.generation,
+            first_seq=self.end_seq + 1,
+            records=records,
+            first_capture_ns=first_capture_ns,
+            last_capture_ns=last_capture_ns,
+            flags=flags,
+        )
         return await backlog.append(batch, kind)
 
     @property

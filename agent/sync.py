@@ -197,9 +197,14 @@ class SyncPass:
     def _fetch(self, span: Span) -> SpanDigests:
         self._spans = [s for s in self._spans if not s.done]
         fetch = SpanDigests(
-            span, disk_id=self.disk_id, pool=self.pool, chunk_bytes=self.chunk,
-            region_bytes=self.region_bytes, baseline=self.progress.baseline, stats=self.stats,
-        )  # fmt: skip
+            span,
+            disk_id=self.disk_id,
+            pool=self.pool,
+            chunk_bytes=self.chunk,
+            region_bytes=self.region_bytes,
+            baseline=self.progress.baseline,
+            stats=self.stats,
+        )
         self._spans.append(fetch)
         return fetch
 
@@ -267,10 +272,11 @@ class SyncPass:
     async def _add(self, record: Write | Zero, capture_ns: int) -> None:
         last = self._records[-1] if self._records else None
         if (
-            isinstance(record, Zero) and isinstance(last, Zero)
+            isinstance(record, Zero)
+            and isinstance(last, Zero)
             and last.offset + last.length == record.offset
             and last.length + record.length <= MAX_ZERO_BYTES
-        ):  # fmt: skip
+        ):
             self._records[-1] = Zero(last.offset, last.length + record.length)
             self.stats.zero_bytes += record.length
             return
@@ -304,9 +310,15 @@ class SyncPass:
     async def _save(self, cursor: int, *, window_open: bool | None = None) -> None:
         opened = self.progress.window_open if window_open is None else window_open
         moved = SyncProgress(
-            self.progress.generation, self.progress.source, self.progress.source_size,
-            self.chunk, cursor, opened, self.progress.started_ns, self.progress.baseline,
-        )  # fmt: skip
+            self.progress.generation,
+            self.progress.source,
+            self.progress.source_size,
+            self.chunk,
+            cursor,
+            opened,
+            self.progress.started_ns,
+            self.progress.baseline,
+        )
         await self.output.save(moved)
         self.progress = moved
         self._saved_at = time.monotonic()

@@ -144,11 +144,12 @@ async def sync_disk(
         with SourceDisk(path) as source, executors() as (general, hashing):
             state = AgentState(config.state_dir)
             pool = ProcessServerPool(
-                config.process_servers, client_context(config.tls),
+                config.process_servers,
+                client_context(config.tls),
                 request_timeout_s=config.request_timeout_s,
                 connect_timeout_s=config.connect_timeout_s,
                 give_up_after_s=config.give_up_after_s,
-            )  # fmt: skip
+            )
             try:
                 run = _SyncRun(
                     config=config,
@@ -206,8 +207,9 @@ class _SyncRun:
                     raise
                 log.warning(
                     "disk %s: %s; starting a new generation and comparing the whole disk again",
-                    self.disk_id, exc.message,
-                )  # fmt: skip
+                    self.disk_id,
+                    exc.message,
+                )
                 force_new = True
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -220,11 +222,16 @@ class _SyncRun:
             settings = self.config.sync
             output = SyncOutput(self.disk_id, self.source, stream, self.state, self.general)
             sync = SyncPass(
-                disk_id=self.disk_id, source=self.source, pool=self.pool,
-                progress=begin.progress, region_bytes=settings.region_bytes,
-                batch_bytes=settings.batch_bytes, hash_executor=self.hashing, output=output,
+                disk_id=self.disk_id,
+                source=self.source,
+                pool=self.pool,
+                progress=begin.progress,
+                region_bytes=settings.region_bytes,
+                batch_bytes=settings.batch_bytes,
+                hash_executor=self.hashing,
+                output=output,
                 on_progress=lambda done: self._progress(done, stream, ""),
-            )  # fmt: skip
+            )
             await sync.run()
             self._progress(self.source.size, stream, "waiting for the master target")
             await stream.wait_shipped()
@@ -251,20 +258,34 @@ class _SyncRun:
         stream = begin.stream
         last = stream.end_seq
         return SyncReport(
-            disk=self.disk_id, source=str(self.source.path), size_bytes=self.source.size,
-            generation=stream.generation, first_seq=first_seq if last >= first_seq else 0,
-            last_seq=last, new_generation=begin.new_generation, resumed=begin.resumed,
+            disk=self.disk_id,
+            source=str(self.source.path),
+            size_bytes=self.source.size,
+            generation=stream.generation,
+            first_seq=first_seq if last >= first_seq else 0,
+            last_seq=last,
+            new_generation=begin.new_generation,
+            resumed=begin.resumed,
             resumed_from=begin.progress.cursor if begin.resumed else 0,
-            chunk_bytes=begin.progress.chunk_bytes, region_bytes=self.config.sync.region_bytes,
-            compared_bytes=stats.compared_bytes, differing_chunks=stats.differing_chunks,
-            data_bytes=stats.data_bytes, zero_bytes=stats.zero_bytes,
-            sent_bytes=stream.stats.sent_bytes, resent_bytes=stream.stats.resent_bytes,
-            hash_bytes=stats.hash_bytes, hash_requests=stats.hash_requests, batches=stats.batches,
-            requests=stream.stats.requests, dense_spans=stats.dense_spans,
-            sparse_spans=stats.sparse_spans, failovers=self.pool.failovers, attempts=attempt,
+            chunk_bytes=begin.progress.chunk_bytes,
+            region_bytes=self.config.sync.region_bytes,
+            compared_bytes=stats.compared_bytes,
+            differing_chunks=stats.differing_chunks,
+            data_bytes=stats.data_bytes,
+            zero_bytes=stats.zero_bytes,
+            sent_bytes=stream.stats.sent_bytes,
+            resent_bytes=stream.stats.resent_bytes,
+            hash_bytes=stats.hash_bytes,
+            hash_requests=stats.hash_requests,
+            batches=stats.batches,
+            requests=stream.stats.requests,
+            dense_spans=stats.dense_spans,
+            sparse_spans=stats.sparse_spans,
+            failovers=self.pool.failovers,
+            attempts=attempt,
             process_server=self.pool.current.url,
             elapsed_s=round(time.monotonic() - started, 3),
-        )  # fmt: skip
+        )
 
     async def _probe_target(self) -> StreamPosition:
         """Check the target's size against the source's; the target's applied position.
@@ -318,9 +339,13 @@ class _SyncRun:
         if not force_new:
             try:
                 stream = ReplicationStream.open(
-                    self.disk_id, state=self.state, pool=self.pool, journal_dir=self.journal_dir,
-                    source=self.source, executor=self.general,
-                )  # fmt: skip
+                    self.disk_id,
+                    state=self.state,
+                    pool=self.pool,
+                    journal_dir=self.journal_dir,
+                    source=self.source,
+                    executor=self.general,
+                )
             except JournalError as exc:
                 log.warning("disk %s: %s; a new generation starts", self.disk_id, exc.message)
         at_ps = await self.pool.call(lambda client: client.state(self.disk_id))
@@ -342,9 +367,12 @@ class _SyncRun:
         assert stream is not None
         stream.start()
         saved = self.state.sync(self.disk_id)
-        if saved is not None and (saved.generation, saved.source, saved.source_size,
-                                  saved.chunk_bytes) == (stream.generation, str(self.source.path),
-                                                         self.source.size, chunk):  # fmt: skip
+        if saved is not None and (
+            saved.generation,
+            saved.source,
+            saved.source_size,
+            saved.chunk_bytes,
+        ) == (stream.generation, str(self.source.path), self.source.size, chunk):
             log.info("disk %s: resuming the sync from byte %d", self.disk_id, saved.cursor)
             return _Start(stream, saved, new_generation=False, resumed=True)
         # What was sent before must be at the master target before the
@@ -359,16 +387,26 @@ class _SyncRun:
     async def _new_generation(self, known: int) -> ReplicationStream:
         await self._delete_progress()
         return await ReplicationStream.create_after(
-            self.disk_id, known, state=self.state, pool=self.pool,
-            journal_dir=self.journal_dir, source=self.source, executor=self.general,
-        )  # fmt: skip
+            self.disk_id,
+            known,
+            state=self.state,
+            pool=self.pool,
+            journal_dir=self.journal_dir,
+            source=self.source,
+            executor=self.general,
+        )
 
     def _new_progress(self, generation: int, chunk: int, baseline: StreamPosition) -> SyncProgress:
         return SyncProgress(
-            generation=generation, source=str(self.source.path), source_size=self.source.size,
-            chunk_bytes=chunk, cursor=0, window_open=False, started_ns=time.time_ns(),
+            generation=generation,
+            source=str(self.source.path),
+            source_size=self.source.size,
+            chunk_bytes=chunk,
+            cursor=0,
+            window_open=False,
+            started_ns=time.time_ns(),
             baseline=baseline,
-        )  # fmt: skip
+        )
 
     async def _save(self, progress: SyncProgress) -> None:
         loop = asyncio.get_running_loop()

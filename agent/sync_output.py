@@ -60,9 +60,12 @@ class SyncOutput:
         self, records: list[Write | Zero], *, final: bool, capture_ns: tuple[int, int]
     ) -> None:
         await self.stream.append(
-            records, flags=RESYNC_END if final else RESYNC, first_capture_ns=capture_ns[0],
-            last_capture_ns=capture_ns[1], kind=EntryKind.SOURCE,
-        )  # fmt: skip
+            records,
+            flags=RESYNC_END if final else RESYNC,
+            first_capture_ns=capture_ns[0],
+            last_capture_ns=capture_ns[1],
+            kind=EntryKind.SOURCE,
+        )
 
     async def save(self, progress: SyncProgress) -> None:
         loop = asyncio.get_running_loop()

@@ -145,19 +145,26 @@ async def _hold_and_tag(
     try:
         await gather_answers(
             [client.call({"op": "hold", "timeout_s": timeout_s}) for client in clients],
-            deadline, "hold the writes of every disk",
-        )  # fmt: skip
+            deadline,
+            "hold the writes of every disk",
+        )
         request = {"op": "tag", "kind": report.kind, "name": report.name,
                    "tag_id": report.tag_id, "time_ns": report.time_ns}  # fmt: skip
         answers = await gather_answers(
-            [client.call(request) for client in clients], deadline, "tag every disk",
+            [client.call(request) for client in clients],
+            deadline,
+            "tag every disk",
             disks=[client.disk_id for client in clients],
-        )  # fmt: skip
+        )
         tagged = [
-            TaggedDisk(client.disk_id, answer_int(answer, "generation"), answer_int(answer, "seq"),
-                       answer.get("consistent") is True)
+            TaggedDisk(
+                client.disk_id,
+                answer_int(answer, "generation"),
+                answer_int(answer, "seq"),
+                answer.get("consistent") is True,
+            )
             for client, answer in zip(clients, answers, strict=True)
-        ]  # fmt: skip
+        ]
     finally:
         releases = [client.call({"op": "release"}) for client in clients]
         results = await asyncio.gather(*releases, return_exceptions=True)
@@ -191,9 +198,10 @@ async def gather_answers(
         details: dict[str, object] = {}
         if disks is not None:
             details["tagged"] = [
-                disk for disk, result in zip(disks, done, strict=True)
+                disk
+                for disk, result in zip(disks, done, strict=True)
                 if not isinstance(result, BaseException)
-            ]  # fmt: skip
+            ]
         raise TagError(f"could not {what}: {message}; the tag was abandoned", details=details)
     return [result for result in done if not isinstance(result, BaseException)]
 
@@ -225,9 +233,11 @@ async def unquiesce(commands: tuple[str, ...]) -> None:
 async def _run(command: str, timeout_s: float, what: str) -> None:
     try:
         process = await asyncio.create_subprocess_exec(
-            *shlex.split(command), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
+            *shlex.split(command),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
     except OSError as exc:
         raise TagError(f"the {what} command {command!r} cannot run: {exc}") from None
     try:
@@ -317,8 +327,9 @@ class TagScheduler:
         self._rounds.start("tag-rounds")
         log.info(
             "tagging %s: crash-consistent every %g s, app-consistent every %g s (0: never)",
-            ", ".join(self.config.tagged_disks), *intervals,
-        )  # fmt: skip
+            ", ".join(self.config.tagged_disks),
+            *intervals,
+        )
         return self
 
     async def close(self) -> None:
@@ -336,6 +347,9 @@ class TagScheduler:
         self.rounds.append(report)
         del self.rounds[:-100]
         log.info(
-            "%s tag %s on %s (writes held %.3f s)", kind, name,
-            ", ".join(f"{d.disk}@{d.generation}/{d.seq}" for d in report.disks), report.held_s,
-        )  # fmt: skip
+            "%s tag %s on %s (writes held %.3f s)",
+            kind,
+            name,
+            ", ".join(f"{d.disk}@{d.generation}/{d.seq}" for d in report.disks),
+            report.held_s,
+        )

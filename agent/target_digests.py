@@ -115,7 +115,10 @@ class SpanDigests:
 
         offset = self.span.regions[first].offset
         await client.checksums(
-            self._disk_id, offset=offset, length=self.span.regions[-1].end - offset,
-            chunk=self._chunk, sink=sink,
-        )  # fmt: skip
+            self._disk_id,
+            offset=offset,
+            length=self.span.regions[-1].end - offset,
+            chunk=self._chunk,
+            sink=sink,
+        )
         self._stats.hash_requests += 1

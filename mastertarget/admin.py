@@ -162,10 +162,14 @@ async def post_group_recover(request: web.Request) -> web.StreamResponse:
             answer = await loop.run_in_executor(
                 request.app[EXECUTOR],
                 lambda: recover_group(
-                    request.app[CATALOG], group, spec, directory=Path(asked.output_dir),
-                    output_format=fmt, recover_member=recover_member,
+                    request.app[CATALOG],
+                    group,
+                    spec,
+                    directory=Path(asked.output_dir),
+                    output_format=fmt,
+                    recover_member=recover_member,
                 ),
-            )  # fmt: skip
+            )
     except BlockreplError as exc:
         return exception_answer(exc)
     return web.json_response(answer.to_json())

@@ -42,9 +42,16 @@ MAX_POINTS_LIMIT: Final = 100_000
 def point_entry(point: RecoveryPoint) -> PointEntry:
     """One point as the admin API and ``points --json`` show it."""
     return PointEntry(
-        format_time_ns(point.capture_ns), point.capture_ns, point.applied_ns, point.kind.value,
-        point.name, point.generation, point.seq, point.tag_id.hex(), point.group_id,
-    )  # fmt: skip
+        format_time_ns(point.capture_ns),
+        point.capture_ns,
+        point.applied_ns,
+        point.kind.value,
+        point.name,
+        point.generation,
+        point.seq,
+        point.tag_id.hex(),
+        point.group_id,
+    )
 
 
 def points_listing(store: StateStore, disk_id: str, limit: int) -> PointsListing:
@@ -54,8 +61,12 @@ def points_listing(store: StateStore, disk_id: str, limit: int) -> PointsListing
     total = sum(counts.values())
     offered = store.newest_consistent(disk_id, limit)
     window = format_window([p for p in (oldest, newest) if p is not None])
-    return PointsListing(disk_id, Window.parse({**window, "points": total}),
-                         tuple(point_entry(p) for p in offered), total > len(offered))  # fmt: skip
+    return PointsListing(
+        disk_id,
+        Window.parse({**window, "points": total}),
+        tuple(point_entry(p) for p in offered),
+        total > len(offered),
+    )
 
 
 def parse_limit(text: str | None) -> int:
@@ -73,9 +84,13 @@ def parse_limit(text: str | None) -> int:
 
 def recover_answer(result: RecoverResult) -> RecoverAnswer:
     return RecoverAnswer(
-        point_entry(result.point), result.copied_bytes, result.undo_parts, result.undo_bytes,
-        round(result.copy_s, 3), round(result.total_s, 3),
-    )  # fmt: skip
+        point_entry(result.point),
+        result.copied_bytes,
+        result.undo_parts,
+        result.undo_bytes,
+        round(result.copy_s, 3),
+        round(result.total_s, 3),
+    )
 
 
 def group_of(config_groups: tuple[GroupConfig, ...], group_id: str) -> GroupConfig:
@@ -103,9 +118,14 @@ def group_point_entry(point: GroupPoint) -> GroupPointEntry:
     """One group point as the admin API and ``points --group --json`` show it."""
     members = {m.disk_id: MemberPosition(m.generation, m.seq) for m in point.members}
     return GroupPointEntry(
-        format_time_ns(point.capture_ns), point.capture_ns, point.applied_ns, point.kind,
-        point.name, point.tag_id.hex(), members,
-    )  # fmt: skip
+        format_time_ns(point.capture_ns),
+        point.capture_ns,
+        point.applied_ns,
+        point.kind,
+        point.name,
+        point.tag_id.hex(),
+        members,
+    )
 
 
 def group_points_listing(store: StateStore, group: GroupConfig, limit: int) -> GroupPointsListing:
@@ -114,9 +134,12 @@ def group_points_listing(store: StateStore, group: GroupConfig, limit: int) -> G
     points = group_points(store, group)
     offered = points[::-1][:limit]
     return GroupPointsListing(
-        group.id, tuple(group.disks), Window.parse(group_window(points)),
-        tuple(group_point_entry(p) for p in offered), len(points) > len(offered),
-    )  # fmt: skip
+        group.id,
+        tuple(group.disks),
+        Window.parse(group_window(points)),
+        tuple(group_point_entry(p) for p in offered),
+        len(points) > len(offered),
+    )
 
 
 def group_recover_answer(

@@ -130,12 +130,18 @@ def plan_file(hrl: HrlFile, *, resync_open_before: bool, applied_ns: int) -> Fil
             current = None
             points.append(
                 RecoveryPoint(
-                    disk_id=header.disk_id, generation=header.generation, seq=seq,
-                    capture_ns=record.time_ns, applied_ns=applied_ns,
-                    kind=_TAG_KINDS[record.kind], name=record.name, tag_id=record.tag_id,
-                    group_id=record.group_id, consistent=not inside_resync,
+                    disk_id=header.disk_id,
+                    generation=header.generation,
+                    seq=seq,
+                    capture_ns=record.time_ns,
+                    applied_ns=applied_ns,
+                    kind=_TAG_KINDS[record.kind],
+                    name=record.name,
+                    tag_id=record.tag_id,
+                    group_id=record.group_id,
+                    consistent=not inside_resync,
                 )
-            )  # fmt: skip
+            )
             continue
         if current is None:
             current = Segment(seq, seq, data_start=data_pos)
@@ -147,11 +153,15 @@ def plan_file(hrl: HrlFile, *, resync_open_before: bool, applied_ns: int) -> Fil
     resync_open_after = inside_resync and not resync_end
     points.append(
         RecoveryPoint(
-            disk_id=header.disk_id, generation=header.generation, seq=header.last_seq,
-            capture_ns=header.last_capture_ns, applied_ns=applied_ns, kind=PointKind.CRASH,
+            disk_id=header.disk_id,
+            generation=header.generation,
+            seq=header.last_seq,
+            capture_ns=header.last_capture_ns,
+            applied_ns=applied_ns,
+            kind=PointKind.CRASH,
             consistent=not resync_open_after,
         )
-    )  # fmt: skip
+    )
     return FilePlan(segments, points, resync_open_after)
 
 

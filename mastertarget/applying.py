@@ -282,11 +282,13 @@ class DiskApplier:
                     if self._journal is not None:
                         undo.append(
                             self._journal.capture_or_reuse(
-                                self.disk_id, target, segment,
+                                self.disk_id,
+                                target,
+                                segment,
                                 generation=hrl.header.generation,
                                 capture_ns=hrl.header.last_capture_ns,
                             )
-                        )  # fmt: skip
+                        )
                     results.append(apply_segment(target, plaintext, segment))
                     crash_point("target-written")
                 points.extend(plan.points)
@@ -297,9 +299,14 @@ class DiskApplier:
             # that describes exactly what the target holds.
             applied = group[-1][0].end
             self._store.record_applied(
-                self.disk_id, applied, resync_open=resync_open, points=points, undo=undo,
-                now_ns=now, state=state,
-            )  # fmt: skip
+                self.disk_id,
+                applied,
+                resync_open=resync_open,
+                points=points,
+                undo=undo,
+                now_ns=now,
+                state=state,
+            )
             crash_point("marker-committed")
         for entry, _ in group:
             self._inbox.remove(entry)
@@ -317,8 +324,10 @@ class DiskApplier:
         )
         log.error(
             "disk %s: quarantined %s (%s); the disk needs a resync or the file sent again",
-            self.disk_id, where, reason,
-        )  # fmt: skip
+            self.disk_id,
+            where,
+            reason,
+        )
         self._metrics.quarantined.labels(self.disk_id, exc.code).inc()
         self._metrics.errors.labels(exc.code).inc()
         change = apply_policy.quarantined(

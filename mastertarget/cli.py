@@ -117,21 +117,25 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--json", action="store_true", help="print one JSON object")
         if name == "points":
             sub.add_argument(
-                "--limit", type=int, default=DEFAULT_POINTS_LIMIT,
+                "--limit",
+                type=int,
+                default=DEFAULT_POINTS_LIMIT,
                 help=f"list the newest N points ({DEFAULT_POINTS_LIMIT})",
-            )  # fmt: skip
+            )
         else:
             sub.add_argument(
-                "--point", required=True,
+                "--point",
+                required=True,
                 help="latest, latest-app, latest-processed, an ISO-8601 time with a zone, "
                 "or tag:NAME",
-            )  # fmt: skip
+            )
         if name == "recover":
             sub.add_argument("--output", type=Path, help="the file to write (with --disk)")
             sub.add_argument(
-                "--output-dir", type=Path,
+                "--output-dir",
+                type=Path,
                 help="with --group: the folder to write each disk into, as DISK.raw or DISK.vmdk",
-            )  # fmt: skip
+            )
             sub.add_argument("--format", choices=("raw", "vmdk"), default="raw")
         sub.set_defaults(handler=handler)
     add_vsphere_commands(commands)
@@ -247,10 +251,12 @@ class _Offline:
 def _lock_volume(config: MasterTargetConfig) -> RetentionVolume:
     """Check the retention volume and take its lock (a daemon cannot start meanwhile)."""
     return check_retention_volume(
-        config.retention.dir, cache_dir=config.cache_dir, install_dir=installed_package_dir(),
+        config.retention.dir,
+        cache_dir=config.cache_dir,
+        install_dir=installed_package_dir(),
         targets=[d.target for d in config.disks],
         allow_shared_volume=config.retention.allow_shared_volume,
-    )  # fmt: skip
+    )
 
 
 @contextlib.contextmanager
@@ -258,8 +264,10 @@ def _offline(config: MasterTargetConfig, disk_id: str, spec: str) -> Iterator[_O
     """Lock the retention volume, open the disk's target, state and journal, pick the point."""
     disk = config.disk(disk_id)
     if disk is None:
-        raise DiskError(f"disk {disk_id!r} is not in the config; configured: "
-                        f"{', '.join(d.id for d in config.disks) or 'none'}")  # fmt: skip
+        raise DiskError(
+            f"disk {disk_id!r} is not in the config; configured: "
+            f"{', '.join(d.id for d in config.disks) or 'none'}"
+        )
     volume = _lock_volume(config)
     try:
         store = StateStore(volume.path / STATE_DB)
@@ -297,9 +305,14 @@ def _recover(args: argparse.Namespace) -> CommandResult:
     if answer is None:
         with _offline(config, args.disk, args.point) as disk:
             result = recover_copy(
-                target=disk.target, journal=disk.journal, store=disk.store, point=disk.point,
-                output=output, output_format=args.format, progress=copy_progress("copied"),
-            )  # fmt: skip
+                target=disk.target,
+                journal=disk.journal,
+                store=disk.store,
+                point=disk.point,
+                output=output,
+                output_format=args.format,
+                progress=copy_progress("copied"),
+            )
         answer = recover_answer(result)
     return _report(answer, f"recovered disk {args.disk} into {output}")
 
@@ -313,8 +326,7 @@ def _recover_group(args: argparse.Namespace, config: MasterTargetConfig) -> Comm
     directory = args.output_dir.resolve()
     body = GroupRecoverRequest(args.point, str(directory), args.format).to_json()
     if sys.stderr.isatty():
-        print(f"recovering group {group.id} at {args.point} into {directory} ...",
-              file=sys.stderr)  # fmt: skip
+        print(f"recovering group {group.id} at {args.point} into {directory} ...", file=sys.stderr)
     path = f"/v1/groups/{group.id}/recover"
     answer = asyncio.run(_admin(config, "POST", path, body, GroupRecoverAnswer.parse))
     if answer is None:
@@ -328,9 +340,12 @@ def _recover_group(args: argparse.Namespace, config: MasterTargetConfig) -> Comm
 
 
 def _recover_group_offline(
-    config: MasterTargetConfig, group: GroupConfig, spec: str, directory: Path,
+    config: MasterTargetConfig,
+    group: GroupConfig,
+    spec: str,
+    directory: Path,
     output_format: OutputFormat,
-) -> GroupRecoverAnswer:  # fmt: skip
+) -> GroupRecoverAnswer:
     """Every disk of the group at one group point, on the retention volume directly."""
     with contextlib.ExitStack() as stack:
         volume = _lock_volume(config)
@@ -348,16 +363,25 @@ def _recover_group_offline(
             )
             try:
                 return recover_copy(
-                    target=target, journal=journal, store=store, point=point, output=output,
-                    output_format=output_format, progress=copy_progress("copied"),
-                )  # fmt: skip
+                    target=target,
+                    journal=journal,
+                    store=store,
+                    point=point,
+                    output=output,
+                    output_format=output_format,
+                    progress=copy_progress("copied"),
+                )
             finally:
                 target.close()
 
         return recover_group(
-            store, group, parse_spec(spec), directory=directory, output_format=output_format,
+            store,
+            group,
+            parse_spec(spec),
+            directory=directory,
+            output_format=output_format,
             recover_member=recover_member,
-        )  # fmt: skip
+        )
 
 
 def _failover(args: argparse.Namespace) -> CommandResult:

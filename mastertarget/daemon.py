@@ -125,9 +125,14 @@ class MasterTarget:
             self.config.rpo_threshold_s, log=logging.getLogger("blockrepl.mastertarget.rpo")
         )
         self.housekeeper = Housekeeper(
-            replicas=self.replicas, config=lambda: self.config, metrics=self.metrics,
-            executor=self.executor, store=self.store, retention_path=self.retention.path, rpo=rpo,
-        )  # fmt: skip
+            replicas=self.replicas,
+            config=lambda: self.config,
+            metrics=self.metrics,
+            executor=self.executor,
+            store=self.store,
+            retention_path=self.retention.path,
+            rpo=rpo,
+        )
         self.metrics.rpo_threshold.set(self.config.rpo_threshold_s)
         self.metrics.window_target.set(self.config.retention.window_s)
 
@@ -170,8 +175,10 @@ class MasterTarget:
             raise
         log.info(
             "master target ready: %d disks, data port %s, metrics port %s",
-            len(mt.replicas), mt.port, mt.metrics_port,
-        )  # fmt: skip
+            len(mt.replicas),
+            mt.port,
+            mt.metrics_port,
+        )
         return mt
 
     @classmethod
@@ -196,11 +203,14 @@ class MasterTarget:
         await run(lambda: config.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700))
         retention = await run(
             lambda: check_retention_volume(
-                config.retention.dir, cache_dir=config.cache_dir,
-                install_dir=installed_package_dir(), targets=[d.target for d in config.disks],
-                mountinfo=mountinfo, allow_shared_volume=config.retention.allow_shared_volume,
+                config.retention.dir,
+                cache_dir=config.cache_dir,
+                install_dir=installed_package_dir(),
+                targets=[d.target for d in config.disks],
+                mountinfo=mountinfo,
+                allow_shared_volume=config.retention.allow_shared_volume,
             )
-        )  # fmt: skip
+        )
         stack.callback(retention.lock.release)
         if config.retention.allow_shared_volume:
             log.warning(
@@ -219,19 +229,32 @@ class MasterTarget:
         reloads = ReloadMetrics(registry, PREFIX)
         reloads.certificate_expiry.labels("server").set(server_tls.certificate.not_after_s)
         return cls(
-            config, keyring, metrics, executor, retention, store, reloads, key_file, server_tls,
+            config,
+            keyring,
+            metrics,
+            executor,
+            retention,
+            store,
+            reloads,
+            key_file,
+            server_tls,
             stack,
-        )  # fmt: skip
+        )
 
     async def _open_disks(self) -> None:
         inbox = Inbox(self.config.cache_dir)
         journal = UndoJournal(self.retention.path / JOURNAL_DIR, self.keyring)
         for disk in self.config.disks:
             replica = await DiskReplica.open(
-                disk, store=self.store, inbox=inbox, keyring=self.keyring, metrics=self.metrics,
-                executor=self.executor, journal=journal,
+                disk,
+                store=self.store,
+                inbox=inbox,
+                keyring=self.keyring,
+                metrics=self.metrics,
+                executor=self.executor,
+                journal=journal,
                 on_points=self.housekeeper.points_observer(disk.id),
-            )  # fmt: skip
+            )
             self.stack.push_async_callback(replica.close)
             self.replicas[disk.id] = replica
             await self.housekeeper.watch(disk.id)
@@ -240,9 +263,14 @@ class MasterTarget:
             log.info(
                 "disk %s: target %s (%d bytes), applied generation %d seq %d, "
                 "%d files waiting, state %s",
-                disk.id, disk.target, status.target_size, status.applied.generation,
-                status.applied.seq, status.inbox_files, status.state.value,
-            )  # fmt: skip
+                disk.id,
+                disk.target,
+                status.target_size,
+                status.applied.generation,
+                status.applied.seq,
+                status.inbox_files,
+                status.state.value,
+            )
 
     async def _open_ports(
         self, registry: CollectorRegistry, data_port: int | None, metrics_port: int | None
@@ -250,15 +278,20 @@ class MasterTarget:
         request_logs = RequestLogs(registry, PREFIX)
         listen = self.config.listen
         app = build_app(
-            replicas=self.replicas, config=lambda: self.config, metrics=self.metrics,
-            keyring=self.keyring, executor=self.executor,
-        )  # fmt: skip
+            replicas=self.replicas,
+            config=lambda: self.config,
+            metrics=self.metrics,
+            keyring=self.keyring,
+            executor=self.executor,
+        )
         self._in_flight.install(app)
         self._runner = web.AppRunner(
-            app, access_log=None, shutdown_timeout=CANCEL_TIMEOUT_S,
+            app,
+            access_log=None,
+            shutdown_timeout=CANCEL_TIMEOUT_S,
             keepalive_timeout=self.config.connections.idle_timeout_s,
             logger=request_logs.for_listener("data"),
-        )  # fmt: skip
+        )
         await self._runner.setup()
         self.stack.push_async_callback(_cleanup, self._runner)
         port = listen.port if data_port is None else data_port
@@ -280,9 +313,12 @@ class MasterTarget:
         path = self.config.admin_socket
         await self._run(lambda: path.parent.mkdir(parents=True, exist_ok=True, mode=0o755))
         app = build_admin_app(
-            replicas=self.replicas, config=lambda: self.config, metrics=self.metrics,
-            executor=self.executor, catalog=self.store,
-        )  # fmt: skip
+            replicas=self.replicas,
+            config=lambda: self.config,
+            metrics=self.metrics,
+            executor=self.executor,
+            catalog=self.store,
+        )
         runner = web.AppRunner(app, access_log=None, logger=request_logs.for_listener("admin"))
         await runner.setup()
         self.stack.push_async_callback(_cleanup, runner)

@@ -144,8 +144,11 @@ def group_window(points: Sequence[GroupPoint]) -> dict[str, object]:
 
 
 def _not_found(spec: PointSpec, group_id: str, points: Sequence[GroupPoint]) -> PointNotFoundError:
-    details: dict[str, object] = {"spec": str(spec), "group": group_id,
-                                  "window": group_window(points)}  # fmt: skip
+    details: dict[str, object] = {
+        "spec": str(spec),
+        "group": group_id,
+        "window": group_window(points),
+    }
     if not points:
         return PointNotFoundError(
             f"no group point of {group_id} matches {spec}: the group has no common point yet "

@@ -140,9 +140,14 @@ class DiskHistory:
     ) -> RecoverResult:
         """:meth:`recover`, blocking: on an executor thread, inside keeping_history()."""
         return recover_copy(
-            target=self._target, journal=self._require_journal(), store=self._store,
-            point=point, output=output, output_format=output_format, progress=progress,
-        )  # fmt: skip
+            target=self._target,
+            journal=self._require_journal(),
+            store=self._store,
+            point=point,
+            output=output,
+            output_format=output_format,
+            progress=progress,
+        )
 
     async def failover(self, point: RecoveryPoint) -> RecoverResult:
         """Stop applying, roll the target back to ``point`` in place, refuse later files.

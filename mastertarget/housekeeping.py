@@ -153,9 +153,12 @@ class Housekeeper:
             log.warning(
                 "disk %s: retention volume %s is %.0f %% full (high-water %.0f %%): dropped "
                 "%d of the oldest recovery points before their time",
-                disk_id, self._retention_path, 100 * used / capacity, high_water_percent,
+                disk_id,
+                self._retention_path,
+                100 * used / capacity,
+                high_water_percent,
                 cutoff.early,
-            )  # fmt: skip
+            )
 
     def _summary(self, disk_id: str) -> _PointSummary:
         """Blocking: on an executor thread."""

@@ -141,9 +141,14 @@ class UndoJournal:
         ]
 
     def capture_or_reuse(
-        self, disk_id: str, target: TargetDisk, segment: Segment, *, generation: int,
+        self,
+        disk_id: str,
+        target: TargetDisk,
+        segment: Segment,
+        *,
+        generation: int,
         capture_ns: int,
-    ) -> UndoPart:  # fmt: skip
+    ) -> UndoPart:
         """Make the segment's before-images durable, reusing a complete earlier capture.
 
         Blocking; call with the target's lock held, before the segment is applied.
@@ -165,10 +170,18 @@ class UndoJournal:
                 data = target.read(offset, length)
                 records.append(Zero(offset, length) if is_zero(data) else Write(offset, data))
             sealed = seal_undo(
-                records, keyring=self._keyring, compressor=compressor, disk_id=disk_id,
-                generation=generation, first_seq=segment.first_seq, last_seq=segment.last_seq,
-                chunk=chunk, chunks=len(plan), capture_ns=capture_ns, salt=os.urandom(32),
-            )  # fmt: skip
+                records,
+                keyring=self._keyring,
+                compressor=compressor,
+                disk_id=disk_id,
+                generation=generation,
+                first_seq=segment.first_seq,
+                last_seq=segment.last_seq,
+                chunk=chunk,
+                chunks=len(plan),
+                capture_ns=capture_ns,
+                salt=os.urandom(32),
+            )
             path = folder / _name(generation, segment.first_seq, segment.last_seq, chunk)
             _require_room(path, len(sealed))
             write_file_synced(path, sealed, mode=FILE_MODE)
@@ -176,8 +189,9 @@ class UndoJournal:
             total += len(sealed)
         fsync_dir(folder)  # the segment's writes may go to the target after this
         crash_point("undo-durable")
-        return UndoPart(generation, segment.first_seq, segment.last_seq, len(plan), total,
-                        capture_ns)  # fmt: skip
+        return UndoPart(
+            generation, segment.first_seq, segment.last_seq, len(plan), total, capture_ns
+        )
 
     def _complete(self, disk_id: str, generation: int, segment: Segment) -> UndoPart | None:
         """The earlier capture of this segment if every file of it is there and verifies.
@@ -190,14 +204,21 @@ class UndoJournal:
             return None  # the usual case: never captured
         try:
             head = open_undo(first.read_bytes(), self._keyring).header
-            part = UndoPart(generation, segment.first_seq, segment.last_seq, head.chunks, 0,
-                            head.capture_ns)  # fmt: skip
+            part = UndoPart(
+                generation, segment.first_seq, segment.last_seq, head.chunks, 0, head.capture_ns
+            )
             paths = self._chunk_paths(disk_id, part)
             files = [open_undo(p.read_bytes(), self._keyring) for p in paths]
             if [f.header.chunk for f in files] == list(range(part.chunks)):
                 size = sum(p.stat().st_size for p in paths)
-                return UndoPart(generation, segment.first_seq, segment.last_seq, part.chunks,
-                                size, head.capture_ns)  # fmt: skip
+                return UndoPart(
+                    generation,
+                    segment.first_seq,
+                    segment.last_seq,
+                    part.chunks,
+                    size,
+                    head.capture_ns,
+                )
         except (ProtocolError, OSError):
             pass
         # Incomplete: the target was never written for this segment; start over.
@@ -246,8 +267,9 @@ def _require_room(path: Path, size: int) -> None:
     except OSError as exc:
         raise DurabilityError(
             f"cannot read the free space of {path.parent}: {exc.strerror}",
-            errno=exc.errno, path=str(path.parent),
-        ) from exc  # fmt: skip
+            errno=exc.errno,
+            path=str(path.parent),
+        ) from exc
     free = info.f_bavail * info.f_frsize
     if free < size + STATE_RESERVE_BYTES:
         raise DurabilityError(

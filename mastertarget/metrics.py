@@ -29,171 +29,232 @@ class MasterTargetMetrics:
         self.registry = registry
         disk = ["disk"]
         self.files_received = Counter(
-            f"{PREFIX}_hrl_files_received", "HRL files stored durably in the inbox.", disk,
+            f"{PREFIX}_hrl_files_received",
+            "HRL files stored durably in the inbox.",
+            disk,
             registry=registry,
-        )  # fmt: skip
+        )
         self.bytes_received = Counter(
-            f"{PREFIX}_hrl_received_bytes", "Bytes of HRL files stored in the inbox.", disk,
+            f"{PREFIX}_hrl_received_bytes",
+            "Bytes of HRL files stored in the inbox.",
+            disk,
             registry=registry,
-        )  # fmt: skip
+        )
         self.files_applied = Counter(
-            f"{PREFIX}_hrl_files_applied", "HRL files applied to the target and marked.", disk,
+            f"{PREFIX}_hrl_files_applied",
+            "HRL files applied to the target and marked.",
+            disk,
             registry=registry,
-        )  # fmt: skip
+        )
         self.bytes_applied = Counter(
-            f"{PREFIX}_applied_bytes", "Bytes written to the target by WRITE records.", disk,
+            f"{PREFIX}_applied_bytes",
+            "Bytes written to the target by WRITE records.",
+            disk,
             registry=registry,
-        )  # fmt: skip
+        )
         self.bytes_zeroed = Counter(
-            f"{PREFIX}_zeroed_bytes", "Bytes made zero on the target by ZERO records.", disk,
+            f"{PREFIX}_zeroed_bytes",
+            "Bytes made zero on the target by ZERO records.",
+            disk,
             registry=registry,
-        )  # fmt: skip
+        )
         self.duplicates = Counter(
-            f"{PREFIX}_hrl_duplicates", "HRL files received again and dropped.", disk,
+            f"{PREFIX}_hrl_duplicates",
+            "HRL files received again and dropped.",
+            disk,
             registry=registry,
-        )  # fmt: skip
+        )
         self.apply_seconds = Histogram(
             f"{PREFIX}_apply_seconds",
             "Time to verify, apply and flush one HRL file and move the marker.",
-            disk, buckets=APPLY_BUCKETS, registry=registry,
-        )  # fmt: skip
+            disk,
+            buckets=APPLY_BUCKETS,
+            registry=registry,
+        )
         self.inbox_files = Gauge(
             f"{PREFIX}_inbox_files", "HRL files waiting in the inbox.", disk, registry=registry
         )
         self.inbox_bytes = Gauge(
-            f"{PREFIX}_inbox_bytes", "Bytes of HRL files waiting in the inbox.", disk,
+            f"{PREFIX}_inbox_bytes",
+            "Bytes of HRL files waiting in the inbox.",
+            disk,
             registry=registry,
-        )  # fmt: skip
+        )
         self.inbox_quota_bytes = Gauge(
-            f"{PREFIX}_inbox_quota_bytes", "Inbox bytes per disk above which PUTs get 503.",
+            f"{PREFIX}_inbox_quota_bytes",
+            "Inbox bytes per disk above which PUTs get 503.",
             registry=registry,
-        )  # fmt: skip
+        )
         self.inbox_oldest_age = Gauge(
             f"{PREFIX}_inbox_oldest_age_seconds",
-            "Age of the oldest HRL file waiting in the inbox (0 when empty).", disk,
+            "Age of the oldest HRL file waiting in the inbox (0 when empty).",
+            disk,
             registry=registry,
-        )  # fmt: skip
+        )
         self.quarantined = Counter(
-            f"{PREFIX}_quarantined_files", "HRL files that failed verification, moved aside.",
-            ["disk", "reason"], registry=registry,
-        )  # fmt: skip
+            f"{PREFIX}_quarantined_files",
+            "HRL files that failed verification, moved aside.",
+            ["disk", "reason"],
+            registry=registry,
+        )
         self.state = Gauge(
-            f"{PREFIX}_disk_state", "1 for the replication state the disk is in, else 0.",
-            ["disk", "state"], registry=registry,
-        )  # fmt: skip
+            f"{PREFIX}_disk_state",
+            "1 for the replication state the disk is in, else 0.",
+            ["disk", "state"],
+            registry=registry,
+        )
         self.resync_required = Gauge(
-            f"{PREFIX}_resync_required", "1 while the disk needs a resync from its agent.", disk,
+            f"{PREFIX}_resync_required",
+            "1 while the disk needs a resync from its agent.",
+            disk,
             registry=registry,
-        )  # fmt: skip
+        )
         self.applied_seq = Gauge(
-            f"{PREFIX}_applied_seq", "The last seq applied to the target.", disk,
+            f"{PREFIX}_applied_seq",
+            "The last seq applied to the target.",
+            disk,
             registry=registry,
-        )  # fmt: skip
+        )
         self.received_seq = Gauge(
-            f"{PREFIX}_received_seq", "The last seq held durably in the inbox or applied.", disk,
+            f"{PREFIX}_received_seq",
+            "The last seq held durably in the inbox or applied.",
+            disk,
             registry=registry,
-        )  # fmt: skip
+        )
         self.target_bytes = Gauge(
-            f"{PREFIX}_target_size_bytes", "Virtual size of the target disk.", disk,
+            f"{PREFIX}_target_size_bytes",
+            "Virtual size of the target disk.",
+            disk,
             registry=registry,
-        )  # fmt: skip
+        )
         self.requests = Counter(
-            f"{PREFIX}_requests", "Data API requests answered, by route and status.",
-            ["route", "status"], registry=registry,
-        )  # fmt: skip
+            f"{PREFIX}_requests",
+            "Data API requests answered, by route and status.",
+            ["route", "status"],
+            registry=registry,
+        )
         self.requests_in_flight = Gauge(
-            f"{PREFIX}_requests_in_flight", "Data API requests being handled now.",
+            f"{PREFIX}_requests_in_flight",
+            "Data API requests being handled now.",
             registry=registry,
-        )  # fmt: skip
+        )
         self.errors = Counter(
-            f"{PREFIX}_errors", "Errors by kind (the error code of docs/protocol.md and api.md).",
-            ["kind"], registry=registry,
-        )  # fmt: skip
-        self.apply_retries = Counter(
-            f"{PREFIX}_apply_retries", "Applies retried after a target error.", disk,
+            f"{PREFIX}_errors",
+            "Errors by kind (the error code of docs/protocol.md and api.md).",
+            ["kind"],
             registry=registry,
-        )  # fmt: skip
+        )
+        self.apply_retries = Counter(
+            f"{PREFIX}_apply_retries",
+            "Applies retried after a target error.",
+            disk,
+            registry=registry,
+        )
 
         self.rpo = Gauge(
             f"{PREFIX}_rpo_seconds",
             "Age of the newest recovery point, from the source capture time "
-            "(clamped to the apply time: docs/recovery-points.md).", disk, registry=registry,
-        )  # fmt: skip
+            "(clamped to the apply time: docs/recovery-points.md).",
+            disk,
+            registry=registry,
+        )
         self.rpo_threshold = Gauge(
-            f"{PREFIX}_rpo_threshold_seconds", "RPO above which a disk is rpo-exceeded.",
+            f"{PREFIX}_rpo_threshold_seconds",
+            "RPO above which a disk is rpo-exceeded.",
             registry=registry,
-        )  # fmt: skip
+        )
         self.rpo_exceeded = Gauge(
-            f"{PREFIX}_rpo_exceeded", "1 while the disk's RPO is above the threshold.", disk,
+            f"{PREFIX}_rpo_exceeded",
+            "1 while the disk's RPO is above the threshold.",
+            disk,
             registry=registry,
-        )  # fmt: skip
+        )
         self.clock_skew = Gauge(
             f"{PREFIX}_clock_skew_seconds",
             "How far the source clock was seen ahead of this one recently (0 if not ahead).",
-            disk, registry=registry,
-        )  # fmt: skip
+            disk,
+            registry=registry,
+        )
         self.window = Gauge(
             f"{PREFIX}_retention_window_seconds",
-            "Age of the oldest consistent recovery point (0 with none).", disk,
+            "Age of the oldest consistent recovery point (0 with none).",
+            disk,
             registry=registry,
-        )  # fmt: skip
+        )
         self.window_target = Gauge(
-            f"{PREFIX}_retention_window_target_seconds", "The configured retention window.",
+            f"{PREFIX}_retention_window_target_seconds",
+            "The configured retention window.",
             registry=registry,
-        )  # fmt: skip
+        )
         self.shortfall = Gauge(
             f"{PREFIX}_retention_shortfall_seconds",
-            "How much of the window was given up early because the volume was full.", disk,
+            "How much of the window was given up early because the volume was full.",
+            disk,
             registry=registry,
-        )  # fmt: skip
+        )
         self.points = Gauge(
-            f"{PREFIX}_recovery_points", "Consistent recovery points in the catalog.",
-            ["disk", "kind"], registry=registry,
-        )  # fmt: skip
+            f"{PREFIX}_recovery_points",
+            "Consistent recovery points in the catalog.",
+            ["disk", "kind"],
+            registry=registry,
+        )
         self.undo_bytes = Gauge(
-            f"{PREFIX}_undo_bytes", "Bytes of undo files in the retention journal.", disk,
+            f"{PREFIX}_undo_bytes",
+            "Bytes of undo files in the retention journal.",
+            disk,
             registry=registry,
-        )  # fmt: skip
+        )
         self.retention_used = Gauge(
-            f"{PREFIX}_retention_used_bytes", "Bytes used on the retention volume.",
+            f"{PREFIX}_retention_used_bytes",
+            "Bytes used on the retention volume.",
             registry=registry,
-        )  # fmt: skip
+        )
         self.retention_free = Gauge(
-            f"{PREFIX}_retention_free_bytes", "Bytes still free on the retention volume.",
+            f"{PREFIX}_retention_free_bytes",
+            "Bytes still free on the retention volume.",
             registry=registry,
-        )  # fmt: skip
+        )
         self.retention_capacity = Gauge(
-            f"{PREFIX}_retention_capacity_bytes", "Size of the retention volume.",
+            f"{PREFIX}_retention_capacity_bytes",
+            "Size of the retention volume.",
             registry=registry,
-        )  # fmt: skip
+        )
         self.retention_high_water = Gauge(
             f"{PREFIX}_retention_high_water_bytes",
             "Retention volume usage above which the oldest history goes early.",
             registry=registry,
-        )  # fmt: skip
+        )
         self.pruned_points = Counter(
-            f"{PREFIX}_pruned_points", "Recovery points forgotten, by reason.",
-            ["disk", "reason"], registry=registry,
-        )  # fmt: skip
+            f"{PREFIX}_pruned_points",
+            "Recovery points forgotten, by reason.",
+            ["disk", "reason"],
+            registry=registry,
+        )
         self.group_rpo = Gauge(
             f"{PREFIX}_group_rpo_seconds",
             "Age of the newest point common to every disk of a consistency group, from its "
             "round's time (clamped to when its last disk applied it): the group's RPO.",
-            ["group"], registry=registry,
-        )  # fmt: skip
+            ["group"],
+            registry=registry,
+        )
         self.group_points = Gauge(
             f"{PREFIX}_group_recovery_points",
-            "Recovery points common to every disk of a consistency group.", ["group"],
+            "Recovery points common to every disk of a consistency group.",
+            ["group"],
             registry=registry,
-        )  # fmt: skip
+        )
         self.recover_seconds = Histogram(
-            f"{PREFIX}_recover_seconds", "Time to write a disk as of a point to a copy.",
-            buckets=LONG_BUCKETS, registry=registry,
-        )  # fmt: skip
+            f"{PREFIX}_recover_seconds",
+            "Time to write a disk as of a point to a copy.",
+            buckets=LONG_BUCKETS,
+            registry=registry,
+        )
         self.failover_seconds = Histogram(
-            f"{PREFIX}_failover_seconds", "Time to roll a target back in place.",
-            buckets=LONG_BUCKETS, registry=registry,
-        )  # fmt: skip
+            f"{PREFIX}_failover_seconds",
+            "Time to roll a target back in place.",
+            buckets=LONG_BUCKETS,
+            registry=registry,
+        )
 
     def set_state(self, disk_id: str, state: DiskState) -> None:
         for each in DiskState:

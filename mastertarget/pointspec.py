@@ -193,10 +193,14 @@ def _parse_time(text: str, stripped: str) -> int:
     try:
         tz = _parse_zone(zone)
         moment = datetime(
-            int(date["year"]), int(date["month"]), int(date["day"]),
-            int(match["hour"]), int(match["minute"]), int(match["second"] or 0),
+            int(date["year"]),
+            int(date["month"]),
+            int(date["day"]),
+            int(match["hour"]),
+            int(match["minute"]),
+            int(match["second"] or 0),
             tzinfo=tz,
-        )  # fmt: skip
+        )
     except ValueError as exc:
         raise _spec_error(text, f"it is not a real date and time ({exc})") from None
     whole_seconds = (moment - _EPOCH) // timedelta(seconds=1)

@@ -83,9 +83,12 @@ def copy_target(source: TargetDisk, output: TargetDisk, progress: Progress | Non
 
 
 def roll_back(
-    disk: TargetDisk, journal: UndoJournal, disk_id: str, parts: list[UndoPart],
+    disk: TargetDisk,
+    journal: UndoJournal,
+    disk_id: str,
+    parts: list[UndoPart],
     progress: Progress | None = None,
-) -> int:  # fmt: skip
+) -> int:
     """Apply undo parts (newest first, as given) to ``disk`` and flush it.
 
     Returns:
@@ -151,16 +154,26 @@ def recover_copy(
             os.replace(output, incomplete)
             log.error(
                 "disk %s: recovering to seq %d failed; the partial output is %s, not %s",
-                disk_id, point.seq, incomplete, output,
-            )  # fmt: skip
+                disk_id,
+                point.seq,
+                incomplete,
+                output,
+            )
         raise
     total_s = time.monotonic() - started
     log.info(
         "disk %s: recovered to %s seq %d (%s) as %s: %d bytes copied in %.1f s (applier "
         "waited as long), %d undo parts, %.1f s in all",
-        disk_id, point.kind.value, point.seq, point.name or "file end", output, copied, copy_s,
-        len(parts), total_s,
-    )  # fmt: skip
+        disk_id,
+        point.kind.value,
+        point.seq,
+        point.name or "file end",
+        output,
+        copied,
+        copy_s,
+        len(parts),
+        total_s,
+    )
     return RecoverResult(point, copied, len(parts), undo_bytes, copy_s, total_s)
 
 
@@ -177,9 +190,11 @@ def group_outputs(
     """
     outputs = {disk: directory / f"{disk}.{output_format}" for disk in disks}
     taken = [
-        path for out in outputs.values()
-        for path in (out, out.with_name(out.name + INCOMPLETE_SUFFIX)) if path.exists()
-    ]  # fmt: skip
+        path
+        for out in outputs.values()
+        for path in (out, out.with_name(out.name + INCOMPLETE_SUFFIX))
+        if path.exists()
+    ]
     if taken:
         raise DiskExistsError(
             f"{taken[0]} exists; a group is recovered into new files only: choose another "
@@ -225,15 +240,20 @@ def failover_in_place(
     for part in parts:
         journal.remove_part(disk_id, part)
     store.set_state(
-        disk_id, DiskState.FAILED_OVER,
-        f"failed over to {point.kind.value} point seq {point.seq} "
-        f"{point.name or '(file end)'}",
+        disk_id,
+        DiskState.FAILED_OVER,
+        f"failed over to {point.kind.value} point seq {point.seq} {point.name or '(file end)'}",
         now_ns=now,
-    )  # fmt: skip
+    )
     total_s = time.monotonic() - started
     log.warning(
         "disk %s: failed over in place to %s point seq %d (%s): %d undo parts in %.1f s; "
         "no more replication data is applied",
-        disk_id, point.kind.value, point.seq, point.name or "file end", len(parts), total_s,
-    )  # fmt: skip
+        disk_id,
+        point.kind.value,
+        point.seq,
+        point.name or "file end",
+        len(parts),
+        total_s,
+    )
     return RecoverResult(point, 0, len(parts), undo_bytes, 0.0, total_s)

@@ -135,14 +135,27 @@ class DiskReplica:
             wake=wake,
         )
         applier = DiskApplier(
-            loaded.record, target, receiver=receiver, store=store, inbox=inbox,
-            keyring=keyring, metrics=metrics, executor=executor, journal=journal, wake=wake,
+            loaded.record,
+            target,
+            receiver=receiver,
+            store=store,
+            inbox=inbox,
+            keyring=keyring,
+            metrics=metrics,
+            executor=executor,
+            journal=journal,
+            wake=wake,
             on_points=on_points,
-        )  # fmt: skip
+        )
         history = DiskHistory(
-            config.id, target, store=store, journal=journal, executor=executor,
-            applier=applier, receiver=receiver,
-        )  # fmt: skip
+            config.id,
+            target,
+            store=store,
+            journal=journal,
+            executor=executor,
+            applier=applier,
+            receiver=receiver,
+        )
         metrics.target_bytes.labels(config.id).set(target.size)
         return cls(
             config, target, receiver=receiver, applier=applier, history=history, executor=executor
@@ -233,7 +246,12 @@ def _open_target(disk: DiskConfig) -> TargetDisk:
         kind: CreateFormat = "raw"
         if disk.format == "vmdk":
             kind = "vmdk-sparse" if disk.vmdk_subformat == "monolithicSparse" else "vmdk-flat"
-        log.info("disk %s: creating %s target %s of %d bytes", disk.id, kind, disk.target,
-                 disk.size_bytes)  # fmt: skip
+        log.info(
+            "disk %s: creating %s target %s of %d bytes",
+            disk.id,
+            kind,
+            disk.target,
+            disk.size_bytes,
+        )
         return create_disk(disk.target, kind, disk.size_bytes)
     return open_disk(disk.target, disk.format)

@@ -131,10 +131,14 @@ def check_retention_volume(
     """
     try:
         return _check(
-            directory, cache_dir=cache_dir, install_dir=install_dir, targets=targets,
-            mountinfo=mountinfo, sys_dev_block=sys_dev_block,
+            directory,
+            cache_dir=cache_dir,
+            install_dir=install_dir,
+            targets=targets,
+            mountinfo=mountinfo,
+            sys_dev_block=sys_dev_block,
             allow_shared_volume=allow_shared_volume,
-        )  # fmt: skip
+        )
     except MountTableError as exc:
         raise RetentionVolumeError(
             exc.message, criterion=RetentionCriterion.MOUNT_TABLE.value

@@ -245,38 +245,46 @@ class RpoMonitor:
             "threshold_s": status.threshold_s,
         }
         if status.exceeded and not state.exceeded:
-            lines.append((
-                logging.WARNING,
-                "disk %s: RPO %.1f s is above the threshold of %.0f s; %s",
-                (disk_id, status.rpo_s, status.threshold_s, newest),
-                {**extra, "event": "rpo-exceeded"},
-            ))  # fmt: skip
+            lines.append(
+                (
+                    logging.WARNING,
+                    "disk %s: RPO %.1f s is above the threshold of %.0f s; %s",
+                    (disk_id, status.rpo_s, status.threshold_s, newest),
+                    {**extra, "event": "rpo-exceeded"},
+                )
+            )
         elif state.exceeded and not status.exceeded:
-            lines.append((
-                logging.INFO,
-                "disk %s: RPO %.1f s is back within the threshold of %.0f s; %s",
-                (disk_id, status.rpo_s, status.threshold_s, newest),
-                {**extra, "event": "rpo-recovered"},
-            ))  # fmt: skip
+            lines.append(
+                (
+                    logging.INFO,
+                    "disk %s: RPO %.1f s is back within the threshold of %.0f s; %s",
+                    (disk_id, status.rpo_s, status.threshold_s, newest),
+                    {**extra, "event": "rpo-recovered"},
+                )
+            )
         state.exceeded = status.exceeded
         skewed = status.skew_s > self.skew_warn_s
         skew_extra: dict[str, object] = {"disk": disk_id, "skew_s": round(status.skew_s, 3)}
         if skewed and not state.skew_warned:
-            lines.append((
-                logging.WARNING,
-                "disk %s: source clock is at least %.1f s ahead of the master target's"
-                " (warning above %.1f s); capture times are clamped to apply times,"
-                " fix time sync (NTP) on the source",
-                (disk_id, status.skew_s, self.skew_warn_s),
-                {**skew_extra, "event": "clock-skew"},
-            ))  # fmt: skip
+            lines.append(
+                (
+                    logging.WARNING,
+                    "disk %s: source clock is at least %.1f s ahead of the master target's"
+                    " (warning above %.1f s); capture times are clamped to apply times,"
+                    " fix time sync (NTP) on the source",
+                    (disk_id, status.skew_s, self.skew_warn_s),
+                    {**skew_extra, "event": "clock-skew"},
+                )
+            )
         elif state.skew_warned and not skewed:
-            lines.append((
-                logging.INFO,
-                "disk %s: source clock skew is back within %.1f s (now %.1f s ahead)",
-                (disk_id, self.skew_warn_s, status.skew_s),
-                {**skew_extra, "event": "clock-skew-recovered"},
-            ))  # fmt: skip
+            lines.append(
+                (
+                    logging.INFO,
+                    "disk %s: source clock skew is back within %.1f s (now %.1f s ahead)",
+                    (disk_id, self.skew_warn_s, status.skew_s),
+                    {**skew_extra, "event": "clock-skew-recovered"},
+                )
+            )
         state.skew_warned = skewed
         return lines
 

@@ -123,10 +123,11 @@ async def put_hrl(request: web.Request) -> web.StreamResponse:
         if receiver.inbox_bytes() + len(data) > quota:
             metrics.errors.labels("inbox-full").inc()
             return error_answer(
-                503, "inbox-full",
+                503,
+                "inbox-full",
                 f"disk {replica.config.id} has {receiver.inbox_bytes()} bytes waiting to be "
                 f"applied, the quota is {quota}",
-            )  # fmt: skip
+            )
         async with receiver.put_lock:
             verdict = await receiver.store(header, data)
     except BlockreplError as exc:
@@ -184,20 +185,27 @@ async def get_state(request: web.Request) -> web.StreamResponse:
     status = replica_or_404(request).status()
     received, applied = status.received, status.applied
     state = MtDiskState(
-        ReceivedPosition(status.disk_id, received.generation, received.seq,
-                         applied.generation, applied.seq),
-        status.target_size, status.state.value, status.resync_open, status.last_error,
-        status.inbox_files, status.inbox_bytes,
-    )  # fmt: skip
+        ReceivedPosition(
+            status.disk_id, received.generation, received.seq, applied.generation, applied.seq
+        ),
+        status.target_size,
+        status.state.value,
+        status.resync_open,
+        status.last_error,
+        status.inbox_files,
+        status.inbox_bytes,
+    )
     return web.json_response(state.to_json())
 
 
 async def get_disks(request: web.Request) -> web.StreamResponse:
     """GET /v1/disks: every disk replicated here, with its state."""
-    disks = DiskList(tuple(
-        DiskSummary(r.config.id, r.state.value, r.applied.seq)
-        for r in request.app[REPLICAS].values()
-    ))  # fmt: skip
+    disks = DiskList(
+        tuple(
+            DiskSummary(r.config.id, r.state.value, r.applied.seq)
+            for r in request.app[REPLICAS].values()
+        )
+    )
     return web.json_response(disks.to_json())
 
 

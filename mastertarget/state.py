@@ -173,19 +173,36 @@ class StateStore:
             db.executemany(
                 "INSERT OR REPLACE INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (disk_id, p.generation, p.seq, p.capture_ns, p.applied_ns, p.kind.value,
-                     p.name, p.tag_id, p.group_id, int(p.consistent))
+                    (
+                        disk_id,
+                        p.generation,
+                        p.seq,
+                        p.capture_ns,
+                        p.applied_ns,
+                        p.kind.value,
+                        p.name,
+                        p.tag_id,
+                        p.group_id,
+                        int(p.consistent),
+                    )
                     for p in points
                 ],
-            )  # fmt: skip
+            )
             db.executemany(
                 "INSERT OR REPLACE INTO undo VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (disk_id, u.generation, u.first_seq, u.last_seq, u.chunks, u.bytes,
-                     u.capture_ns)
+                    (
+                        disk_id,
+                        u.generation,
+                        u.first_seq,
+                        u.last_seq,
+                        u.chunks,
+                        u.bytes,
+                        u.capture_ns,
+                    )
                     for u in undo
                 ],
-            )  # fmt: skip
+            )
 
     def points(self, disk_id: str) -> list[RecoveryPoint]:
         """Every point of the disk, oldest first (consistent or not)."""

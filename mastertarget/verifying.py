@@ -137,7 +137,10 @@ class VerifiedAhead:
         """Read and verify one inbox file whole (blocking; on an executor thread)."""
         hrl = open_hrl(entry.path.read_bytes(), self._keyring)
         check_file(
-            hrl, entry.path.name, disk_id=self._disk_id, place=entry.place,
+            hrl,
+            entry.path.name,
+            disk_id=self._disk_id,
+            place=entry.place,
             target_size=self._target_size,
-        )  # fmt: skip
+        )
         return hrl

@@ -156,9 +156,16 @@ class Cache:
             folders.add(folder)
             size = len(item.header_bytes) + len(item.body)
             stored.append(
-                CachedFile(header.generation, header.first_seq, header.last_seq,
-                           header.disk_id, path, size, now)
-            )  # fmt: skip
+                CachedFile(
+                    header.generation,
+                    header.first_seq,
+                    header.last_seq,
+                    header.disk_id,
+                    path,
+                    size,
+                    now,
+                )
+            )
         for folder in folders:
             fsync_dir(folder)
         with self._lock:

@@ -100,15 +100,21 @@ class _DataListener:
     """The data API on its port; :meth:`close` drains its requests in flight, once."""
 
     def __init__(
-        self, app: web.Application, config: ProcessServerConfig, requests_in_flight: Gauge,
+        self,
+        app: web.Application,
+        config: ProcessServerConfig,
+        requests_in_flight: Gauge,
         server_log: ServerLog,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self._in_flight = InFlight(requests_in_flight)
         self._in_flight.install(app)
         self._runner = web.AppRunner(
-            app, access_log=None, shutdown_timeout=CANCEL_TIMEOUT_S,
-            keepalive_timeout=config.connections.idle_timeout_s, logger=server_log,
-        )  # fmt: skip
+            app,
+            access_log=None,
+            shutdown_timeout=CANCEL_TIMEOUT_S,
+            keepalive_timeout=config.connections.idle_timeout_s,
+            logger=server_log,
+        )
         self._closed = False
 
     async def open(self, host: str, port: int, tls: ssl.SSLContext) -> None:
@@ -170,9 +176,13 @@ class ProcessServer:
         async with contextlib.AsyncExitStack() as stack:
             ps = await cls._open(stack, config, registry, logs.for_listener("data"), data_port)
             listener = await start_metrics_server(
-                registry, config.metrics, alive=lambda: not ps._closing, ready=ps.ready,
-                port=metrics_port, server_log=logs.for_listener("metrics"),
-            )  # fmt: skip
+                registry,
+                config.metrics,
+                alive=lambda: not ps._closing,
+                ready=ps.ready,
+                port=metrics_port,
+                server_log=logs.for_listener("metrics"),
+            )
             stack.push_async_callback(listener.close)
             ps._resources = stack.pop_all()
         log.info("process server ready: %d disks, data port %d", len(ps.disks), ps.port)
@@ -196,8 +206,9 @@ class ProcessServer:
         loop = asyncio.get_running_loop()
         keyring = await loop.run_in_executor(executor, load_keyring, config.key_file)
         key_file = await loop.run_in_executor(executor, FileContent.read, config.key_file)
-        cache = Cache(config.cache_dir, high_bytes=config.cache_high_bytes,
-                      low_bytes=config.cache_low_bytes)  # fmt: skip
+        cache = Cache(
+            config.cache_dir, high_bytes=config.cache_high_bytes, low_bytes=config.cache_low_bytes
+        )
         positions = PositionStore(config.cache_dir / POSITIONS_DB)
         stack.callback(positions.close)
         # Once more (it is idempotent): the executor's threads have ended, and
@@ -221,17 +232,33 @@ class ProcessServer:
         shipper = await stack.enter_async_context(shipping)
         server_tls = ReloadableServerContext(config.tls)
         app = build_app(
-            streams=disks, owners=config.owners(), connections=config.connections,
-            metrics=metrics, cache=cache, master_target=master_target,
-        )  # fmt: skip
+            streams=disks,
+            owners=config.owners(),
+            connections=config.connections,
+            metrics=metrics,
+            cache=cache,
+            master_target=master_target,
+        )
         data = _DataListener(app, config, metrics.requests_in_flight, data_log)
         stack.push_async_callback(data.close)
-        await data.open(config.host, config.port if data_port is None else data_port,
-                        server_tls.context)  # fmt: skip
+        await data.open(
+            config.host, config.port if data_port is None else data_port, server_tls.context
+        )
         ps = cls(
-            config, metrics, reloads, cache, executor, sealers, key_file, disks, shipper,
-            master_target, client, server_tls, data,
-        )  # fmt: skip
+            config,
+            metrics,
+            reloads,
+            cache,
+            executor,
+            sealers,
+            key_file,
+            disks,
+            shipper,
+            master_target,
+            client,
+            server_tls,
+            data,
+        )
         ps._show_certificates()
         return ps
 

@@ -99,17 +99,29 @@ class MasterTargetClient:
         url = f"{self.base_url}/v1/disks/{disk_id}/state"
         try:
             async with self._session.get(url, timeout=POSITION_TIMEOUT) as response:
-                raw = await read_answer(response.content, max_bytes=MAX_ANSWER_BYTES,
-                                        what="the master target's disk state")  # fmt: skip
+                raw = await read_answer(
+                    response.content,
+                    max_bytes=MAX_ANSWER_BYTES,
+                    what="the master target's disk state",
+                )
                 if response.status != 200:
-                    log.debug("disk %s: the master target answered %d to %s: %s", disk_id,
-                              response.status, url, ErrorBody.explain(raw).to_json())  # fmt: skip
+                    log.debug(
+                        "disk %s: the master target answered %d to %s: %s",
+                        disk_id,
+                        response.status,
+                        url,
+                        ErrorBody.explain(raw).to_json(),
+                    )
                     return None
             state = MtDiskState.parse_bytes(raw)
         except ProtocolError as exc:
             self._metrics.malformed_answers.labels("state").inc()
-            log.warning("disk %s: the master target's answer to %s breaks docs/api.md: %s; "
-                        "the gap stands", disk_id, url, exc.message)  # fmt: skip
+            log.warning(
+                "disk %s: the master target's answer to %s breaks docs/api.md: %s; the gap stands",
+                disk_id,
+                url,
+                exc.message,
+            )
             return None
         except (aiohttp.ClientError, OSError, TimeoutError):
             return None

@@ -31,78 +31,107 @@ class ProcessServerMetrics:
         self.registry = registry
         disk = ["disk"]
         self.batches_in = Counter(
-            f"{PREFIX}_batches_in", "Batches acknowledged (stored, or duplicates).", disk,
+            f"{PREFIX}_batches_in",
+            "Batches acknowledged (stored, or duplicates).",
+            disk,
             registry=registry,
-        )  # fmt: skip
+        )
         self.bytes_in = Counter(
-            f"{PREFIX}_in_bytes", "Payload bytes of batches stored in the cache.", disk,
+            f"{PREFIX}_in_bytes",
+            "Payload bytes of batches stored in the cache.",
+            disk,
             registry=registry,
-        )  # fmt: skip
+        )
         self.duplicates = Counter(
-            f"{PREFIX}_duplicate_batches", "Batches received again and dropped.", disk,
+            f"{PREFIX}_duplicate_batches",
+            "Batches received again and dropped.",
+            disk,
             registry=registry,
-        )  # fmt: skip
+        )
         self.rejects = Counter(
-            f"{PREFIX}_rejects", "Requests refused, by reason (an error code).", ["reason"],
+            f"{PREFIX}_rejects",
+            "Requests refused, by reason (an error code).",
+            ["reason"],
             registry=registry,
-        )  # fmt: skip
+        )
         self.requests_in_flight = Gauge(
-            f"{PREFIX}_requests_in_flight", "Data API requests being handled now.",
+            f"{PREFIX}_requests_in_flight",
+            "Data API requests being handled now.",
             registry=registry,
-        )  # fmt: skip
+        )
         self.ack_seconds = Histogram(
-            f"{PREFIX}_ack_seconds", "Time from a request's start to its acknowledgement.",
-            buckets=ACK_BUCKETS, registry=registry,
-        )  # fmt: skip
+            f"{PREFIX}_ack_seconds",
+            "Time from a request's start to its acknowledgement.",
+            buckets=ACK_BUCKETS,
+            registry=registry,
+        )
         self.cache_bytes = Gauge(
             f"{PREFIX}_cache_bytes", "Bytes of HRL files in the cache.", registry=registry
         )
         self.cache_high_bytes = Gauge(
-            f"{PREFIX}_cache_high_bytes", "Cache bytes above which batches get 503.",
+            f"{PREFIX}_cache_high_bytes",
+            "Cache bytes above which batches get 503.",
             registry=registry,
-        )  # fmt: skip
+        )
         self.cache_low_bytes = Gauge(
-            f"{PREFIX}_cache_low_bytes", "Cache bytes below which batches are taken again.",
+            f"{PREFIX}_cache_low_bytes",
+            "Cache bytes below which batches are taken again.",
             registry=registry,
-        )  # fmt: skip
+        )
         self.resync_required = Gauge(
-            f"{PREFIX}_resync_required", "1 while the disk needs a resync from its agent.", disk,
+            f"{PREFIX}_resync_required",
+            "1 while the disk needs a resync from its agent.",
+            disk,
             registry=registry,
-        )  # fmt: skip
+        )
 
         self.files_out = Counter(
-            f"{PREFIX}_hrl_files_out", "HRL files the master target acknowledged.", disk,
+            f"{PREFIX}_hrl_files_out",
+            "HRL files the master target acknowledged.",
+            disk,
             registry=registry,
-        )  # fmt: skip
+        )
         self.bytes_out = Counter(
-            f"{PREFIX}_out_bytes", "Bytes of HRL files sent to the master target.", disk,
+            f"{PREFIX}_out_bytes",
+            "Bytes of HRL files sent to the master target.",
+            disk,
             registry=registry,
-        )  # fmt: skip
+        )
         self.ship_retries = Counter(
-            f"{PREFIX}_ship_retries", "Transfers to the master target that failed and wait.",
-            disk, registry=registry,
-        )  # fmt: skip
-        self.malformed_answers = Counter(
-            f"{PREFIX}_malformed_answers", "Answers of the master target that broke docs/api.md "
-            "(each taken as a failed exchange), by the call they answered.", ["call"],
+            f"{PREFIX}_ship_retries",
+            "Transfers to the master target that failed and wait.",
+            disk,
             registry=registry,
-        )  # fmt: skip
+        )
+        self.malformed_answers = Counter(
+            f"{PREFIX}_malformed_answers",
+            "Answers of the master target that broke docs/api.md "
+            "(each taken as a failed exchange), by the call they answered.",
+            ["call"],
+            registry=registry,
+        )
         for call in MALFORMED_ANSWER_CALLS:
             self.malformed_answers.labels(call)  # the series exist from the start
         self.ship_seconds = Histogram(
-            f"{PREFIX}_ship_seconds", "Time of one transfer to the master target.",
-            buckets=SHIP_BUCKETS, registry=registry,
-        )  # fmt: skip
+            f"{PREFIX}_ship_seconds",
+            "Time of one transfer to the master target.",
+            buckets=SHIP_BUCKETS,
+            registry=registry,
+        )
 
         self.sealed_bytes = Counter(
-            f"{PREFIX}_sealed_bytes", "Bytes of HRL files written for stored batches "
-            "(in_bytes / sealed_bytes is the compression ratio).", disk, registry=registry,
-        )  # fmt: skip
+            f"{PREFIX}_sealed_bytes",
+            "Bytes of HRL files written for stored batches "
+            "(in_bytes / sealed_bytes is the compression ratio).",
+            disk,
+            registry=registry,
+        )
         self.backlog_age = Gauge(
             f"{PREFIX}_backlog_age_seconds",
-            "Age of the oldest cached file not yet shipped (0 when none).", disk,
+            "Age of the oldest cached file not yet shipped (0 when none).",
+            disk,
             registry=registry,
-        )  # fmt: skip
+        )
 
     def count_batch(self, disk_id: str, batch: Batch, fit: Fit) -> None:
         """Count a batch by how it fit in its disk's stream."""

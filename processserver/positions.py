@@ -132,8 +132,7 @@ class PositionStore:
             db.executemany(
                 "INSERT OR REPLACE INTO disks VALUES (?, ?, ?, ?, ?)",
                 [
-                    (disk, p.acked.generation, p.acked.seq, p.shipped_seq,
-                     int(p.resync_required))
+                    (disk, p.acked.generation, p.acked.seq, p.shipped_seq, int(p.resync_required))
                     for disk, p in positions.items()
                 ],
-            )  # fmt: skip
+            )

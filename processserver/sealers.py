@@ -37,9 +37,16 @@ class Sealers:
             self._local.level = level
         h = batch.header
         return sealer.seal(
-            disk_id=h.disk_id, generation=h.generation, first_seq=h.first_seq,
-            record_count=h.record_count, first_capture_ns=h.first_capture_ns,
-            last_capture_ns=h.last_capture_ns, receive_ns=receive_ns, plaintext=batch.payload,
-            data_len=h.data_len, salt=os.urandom(SALT_BYTES), flags=h.flags,
+            disk_id=h.disk_id,
+            generation=h.generation,
+            first_seq=h.first_seq,
+            record_count=h.record_count,
+            first_capture_ns=h.first_capture_ns,
+            last_capture_ns=h.last_capture_ns,
+            receive_ns=receive_ns,
+            plaintext=batch.payload,
+            data_len=h.data_len,
+            salt=os.urandom(SALT_BYTES),
+            flags=h.flags,
             plaintext_xxh3_128=h.payload_xxh3_128,
-        )  # fmt: skip
+        )

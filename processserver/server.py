@@ -113,10 +113,11 @@ async def post_batches(request: web.Request) -> web.StreamResponse:
     if cache.full:
         metrics.rejects.labels("cache-full").inc()
         return error_answer(
-            503, "cache-full",
+            503,
+            "cache-full",
             f"the cache holds {cache.bytes} bytes, over its high mark of "
             f"{cache.high_bytes}; batches are taken again below {cache.low_bytes}",
-        )  # fmt: skip
+        )
     started = time.monotonic()
     decoder = BatchDecoder(expected_disk_id=stream.disk_id)
     verdict: Verdict | None = None
@@ -180,9 +181,14 @@ async def get_state(request: web.Request) -> web.StreamResponse:
         await stream.wait_shipped(seq, wait_s)
     position = stream.position
     state = PsDiskState(
-        stream.disk_id, position.acked.generation, position.acked.seq, position.shipped_seq,
-        stream.backlog_bytes, stream.backlog_age_s(), position.resync_required,
-    )  # fmt: skip
+        stream.disk_id,
+        position.acked.generation,
+        position.acked.seq,
+        position.shipped_seq,
+        stream.backlog_bytes,
+        stream.backlog_age_s(),
+        position.resync_required,
+    )
     return web.json_response(state.to_json())
 
 
@@ -246,9 +252,10 @@ async def get_checksums(request: web.Request) -> web.StreamResponse:
             request.transport.close()
             return response
         return error_answer(
-            503, "master-target-unreachable",
+            503,
+            "master-target-unreachable",
             f"the master target at {master_target.base_url} did not answer: {exc}",
-        )  # fmt: skip
+        )
 
 
 async def _refusal_passed_on(
@@ -258,19 +265,25 @@ async def _refusal_passed_on(
     that breaks docs/api.md (or is longer than an answer may be) is counted
     and answered 503, as if the master target had not answered."""
     try:
-        raw = await read_answer(upstream.content, max_bytes=MAX_ANSWER_BYTES,
-                                what="the master target's refusal")  # fmt: skip
+        raw = await read_answer(
+            upstream.content, max_bytes=MAX_ANSWER_BYTES, what="the master target's refusal"
+        )
         refusal = ErrorBody.parse_bytes(raw)
     except ProtocolError as exc:
         app[METRICS].malformed_answers.labels("checksums").inc()
         app[METRICS].rejects.labels("master-target-unreachable").inc()
-        log.warning("the master target answered a checksum request with %d and a body that "
-                    "breaks docs/api.md: %s", upstream.status, exc.message)  # fmt: skip
+        log.warning(
+            "the master target answered a checksum request with %d and a body that "
+            "breaks docs/api.md: %s",
+            upstream.status,
+            exc.message,
+        )
         return error_answer(
-            503, "master-target-unreachable",
+            503,
+            "master-target-unreachable",
             f"the master target at {app[MASTER_TARGET].base_url} answered {upstream.status} with a "
             f"body that breaks docs/api.md: {exc.message}",
-        )  # fmt: skip
+        )
     return web.json_response(refusal.to_json(), status=upstream.status)
 
 

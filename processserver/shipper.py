@@ -141,16 +141,24 @@ class Shipper:
             started = loop.time()
             async with self._master_target.session.put(url, data=data) as response:
                 status = response.status
-                raw = await read_answer(response.content, max_bytes=MAX_ANSWER_BYTES,
-                                        what=f"the answer to {head.path.name}")  # fmt: skip
+                raw = await read_answer(
+                    response.content,
+                    max_bytes=MAX_ANSWER_BYTES,
+                    what=f"the answer to {head.path.name}",
+                )
             metrics.ship_seconds.observe(loop.time() - started)
             answer = HrlAnswer.parse_bytes(status, raw) if status in (OK, CONFLICT) else None
         except ProtocolError as exc:
             metrics.malformed_answers.labels("put-hrl").inc()
             metrics.ship_retries.labels(stream.disk_id).inc()
-            log.warning("disk %s: the master target answered %s with %d and a body that breaks "
-                        "docs/api.md: %s", stream.disk_id, head.path.name, status,
-                        exc.message)  # fmt: skip
+            log.warning(
+                "disk %s: the master target answered %s with %d and a body that breaks "
+                "docs/api.md: %s",
+                stream.disk_id,
+                head.path.name,
+                status,
+                exc.message,
+            )
             return False
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
             metrics.ship_retries.labels(stream.disk_id).inc()
@@ -158,8 +166,13 @@ class Shipper:
             return False
         if answer is None:
             metrics.ship_retries.labels(stream.disk_id).inc()
-            log.warning("disk %s: the master target answered %d to %s: %s", stream.disk_id,
-                        status, head.path.name, ErrorBody.explain(raw).to_json())  # fmt: skip
+            log.warning(
+                "disk %s: the master target answered %d to %s: %s",
+                stream.disk_id,
+                status,
+                head.path.name,
+                ErrorBody.explain(raw).to_json(),
+            )
             return False
         return await self._carry_out(stream, head, len(data), react_to_hrl(answer, stream.cached))
 

@@ -164,8 +164,9 @@ class DiskStream:
             return Verdict(admission, self._position.acked)
         parts = self._parts
         loop = asyncio.get_running_loop()
-        sealed = await loop.run_in_executor(parts.executor, parts.sealers.seal, batch,
-                                            time.time_ns())  # fmt: skip
+        sealed = await loop.run_in_executor(
+            parts.executor, parts.sealers.seal, batch, time.time_ns()
+        )
         async with self._changing:
             moved = self._position.stored(StreamPosition(h.generation, h.last_seq))
             # The file, its directory and the position, fsynced (invariant 1).
@@ -197,8 +198,10 @@ class DiskStream:
             await self._commit(moved)
         log.info(
             "disk %s: took the master target's position, generation %d seq %d",
-            self.disk_id, there.generation, there.seq,
-        )  # fmt: skip
+            self.disk_id,
+            there.generation,
+            there.seq,
+        )
         return True
 
     async def wait_shipped(self, seq: int, timeout_s: float) -> None:

@@ -127,8 +127,12 @@ class Window:
     @classmethod
     def parse(cls, obj: object) -> Window:
         body = JsonObject(obj, "a window of points")
-        return cls(body.optional_text("oldest"), body.optional_text("newest"),
-                   body.integer("points"), body.number("window_s"))  # fmt: skip
+        return cls(
+            body.optional_text("oldest"),
+            body.optional_text("newest"),
+            body.integer("points"),
+            body.number("window_s"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,10 +161,16 @@ class PointEntry:
     def parse(cls, obj: object) -> PointEntry:
         body = JsonObject(obj, "a recovery point")
         return cls(
-            body.text("time"), body.integer("capture_ns"), body.integer("applied_ns"),
-            body.choice("kind", POINT_KINDS), body.text("name"), body.integer("generation"),
-            body.integer("seq"), body.text("tag_id"), body.text("group_id"),
-        )  # fmt: skip
+            body.text("time"),
+            body.integer("capture_ns"),
+            body.integer("applied_ns"),
+            body.choice("kind", POINT_KINDS),
+            body.text("name"),
+            body.integer("generation"),
+            body.integer("seq"),
+            body.text("tag_id"),
+            body.text("group_id"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,16 +184,22 @@ class PointsListing:
     more: bool
 
     def to_json(self) -> dict[str, object]:
-        return {"disk": self.disk, "window": self.window.to_json(),
-                "points": [p.to_json() for p in self.points], "more": self.more}  # fmt: skip
+        return {
+            "disk": self.disk,
+            "window": self.window.to_json(),
+            "points": [p.to_json() for p in self.points],
+            "more": self.more,
+        }
 
     @classmethod
     def parse(cls, obj: object) -> PointsListing:
         body = JsonObject(obj, "a points listing")
         return cls(
-            body.identifier("disk", "disk"), Window.parse(body.value("window")),
-            tuple(PointEntry.parse(p) for p in body.array("points")), body.flag("more"),
-        )  # fmt: skip
+            body.identifier("disk", "disk"),
+            Window.parse(body.value("window")),
+            tuple(PointEntry.parse(p) for p in body.array("points")),
+            body.flag("more"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,19 +215,25 @@ class RecoverAnswer:
 
     def to_json(self) -> dict[str, object]:
         return {
-            "point": self.point.to_json(), "copied_bytes": self.copied_bytes,
-            "undo_parts": self.undo_parts, "undo_bytes": self.undo_bytes, "copy_s": self.copy_s,
+            "point": self.point.to_json(),
+            "copied_bytes": self.copied_bytes,
+            "undo_parts": self.undo_parts,
+            "undo_bytes": self.undo_bytes,
+            "copy_s": self.copy_s,
             "total_s": self.total_s,
-        }  # fmt: skip
+        }
 
     @classmethod
     def parse(cls, obj: object) -> RecoverAnswer:
         body = JsonObject(obj, "a recover answer")
         return cls(
-            PointEntry.parse(body.value("point")), body.integer("copied_bytes"),
-            body.integer("undo_parts"), body.integer("undo_bytes"), body.number("copy_s"),
+            PointEntry.parse(body.value("point")),
+            body.integer("copied_bytes"),
+            body.integer("undo_parts"),
+            body.integer("undo_bytes"),
+            body.number("copy_s"),
             body.number("total_s"),
-        )  # fmt: skip
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,19 +266,27 @@ class GroupPointEntry:
 
     def to_json(self) -> dict[str, object]:
         return {
-            "time": self.time, "capture_ns": self.capture_ns, "applied_ns": self.applied_ns,
-            "kind": self.kind, "name": self.name, "tag_id": self.tag_id,
+            "time": self.time,
+            "capture_ns": self.capture_ns,
+            "applied_ns": self.applied_ns,
+            "kind": self.kind,
+            "name": self.name,
+            "tag_id": self.tag_id,
             "disks": {disk: m.to_json() for disk, m in self.disks.items()},
-        }  # fmt: skip
+        }
 
     @classmethod
     def parse(cls, obj: object) -> GroupPointEntry:
         body = JsonObject(obj, "a group point")
         return cls(
-            body.text("time"), body.integer("capture_ns"), body.integer("applied_ns"),
-            body.choice("kind", POINT_KINDS), body.text("name"), body.text("tag_id"),
+            body.text("time"),
+            body.integer("capture_ns"),
+            body.integer("applied_ns"),
+            body.choice("kind", POINT_KINDS),
+            body.text("name"),
+            body.text("tag_id"),
             {d: MemberPosition.parse(m) for d, m in body.by_identifier("disks", "disk").items()},
-        )  # fmt: skip
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,17 +300,24 @@ class GroupPointsListing:
     more: bool
 
     def to_json(self) -> dict[str, object]:
-        return {"group": self.group, "disks": list(self.disks), "window": self.window.to_json(),
-                "points": [p.to_json() for p in self.points], "more": self.more}  # fmt: skip
+        return {
+            "group": self.group,
+            "disks": list(self.disks),
+            "window": self.window.to_json(),
+            "points": [p.to_json() for p in self.points],
+            "more": self.more,
+        }
 
     @classmethod
     def parse(cls, obj: object) -> GroupPointsListing:
         body = JsonObject(obj, "a group points listing")
         return cls(
-            body.identifier("group", "group"), body.identifiers("disks", "disk"),
+            body.identifier("group", "group"),
+            body.identifiers("disks", "disk"),
             Window.parse(body.value("window")),
-            tuple(GroupPointEntry.parse(p) for p in body.array("points")), body.flag("more"),
-        )  # fmt: skip
+            tuple(GroupPointEntry.parse(p) for p in body.array("points")),
+            body.flag("more"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,9 +345,12 @@ class GroupRecoverAnswer:
     total_s: float
 
     def to_json(self) -> dict[str, object]:
-        return {"group": self.group, "point": self.point.to_json(),
-                "disks": {disk: r.to_json() for disk, r in self.disks.items()},
-                "total_s": self.total_s}  # fmt: skip
+        return {
+            "group": self.group,
+            "point": self.point.to_json(),
+            "disks": {disk: r.to_json() for disk, r in self.disks.items()},
+            "total_s": self.total_s,
+        }
 
     @classmethod
     def parse(cls, obj: object) -> GroupRecoverAnswer:
@@ -320,4 +360,4 @@ class GroupRecoverAnswer:
             GroupPointEntry.parse(body.value("point")),
             {d: RecoveredDisk.parse(r) for d, r in body.by_identifier("disks", "disk").items()},
             body.number("total_s"),
-        )  # fmt: skip
+        )

@@ -133,9 +133,10 @@ def refusal_of(admission: Admission) -> StreamRefusal:
         )
     if admission.fit in (Fit.GAP, Fit.OVERLAP):
         return SeqRefusal(
-            "gap" if admission.fit is Fit.GAP else "overlap", admission.expected_seq,
+            "gap" if admission.fit is Fit.GAP else "overlap",
+            admission.expected_seq,
             f"expected seq {admission.expected_seq} of generation {admission.generation} next",
-        )  # fmt: skip
+        )
     raise ValueError(f"expected a refused admission, found {admission.fit.value}")
 
 
@@ -172,8 +173,9 @@ class AckedPosition:
     @classmethod
     def parse(cls, obj: object) -> AckedPosition:
         body = JsonObject(obj, "a process server's position")
-        return cls(body.identifier("disk", "disk"), body.integer("generation"),
-                   body.integer("acked_seq"))  # fmt: skip
+        return cls(
+            body.identifier("disk", "disk"), body.integer("generation"), body.integer("acked_seq")
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,8 +200,9 @@ class BatchesAnswer:
         position = AckedPosition.parse(obj)
         if status == OK:
             return cls(position)
-        refusal = _refusal(JsonObject(obj, "a refusal of batches"),
-                           ("gap", "overlap", "stale-generation"))  # fmt: skip
+        refusal = _refusal(
+            JsonObject(obj, "a refusal of batches"), ("gap", "overlap", "stale-generation")
+        )
         assert not isinstance(refusal, FailedOver)
         return cls(position, refusal)
 
@@ -278,11 +281,14 @@ class PsDiskState:
     def parse(cls, obj: object) -> PsDiskState:
         body = JsonObject(obj, "a process server's disk state")
         return cls(
-            body.identifier("disk", "disk"), body.integer("generation"),
-            body.integer("acked_seq"), body.integer("shipped_seq"),
-            body.integer("backlog_bytes"), body.number("backlog_age_s"),
+            body.identifier("disk", "disk"),
+            body.integer("generation"),
+            body.integer("acked_seq"),
+            body.integer("shipped_seq"),
+            body.integer("backlog_bytes"),
+            body.number("backlog_age_s"),
             body.flag("resync_required"),
-        )  # fmt: skip
+        )
 
     @classmethod
     def parse_bytes(cls, raw: bytes) -> PsDiskState:
@@ -310,9 +316,13 @@ class ReceivedPosition:
     @classmethod
     def parse(cls, obj: object) -> ReceivedPosition:
         body = JsonObject(obj, "a master target's position")
-        return cls(body.identifier("disk", "disk"), body.integer("generation"),
-                   body.integer("received_seq"), body.integer("applied_generation"),
-                   body.integer("applied_seq"))  # fmt: skip
+        return cls(
+            body.identifier("disk", "disk"),
+            body.integer("generation"),
+            body.integer("received_seq"),
+            body.integer("applied_generation"),
+            body.integer("applied_seq"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,8 +351,10 @@ class HrlAnswer:
         _status(status, (OK, CONFLICT), "an answer to an HRL file")
         if status == OK:
             return cls(ReceivedPosition.parse(obj))
-        refusal = _refusal(JsonObject(obj, "a refusal of an HRL file"),
-                           ("gap", "overlap", "stale-generation", "failed-over"))  # fmt: skip
+        refusal = _refusal(
+            JsonObject(obj, "a refusal of an HRL file"),
+            ("gap", "overlap", "stale-generation", "failed-over"),
+        )
         if isinstance(refusal, FailedOver):
             return cls(None, refusal)
         return cls(ReceivedPosition.parse(obj), refusal)
@@ -367,19 +379,27 @@ class MtDiskState:
 
     def to_json(self) -> dict[str, object]:
         return {
-            **self.position.to_json(), "target_size": self.target_size, "state": self.state,
-            "resync_open": self.resync_open, "last_apply_error": self.last_apply_error,
-            "inbox_files": self.inbox_files, "inbox_bytes": self.inbox_bytes,
-        }  # fmt: skip
+            **self.position.to_json(),
+            "target_size": self.target_size,
+            "state": self.state,
+            "resync_open": self.resync_open,
+            "last_apply_error": self.last_apply_error,
+            "inbox_files": self.inbox_files,
+            "inbox_bytes": self.inbox_bytes,
+        }
 
     @classmethod
     def parse(cls, obj: object) -> MtDiskState:
         body = JsonObject(obj, "a master target's disk state")
         return cls(
-            ReceivedPosition.parse(obj), body.integer("target_size", high=MAX_DISK_BYTES),
-            body.text("state"), body.flag("resync_open"), body.text("last_apply_error"),
-            body.integer("inbox_files"), body.integer("inbox_bytes"),
-        )  # fmt: skip
+            ReceivedPosition.parse(obj),
+            body.integer("target_size", high=MAX_DISK_BYTES),
+            body.text("state"),
+            body.flag("resync_open"),
+            body.text("last_apply_error"),
+            body.integer("inbox_files"),
+            body.integer("inbox_bytes"),
+        )
 
     @classmethod
     def parse_bytes(cls, raw: bytes) -> MtDiskState:

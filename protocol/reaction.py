@@ -84,16 +84,19 @@ def react_to_batches(answer: BatchesAnswer, first_seq: int, journal: Journaled) 
         acked = answer.position.acked_seq
         if acked > journal.end_seq:
             return SendDecision(
-                SendAction.BROKEN, acked, journal_behind=True,
+                SendAction.BROKEN,
+                acked,
+                journal_behind=True,
                 reason=f"the process server acknowledged seq {acked} of generation "
                 f"{journal.generation}, but this agent gave out seqs only up to {journal.end_seq}",
-            )  # fmt: skip
+            )
         return SendDecision(SendAction.ACKED, acked)
     if isinstance(refusal, StaleGeneration):
         return SendDecision(
-            SendAction.BROKEN, reason=f"the process server is on generation "
+            SendAction.BROKEN,
+            reason=f"the process server is on generation "
             f"{refusal.current_generation}, newer than this stream's {journal.generation}",
-        )  # fmt: skip
+        )
     return _send_again(refusal, first_seq, journal)
 
 
@@ -101,23 +104,29 @@ def _send_again(refusal: SeqRefusal, first_seq: int, journal: Journaled) -> Send
     expected = refusal.expected_seq
     if expected > journal.end_seq + 1:
         return SendDecision(
-            SendAction.BROKEN, expected, journal_behind=True,
+            SendAction.BROKEN,
+            expected,
+            journal_behind=True,
             reason=f"the process server expects seq {expected} of generation "
             f"{journal.generation}, but this agent gave out seqs only up to {journal.end_seq}: "
             "its state is older than the stream",
-        )  # fmt: skip
+        )
     if expected <= journal.trimmed_seq:
         # It lags behind what the master target holds (it still ships older
         # files, or cannot reach the master target): not yet.
         return SendDecision(
-            SendAction.BACK_OFF, expected, reason=f"expects seq {expected}, which the master "
+            SendAction.BACK_OFF,
+            expected,
+            reason=f"expects seq {expected}, which the master "
             f"target holds already (up to {journal.trimmed_seq})",
-        )  # fmt: skip
+        )
     if expected == first_seq:
         return SendDecision(
-            SendAction.BACK_OFF, expected, reason=f"answered {refusal.code} expecting seq "
+            SendAction.BACK_OFF,
+            expected,
+            reason=f"answered {refusal.code} expecting seq "
             f"{expected}, the seq the request began with",
-        )  # fmt: skip
+        )
     return SendDecision(SendAction.RESEND, expected, reason=refusal.code)
 
 
@@ -167,30 +176,33 @@ def react_to_state(state: PsDiskState, journal: Journaled, acked_seq: int) -> St
     """
     if state.generation > journal.generation:
         return StateDecision(
-            StateAction.BROKEN, reason=f"is on generation {state.generation}, "
+            StateAction.BROKEN,
+            reason=f"is on generation {state.generation}, "
             f"newer than this stream's {journal.generation}",
-        )  # fmt: skip
+        )
     if state.generation < journal.generation:
         return StateDecision(StateAction.IGNORE)
     if state.resync_required:
         return StateDecision(
-            StateAction.BROKEN, reason="says the disk needs a resync (seqs the master target "
-            "needs are lost)",
-        )  # fmt: skip
+            StateAction.BROKEN,
+            reason="says the disk needs a resync (seqs the master target needs are lost)",
+        )
     if state.acked_seq > journal.end_seq:
         return StateDecision(
-            StateAction.BROKEN, journal_behind=True,
+            StateAction.BROKEN,
+            journal_behind=True,
             reason=f"holds seqs up to {state.acked_seq} of generation {journal.generation}, "
             f"but this agent gave out only up to {journal.end_seq}",
-        )  # fmt: skip
+        )
     return StateDecision(
         StateAction.FOLLOW,
         acked_seq=state.acked_seq if state.acked_seq > acked_seq else None,
         trim_seq=(
             min(state.shipped_seq, journal.end_seq)
-            if state.shipped_seq > journal.trimmed_seq else None
+            if state.shipped_seq > journal.trimmed_seq
+            else None
         ),
-    )  # fmt: skip
+    )
 
 
 # --- the process server: its cache, shipped to the master target -------------------------
@@ -256,8 +268,11 @@ def react_to_hrl(answer: HrlAnswer, cached: Sequence[CachedRun]) -> ShipDecision
     if isinstance(refusal, StaleGeneration):
         older = _leading_older(cached, 0, refusal.current_generation)
         action = ShipAction.GO_ON if older else ShipAction.BACK_OFF
-        return ShipDecision(action, older=older, reason=f"the master target is on generation "
-                            f"{refusal.current_generation}")  # fmt: skip
+        return ShipDecision(
+            action,
+            older=older,
+            reason=f"the master target is on generation {refusal.current_generation}",
+        )
     return _realign(refusal, cached)
 
 

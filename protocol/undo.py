@@ -148,12 +148,22 @@ def parse_undo_header(buf: Buffer) -> UndoHeader:
     except ValueError:
         raise MalformedError(f"undo compression must be 0 or 1, found {compression}") from None
     header = UndoHeader(
-        disk_id=ids.unpack_id("disk", id_len, id_field), generation=generation,
-        first_seq=first_seq, last_seq=last_seq, chunk=chunk, chunks=chunks,
-        record_count=record_count, key_id=key_id, capture_ns=capture_ns,
-        plaintext_len=plaintext_len, stored_len=stored_len, data_len=data_len,
-        kdf_salt=salt, plaintext_xxh3_128=digest, compression=method,
-    )  # fmt: skip
+        disk_id=ids.unpack_id("disk", id_len, id_field),
+        generation=generation,
+        first_seq=first_seq,
+        last_seq=last_seq,
+        chunk=chunk,
+        chunks=chunks,
+        record_count=record_count,
+        key_id=key_id,
+        capture_ns=capture_ns,
+        plaintext_len=plaintext_len,
+        stored_len=stored_len,
+        data_len=data_len,
+        kdf_salt=salt,
+        plaintext_xxh3_128=digest,
+        compression=method,
+    )
     _check(header)
     return header
 
@@ -226,12 +236,22 @@ def seal_undo(
     method = Compression.ZSTD if len(compressed) < len(plaintext) else Compression.NONE
     stored = compressed if method is Compression.ZSTD else plaintext
     header = UndoHeader(
-        disk_id=disk_id, generation=generation, first_seq=first_seq, last_seq=last_seq,
-        chunk=chunk, chunks=chunks, record_count=len(records), key_id=keyring.active_id,
-        capture_ns=capture_ns, plaintext_len=len(plaintext), stored_len=len(stored),
-        data_len=encoded.data_len, kdf_salt=salt,
-        plaintext_xxh3_128=xxhash.xxh3_128_digest(plaintext), compression=method,
-    )  # fmt: skip
+        disk_id=disk_id,
+        generation=generation,
+        first_seq=first_seq,
+        last_seq=last_seq,
+        chunk=chunk,
+        chunks=chunks,
+        record_count=len(records),
+        key_id=keyring.active_id,
+        capture_ns=capture_ns,
+        plaintext_len=len(plaintext),
+        stored_len=len(stored),
+        data_len=encoded.data_len,
+        kdf_salt=salt,
+        plaintext_xxh3_128=xxhash.xxh3_128_digest(plaintext),
+        compression=method,
+    )
     header_bytes = header.pack()
     if parse_undo_header(header_bytes) != header:
         raise MalformedError(f"undo header of seq {first_seq} did not parse back as written")

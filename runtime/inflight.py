@@ -97,6 +97,8 @@ class InFlight:
             if self._count:
                 log.warning(
                     "requests still in flight after %.0f s (%d) are cancelled (not acknowledged: "
-                    "their senders send them again)", grace_s, self._count,
-                )  # fmt: skip
+                    "their senders send them again)",
+                    grace_s,
+                    self._count,
+                )
         await runner.cleanup()

@@ -120,9 +120,12 @@ def load_keyring(path: str | Path) -> KeyRing:
     """
     source = Path(path)
     data = read_private_file(
-        source, what="key file", why="anyone who can read it can read every replicated write",
-        max_bytes=MAX_KEY_FILE_BYTES, error=KeyFileError,
-    )  # fmt: skip
+        source,
+        what="key file",
+        why="anyone who can read it can read every replicated write",
+        max_bytes=MAX_KEY_FILE_BYTES,
+        error=KeyFileError,
+    )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

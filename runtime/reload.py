@@ -144,9 +144,11 @@ class ReloadMetrics:
 
     def __init__(self, registry: CollectorRegistry, prefix: str) -> None:
         self.reloads = Counter(
-            f"{prefix}_config_reloads", "Configuration reloads by result (applied, refused).",
-            ["result"], registry=registry,
-        )  # fmt: skip
+            f"{prefix}_config_reloads",
+            "Configuration reloads by result (applied, refused).",
+            ["result"],
+            registry=registry,
+        )
         for result in ("applied", "refused"):
             self.reloads.labels(result)
         self.last_success = Gauge(
@@ -170,8 +172,9 @@ class ReloadMetrics:
             f"{prefix}_tls_certificate_expiry_timestamp_seconds",
             "notAfter of the TLS certificate in use, by role (server; client: toward the "
             "master target).",
-            ["role"], registry=registry,
-        )  # fmt: skip
+            ["role"],
+            registry=registry,
+        )
 
 
 async def reload_config(
@@ -368,9 +371,14 @@ async def reload_daemon(
         running configuration stays), True otherwise.
     """
     running = await reload_config(
-        path=path, load=load, running=daemon.config, reloadable=reloadable,
-        prepare=daemon.prepare_reload, metrics=daemon.reloads, log=log,
-    )  # fmt: skip
+        path=path,
+        load=load,
+        running=daemon.config,
+        reloadable=reloadable,
+        prepare=daemon.prepare_reload,
+        metrics=daemon.reloads,
+        log=log,
+    )
     if running is None:
         return False
     daemon.config = running

@@ -106,9 +106,15 @@ class ServerLog(logging.LoggerAdapter[logging.Logger]):
             return
         detail = str(exc.message or exc)[:MAX_REASON_CHARS]
         super().log(
-            logging.WARNING, "malformed request from %s on the %s listener, answered %d: %s: %r%s",
-            peer, self.listener, exc.code or 400, reason, detail, held_back_note(held),
-        )  # fmt: skip
+            logging.WARNING,
+            "malformed request from %s on the %s listener, answered %d: %s: %r%s",
+            peer,
+            self.listener,
+            exc.code or 400,
+            reason,
+            detail,
+            held_back_note(held),
+        )
 
 
 class RequestLogs:
@@ -124,8 +130,9 @@ class RequestLogs:
             f"{prefix}_malformed_requests",
             "Requests aiohttp refused (400) before any handler ran: a request line, header or "
             "body framing that does not parse; by listener and reason.",
-            ["listener", "reason"], registry=registry,
-        )  # fmt: skip
+            ["listener", "reason"],
+            registry=registry,
+        )
         self._malformed_throttle = LogThrottle(MALFORMED_BURST, MALFORMED_EVERY_S)
         self._error_throttle = LogThrottle(ERROR_BURST, ERROR_EVERY_S)
 

@@ -71,8 +71,9 @@ def vital(task: asyncio.Task[T]) -> asyncio.Task[T]:
             return
         log.critical(
             "task %s stopped on an unexpected error; the daemon exits to be restarted",
-            finished.get_name(), exc_info=finished.exception(),
-        )  # fmt: skip
+            finished.get_name(),
+            exc_info=finished.exception(),
+        )
         for stop in _stop_on_crash:
             stop(finished.get_name())
 

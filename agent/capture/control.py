@@ -67,8 +67,10 @@ class Hold:
     def _expire(self, max_s: float) -> None:
         log.warning(
             "disk %s: a tag round held writes for %g s, its longest (capture.hold_max_s or "
-            "the round's own bound); released", self._disk_id, max_s,
-        )  # fmt: skip
+            "the round's own bound); released",
+            self._disk_id,
+            max_s,
+        )
         self.expired = True
         if not self.busy:
             self.release()

@@ -154,18 +154,26 @@ class CaptureDaemon:
         self._executors = [general, hashing]
         self._state = AgentState(config.state_dir)
         self._pool = ProcessServerPool(
-            config.process_servers, client_context(config.tls),
+            config.process_servers,
+            client_context(config.tls),
             request_timeout_s=config.request_timeout_s,
-            connect_timeout_s=config.connect_timeout_s, give_up_after_s=config.give_up_after_s,
+            connect_timeout_s=config.connect_timeout_s,
+            give_up_after_s=config.give_up_after_s,
             gives_up=False,  # a service: the journal rides out any outage (docs/operations.md)
-        )  # fmt: skip
+        )
         loop = asyncio.get_running_loop()
         geometry, dirty, marker = await loop.run_in_executor(general, self._prepare_map)
         replication = CaptureReplication(
-            disk_id=self.disk_id, config=config, state=self._state, pool=self._pool,
-            source=self._source, geometry=geometry, executor=general, send=self._send,
+            disk_id=self.disk_id,
+            config=config,
+            state=self._state,
+            pool=self._pool,
+            source=self._source,
+            geometry=geometry,
+            executor=general,
+            send=self._send,
             mark_pending=self._mark_pending,
-        )  # fmt: skip
+        )
         self.replication = replication
         self._open_stream(replication, dirty, marker)
         pidfile = capture_dir(config.state_dir) / f"{self.disk_id}.pid"
@@ -189,9 +197,11 @@ class CaptureDaemon:
         self._control = ControlServer(control, replication, config.capture.hold_max_s, self.status)
         await self._control.start()
         log.info(
-            "disk %s: capturing the writes to %s, exported over NBD at %s", self.disk_id, path,
+            "disk %s: capturing the writes to %s, exported over NBD at %s",
+            self.disk_id,
+            path,
             self.listen,
-        )  # fmt: skip
+        )
 
     def _prepare_map(self) -> tuple[Geometry, list[int], CleanMarker | None]:
         """The dirty map as it can be trusted, and the clean marker (taken)."""
@@ -227,9 +237,13 @@ class CaptureDaemon:
         stream: ReplicationStream | None = None
         try:
             stream = ReplicationStream.open(
-                self.disk_id, state=self._state, pool=self._pool,
-                journal_dir=replication.journal_dir, source=None, executor=self._executors[0],
-            )  # fmt: skip
+                self.disk_id,
+                state=self._state,
+                pool=self._pool,
+                journal_dir=replication.journal_dir,
+                source=None,
+                executor=self._executors[0],
+            )
         except JournalError as exc:
             log.error("disk %s: %s; a new generation starts", self.disk_id, exc.message)
             replication.next_stream = NewGeneration(full=False)
@@ -240,8 +254,12 @@ class CaptureDaemon:
         if clean and stream is not None:
             log.info(
                 "disk %s: clean start at generation %d seq %d; %d dirty regions wait for the "
-                "journal", self.disk_id, stream.generation, stream.end_seq, len(dirty),
-            )  # fmt: skip
+                "journal",
+                self.disk_id,
+                stream.generation,
+                stream.end_seq,
+                len(dirty),
+            )
             if dirty:
                 ranges = wire.encode_ranges(merge_regions(geometry, dirty))
                 done = wire.Frame(wire.FrameType.RESYNCED, rid=0, body=ranges)
@@ -251,8 +269,11 @@ class CaptureDaemon:
             if dirty and len(dirty) < geometry.regions:
                 log.warning(
                     "disk %s: the last stop was not clean: %d dirty regions (%d bytes) will be "
-                    "resynced", self.disk_id, len(dirty), len(dirty) * geometry.region_bytes,
-                )  # fmt: skip
+                    "resynced",
+                    self.disk_id,
+                    len(dirty),
+                    len(dirty) * geometry.region_bytes,
+                )
         if stream is not None:
             stream.start()
             replication.stream = stream
@@ -339,10 +360,15 @@ class CaptureDaemon:
         replication = self.replication
         stream = replication.stream if replication is not None else None
         self.clean_stop = (
-            status == 0 and intake is not None and intake.bye and intake.idle
-            and replication is not None and stream is not None and self.failure is None
+            status == 0
+            and intake is not None
+            and intake.bye
+            and intake.idle
+            and replication is not None
+            and stream is not None
+            and self.failure is None
             and replication.window.settled
-        )  # fmt: skip
+        )
         if replication is not None:
             self._final_status = replication.status()
             await replication.close()
@@ -350,9 +376,11 @@ class CaptureDaemon:
             marker = CleanMarker(stream.generation, stream.end_seq)
             write_marker(marker_path(self.config.state_dir, self.disk_id), marker)
             log.info(
-                "disk %s: stopped cleanly at generation %d seq %d", self.disk_id,
-                marker.generation, marker.end_seq,
-            )  # fmt: skip
+                "disk %s: stopped cleanly at generation %d seq %d",
+                self.disk_id,
+                marker.generation,
+                marker.end_seq,
+            )
         await self._release()
 
     @staticmethod

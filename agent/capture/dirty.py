@@ -87,8 +87,11 @@ def load_map(path: Path, disk_bytes: int) -> tuple[Geometry, list[int]] | None:
     if geometry.disk_bytes != disk_bytes:
         log.warning(
             "the dirty map %s is for a disk of %d bytes, the source has %d; the whole disk "
-            "will be compared", path, geometry.disk_bytes, disk_bytes,
-        )  # fmt: skip
+            "will be compared",
+            path,
+            geometry.disk_bytes,
+            disk_bytes,
+        )
         return None
     return geometry, dirty
 

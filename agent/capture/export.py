@@ -127,13 +127,21 @@ class NbdkitExport:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with theirs:
             self._process = await asyncio.create_subprocess_exec(
-                self._program, "--foreground", "--exit-with-parent", f"--pidfile={self._pidfile}",
-                f"--ipaddr={self._listen.host}", f"--port={self._listen.port}",
-                "python", str(PLUGIN), f"source={source}", f"map={map_file}",
-                f"fd={theirs.fileno()}", pass_fds=(theirs.fileno(),),
+                self._program,
+                "--foreground",
+                "--exit-with-parent",
+                f"--pidfile={self._pidfile}",
+                f"--ipaddr={self._listen.host}",
+                f"--port={self._listen.port}",
+                "python",
+                str(PLUGIN),
+                f"source={source}",
+                f"map={map_file}",
+                f"fd={theirs.fileno()}",
+                pass_fds=(theirs.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
                 env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-            )  # fmt: skip
+            )
         self.link = link = await PluginLink.open(mine)
         hello = await self._before_exit(link.hello(self._timeout_s), "said hello")
         if (hello.region_bytes, hello.disk_bytes) != (geometry.region_bytes, geometry.disk_bytes):
@@ -164,8 +172,9 @@ class NbdkitExport:
             except TimeoutError:
                 log.error(
                     "disk %s: nbdkit did not stop within %g s of SIGTERM; killed",
-                    self._disk_id, NBDKIT_STOP_TIMEOUT_S,
-                )  # fmt: skip
+                    self._disk_id,
+                    NBDKIT_STOP_TIMEOUT_S,
+                )
                 process.kill()
                 await process.wait()
         return process.returncode

@@ -227,9 +227,10 @@ class CaptureReplication:
             # A generator: the regions are worked out only while a pass needs their stamps.
             geometry = self.geometry
             self.window.journaled(
-                region for request in requests
+                region
+                for request in requests
                 for region in geometry.regions_of(request.frame.offset, request.frame.length)
-            )  # fmt: skip
+            )
             shipped = wire.Frame(wire.FrameType.SHIPPED, rid=requests[-1].rid)
             self._ship_actions.append(ShipAction(stream.generation, stream.end_seq, shipped))
             self.stats.journaled_requests += len(requests)
@@ -255,10 +256,13 @@ class CaptureReplication:
         for index, batch in enumerate(batches):
             last = index == len(batches) - 1
             await stream.append(
-                batch, flags=final_flags if last and final_flags is not None else flags,
-                first_capture_ns=capture_ns[0], last_capture_ns=capture_ns[1],
-                kind=EntryKind.INLINE, wait=False,
-            )  # fmt: skip
+                batch,
+                flags=final_flags if last and final_flags is not None else flags,
+                first_capture_ns=capture_ns[0],
+                last_capture_ns=capture_ns[1],
+                kind=EntryKind.INLINE,
+                wait=False,
+            )
             self.stats.batches += 1
         data = sum(r.length for r in records if isinstance(r, Write))
         zeros = sum(r.length for r in records if isinstance(r, Zero))
@@ -273,8 +277,9 @@ class CaptureReplication:
             log.warning(
                 "disk %s: the journal holds %d bytes, its limit (capture.journal_max_bytes): "
                 "writes are now only marked dirty, and resynced once it drained",
-                self.disk_id, used,
-            )  # fmt: skip
+                self.disk_id,
+                used,
+            )
             self.changed()
         elif self._overflow and used <= self.journal_max_bytes // 2:
             self._overflow = False

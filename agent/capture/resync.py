@@ -184,8 +184,10 @@ async def run_resyncs(
         except BlockreplError as exc:
             log.warning(
                 "disk %s: the resync of %d regions stopped: %s; it is tried again",
-                replication.disk_id, len(regions), exc.message,
-            )  # fmt: skip
+                replication.disk_id,
+                len(regions),
+                exc.message,
+            )
         finally:
             if done:
                 window.pass_ended()
@@ -211,35 +213,48 @@ async def _pass(
     size = sum(length for _, length in ranges)
     if regions:
         log.info(
-            "disk %s: resyncing %d regions (%d bytes) from the source", replication.disk_id,
-            len(regions), size,
-        )  # fmt: skip
+            "disk %s: resyncing %d regions (%d bytes) from the source",
+            replication.disk_id,
+            len(regions),
+            size,
+        )
     else:
-        log.info("disk %s: no region to resync: a pass over none ends the window",
-                 replication.disk_id)  # fmt: skip
+        log.info(
+            "disk %s: no region to resync: a pass over none ends the window", replication.disk_id
+        )
     progress = SyncProgress(
-        generation=stream.generation, source=str(replication.source.path),
-        source_size=geometry.disk_bytes, chunk_bytes=chunk, cursor=0,
-        window_open=replication.window.is_open, started_ns=time.time_ns(),
+        generation=stream.generation,
+        source=str(replication.source.path),
+        source_size=geometry.disk_bytes,
+        chunk_bytes=chunk,
+        cursor=0,
+        window_open=replication.window.is_open,
+        started_ns=time.time_ns(),
         baseline=replication.baseline(stream),
-    )  # fmt: skip
+    )
     output = CaptureOutput(replication, stream, executor)
     share = replication.journal_max_bytes // JOURNAL_SHARE
     batch_bytes = max(chunk, min(config.sync.batch_bytes, share))
     sync = SyncPass(
-        disk_id=replication.disk_id, source=replication.source, pool=replication.pool,
-        progress=progress, region_bytes=config.sync.region_bytes, batch_bytes=batch_bytes,
-        hash_executor=hash_executor, output=output,
+        disk_id=replication.disk_id,
+        source=replication.source,
+        pool=replication.pool,
+        progress=progress,
+        region_bytes=config.sync.region_bytes,
+        batch_bytes=batch_bytes,
+        hash_executor=hash_executor,
+        output=output,
         plan=RangesPlan(ranges, config.sync.region_bytes, chunk),
-    )  # fmt: skip
+    )
     await sync.run()
     replication.stats.resync_passes += 1
     replication.stats.resync_regions += len(regions)
     replication.stats.resync_compared_bytes += sync.stats.compared_bytes
     done = wire.Frame(
-        wire.FrameType.RESYNCED, rid=since_rid,
+        wire.FrameType.RESYNCED,
+        rid=since_rid,
         body=wire.encode_ranges(merge_regions(geometry, regions)),
-    )  # fmt: skip
+    )
     if output.appended:
         replication.after_ship(stream.generation, stream.end_seq, done)
     else:
@@ -248,6 +263,8 @@ async def _pass(
         replication.send(done)
     log.info(
         "disk %s: resync pass over %d regions done: %d chunks differed, %d bytes sent",
-        replication.disk_id, len(regions), sync.stats.differing_chunks,
+        replication.disk_id,
+        len(regions),
+        sync.stats.differing_chunks,
         sync.stats.data_bytes + sync.stats.zero_bytes,
-    )  # fmt: skip
+    )

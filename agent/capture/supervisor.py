@@ -94,9 +94,10 @@ async def _take_down(
     if isinstance(exc, StreamBrokenError):
         full = exc.details.get("cause") != JOURNAL_BEHIND["cause"]
         log.warning(
-            "%s; a new generation starts and %s is compared", message,
+            "%s; a new generation starts and %s is compared",
+            message,
             "the whole disk" if full else "every region not known to be shipped",
-        )  # fmt: skip
+        )
         replication.next_stream = NewGeneration(full=full)
     elif isinstance(exc, JournalError):
         log.error("%s; a new generation starts", message)
@@ -107,8 +108,10 @@ async def _take_down(
     else:
         log.error(
             "%s; replication stopped: writes are marked dirty and the stream is tried "
-            "again in %g s", message, REOPEN_AFTER_S,
-        )  # fmt: skip
+            "again in %g s",
+            message,
+            REOPEN_AFTER_S,
+        )
         replication.next_stream = Reopen(REOPEN_AFTER_S)
     replication.changed()
 
@@ -126,17 +129,23 @@ async def _bring_up(replication: CaptureReplication, wait_s: float) -> None:
     except BlockreplError as exc:
         log.warning(
             "disk %s: the stream cannot start yet: %s; again in %g s",
-            replication.disk_id, exc.message, RETRY_AFTER_S,
-        )  # fmt: skip
+            replication.disk_id,
+            exc.message,
+            RETRY_AFTER_S,
+        )
         await asyncio.sleep(RETRY_AFTER_S)
 
 
 async def _reopen(replication: CaptureReplication) -> None:
     try:
         stream = ReplicationStream.open(
-            replication.disk_id, state=replication.state, pool=replication.pool,
-            journal_dir=replication.journal_dir, source=None, executor=replication.executor,
-        )  # fmt: skip
+            replication.disk_id,
+            state=replication.state,
+            pool=replication.pool,
+            journal_dir=replication.journal_dir,
+            source=None,
+            executor=replication.executor,
+        )
     except JournalError as exc:
         log.error("disk %s: %s; a new generation starts", replication.disk_id, exc.message)
         replication.next_stream = NewGeneration(full=False)
@@ -154,18 +163,22 @@ async def _start_generation(replication: CaptureReplication, plan: NewGeneration
         whole = [(0, geometry.disk_bytes)] if plan.full else []
         pending = await replication.mark_pending(whole, replication.received_rid, True)
         replication.window.generation_marked(
-            region for offset, length in pending
-            for region in geometry.regions_of(offset, length)
-        )  # fmt: skip
+            region for offset, length in pending for region in geometry.regions_of(offset, length)
+        )
         replication.forget_ship_actions()
     record = replication.state.stream(replication.disk_id)
     known = record.generation if record is not None else 0
     if record is not None:
         replication.floor = StreamPosition(record.generation, record.trimmed_seq)
     stream = await ReplicationStream.create_after(
-        replication.disk_id, known, state=replication.state, pool=replication.pool,
-        journal_dir=replication.journal_dir, source=None, executor=replication.executor,
-    )  # fmt: skip
+        replication.disk_id,
+        known,
+        state=replication.state,
+        pool=replication.pool,
+        journal_dir=replication.journal_dir,
+        source=None,
+        executor=replication.executor,
+    )
     replication.stats.generations_started += 1
     await _set_stream(replication, stream)
 
@@ -176,7 +189,9 @@ async def _set_stream(replication: CaptureReplication, stream: ReplicationStream
         replication.stream = stream
         replication.next_stream = None
     log.info(
-        "disk %s: streaming generation %d from seq %d", replication.disk_id, stream.generation,
+        "disk %s: streaming generation %d from seq %d",
+        replication.disk_id,
+        stream.generation,
         stream.end_seq + 1,
-    )  # fmt: skip
+    )
     replication.changed()

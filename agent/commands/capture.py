@@ -34,9 +34,11 @@ def add_commands(
         help="the block device or raw image (default: the disk's source in the config)",
     )
     capture.add_argument(
-        "--listen", required=True, metavar="HOST:PORT",
+        "--listen",
+        required=True,
+        metavar="HOST:PORT",
         help="the NBD export's address, on loopback (for example 127.0.0.1:10809)",
-    )  # fmt: skip
+    )
     capture.set_defaults(handler=run_capture)
 
     status = commands.add_parser(

@@ -66,10 +66,11 @@ def add_parser(
         "--machine", required=True, help="the machine id ([A-Za-z0-9._-], at most 64)"
     )
     issue.add_argument(
-        "--group", action="store_true",
+        "--group",
+        action="store_true",
         help="the machine's certificate for the consistency group port (serverAuth and "
         "clientAuth, known by its CN)",
-    )  # fmt: skip
+    )
     _add_days(issue)
     issue.set_defaults(handler=run_issue)
 

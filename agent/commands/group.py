@@ -80,9 +80,13 @@ def run_group(args: argparse.Namespace) -> CommandResult:
     return CommandResult(
         summary=f"group {service.group.id}: {role} {service.committed} committed and "
         f"{service.aborted} aborted rounds",
-        data={"group": service.group.id, "coordinator": service.group.is_coordinator,
-              "committed": service.committed, "aborted": service.aborted},
-    )  # fmt: skip
+        data={
+            "group": service.group.id,
+            "coordinator": service.group.is_coordinator,
+            "committed": service.committed,
+            "aborted": service.aborted,
+        },
+    )
 
 
 def run_group_tag(args: argparse.Namespace) -> CommandResult:
@@ -101,13 +105,15 @@ def run_group_tag(args: argparse.Namespace) -> CommandResult:
 
 def _summary(report: GroupRoundReport) -> str:
     members = "; ".join(
-        f"{machine}: " + ", ".join(
+        f"{machine}: "
+        + ", ".join(
             f"{d.disk} (generation {d.generation} seq {d.seq}"
-            + ("" if d.consistent else ", inside a resync") + ")"
+            + ("" if d.consistent else ", inside a resync")
+            + ")"
             for d in disks
         )
         for machine, disks in report.members.items()
-    )  # fmt: skip
+    )
     return (
         f"group {report.group}: tagged {members} as {report.name!r} ({report.kind}-consistent, "
         f"tag id {report.tag_id}); barrier {report.barrier_s * 1000:.0f} ms"

@@ -133,10 +133,11 @@ class _Remote:
         host, port = parse_address("address", member.address)
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, ssl=context, server_hostname="",
-                                        limit=MAX_LINE_BYTES),
+                asyncio.open_connection(
+                    host, port, ssl=context, server_hostname="", limit=MAX_LINE_BYTES
+                ),
                 timeout_s,
-            )  # fmt: skip
+            )
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             why = "no answer in time" if isinstance(exc, TimeoutError) else str(exc)
             raise GroupRoundAbortedError(
@@ -219,8 +220,14 @@ class GroupCoordinator:
                 message say why); every member resumed.
         """
         group = self.group
-        spec = RoundSpec(group.id, "app" if app else "crash", name, secrets.token_hex(16),
-                         time.time_ns(), group.barrier_max_s)  # fmt: skip
+        spec = RoundSpec(
+            group.id,
+            "app" if app else "crash",
+            name,
+            secrets.token_hex(16),
+            time.time_ns(),
+            group.barrier_max_s,
+        )
         self._count(lambda m: m.started.labels(group.id).inc())
         participants: list[_Participant] = []
         outcome = "aborted"
@@ -228,21 +235,35 @@ class GroupCoordinator:
         try:
             participants = await self._connect(spec)
             timeout = self.config.tags.freeze_max_s if app else group.connect_timeout_s
-            await _phase(participants, Request("prepare", spec=spec), spec.prepare(), timeout,
-                         "prepare-timeout")  # fmt: skip
+            await _phase(
+                participants,
+                Request("prepare", spec=spec),
+                spec.prepare(),
+                timeout,
+                "prepare-timeout",
+            )
             started = time.monotonic()
             deadline = started + group.barrier_max_s
-            await _phase(participants, Request("hold"), {"op": "hold"},
-                         deadline - time.monotonic(), "barrier-timeout")  # fmt: skip
+            await _phase(
+                participants,
+                Request("hold"),
+                {"op": "hold"},
+                deadline - time.monotonic(),
+                "barrier-timeout",
+            )
             crash_point("group-held")
-            tagged = await _phase(participants, Request("tag"), {"op": "tag"},
-                                  deadline - time.monotonic(), "tag-timeout")  # fmt: skip
+            tagged = await _phase(
+                participants,
+                Request("tag"),
+                {"op": "tag"},
+                deadline - time.monotonic(),
+                "tag-timeout",
+            )
             outcome = "committed"
         except GroupRoundAbortedError as exc:
             reason = exc.reason
             self._count(lambda m: m.aborts.labels(group.id, reason).inc())
-            log.warning("group %s round %s aborted (%s): %s", group.id, name, reason,
-                        exc.message)  # fmt: skip
+            log.warning("group %s round %s aborted (%s): %s", group.id, name, reason, exc.message)
             raise GroupRoundAbortedError(
                 f"group {group.id} round {name!r} aborted ({reason}): {exc.message}; every "
                 "member resumed its writes",
@@ -254,14 +275,22 @@ class GroupCoordinator:
                 barrier_s = time.monotonic() - started
             self._count(lambda m: m.rounds.labels(group.id, outcome).inc())
         report = GroupRoundReport(
-            group.id, name, spec.kind, spec.tag_id, spec.time_ns,
+            group.id,
+            name,
+            spec.kind,
+            spec.tag_id,
+            spec.time_ns,
             {machine: [_tagged(d) for d in _disks(answer)] for machine, answer in tagged.items()},
             barrier_s,
-        )  # fmt: skip
+        )
         log.info(
-            "group %s: %s round %s committed on %s (barrier %.3f s)", group.id, spec.kind, name,
-            ", ".join(f"{m} ({len(d)} disks)" for m, d in report.members.items()), barrier_s,
-        )  # fmt: skip
+            "group %s: %s round %s committed on %s (barrier %.3f s)",
+            group.id,
+            spec.kind,
+            name,
+            ", ".join(f"{m} ({len(d)} disks)" for m, d in report.members.items()),
+            barrier_s,
+        )
         return report
 
     async def _connect(self, spec: RoundSpec) -> list[_Participant]:
@@ -339,5 +368,9 @@ def _disks(answer: dict[str, object]) -> list[dict[str, object]]:
 
 
 def _tagged(disk: dict[str, object]) -> TaggedDisk:
-    return TaggedDisk(str(disk.get("disk", "")), answer_int(disk, "generation"),
-                      answer_int(disk, "seq"), disk.get("consistent") is True)  # fmt: skip
+    return TaggedDisk(
+        str(disk.get("disk", "")),
+        answer_int(disk, "generation"),
+        answer_int(disk, "seq"),
+        disk.get("consistent") is True,
+    )

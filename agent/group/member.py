@@ -120,8 +120,9 @@ class MemberRound:
         try:
             await gather_answers(
                 [client.call(request) for client in self._clients],
-                self._held_at + bound, "hold the writes of every disk",
-            )  # fmt: skip
+                self._held_at + bound,
+                "hold the writes of every disk",
+            )
         except TagError as exc:
             raise GroupRefusalError(self._why(exc.message), wire_code="hold-failed") from None
 
@@ -144,15 +145,21 @@ class MemberRound:
         try:
             answers = await gather_answers(
                 [tag_disk(client) for client in self._clients],
-                self._held_at + spec.barrier_max_s, "tag every disk", disks=self.disks,
-            )  # fmt: skip
+                self._held_at + spec.barrier_max_s,
+                "tag every disk",
+                disks=self.disks,
+            )
         except TagError as exc:
             raise GroupRefusalError(self._why(exc.message), wire_code="tag-failed") from None
         return [
-            TaggedDisk(client.disk_id, answer_int(answer, "generation"),
-                       answer_int(answer, "seq"), answer.get("consistent") is True)
+            TaggedDisk(
+                client.disk_id,
+                answer_int(answer, "generation"),
+                answer_int(answer, "seq"),
+                answer.get("consistent") is True,
+            )
             for client, answer in zip(self._clients, answers, strict=True)
-        ]  # fmt: skip
+        ]
 
     async def resume(self) -> float:
         """Release every disk; the seconds the writes were held."""
@@ -190,16 +197,21 @@ class MemberRound:
         if not self.released:
             log.warning(
                 "group %s round %s: writes held for the barrier's %g s; released",
-                self._group, self.spec.name, self.spec.barrier_max_s,
-            )  # fmt: skip
+                self._group,
+                self.spec.name,
+                self.spec.barrier_max_s,
+            )
             self._release_now(f"the barrier bound of {self.spec.barrier_max_s:g} s passed")
 
     def _freeze_bound(self) -> None:
         if self._frozen:
             log.warning(
                 "group %s round %s: applications quiesced for tags.freeze_max_s (%g s); "
-                "released and thawed", self._group, self.spec.name, self.config.tags.freeze_max_s,
-            )  # fmt: skip
+                "released and thawed",
+                self._group,
+                self.spec.name,
+                self.config.tags.freeze_max_s,
+            )
             self._release_now("tags.freeze_max_s passed")
             self._thaw()
 

@@ -23,27 +23,36 @@ class GroupMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         group = ["group"]
         self.started = Counter(
-            f"{PREFIX}_group_rounds_started", "Group rounds this coordinator started.", group,
+            f"{PREFIX}_group_rounds_started",
+            "Group rounds this coordinator started.",
+            group,
             registry=registry,
-        )  # fmt: skip
+        )
         self.rounds = Counter(
             f"{PREFIX}_group_rounds",
             "Group rounds this coordinator ended, by result: committed (every disk of every "
-            "member tagged) or aborted.", ["group", "result"], registry=registry,
-        )  # fmt: skip
+            "member tagged) or aborted.",
+            ["group", "result"],
+            registry=registry,
+        )
         self.aborts = Counter(
             f"{PREFIX}_group_round_aborts",
             "Aborted group rounds by reason: unreachable, refused, quiesce-failed, "
             "prepare-timeout, barrier-timeout, tag-timeout, member-lost.",
-            ["group", "reason"], registry=registry,
-        )  # fmt: skip
+            ["group", "reason"],
+            registry=registry,
+        )
         self.held = Histogram(
             f"{PREFIX}_group_barrier_hold_seconds",
-            "How long a group round held this machine's writes at the barrier.", group,
-            buckets=HOLD_BUCKETS, registry=registry,
-        )  # fmt: skip
+            "How long a group round held this machine's writes at the barrier.",
+            group,
+            buckets=HOLD_BUCKETS,
+            registry=registry,
+        )
         self.member_rounds = Counter(
             f"{PREFIX}_group_member_rounds",
             "Group rounds this machine took part in, by result (aborted also when the "
-            "coordinator went away mid-round).", ["group", "result"], registry=registry,
-        )  # fmt: skip
+            "coordinator went away mid-round).",
+            ["group", "result"],
+            registry=registry,
+        )

@@ -87,17 +87,25 @@ class GroupMemberServer:
         bind = configured if port is None else port
         try:
             self._server = await asyncio.start_server(
-                self._serve, host, bind, ssl=context, limit=MAX_LINE_BYTES,
+                self._serve,
+                host,
+                bind,
+                ssl=context,
+                limit=MAX_LINE_BYTES,
                 ssl_handshake_timeout=self.group.connect_timeout_s,
-            )  # fmt: skip
+            )
         except OSError as exc:
             raise ConfigError(
                 f"cannot listen for the group's coordinator on {host}:{bind}: {exc.strerror or exc}"
             ) from exc
         log.info(
             "group %s: member %s listening on %s:%d for coordinator %s",
-            self.group.id, self.group.machine, host, self.port, self.group.coordinator,
-        )  # fmt: skip
+            self.group.id,
+            self.group.machine,
+            host,
+            self.port,
+            self.group.coordinator,
+        )
 
     @property
     def port(self) -> int:
@@ -135,9 +143,11 @@ class GroupMemberServer:
             peer = f"(unnamed: {exc.message})"
         if peer != self.group.coordinator:
             self._log(
-                logging.WARNING, "refused %s: only the coordinator %s runs rounds",
-                peer, self.group.coordinator,
-            )  # fmt: skip
+                logging.WARNING,
+                "refused %s: only the coordinator %s runs rounds",
+                peer,
+                self.group.coordinator,
+            )
             await _send(writer, refusal("forbidden", f"{peer} is not the group's coordinator"))
             return
         if self._busy:
@@ -166,10 +176,14 @@ class GroupMemberServer:
                     return
                 if request.spec is not None:
                     if request.spec.group != self.group.id:
-                        await _send(writer, refusal(
-                            "wrong-group", f"this machine is in group {self.group.id}, "
-                            f"not {request.spec.group}",
-                        ))  # fmt: skip
+                        await _send(
+                            writer,
+                            refusal(
+                                "wrong-group",
+                                f"this machine is in group {self.group.id}, "
+                                f"not {request.spec.group}",
+                            ),
+                        )
                         return
                     member = MemberRound(self.config, request.spec, self._held)
                 assert member is not None
@@ -186,8 +200,11 @@ class GroupMemberServer:
                 await member.finish()
                 log.info(
                     "group %s round %s %s here (writes held %.3f s)",
-                    self.group.id, member.spec.name, outcome, member.held_s,
-                )  # fmt: skip
+                    self.group.id,
+                    member.spec.name,
+                    outcome,
+                    member.held_s,
+                )
                 if self._done is not None:
                     self._done(outcome, member.held_s)
 
@@ -198,8 +215,9 @@ class GroupMemberServer:
         try:
             line = await asyncio.wait_for(reader.readline(), REQUEST_WAIT_S)
         except TimeoutError:
-            log.warning("group %s: the coordinator sent nothing for %g s", self.group.id,
-                        REQUEST_WAIT_S)  # fmt: skip
+            log.warning(
+                "group %s: the coordinator sent nothing for %g s", self.group.id, REQUEST_WAIT_S
+            )
             return None
         if not line:
             return None

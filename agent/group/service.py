@@ -67,19 +67,25 @@ class GroupService:
                 log.info(
                     "group %s: coordinating %s; crash-consistent rounds every %g s, "
                     "app-consistent every %g s (0: never), writes held at most %g s",
-                    group.id, ", ".join(m.machine for m in group.members),
-                    group.crash_interval_s, group.app_interval_s, group.barrier_max_s,
-                )  # fmt: skip
+                    group.id,
+                    ", ".join(m.machine for m in group.members),
+                    group.crash_interval_s,
+                    group.app_interval_s,
+                    group.barrier_max_s,
+                )
             else:
                 self.server = GroupMemberServer(
                     self.config, held=self._held, done=self._member_done
                 )
                 await self.server.start(self._port)
             self._metrics_server = await start_metrics_server(
-                self.registry, self.config.metrics, alive=lambda: not self._closing,
-                ready=lambda: (not self._closing, "shutting down"), port=self._metrics_port,
+                self.registry,
+                self.config.metrics,
+                alive=lambda: not self._closing,
+                ready=lambda: (not self._closing, "shutting down"),
+                port=self._metrics_port,
                 server_log=RequestLogs(self.registry, PREFIX).for_listener("metrics"),
-            )  # fmt: skip
+            )
         except BaseException:
             await self.close()
             raise

@@ -131,9 +131,15 @@ def init_ca(
     for server in SERVER_NAMES:
         key = ec.generate_private_key(ec.SECP256R1())
         cert = build_leaf(
-            ca_cert, ca_key, key, name=server, issued=issued, days=days, role="server",
+            ca_cert,
+            ca_key,
+            key,
+            name=server,
+            issued=issued,
+            days=days,
+            role="server",
             server_sans=sans,
-        )  # fmt: skip
+        )
         outputs += [
             (f"{server}.pem", cert_pem(cert), CERTIFICATE_MODE),
             (f"{server}.key", key_pem(key), PRIVATE_KEY_MODE),
@@ -196,9 +202,14 @@ def issue_machine(
     check_leaf_days(days, issued, ca_cert)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = build_leaf(
-        ca_cert, ca_key, key, name=machine, issued=issued, days=days,
+        ca_cert,
+        ca_key,
+        key,
+        name=machine,
+        issued=issued,
+        days=days,
         role="group-member" if group else "machine",
-    )  # fmt: skip
+    )
     outputs = [
         (cert_name, cert_pem(cert), CERTIFICATE_MODE),
         (key_name, key_pem(key), PRIVATE_KEY_MODE),

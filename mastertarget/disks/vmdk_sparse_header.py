@@ -182,10 +182,17 @@ def parse_header(sector: bytes, file_size: int, source: str) -> SparseHeader:
         )
     _check_sizes(source, capacity, grain, gtes)
     header = SparseHeader(
-        version=version, flags=flags, capacity=capacity, grain_sectors=grain,
-        descriptor_offset=desc_offset, descriptor_sectors=desc_sectors, gtes_per_gt=gtes,
-        rgd_offset=rgd if flags & FLAG_REDUNDANT_GD else 0, gd_offset=gd, overhead=overhead,
-    )  # fmt: skip
+        version=version,
+        flags=flags,
+        capacity=capacity,
+        grain_sectors=grain,
+        descriptor_offset=desc_offset,
+        descriptor_sectors=desc_sectors,
+        gtes_per_gt=gtes,
+        rgd_offset=rgd if flags & FLAG_REDUNDANT_GD else 0,
+        gd_offset=gd,
+        overhead=overhead,
+    )
     _check_offsets(header, file_size, source)
     return header
 
@@ -281,9 +288,15 @@ def sparse_layout(capacity: int) -> SparseLayout:
     gd = rgd + gd_sectors + gt_sectors * gt_count
     end = gd + gd_sectors + gt_sectors * gt_count
     header = SparseHeader(
-        version=1, flags=FLAG_NEWLINE_TEST | FLAG_REDUNDANT_GD, capacity=capacity,
-        grain_sectors=grain, descriptor_offset=desc_offset, descriptor_sectors=desc_sectors,
-        gtes_per_gt=GTES_PER_GT, rgd_offset=rgd, gd_offset=gd,
+        version=1,
+        flags=FLAG_NEWLINE_TEST | FLAG_REDUNDANT_GD,
+        capacity=capacity,
+        grain_sectors=grain,
+        descriptor_offset=desc_offset,
+        descriptor_sectors=desc_sectors,
+        gtes_per_gt=GTES_PER_GT,
+        rgd_offset=rgd,
+        gd_offset=gd,
         overhead=-(-end // grain) * grain,
-    )  # fmt: skip
+    )
     return SparseLayout(header=header, gd_sectors=gd_sectors)

@@ -71,19 +71,27 @@ def add_commands(commands: Any) -> None:
         parser = command(name, helptext, handler)
         parser.add_argument("--vm", required=True, help="the VM whose disks move")
         parser.add_argument(
-            "--disk", action="append", default=[], metavar="FILE",
+            "--disk",
+            action="append",
+            default=[],
+            metavar="FILE",
             help="only this disk of the VM ('[datastore] folder/file.vmdk'; repeatable)",
-        )  # fmt: skip
+        )
         parser.add_argument(
-            "--no-guest", action="store_true",
+            "--no-guest",
+            action="store_true",
             help="do not look for the disks inside this machine (not run on the master target)",
-        )  # fmt: skip
+        )
     create = command("create-vm", "create the VM of a failed-back physical server", _create_vm)
     create.add_argument("--name", required=True, help="the new VM's name")
     create.add_argument(
-        "--disk-size", action="append", required=True, type=_size_argument, metavar="SIZE",
+        "--disk-size",
+        action="append",
+        required=True,
+        type=_size_argument,
+        metavar="SIZE",
         help="a disk's size: bytes, or with K, M, G, T (binary); repeat for each disk",
-    )  # fmt: skip
+    )
     create.add_argument("--cpus", type=int, default=DEFAULT_CPUS)
     create.add_argument("--memory-mib", type=int, default=DEFAULT_MEMORY_MIB)
     create.add_argument("--guest-id", default=DEFAULT_GUEST_ID, help="vSphere guest OS id")
@@ -116,7 +124,7 @@ def _size_argument(text: str) -> int:
 
 def _run(args: argparse.Namespace, handler: Handler) -> CommandResult:
     from mastertarget.vsphere import config as vsphere_config  # noqa: PLC0415 - see the module doc
-    from mastertarget.vsphere.inventory import load_inventory  # noqa: PLC0415
+    from mastertarget.vsphere.inventory_reader import load_inventory  # noqa: PLC0415
     from mastertarget.vsphere.session import VsphereSession  # noqa: PLC0415
     from runtime.logs import setup_logging  # noqa: PLC0415
 
@@ -153,8 +161,12 @@ def _preflight(
         if check.remedy:
             lines.append(f"     to do: {check.remedy}")
     lines.append(f"{len(checks)} checks, {len(failed)} failed")
-    data = {"master_target": mt.name, "vm": args.vm, "ok": not failed,
-            "checks": [c.to_json() for c in checks]}  # fmt: skip
+    data = {
+        "master_target": mt.name,
+        "vm": args.vm,
+        "ok": not failed,
+        "checks": [c.to_json() for c in checks],
+    }
     return CommandResult("\n".join(lines), data, PREFLIGHT_FAILED if failed else 0)
 
 
@@ -165,8 +177,11 @@ def _attach(
 
     look = not args.no_guest
     if look and sys.stderr.isatty():
-        print(f"attaching; then waiting up to {config.guest.device_wait_s:g} s for the disks to"
-              " appear inside this machine ...", file=sys.stderr)  # fmt: skip
+        print(
+            f"attaching; then waiting up to {config.guest.device_wait_s:g} s for the disks to"
+            " appear inside this machine ...",
+            file=sys.stderr,
+        )
     _, disks = attach(
         session, inventory, config, vm_name=args.vm, files=args.disk, look_inside=look
     )
@@ -176,10 +191,15 @@ def _attach(
         + (f" -> {d.device} ({d.link})" if d.device else "")
         for d in disks
     ]
-    lines.append(f"{len(disks)} disk(s) of {args.vm} on {config.master_target_vm}"
-                 f" ({sum(d.changed for d in disks)} newly attached)")  # fmt: skip
-    data = {"master_target": config.master_target_vm, "vm": args.vm,
-            "disks": [d.to_json() for d in disks]}  # fmt: skip
+    lines.append(
+        f"{len(disks)} disk(s) of {args.vm} on {config.master_target_vm}"
+        f" ({sum(d.changed for d in disks)} newly attached)"
+    )
+    data = {
+        "master_target": config.master_target_vm,
+        "vm": args.vm,
+        "disks": [d.to_json() for d in disks],
+    }
     return CommandResult("\n".join(lines), data)
 
 
@@ -188,13 +208,19 @@ def _detach(
 ) -> CommandResult:
     from mastertarget.vsphere.operations import detach  # noqa: PLC0415
 
-    disks = detach(session, inventory, config, vm_name=args.vm, files=args.disk,
-                   look_inside=not args.no_guest)  # fmt: skip
+    disks = detach(
+        session, inventory, config, vm_name=args.vm, files=args.disk, look_inside=not args.no_guest
+    )
     lines = [f"{'detached' if d.changed else 'was not attached:'} {d.file}" for d in disks]
-    lines.append(f"{sum(d.changed for d in disks)} disk(s) of {args.vm} detached from"
-                 f" {config.master_target_vm}; their files are kept")  # fmt: skip
-    data = {"master_target": config.master_target_vm, "vm": args.vm,
-            "disks": [d.to_json() for d in disks]}  # fmt: skip
+    lines.append(
+        f"{sum(d.changed for d in disks)} disk(s) of {args.vm} detached from"
+        f" {config.master_target_vm}; their files are kept"
+    )
+    data = {
+        "master_target": config.master_target_vm,
+        "vm": args.vm,
+        "disks": [d.to_json() for d in disks],
+    }
     return CommandResult("\n".join(lines), data)
 
 
@@ -211,17 +237,31 @@ def _create_vm(
             f"--memory-mib: expected {MIN_MEMORY_MIB}..{MAX_MEMORY_MIB}, found {args.memory_mib}"
         )
     request = NewVm(
-        name=args.name, disk_bytes=tuple(args.disk_size), cpus=args.cpus,
-        memory_mib=args.memory_mib, guest_id=args.guest_id, firmware=Firmware(args.firmware),
+        name=args.name,
+        disk_bytes=tuple(args.disk_size),
+        cpus=args.cpus,
+        memory_mib=args.memory_mib,
+        guest_id=args.guest_id,
+        firmware=Firmware(args.firmware),
         provisioning=Provisioning(args.provisioning),
-    )  # fmt: skip
-    _, vm, disks = create_vm(session, inventory, config, request,
-                             datastore_name=args.datastore, network_name=args.network)  # fmt: skip
+    )
+    _, vm, disks = create_vm(
+        session,
+        inventory,
+        config,
+        request,
+        datastore_name=args.datastore,
+        network_name=args.network,
+    )
     lines = [f"created VM {vm.name} ({vm.ref.value}) in {vm.vmx_path}, powered off, with:"]
     lines += [f"  {d.file} ({_gib(d.capacity_bytes)}), identity {d.identity}" for d in disks]
     lines.append(f"next: mastertarget vsphere attach --config {args.config} --vm {vm.name}")
-    data = {"vm": vm.name, "ref": vm.ref.value, "vmx": vm.vmx_path,
-            "disks": [d.to_json() for d in disks]}  # fmt: skip
+    data = {
+        "vm": vm.name,
+        "ref": vm.ref.value,
+        "vmx": vm.vmx_path,
+        "disks": [d.to_json() for d in disks],
+    }
     return CommandResult("\n".join(lines), data)
 
 

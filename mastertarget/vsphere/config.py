@@ -169,10 +169,12 @@ def load_password(config: VsphereConfig, environ: Mapping[str, str]) -> Secret:
             f" variable {PASSWORD_ENV} (never on the command line)"
         )
     data = read_private_file(
-        config.password_file, what="vSphere password file",
-        why="it holds the password of a vCenter account", max_bytes=MAX_PASSWORD_FILE_BYTES,
+        config.password_file,
+        what="vSphere password file",
+        why="it holds the password of a vCenter account",
+        max_bytes=MAX_PASSWORD_FILE_BYTES,
         error=VsphereConfigError,
-    )  # fmt: skip
+    )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

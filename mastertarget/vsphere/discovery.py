@@ -138,12 +138,13 @@ def _check_datastore_privileges(session: VsphereSession, report: Report) -> None
             report.datastore_missing[datastore.ref] = missing
     if len(report.datastore_missing) == len(datastores):
         user = report.inventory.user
-        report.problems.append(Problem("permissions", (
+        why = (
             f"the account {user} sees {len(datastores)} datastore(s) but lacks"
             f" {', '.join(DATASTORE_PRIVILEGES)} on every one: failback can neither place nor"
             " attach disks (the seed's read-only account symptom); give the account a role"
             " with these privileges on the datastores"
-        )))  # fmt: skip
+        )
+        report.problems.append(Problem("permissions", why))
 
 
 def _explain_no_datastores(session: VsphereSession, report: Report) -> None:
@@ -152,17 +153,24 @@ def _explain_no_datastores(session: VsphereSession, report: Report) -> None:
     granted = session.granted(folders, [VIEW_PRIVILEGE])
     for dc in inventory.datacenters:
         if VIEW_PRIVILEGE in granted.get(dc.datastore_folder, frozenset()):
-            report.problems.append(Problem(
-                "no-datastores", f"datacenter {dc.name} has no datastore: failback needs one"
-            ))  # fmt: skip
+            report.problems.append(
+                Problem(
+                    "no-datastores", f"datacenter {dc.name} has no datastore: failback needs one"
+                )
+            )
         else:
-            report.problems.append(Problem("permissions", (
-                f"the account {inventory.user} cannot list the datastores of datacenter"
-                f" {dc.name}: it lacks {VIEW_PRIVILEGE} on its datastore folder, so vCenter"
-                " shows it none (the seed's read-only account symptom, not an empty"
-                " datacenter); give the account a role with"
-                f" {', '.join(DATASTORE_PRIVILEGES)} on the datastores"
-            )))  # fmt: skip
+            report.problems.append(
+                Problem(
+                    "permissions",
+                    (
+                        f"the account {inventory.user} cannot list the datastores of datacenter"
+                        f" {dc.name}: it lacks {VIEW_PRIVILEGE} on its datastore folder, so vCenter"
+                        " shows it none (the seed's read-only account symptom, not an empty"
+                        " datacenter); give the account a role with"
+                        f" {', '.join(DATASTORE_PRIVILEGES)} on the datastores"
+                    ),
+                )
+            )
 
 
 def discovery_text(report: Report) -> list[str]:

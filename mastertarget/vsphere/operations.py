@@ -28,8 +28,8 @@ from mastertarget.vsphere.inventory import (
     Inventory,
     Vm,
     datastore_of_path,
-    reload_vm,
 )
+from mastertarget.vsphere.inventory_reader import reload_vm
 from mastertarget.vsphere.preflight import Check, Plan, failures, run_preflight
 from mastertarget.vsphere.session import VsphereSession
 from runtime.errors import InvalidArgumentError
@@ -119,9 +119,15 @@ def chosen_disks(vm: Vm, files: Sequence[str]) -> list[Disk]:
 
 
 def moved_disk(
-    session: VsphereSession, inventory: Inventory, vm: Vm, disk: Disk, *,
-    bus: int | None = None, unit: int | None = None, changed: bool = True,
-) -> MovedDisk:  # fmt: skip
+    session: VsphereSession,
+    inventory: Inventory,
+    vm: Vm,
+    disk: Disk,
+    *,
+    bus: int | None = None,
+    unit: int | None = None,
+    changed: bool = True,
+) -> MovedDisk:
     """``disk`` of ``vm`` with its SCSI identity: from its backing, or read from its
     descriptor (vSphere versions that leave the backing's UUID out)."""
     text = disk.uuid or session.disk_uuid(inventory.datacenter(vm.datacenter).ref, disk.file)
@@ -130,9 +136,14 @@ def moved_disk(
 
 
 def attach(
-    session: VsphereSession, inventory: Inventory, config: VsphereConfig, *,
-    vm_name: str, files: Sequence[str], look_inside: bool,
-) -> tuple[list[Check], list[MovedDisk]]:  # fmt: skip
+    session: VsphereSession,
+    inventory: Inventory,
+    config: VsphereConfig,
+    *,
+    vm_name: str,
+    files: Sequence[str],
+    look_inside: bool,
+) -> tuple[list[Check], list[MovedDisk]]:
     """Attach the disks of VM ``vm_name`` (or those in ``files``) to the master target.
 
     Args:
@@ -175,9 +186,14 @@ def attach(
 
 
 def detach(
-    session: VsphereSession, inventory: Inventory, config: VsphereConfig, *,
-    vm_name: str, files: Sequence[str], look_inside: bool,
-) -> list[MovedDisk]:  # fmt: skip
+    session: VsphereSession,
+    inventory: Inventory,
+    config: VsphereConfig,
+    *,
+    vm_name: str,
+    files: Sequence[str],
+    look_inside: bool,
+) -> list[MovedDisk]:
     """Detach from the master target the disks of VM ``vm_name`` (or those in ``files``),
     keeping their files.
 
@@ -223,9 +239,14 @@ def _release_inside(config: VsphereConfig, moved: Sequence[MovedDisk]) -> None:
 
 
 def create_vm(
-    session: VsphereSession, inventory: Inventory, config: VsphereConfig, request: specs.NewVm, *,
-    datastore_name: str | None, network_name: str | None,
-) -> tuple[list[Check], Vm, list[MovedDisk]]:  # fmt: skip
+    session: VsphereSession,
+    inventory: Inventory,
+    config: VsphereConfig,
+    request: specs.NewVm,
+    *,
+    datastore_name: str | None,
+    network_name: str | None,
+) -> tuple[list[Check], Vm, list[MovedDisk]]:
     """Create ``request`` on the master target's host and datastore (or ``datastore_name``).
 
     Raises:
@@ -235,8 +256,13 @@ def create_vm(
     mt = master_target(config, inventory)
     datastore_name = datastore_name or datastore_of_path(mt.vmx_path)
     network = inventory.network_named(network_name, mt.datacenter) if network_name else None
-    plan = Plan(mt, new_vm_name=request.name, datastore_name=datastore_name,
-                new_bytes=sum(request.disk_bytes), network=network)  # fmt: skip
+    plan = Plan(
+        mt,
+        new_vm_name=request.name,
+        datastore_name=datastore_name,
+        new_bytes=sum(request.disk_bytes),
+        network=network,
+    )
     checks = run_preflight(session, inventory, plan)
     require(checks, f"creating VM {request.name}")
     host = inventory.host(mt.host)
@@ -246,8 +272,9 @@ def create_vm(
         )
     spec = specs.new_vm_spec(request, datastore_name, network, session.managed)
     what = f"creating VM {request.name} on host {host.name}, datastore {datastore_name}"
-    ref = session.create_vm(inventory.datacenter(mt.datacenter).vm_folder, spec,
-                            host.resource_pool, mt.host, what)  # fmt: skip
+    ref = session.create_vm(
+        inventory.datacenter(mt.datacenter).vm_folder, spec, host.resource_pool, mt.host, what
+    )
     log.info("%s: %s", what, ref)
     vm = reload_vm(session, ref, mt.datacenter)
     return checks, vm, [moved_disk(session, inventory, vm, disk) for disk in vm.disks]

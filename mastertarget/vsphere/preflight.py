@@ -229,8 +229,11 @@ def _check_licences(session: VsphereSession, inventory: Inventory, plan: Plan) -
     for ref in refs:
         host = inventory.host(ref)
         name = host.name if host else str(ref)
-        free += [f"{name} ({lic.name or lic.edition_key})"
-                 for lic in session.host_licences(ref) if is_free_edition(lic)]  # fmt: skip
+        free += [
+            f"{name} ({lic.name or lic.edition_key})"
+            for lic in session.host_licences(ref)
+            if is_free_edition(lic)
+        ]
     if free:
         return failed(
             "licence",

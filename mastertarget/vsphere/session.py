@@ -138,9 +138,11 @@ class VsphereSession:
             self._content = si.content
             about = self._content.about
             self.about = About(
-                full_name=str(about.fullName), api_type=str(about.apiType),
-                api_version=str(about.apiVersion), instance_uuid=str(about.instanceUuid or ""),
-            )  # fmt: skip
+                full_name=str(about.fullName),
+                api_type=str(about.apiType),
+                api_version=str(about.apiVersion),
+                instance_uuid=str(about.instanceUuid or ""),
+            )
             self.session_key = str(self._content.sessionManager.currentSession.key)
 
     @classmethod
@@ -158,12 +160,20 @@ class VsphereSession:
         log.info("connecting to %s as %s", where, config.user)
         with _faults(config, f"logging in to {where} as {config.user}"):
             si = _SMART_CONNECT(
-                host=config.host, port=config.port, user=config.user, pwd=password.reveal(),
-                sslContext=context, httpConnectionTimeout=config.request_timeout_s,
-            )  # fmt: skip
+                host=config.host,
+                port=config.port,
+                user=config.user,
+                pwd=password.reveal(),
+                sslContext=context,
+                httpConnectionTimeout=config.request_timeout_s,
+            )
         session = cls(config, si)
-        log.info("connected to %s (%s, API %s)", where, session.about.full_name,
-                 session.about.api_version)  # fmt: skip
+        log.info(
+            "connected to %s (%s, API %s)",
+            where,
+            session.about.full_name,
+            session.about.api_version,
+        )
         return session
 
     def close(self) -> None:
@@ -258,8 +268,9 @@ class VsphereSession:
         with self.faults("checking the account's privileges"):
             answer = self._content.authorizationManager.HasPrivilegeOnEntities(
                 entity=[self.managed(e) for e in entities],
-                sessionId=self.session_key, privId=list(privileges),
-            )  # fmt: skip
+                sessionId=self.session_key,
+                privId=list(privileges),
+            )
             return {
                 to_ref(item.entity): frozenset(
                     str(p.privId) for p in item.privAvailability if p.isGranted

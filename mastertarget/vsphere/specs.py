@@ -125,9 +125,12 @@ def attach_spec(disks: Sequence[Disk], slots: Sequence[Slot], new_buses: Sequenc
             fileName=disk.file, diskMode=ATTACHED_DISK_MODE
         )
         device = VIM.vm.device.VirtualDisk(
-            key=NEW_DISK_KEY - index, controllerKey=slot.controller_key, unitNumber=slot.unit,
-            capacityInKB=disk.capacity_bytes // 1024, backing=backing,
-        )  # fmt: skip
+            key=NEW_DISK_KEY - index,
+            controllerKey=slot.controller_key,
+            unitNumber=slot.unit,
+            capacityInKB=disk.capacity_bytes // 1024,
+            backing=backing,
+        )
         changes.append(_add(device))  # no fileOperation: the disk exists
     return VIM.vm.ConfigSpec(deviceChange=changes)
 
@@ -167,22 +170,31 @@ def new_vm_spec(
     places = [(bus, unit) for bus in range(buses) for unit in _units()]
     for index, (size, (bus, unit)) in enumerate(zip(request.disk_bytes, places, strict=False)):
         backing = VIM.vm.device.VirtualDisk.FlatVer2BackingInfo(
-            fileName=f"[{datastore}]", diskMode="persistent",
+            fileName=f"[{datastore}]",
+            diskMode="persistent",
             thinProvisioned=request.provisioning is Provisioning.THIN,
-        )  # fmt: skip
+        )
         disk = VIM.vm.device.VirtualDisk(
-            key=NEW_DISK_KEY - index, controllerKey=NEW_CONTROLLER_KEY - bus, unitNumber=unit,
-            capacityInKB=size // 1024, capacityInBytes=size, backing=backing,
-        )  # fmt: skip
+            key=NEW_DISK_KEY - index,
+            controllerKey=NEW_CONTROLLER_KEY - bus,
+            unitNumber=unit,
+            capacityInKB=size // 1024,
+            capacityInBytes=size,
+            backing=backing,
+        )
         changes.append(_add(disk, create=True))
     if network is not None:
         changes.append(_add(_nic(network, managed)))
     return VIM.vm.ConfigSpec(
-        name=request.name, guestId=request.guest_id, numCPUs=request.cpus,
-        memoryMB=request.memory_mib, firmware=request.firmware.value,
-        files=VIM.vm.FileInfo(vmPathName=f"[{datastore}]"), deviceChange=changes,
+        name=request.name,
+        guestId=request.guest_id,
+        numCPUs=request.cpus,
+        memoryMB=request.memory_mib,
+        firmware=request.firmware.value,
+        files=VIM.vm.FileInfo(vmPathName=f"[{datastore}]"),
+        deviceChange=changes,
         extraConfig=[VIM.option.OptionValue(key=ENABLE_UUID_OPTION, value="TRUE")],
-    )  # fmt: skip
+    )
 
 
 def _nic(network: Network, managed: Callable[[Ref], Any]) -> Any:

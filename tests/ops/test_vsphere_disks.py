@@ -18,7 +18,7 @@ from pyVmomi import vim
 from mastertarget.errors import VspherePermissionError
 from mastertarget.vsphere import specs
 from mastertarget.vsphere.config import Secret, load
-from mastertarget.vsphere.inventory import load_inventory
+from mastertarget.vsphere.inventory_reader import load_inventory
 from mastertarget.vsphere.session import VsphereSession
 
 from .conftest import FAILBACK_VM, MASTER_TARGET, READ_ONLY, Vcsim, run_vsphere

@@ -116,9 +116,14 @@ class Capture:
         """Greet the agent and start reading its frames (after nbdkit forked)."""
         geometry = self.map.geometry
         self._send(
-            wire.Frame(wire.FrameType.HELLO, wire.PROTOCOL_VERSION, os.getpid(),
-                       geometry.region_bytes, self.source.size)
-        )  # fmt: skip
+            wire.Frame(
+                wire.FrameType.HELLO,
+                wire.PROTOCOL_VERSION,
+                os.getpid(),
+                geometry.region_bytes,
+                self.source.size,
+            )
+        )
         threading.Thread(target=self._read_loop, name="capture-agent-link", daemon=True).start()
 
     def stop(self) -> None:
@@ -222,8 +227,7 @@ class Capture:
                 raise  # the source is untouched: the client falls back to writing zeros
             except OSError:
                 self.tracker.left_dirty(offset, length, rid)
-                self._send(wire.Frame(wire.FrameType.FAILED, rid=rid, offset=offset,
-                                      length=length))  # fmt: skip
+                self._send(wire.Frame(wire.FrameType.FAILED, rid=rid, offset=offset, length=length))
                 raise
             waiter = Waiter(offset, length)
             with self._waiters_lock:
@@ -237,24 +241,35 @@ class Capture:
 
     def write(self, data: memoryview, offset: int, *, fua: bool) -> None:
         self.submit(
-            wire.FrameType.WRITE, offset, len(data), lambda: self.source.write(data, offset),
-            flags=wire.WriteFlags.FUA if fua else 0, body=data, fua=fua,
-        )  # fmt: skip
+            wire.FrameType.WRITE,
+            offset,
+            len(data),
+            lambda: self.source.write(data, offset),
+            flags=wire.WriteFlags.FUA if fua else 0,
+            body=data,
+            fua=fua,
+        )
 
     def zero(self, offset: int, length: int, *, may_trim: bool, fast: bool, fua: bool) -> None:
         self.submit(
-            wire.FrameType.ZERO, offset, length,
+            wire.FrameType.ZERO,
+            offset,
+            length,
             lambda: self.source.zero(offset, length, may_trim=may_trim, fast=fast),
-            flags=wire.WriteFlags.FUA if fua else 0, fua=fua,
-        )  # fmt: skip
+            flags=wire.WriteFlags.FUA if fua else 0,
+            fua=fua,
+        )
 
     def trim(self, offset: int, length: int, *, fua: bool) -> None:
         flags = wire.WriteFlags.TRIM | (wire.WriteFlags.FUA if fua else 0)
         self.submit(
-            wire.FrameType.ZERO, offset, length,
+            wire.FrameType.ZERO,
+            offset,
+            length,
             lambda: self.source.zero(offset, length, may_trim=True, fast=False),
-            flags=flags, fua=fua,
-        )  # fmt: skip
+            flags=flags,
+            fua=fua,
+        )
 
     def flush(self) -> None:
         self.source.sync()
