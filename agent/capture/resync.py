@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -179,8 +180,7 @@ async def run_resyncs(
         regions = window.take_pass()
         done = False
         try:
-            await _pass(replication, stream, regions, executor, hash_executor)
-            done = True
+            done = await _pass_on(stream, replication, regions, executor, hash_executor)
         except BlockreplError as exc:
             log.warning(
                 "disk %s: the resync of %d regions stopped: %s; it is tried again",
@@ -195,6 +195,54 @@ async def run_resyncs(
                 window.pass_failed()
         if not done:
             await asyncio.sleep(PASS_RETRY_S)
+
+
+async def _pass_on(
+    stream: ReplicationStream,
+    replication: CaptureReplication,
+    regions: frozenset[int],
+    executor: ThreadPoolExecutor,
+    hash_executor: ThreadPoolExecutor,
+) -> bool:
+    """Run a pass on ``stream`` while it is the disk's stream; False if it ended first.
+
+    A pass compares digests only once the master target applied what its
+    stream sent before it. When that stream is taken down (a newer
+    generation, a journal that cannot go on), what it sent may never arrive,
+    and the pass would wait for it for good (the capture never gives up on
+    its process servers): it stops, and its regions wait for the next stream.
+
+    Raises:
+        BlockreplError: the pass failed on its own.
+    """
+    running = asyncio.ensure_future(_pass(replication, stream, regions, executor, hash_executor))
+    replaced = asyncio.ensure_future(_until_replaced(replication, stream))
+    try:
+        await asyncio.wait({running, replaced}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        replaced.cancel()
+    if running.done():
+        running.result()
+        return True
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
+    log.info(
+        "disk %s: the resync of %d regions stopped: the stream it ran on ended; the next "
+        "stream resyncs them",
+        replication.disk_id,
+        len(regions),
+    )
+    return False
+
+
+async def _until_replaced(replication: CaptureReplication, stream: ReplicationStream) -> None:
+    """Until ``stream`` is no longer the disk's stream."""
+    while True:
+        seen = replication.version
+        if replication.stream is not stream:
+            return
+        await replication.wait_change(seen)
 
 
 async def _pass(
