@@ -16,15 +16,11 @@ from typing import Final
 from agent.journal import JournalEntry, encode
 from protocol.batch import BatchDecoder
 from protocol.records import Buffer
+from runtime.uploads import in_pieces
 
 #: Bytes of batches in one request: several batches share the process
 #: server's group commit, and a failed request costs at most this to resend.
 REQUEST_MAX_BYTES: Final = 64 * 2**20
-#: Bytes handed to the HTTP client at a time: the TLS layer encrypts each
-#: write on the event loop in one go, so a journal part of 16 MiB held the
-#: loop (the capture's intake of NBD writes too) for over 100 ms; 1 MiB is a
-#: few milliseconds, and still few enough writes not to cost per write.
-BODY_PIECE_BYTES: Final = 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +38,9 @@ class BatchRequest:
     def last_seq(self) -> int:
         return self.first_seq + sum(self.counts) - 1
 
-    async def body(self) -> AsyncIterator[bytes | memoryview]:
-        """The buffers as the HTTP client sends them, in pieces of :data:`BODY_PIECE_BYTES`."""
-        for part in self.buffers:
-            view = memoryview(part).cast("B")
-            for at in range(0, view.nbytes, BODY_PIECE_BYTES):
-                yield view[at : at + BODY_PIECE_BYTES]
+    def body(self) -> AsyncIterator[memoryview]:
+        """The buffers as the HTTP client sends them, in pieces (runtime/uploads.py)."""
+        return in_pieces(self.buffers)
 
 
 async def build_request(

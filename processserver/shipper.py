@@ -46,6 +46,7 @@ from protocol.errors import ProtocolError
 from protocol.reaction import ShipAction, ShipDecision, react_to_hrl
 from runtime.answers import read_answer
 from runtime.service import vital
+from runtime.uploads import in_pieces
 
 log = logging.getLogger("blockrepl.processserver.ship")
 
@@ -139,7 +140,9 @@ class Shipper:
         try:
             data = await loop.run_in_executor(self._executor, head.path.read_bytes)
             started = loop.time()
-            async with self._master_target.session.put(url, data=data) as response:
+            async with self._master_target.session.put(
+                url, data=in_pieces([data]), headers={"Content-Length": str(len(data))}
+            ) as response:
                 status = response.status
                 raw = await read_answer(
                     response.content,
