@@ -8,6 +8,7 @@ reason, under ``CI=true`` it fails it, because CI must prove everything.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import importlib
 import os
@@ -59,6 +60,11 @@ def assert_image_holds(image: Path, expected: bytes, *, fmt: str = "raw", note: 
         fmt: the image's format (``raw`` or ``vmdk``).
         note: added to the failure message (a log's tail, the figures of a run).
     """
+    with _GUARD.test_side():
+        _assert_image_holds(image, expected, fmt=fmt, note=note)
+
+
+def _assert_image_holds(image: Path, expected: bytes, *, fmt: str, note: str) -> None:
     qemu_img = require_binary("qemu-img")
     reference = image.with_name(f"{image.name}.expected")
     reference.write_bytes(expected)
@@ -165,7 +171,8 @@ class _LoopHoldGuard:
     counts is the callback's own work and every blocking call it made (an
     fsync, a sqlite commit, a read, a subprocess waited for). Garbage
     collections are left out too: their length is that of the whole test
-    process's heap (Hypothesis, earlier tests), not the daemon's.
+    process's heap (Hypothesis, earlier tests), not the daemon's. So is the
+    test's own checking (:meth:`test_side`), which runs in the test's task.
     """
 
     def __init__(self) -> None:
@@ -180,10 +187,10 @@ class _LoopHoldGuard:
             if not guard.running:
                 guard._run(handle)
                 return
-            began, waited, collected = time.monotonic(), guard._run_delay_s(), guard._gc_s()
+            began, waited, left_out = time.monotonic(), guard._run_delay_s(), guard._left_out_s()
             guard._run(handle)
             held = time.monotonic() - began - (guard._run_delay_s() - waited)
-            held -= guard._gc_s() - collected
+            held -= guard._left_out_s() - left_out
             if held > SLOW_CALLBACK_S:
                 what = asyncio.base_events._format_handle(handle)  # type: ignore[attr-defined]
                 guard.seen.append(f"{what} held the loop {held:.3f} s")
@@ -191,15 +198,25 @@ class _LoopHoldGuard:
         self.timed_run = timed_run
         gc.callbacks.append(self._time_collection)
 
+    @contextlib.contextmanager
+    def test_side(self) -> Iterator[None]:
+        """Leave out the time of the test's own checking (a qemu-img run by
+        :func:`assert_image_holds` between two awaits): it is not the daemon's."""
+        began = time.monotonic()
+        try:
+            yield
+        finally:
+            self._local.left_out_s = self._left_out_s() + time.monotonic() - began
+
     def _time_collection(self, phase: str, _: dict[str, int]) -> None:
         if phase == "start":
             self._local.gc_began = time.monotonic()
         elif (began := getattr(self._local, "gc_began", None)) is not None:
-            self._local.gc_s = self._gc_s() + time.monotonic() - began
+            self._local.left_out_s = self._left_out_s() + time.monotonic() - began
 
-    def _gc_s(self) -> float:
-        """Seconds this thread spent collecting garbage so far."""
-        return float(getattr(self._local, "gc_s", 0.0))
+    def _left_out_s(self) -> float:
+        """Seconds this thread spent collecting garbage or checking for the test so far."""
+        return float(getattr(self._local, "left_out_s", 0.0))
 
     def _run_delay_s(self) -> float:
         fd = getattr(self._local, "fd", None)
