@@ -63,7 +63,10 @@ class StreamStats:
     #: batches sent again: after a failure, a refusal or a move
     resent_bytes: int = 0
     requests: int = 0
+    #: journaled batches sent
     batches: int = 0
+    #: batches on the wire: the journaled ones, consecutive ones merged
+    wire_batches: int = 0
 
 
 class StreamSender:
@@ -171,7 +174,8 @@ class StreamSender:
         self._pool.succeeded()
         last = request.last_seq
         self.stats.requests += 1
-        self.stats.batches += len(request.counts)
+        self.stats.batches += request.journaled
+        self.stats.wire_batches += len(request.counts)
         self.stats.sent_bytes += request.size
         if first <= self._sent_high:
             resent_to = min(last, self._sent_high)

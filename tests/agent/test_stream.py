@@ -30,7 +30,7 @@ from processserver import config as ps_config
 from processserver.daemon import ProcessServer
 from protocol.batch import encode_batch
 from protocol.limits import MiB
-from protocol.records import NO_FLAGS, Record, Write
+from protocol.records import NO_FLAGS, Record, Tag, TagKind, Write
 from protocol.sequencing import StreamPosition
 from tests.conftest import Deployment
 from tests.faults.daemons import free_port
@@ -133,8 +133,38 @@ async def test_batches_arrive_in_order_and_the_journal_empties(site: Site) -> No
     await asyncio.wait_for(stream.wait_shipped(), 30)
     assert _journal(site) == []
     assert (stream.trimmed_seq, stream.end_seq, stream.stats.batches) == (48, 48, 12)
+    assert 1 <= stream.stats.wire_batches <= stream.stats.batches
     assert stream.stats.resent_bytes == 0
     await asyncio.wait_for(mt.replicas[DISK].wait_applied(StreamPosition(1, 48)), 30)
+    await stream.close()
+    await pool.close()
+    assert site.target() == model
+
+
+async def test_batches_that_waited_go_as_one_and_keep_their_tags(site: Site) -> None:
+    """A database's small commits, journaled while the process server was away,
+    go as few merged batches; the tag among them stays a recovery point."""
+    mt = await site.start_mt()
+    ps = await site.start_ps()
+    pool = site.pool(ps)
+    stream = await site.stream(pool)
+    model, rng = bytearray(SIZE), random.Random(3)
+    for n in range(200):  # committed before the stream sends anything
+        records = random_workload(rng, SIZE, 2, max_len=8192)
+        if n == 120:
+            records.append(Tag(TagKind.APP, rng.randbytes(16), "commit-120", time.time_ns()))
+        await _append(stream, records)
+        apply_to_model(model, records)
+    stream.start()
+    await asyncio.wait_for(stream.wait_shipped(), 30)
+    end = stream.end_seq
+    assert stream.stats.batches == 200
+    assert stream.stats.wire_batches <= 2, stream.stats
+    replica = mt.replicas[DISK]
+    await asyncio.wait_for(replica.wait_applied(StreamPosition(1, end)), 30)
+    points = await replica.history.points()
+    assert [p.name for p in points if p.name] == ["commit-120"]
+    assert points[-1].seq == end
     await stream.close()
     await pool.close()
     assert site.target() == model
@@ -155,7 +185,11 @@ async def test_a_dead_process_server_with_files_in_its_cache_loses_nothing(site:
     await asyncio.wait_for(stream.wait_acked(), 30)
     # Acknowledged, not received: the journal keeps every batch.
     assert len(_journal(site)) == 6
-    assert len(list((site.root / "ps0" / "cache" / "disks" / DISK).glob("*.hrl"))) == 6
+    # ... and the stranded process server's cache holds them, in as many files as
+    # it took requests (batches that waited together came as one)
+    cached = sorted((site.root / "ps0" / "cache" / "disks" / DISK).glob("*.hrl"))
+    assert 1 <= len(cached) <= 6
+    assert cached[-1].stem.endswith("-00000000000000000018")
     await stranded.close()
     await asyncio.wait_for(stream.wait_shipped(), 30)
     assert (pool.failovers, pool.current.url) == (1, f"https://127.0.0.1:{spare.port}")
