@@ -270,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"data: {result['data_bytes'] / 2**20:.0f} MiB, {result['data_source']}, "
+    data_bytes = result["data_bytes"]
+    assert isinstance(data_bytes, int)
+    print(f"data: {data_bytes / 2**20:.0f} MiB, {result['data_source']}, "
           f"zstd {args.level}, ratio {result['compression_ratio']}:1")  # fmt: skip
     print(f"{'figure':<14}{'MB/s':>10}")
     for key in ("encode", "limit_encode", "decode", "limit_decode", "wire_encode", "wire_decode"):

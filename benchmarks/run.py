@@ -20,6 +20,10 @@ themselves (benchmarks/sitemetrics.py, /proc). Phases, in order:
 - many: ``--many-disks`` disks (256) on a site of their own, one write per
   disk every few seconds: how far the worst disk's RPO is from the median
   disk's;
+- smallwrite: a database's load on a site of its own
+  (benchmarks/smallwrite_bench.py): real agent streams, 4 to 16 KiB writes,
+  a commit (one journaled batch) each few ms on each of ``--disks`` disks;
+  the RPO while it runs, the time to drain once it stops, the backlogs;
 - resync: resync_bench.py (agent sync beside rsync on a changed image);
 - initial: initial_copy_bench.py (agent sync beside rsync and restic backup
   of a whole image).
@@ -52,7 +56,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import initial_copy_bench, resync_bench
+from benchmarks import initial_copy_bench, resync_bench, smallwrite_bench
 from benchmarks.deploy import default_dir
 from benchmarks.phases import Runner, load_figures, per_disk_rpo
 from benchmarks.protocol_bench import pipeline_limit
@@ -69,7 +73,7 @@ from benchmarks.workload import (
 )
 from runtime.config import TlsFiles
 
-PHASES: Final = ("full", "half", "mt-down", "many", "resync", "initial")
+PHASES: Final = ("full", "half", "mt-down", "many", "smallwrite", "resync", "initial")
 #: Write data per batch: an agent sends what it captured in about a tenth
 #: of a second; 1 MiB keeps per-request costs small beside per-byte ones.
 BATCH_BYTES: Final = 2**20
@@ -110,13 +114,15 @@ class Plan:
     resync_mib: int
     initial_mib: int
     rounds: int
+    #: seconds of the database load
+    smallwrite_s: float
 
 
-FULL_PLAN: Final = Plan(60, 60, 30, 60, 5, 12, 2048, 2048, 3)
+FULL_PLAN: Final = Plan(60, 60, 30, 60, 5, 12, 2048, 2048, 3, 60)
 #: Two or three RPO evaluations (every 5 s) per phase: enough for every key;
 #: the peers' best of three rounds each, as one round is at the mercy of the
 #: machine's other work for a few seconds.
-QUICK_PLAN: Final = Plan(8, 10, 10, 15, 2, 8, 2048, 256, 3)
+QUICK_PLAN: Final = Plan(8, 10, 10, 15, 2, 8, 2048, 256, 3, 15)
 
 
 def log(message: str) -> None:
@@ -222,6 +228,26 @@ async def many_phase(site: Site, blocks: list[bytes], plan: Plan) -> tuple[dict[
     return out, runner
 
 
+def smallwrite_phase(args: argparse.Namespace, plan: Plan, root: Path) -> dict[str, Any]:
+    """The database load on a site of its own (benchmarks/smallwrite_bench.py)."""
+    commits = smallwrite_bench.DEFAULT_COMMITS_PER_S
+    log(f"smallwrite: {args.disks} disks, {commits:g} commits/s each of 4-16 KiB writes, "
+        f"{plan.smallwrite_s:g} s")  # fmt: skip
+    site = start_site(root / "smallwrite", args.disks, disk_bytes=smallwrite_bench.DISK_BYTES)
+    try:
+        out = uvloop.run(
+            smallwrite_bench.measure(
+                site, root / "smallwrite", commits=commits, seconds=plan.smallwrite_s,
+                seed=args.seed,
+            )
+        )  # fmt: skip
+    finally:
+        site.stop()
+    log(f"smallwrite: RPO p99 {out['smallwrite_rpo_p99_s']} s, max {out['smallwrite_rpo_max_s']}"
+        f" s, drained in {out['smallwrite_drain_s']} s")  # fmt: skip
+    return out
+
+
 def _span(plan: Plan, seconds: float) -> str:
     return f"{plan.warmup_s:g} s warm-up + {seconds:g} s measured"
 
@@ -297,7 +323,8 @@ def _plan(args: argparse.Namespace) -> Plan:
     plan = QUICK_PLAN if args.quick else FULL_PLAN
     if args.duration:
         plan = dataclasses.replace(plan, full_s=args.duration, half_s=args.duration,
-                                   mt_down_s=args.duration, many_s=args.duration)  # fmt: skip
+                                   mt_down_s=args.duration, many_s=args.duration,
+                                   smallwrite_s=args.duration)  # fmt: skip
     if args.image_mib:
         plan = dataclasses.replace(plan, resync_mib=args.image_mib, initial_mib=args.image_mib)
     return plan
@@ -361,6 +388,10 @@ def measure(args: argparse.Namespace, plan: Plan, base: Path, notes: list[str]) 
             finally:
                 site.stop()
             runners.append(runner)
+        if "smallwrite" in want and args.ps_url:
+            notes.append("smallwrite: not run against running daemons (it needs a site of its own)")
+        elif "smallwrite" in want:
+            figures["smallwrite"] = smallwrite_phase(args, plan, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     figures.update(peer_phases(args, plan, base, pools, notes))

@@ -100,3 +100,20 @@ def test_resync_bench_reports_ours_and_rsync(tmp_path: Path) -> None:
     assert result["differing_chunks"] == result["changed_chunks"]
     assert result["changed_bytes"] <= result["sent_bytes"] <= 1.1 * result["changed_bytes"]
     assert list(tmp_path.iterdir()) == []  # the run's folder is removed
+
+
+def test_smallwrite_bench_reports_the_rpo_of_a_database_load(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "smallwrite_bench.py"), "--json",
+         "--disks", "2", "--commits", "50", "--seconds", "2", "--dir", str(tmp_path)],
+        check=True, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    result = json.loads(out.stdout)
+    for key in ("smallwrite_rpo_p50_s", "smallwrite_rpo_p99_s", "smallwrite_rpo_max_s",
+                "smallwrite_drain_s", "agent_backlog_peak_MiB", "ps_backlog_peak_MiB"):  # fmt: skip
+        assert result[key] >= 0, key
+    # every commit was applied (the run waits for it), and each went in a batch
+    assert 0 < result["smallwrite_rpo_max_s"] < 120
+    assert 50 < result["commits_per_s"] <= 1.1 * 100  # the rate kept, as far as it could be
+    assert 0 < result["wire_batches_per_commit"] <= 1
+    assert list(tmp_path.iterdir()) == []  # the run's folder is removed
