@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from typing import Final
 
@@ -37,7 +37,7 @@ from protocol.errors import BlockreplError, LimitExceededError, MalformedError, 
 from protocol.hrl import HrlHeader
 from protocol.hrl_receiver import FileReceived, HeaderReady, HrlReceiver
 from protocol.keyring import KeyRing
-from protocol.limits import GiB, MiB
+from protocol.limits import MAX_HRL_RUN_BYTES, GiB, MiB
 from protocol.sequencing import Fit
 from runtime.apiserver import (
     caller,
@@ -99,7 +99,8 @@ def _answer(answer: HrlAnswer) -> web.Response:
 
 
 async def put_hrl(request: web.Request) -> web.StreamResponse:
-    """PUT /v1/disks/{disk}/hrl/{generation}/{seq}: store one HRL file durably."""
+    """PUT /v1/disks/{disk}/hrl/{generation}/{seq}: store one HRL file, or a run of
+    the disk's consecutive files from that one on, durably and in order."""
     metrics = request.app[METRICS]
     replica = replica_or_404(request)
     receiver = replica.receiver
@@ -112,71 +113,82 @@ async def put_hrl(request: web.Request) -> web.StreamResponse:
                 "data until it is protected again"
             )
             return _answer(HrlAnswer(None, refusal))
-        if request.content_length is not None and request.content_length > MAX_HRL_FILE_BYTES:
+        if request.content_length is not None and request.content_length > MAX_HRL_RUN_BYTES:
             raise LimitExceededError(
-                f"an HRL file may be at most {MAX_HRL_FILE_BYTES} bytes, found "
+                f"a PUT of HRL files may hold at most {MAX_HRL_RUN_BYTES} bytes, found "
                 f"Content-Length {request.content_length}",
                 details={"max_file_bytes": MAX_HRL_FILE_BYTES},
             )
-        header, data = await _receive(request, replica, generation, seq)
-        quota = request.app[CONFIG]().inbox_quota_bytes
-        if receiver.inbox_bytes() + len(data) > quota:
-            metrics.errors.labels("inbox-full").inc()
-            return error_answer(
-                503,
-                "inbox-full",
-                f"disk {replica.config.id} has {receiver.inbox_bytes()} bytes waiting to be "
-                f"applied, the quota is {quota}",
-            )
         async with receiver.put_lock:
-            verdict = await receiver.store(header, data)
+            stored = 0
+            async for header, data in _files(request, replica, generation, seq):
+                quota = request.app[CONFIG]().inbox_quota_bytes
+                if receiver.inbox_bytes() + len(data) > quota:
+                    if stored:  # what came before is held: the answer says up to where
+                        break
+                    metrics.errors.labels("inbox-full").inc()
+                    return error_answer(
+                        503,
+                        "inbox-full",
+                        f"disk {replica.config.id} has {receiver.inbox_bytes()} bytes waiting "
+                        f"to be applied, the quota is {quota}",
+                    )
+                verdict = await receiver.store(header, data)
+                if verdict.fit is Fit.DUPLICATE:
+                    metrics.duplicates.labels(replica.config.id).inc()
+                elif verdict.fit is not Fit.NEXT:
+                    return _answer(HrlAnswer(_position(replica), refusal_of(verdict)))
+                stored += 1
     except BlockreplError as exc:
         metrics.errors.labels(exc.code).inc()
         if isinstance(exc, DurabilityError):
             log.error("disk %s: cannot store a received file: %s", replica.config.id, exc.message)
         return exception_answer(exc)
-    if verdict.fit is Fit.DUPLICATE:
-        metrics.duplicates.labels(replica.config.id).inc()
-    elif verdict.fit is not Fit.NEXT:
-        return _answer(HrlAnswer(_position(replica), refusal_of(verdict)))
     return _answer(HrlAnswer(_position(replica)))
 
 
-async def _receive(
+async def _files(
     request: web.Request, replica: DiskReplica, generation: int, seq: int
-) -> tuple[HrlHeader, bytes]:
-    receiver = HrlReceiver(max_file_len=MAX_HRL_FILE_BYTES)
-    header: HrlHeader | None = None
-    data: bytes | None = None
+) -> AsyncIterator[tuple[HrlHeader, bytes]]:
+    """The body's files as each arrives whole, each header checked as soon as it is in:
+    the first against the URL, each next against the one before.
+
+    Raises:
+        ProtocolError: the body breaks docs/api.md; the files before it were given.
+    """
+    receiver = HrlReceiver(max_file_len=MAX_HRL_FILE_BYTES, run=True)
     keyring = request.app[KEYRING]
     timeout_s = request.app[CONFIG]().connections.body_timeout_s
-    async for chunk in body_pieces(request.content, timeout_s=timeout_s):
-        receiver.feed(chunk)
+    expected = (generation, seq)
+    pieces = body_pieces(request.content, timeout_s=timeout_s)
+    eof = False
+    while not eof:
+        chunk = await anext(pieces, b"")
+        if chunk:
+            receiver.feed(chunk)
+        else:
+            receiver.feed_eof()
+            eof = True
         while (event := receiver.next_event()) is not NEED_DATA:
             if isinstance(event, HeaderReady):
                 header = event.header
-                _check_header(header, replica.config.id, generation, seq)
+                _check_header(header, replica.config.id, *expected)
                 keyring.data_key(header.key_id)  # unknown key: refuse before storing
+                expected = (header.generation, header.last_seq + 1)
             elif isinstance(event, FileReceived):
-                data = event.data
-    receiver.feed_eof()
-    while (event := receiver.next_event()) is not NEED_DATA:
-        if isinstance(event, FileReceived):
-            data = event.data
-        else:
-            break
-    if header is None or data is None:
-        raise TruncatedError("the request body ended before a whole HRL file arrived")
-    return header, data
+                yield event.header, event.data
+            else:
+                return
+    raise TruncatedError("the request body ended before a whole HRL file arrived")
 
 
 def _check_header(header: HrlHeader, disk_id: str, generation: int, seq: int) -> None:
     found = (header.disk_id, header.generation, header.first_seq)
     if found != (disk_id, generation, seq):
         raise MalformedError(
-            f"the HRL header must match the URL: disk {disk_id}, generation {generation}, "
-            f"first seq {seq}; found disk {found[0]}, generation {found[1]}, "
-            f"first seq {found[2]}",
+            f"the HRL header must match the URL, and each next file of a run must follow "
+            f"the one before: expected disk {disk_id}, generation {generation}, first seq "
+            f"{seq}; found disk {found[0]}, generation {found[1]}, first seq {found[2]}",
         )
 
 

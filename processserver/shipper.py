@@ -2,9 +2,13 @@
 
 One task per disk takes the disk's cached files oldest first and PUTs them
 to the master target (docs/api.md), a bounded number at a time over all
-disks. A file is deleted only after the master target's 200 (docs/design.md
-invariant 1). On a refusal the master target's answer decides, as
-protocol/reaction.py says:
+disks. What waits goes together: one PUT carries the head file and the
+consecutive files after it, up to :data:`RUN_MAX_FILES` files and
+:data:`RUN_MAX_BYTES` bytes, so a disk whose files pile up while one is in
+flight pays the per-request cost once for all of them. A file is deleted
+only once a 200 answer's position covers it (docs/design.md invariant 1).
+On a refusal the master target's answer decides, as protocol/reaction.py
+says:
 
 - ``gap`` / ``overlap``: the master target expects an earlier seq. If it
   expects a seq this cache still holds, shipping goes on from there; if the
@@ -28,9 +32,10 @@ a reload gives new TLS files.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor
 from types import TracebackType
 from typing import Final
@@ -50,6 +55,13 @@ from runtime.uploads import in_pieces
 
 log = logging.getLogger("blockrepl.processserver.ship")
 
+#: Files in one PUT at most: a run's files are stored one by one at the
+#: master target, under the disk's lock; 64 keeps one PUT's work short.
+RUN_MAX_FILES: Final = 64
+#: Bytes of one PUT at most, a file alone may be longer (up to the format's
+#: MAX_HRL_FILE_BYTES): what the capture fills its batches to, so a run costs
+#: about what one large write does.
+RUN_MAX_BYTES: Final = 16 * 2**20
 #: Back-off after a failed transfer: quick after a blip, gentle on a master
 #: target that is down; the jitter keeps many disks from retrying in step.
 BACKOFF_FIRST_S: Final = 0.5
@@ -118,36 +130,39 @@ class Shipper:
     async def _ship_disk(self, stream: DiskStream) -> None:
         backoff = BACKOFF_FIRST_S
         while True:
-            head = await stream.next_to_ship()
+            await stream.next_to_ship()
             async with self._slots:
-                outcome = await self._send(stream, head)
+                outcome = await self._send(stream, _run(stream.cached))
             if outcome:
                 backoff = BACKOFF_FIRST_S
             else:
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.5))  # noqa: S311 - jitter
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
 
-    async def _send(self, stream: DiskStream, head: CachedFile) -> bool:
-        """Send one file and carry out what its answer decides; False when the
-        caller should back off."""
+    async def _send(self, stream: DiskStream, run: list[CachedFile]) -> bool:
+        """Send a run of files and carry out what its answer decides; False when
+        the caller should back off."""
         metrics = self._metrics
         loop = asyncio.get_running_loop()
+        head = run[0]
+        what = head.path.name if len(run) == 1 else f"{head.path.name} and {len(run) - 1} more"
         url = (
             f"{self._master_target.base_url}/v1/disks/{stream.disk_id}/hrl/"
             f"{head.generation}/{head.first_seq}"
         )
         status = 0
         try:
-            data = await loop.run_in_executor(self._executor, head.path.read_bytes)
+            datas = await loop.run_in_executor(
+                self._executor, lambda: [f.path.read_bytes() for f in run]
+            )
+            size = sum(len(d) for d in datas)
             started = loop.time()
             async with self._master_target.session.put(
-                url, data=in_pieces([data]), headers={"Content-Length": str(len(data))}
+                url, data=in_pieces(datas), headers={"Content-Length": str(size)}
             ) as response:
                 status = response.status
                 raw = await read_answer(
-                    response.content,
-                    max_bytes=MAX_ANSWER_BYTES,
-                    what=f"the answer to {head.path.name}",
+                    response.content, max_bytes=MAX_ANSWER_BYTES, what=f"the answer to {what}"
                 )
             metrics.ship_seconds.observe(loop.time() - started)
             answer = HrlAnswer.parse_bytes(status, raw) if status in (OK, CONFLICT) else None
@@ -158,14 +173,14 @@ class Shipper:
                 "disk %s: the master target answered %s with %d and a body that breaks "
                 "docs/api.md: %s",
                 stream.disk_id,
-                head.path.name,
+                what,
                 status,
                 exc.message,
             )
             return False
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
             metrics.ship_retries.labels(stream.disk_id).inc()
-            log.debug("disk %s: shipping %s failed: %s", stream.disk_id, head.path.name, exc)
+            log.debug("disk %s: shipping %s failed: %s", stream.disk_id, what, exc)
             return False
         if answer is None:
             metrics.ship_retries.labels(stream.disk_id).inc()
@@ -173,21 +188,20 @@ class Shipper:
                 "disk %s: the master target answered %d to %s: %s",
                 stream.disk_id,
                 status,
-                head.path.name,
+                what,
                 ErrorBody.explain(raw).to_json(),
             )
             return False
-        return await self._carry_out(stream, head, len(data), react_to_hrl(answer, stream.cached))
+        return await self._carry_out(stream, react_to_hrl(answer, stream.cached))
 
-    async def _carry_out(
-        self, stream: DiskStream, head: CachedFile, size: int, decision: ShipDecision
-    ) -> bool:
+    async def _carry_out(self, stream: DiskStream, decision: ShipDecision) -> bool:
         """Do what protocol/reaction.py decided; False when the caller should back off."""
         metrics = self._metrics
         if decision.action is ShipAction.SHIPPED:
-            await stream.shipped(head)
-            metrics.bytes_out.labels(stream.disk_id).inc(size)
-            metrics.files_out.labels(stream.disk_id).inc()
+            files = list(itertools.islice(stream.cached, decision.held))
+            await stream.shipped(files)
+            metrics.bytes_out.labels(stream.disk_id).inc(sum(f.size for f in files))
+            metrics.files_out.labels(stream.disk_id).inc(len(files))
             return True
         if decision.action is ShipAction.STOP:
             log.warning("disk %s: %s; shipping stops", stream.disk_id, decision.reason)
@@ -205,3 +219,19 @@ class Shipper:
             log.debug("disk %s: %s; backing off", stream.disk_id, decision.reason)
             return False
         return True
+
+
+def _run(cached: Sequence[CachedFile]) -> list[CachedFile]:
+    """The files of the next PUT: the head, and the files that follow it in its
+    generation, within :data:`RUN_MAX_FILES` and :data:`RUN_MAX_BYTES`."""
+    run = [cached[0]]
+    size = cached[0].size
+    for file in itertools.islice(cached, 1, RUN_MAX_FILES):
+        last = run[-1]
+        if file.generation != last.generation or file.first_seq != last.last_seq + 1:
+            break
+        if size + file.size > RUN_MAX_BYTES:
+            break
+        run.append(file)
+        size += file.size
+    return run

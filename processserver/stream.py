@@ -231,10 +231,12 @@ class DiskStream:
             await self._file_cached.wait()
         return self._cached[0]
 
-    async def shipped(self, file: CachedFile) -> None:
-        """The master target holds ``file``, the oldest cached: delete it, move ``shipped_seq``."""
+    async def shipped(self, files: Sequence[CachedFile]) -> None:
+        """The master target holds ``files``, the oldest cached: delete them, move
+        ``shipped_seq``."""
         async with self._changing:
-            await self._release(file)
+            for file in files:
+                await self._release(file)
 
     async def drop_held(self, count: int) -> None:
         """Drop the ``count`` oldest cached files, which the master target holds already."""

@@ -1,9 +1,12 @@
-"""Receiving one HRL file from a byte stream (the body of a PUT), sans-IO.
+"""Receiving HRL files from a byte stream (the body of a PUT), sans-IO.
 
-The receiver checks the header as soon as its 208 bytes are in (so a server
+The receiver checks each header as soon as its 208 bytes are in (so a server
 refuses a file for the wrong disk or seq before it reads the body), then
-hands out the file's exact bytes, and refuses bytes past the end. It does not
-decrypt: :func:`protocol.hrl.open_hrl` verifies the whole file.
+hands out the file's exact bytes. A body holds one file, or with ``run`` a
+run of files back to back (docs/api.md: the shipper sends a disk's
+consecutive cached files in one PUT); without it, bytes past the file are
+refused. It does not decrypt: :func:`protocol.hrl.open_hrl` verifies each
+whole file.
 """
 
 from __future__ import annotations
@@ -43,23 +46,27 @@ HrlEvent = HeaderReady | FileReceived | Sentinel
 
 
 class HrlReceiver(FailsOnce):
-    """Incremental receiver of one HRL file from a byte stream (a PUT body).
+    """Incremental receiver of HRL files from a byte stream (a PUT body).
 
-    Yields :class:`HeaderReady` as soon as the header is checked, so a server
+    Yields :class:`HeaderReady` as soon as a header is checked, so a server
     can refuse a file for the wrong disk or seq before reading its body; then
-    :class:`FileReceived` with the exact bytes of the file; then END_OF_STREAM
-    once :meth:`feed_eof` is called. Bytes past the file are refused. Memory is
-    bounded by the header's declared size, itself bounded by the limits.
+    :class:`FileReceived` with the exact bytes of the file; with ``run``, the
+    same for each next file; then END_OF_STREAM once :meth:`feed_eof` is
+    called between two files. Without ``run``, bytes past the file are
+    refused. Memory is bounded by the header's declared size, itself bounded
+    by the limits, plus what the caller feeds at once.
 
     Args:
         max_file_len: refuse a header declaring a longer file (a daemon's
             request size limit).
+        run: take files back to back until the end of input.
 
     After it raises, the receiver is unusable.
     """
 
-    def __init__(self, *, max_file_len: int | None = None) -> None:
+    def __init__(self, *, max_file_len: int | None = None, run: bool = False) -> None:
         self._max = max_file_len
+        self._run = run
         self._queue = ChunkQueue()
         self._header: HrlHeader | None = None
         self._announced = False
@@ -72,7 +79,7 @@ class HrlReceiver(FailsOnce):
         self._check_usable()
         if self._eof:
             self._fail(ProtocolError("HRL stream: bytes fed after the end of input"))
-        if self._done and len(data):
+        if self._done and len(data) and not self._run:
             assert self._header is not None
             self._fail(
                 MalformedError(
@@ -81,7 +88,7 @@ class HrlReceiver(FailsOnce):
                 )
             )
         self._queue.append(data)
-        if self._header is not None and len(self._queue) > self._header.file_len:
+        if not self._run and self._header is not None and len(self._queue) > self._header.file_len:
             self._fail(
                 MalformedError(
                     f"HRL stream: {len(self._queue) - self._header.file_len} bytes after "
@@ -103,6 +110,8 @@ class HrlReceiver(FailsOnce):
         return self._step(self._next)
 
     def _next(self) -> HrlEvent:
+        if self._done and self._run and len(self._queue):
+            self._done, self._header, self._announced = False, None, False  # the next file
         if self._done:
             return Sentinel.END_OF_STREAM if self._eof else NEED_DATA
         if self._header is None:
@@ -118,7 +127,7 @@ class HrlReceiver(FailsOnce):
                     f"{header.file_len}",
                     details={"max_file_bytes": self._max},
                 )
-            if len(self._queue) > header.file_len:
+            if not self._run and len(self._queue) > header.file_len:
                 raise MalformedError(
                     f"HRL stream: {len(self._queue) - header.file_len} bytes after the end "
                     f"of the {header.file_len}-byte file"

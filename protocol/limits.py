@@ -58,6 +58,11 @@ GCM_TAG_BYTES: Final = 16
 #: it reads any of it, and an inbox must hold at least one.
 MAX_HRL_FILE_BYTES: Final = HRL_HEADER_BYTES + MAX_HRL_PLAINTEXT + GCM_TAG_BYTES
 
+#: Bytes of one PUT of HRL files, a run of a disk's consecutive files back to
+#: back: no more than the longest single file, so what a master target holds
+#: of a request in memory stays what one file needs.
+MAX_HRL_RUN_BYTES: Final = MAX_HRL_FILE_BYTES
+
 #: Most records in one HRL file, for the same reason as per batch.
 MAX_RECORDS_PER_HRL: Final = 2 * MAX_RECORDS_PER_BATCH
 

@@ -220,7 +220,8 @@ class CachedRun(Protocol):
 
 
 class ShipAction(enum.Enum):
-    #: the master target holds the file sent durably: delete it, send the next
+    #: the master target holds ``held`` files from the head durably: delete
+    #: them, send the next
     SHIPPED = "shipped"
     #: files were dropped (see the decision's counts): send the next at once
     GO_ON = "go-on"
@@ -245,12 +246,15 @@ class ShipDecision:
 
 
 def react_to_hrl(answer: HrlAnswer, cached: Sequence[CachedRun]) -> ShipDecision:
-    """The shipper's next step after ``answer`` to the PUT of ``cached[0]``.
+    """The shipper's next step after ``answer`` to the PUT of a run of files
+    from ``cached[0]`` on (one file, or several consecutive ones).
 
     Args:
         cached: the disk's cached files, oldest first; the first was sent.
 
-    - 200: SHIPPED;
+    - 200: SHIPPED, ``held`` the files from the head that the answer's
+      position covers (a master target whose inbox filled during a run
+      stores only its first files, and says so); BACK_OFF if it covers none;
     - ``gap``/``overlap``: the files that end before ``expected_seq`` are
       held already; if the next file starts at ``expected_seq`` shipping goes
       on from it (BACK_OFF if that is the file just sent). Otherwise the seqs
@@ -262,7 +266,15 @@ def react_to_hrl(answer: HrlAnswer, cached: Sequence[CachedRun]) -> ShipDecision
     """
     refusal = answer.refusal
     if refusal is None:
-        return ShipDecision(ShipAction.SHIPPED)
+        assert answer.position is not None  # every answer but failed-over has one
+        held = _held(cached, answer.position.generation, answer.position.received_seq)
+        if not held:
+            return ShipDecision(
+                ShipAction.BACK_OFF,
+                reason=f"the master target answered 200 but holds only up to seq "
+                f"{answer.position.received_seq} of generation {answer.position.generation}",
+            )
+        return ShipDecision(ShipAction.SHIPPED, held=held)
     if isinstance(refusal, FailedOver):
         return ShipDecision(ShipAction.STOP, reason="the master target failed it over")
     if isinstance(refusal, StaleGeneration):
@@ -292,6 +304,19 @@ def _realign(refusal: SeqRefusal, cached: Sequence[CachedRun]) -> ShipDecision:
         older = _leading_older(cached, held, newest)
         return ShipDecision(ShipAction.GO_ON, held=held, resync=True, older=older, reason=reason)
     return ShipDecision(ShipAction.BACK_OFF, held=held, resync=True, reason=reason)
+
+
+def _held(cached: Sequence[CachedRun], generation: int, received_seq: int) -> int:
+    """How many files from the head of ``cached`` a master target at
+    ``received_seq`` of ``generation`` holds."""
+    count = 0
+    while (
+        count < len(cached)
+        and cached[count].generation == generation
+        and cached[count].last_seq <= received_seq
+    ):
+        count += 1
+    return count
 
 
 def _leading_older(cached: Sequence[CachedRun], start: int, generation: int) -> int:

@@ -297,7 +297,8 @@ async def _until(what: str, done: Callable[[], bool]) -> None:
 async def test_the_shipper_takes_a_malformed_answer_as_a_failure(
     deployment: Deployment, tmp_path: Path, status: int, shape: str
 ) -> None:
-    valid, key = (MT_POSITION, "received_seq") if status == 200 else (MT_GAP, "expected_seq")
+    stored = {**MT_POSITION, "received_seq": 1}  # the file sent, seq 1
+    valid, key = (stored, "received_seq") if status == 200 else (MT_GAP, "expected_seq")
     puts: list[str] = []
 
     async def put_hrl(request: web.Request) -> web.StreamResponse:

@@ -118,6 +118,42 @@ async def test_sequencing_gap_duplicate_stale_generation(start_mt, one_disk: Pat
     assert mt.metrics.duplicates.labels("d0")._value.get() == 1
 
 
+async def test_a_run_of_files_in_one_put_is_stored_in_order(start_mt, one_disk: Path) -> None:  # type: ignore[no-untyped-def]
+    mt, pusher = await start_mt(one_disk)
+    files = [
+        pusher.seal("d0", 1, seq, [Write(seq * 4096, bytes([seq]) * 4096)]) for seq in (1, 2, 3)
+    ]
+    run = b"".join(f.to_bytes() for f in files)
+    status, body = await pusher.put("d0", run, 1, 1)
+    assert (status, body["received_seq"]) == (200, 3)
+    # again, with one more file after it: the three are duplicates, the fourth is stored
+    fourth = pusher.seal("d0", 1, 4, [Write(0, b"z" * 512)])
+    status, body = await pusher.put("d0", run + fourth.to_bytes(), 1, 1)
+    assert (status, body["received_seq"]) == (200, 4)
+    assert mt.metrics.duplicates.labels("d0")._value.get() == 3
+    state = await wait_applied(pusher, "d0", 4)
+    assert state["applied_seq"] == 4
+
+
+async def test_a_run_must_be_consecutive_files_of_the_disk(start_mt, one_disk: Path) -> None:  # type: ignore[no-untyped-def]
+    _, pusher = await start_mt(one_disk)
+    first = pusher.seal("d0", 1, 1, [Write(0, b"a")]).to_bytes()
+    after_a_gap = pusher.seal("d0", 1, 3, [Write(0, b"c")]).to_bytes()
+    status, answer = await pusher.put("d0", first + after_a_gap, 1, 1)
+    assert (status, answer["error"]) == (400, "malformed")
+    assert "each next file of a run must follow the one before" in answer["message"]
+    # what came before the bad file is stored: the next PUT starts after it
+    status, answer = await pusher.put("d0", first, 1, 1)
+    assert (status, answer["received_seq"]) == (200, 1)
+    other_generation = pusher.seal("d0", 2, 2, [Write(0, b"b")]).to_bytes()
+    second = pusher.seal("d0", 1, 2, [Write(0, b"b")]).to_bytes()
+    status, answer = await pusher.put("d0", second + other_generation, 1, 2)
+    assert (status, answer["error"]) == (400, "malformed")
+    status, answer = await pusher.put("d0", second + second[:100], 1, 2)
+    assert (status, answer["error"]) == (400, "truncated")
+    assert (await pusher.state("d0"))["received_seq"] == 2
+
+
 async def test_url_must_match_header_and_disk_must_exist(start_mt, one_disk: Path) -> None:  # type: ignore[no-untyped-def]
     _, pusher = await start_mt(one_disk)
     body = pusher.seal("d0", 1, 1, [Write(0, b"x")]).to_bytes()

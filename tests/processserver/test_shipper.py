@@ -24,8 +24,9 @@ from processserver.sealers import Sealers
 from processserver.shipper import Shipper
 from processserver.stream import DiskStream, StreamParts
 from protocol.api import FailedOver, HrlAnswer, ReceivedPosition
-from protocol.batch import BatchDecoder, encode_batch
-from protocol.hrl import open_hrl
+from protocol.batch import END_OF_STREAM, NEED_DATA, BatchDecoder, encode_batch
+from protocol.hrl import HrlFile, open_hrl
+from protocol.hrl_receiver import FileReceived, HrlReceiver
 from protocol.records import Record, Write
 from runtime.config import TlsFiles
 from tests.conftest import Deployment
@@ -101,25 +102,38 @@ async def _until(what: str, done: Callable[[], bool]) -> None:
         await asyncio.sleep(0.02)
 
 
+def _opened(body: bytes, deployment: Deployment) -> list[HrlFile]:
+    """The HRL files of a PUT body, back to back, each opened (verified)."""
+    receiver = HrlReceiver(run=True)
+    receiver.feed(body)
+    receiver.feed_eof()
+    files: list[HrlFile] = []
+    while (event := receiver.next_event()) is not NEED_DATA:
+        if isinstance(event, FileReceived):
+            files.append(open_hrl(event.data, deployment.keyring))
+        elif event is END_OF_STREAM:
+            break
+    return files
+
+
 async def test_files_go_to_the_master_target_and_leave_the_cache(
     deployment: Deployment, parts: StreamParts, stream: DiskStream
 ) -> None:
-    received: list[tuple[str, tuple[Record, ...]]] = []
+    received: list[tuple[str, list[tuple[Record, ...]]]] = []
 
     async def put_hrl(request: web.Request) -> web.Response:
-        opened = open_hrl(await request.read(), deployment.keyring)
-        received.append((request.path, opened.records))
-        position = ReceivedPosition(DISK, 1, opened.header.last_seq, 1, 0)
+        files = _opened(await request.read(), deployment)
+        received.append((request.path, [f.records for f in files]))
+        position = ReceivedPosition(DISK, 1, files[-1].header.last_seq, 1, 0)
         return web.json_response(HrlAnswer(position).to_json())
 
     files = [f.path for f in stream.cached]
     async with _shipping(deployment, parts, stream, put_hrl) as shipper:
         assert len(shipper.tasks) == 1
         await _until("every file shipped", lambda: not stream.cached)
-    assert [path for path, _ in received] == [f"/v1/disks/{DISK}/hrl/1/{seq}" for seq in (1, 2, 3)]
-    assert [records for _, records in received] == [
-        (Write(seq * 4096, b"%d" % seq),) for seq in (1, 2, 3)
-    ]
+    # the three files waited together: they go in one PUT, named by the first
+    assert [path for path, _ in received] == [f"/v1/disks/{DISK}/hrl/1/1"]
+    assert received[0][1] == [(Write(seq * 4096, b"%d" % seq),) for seq in (1, 2, 3)]
     assert not any(path.exists() for path in files)
     assert stream.position.shipped_seq == 3
     assert (
@@ -129,6 +143,25 @@ async def test_files_go_to_the_master_target_and_leave_the_cache(
         == 3
     )
     assert all(task.done() for task in shipper.tasks), "close ends the shipping task"
+
+
+async def test_only_the_files_a_200_covers_leave_the_cache(
+    deployment: Deployment, parts: StreamParts, stream: DiskStream
+) -> None:
+    """A master target whose inbox filled during a run stored only its first files:
+    its 200 says how far; the rest stays cached and goes again."""
+    firsts: list[int] = []
+
+    async def put_hrl(request: web.Request) -> web.Response:
+        files = _opened(await request.read(), deployment)
+        firsts.append(files[0].header.first_seq)
+        position = ReceivedPosition(DISK, 1, files[0].header.last_seq, 1, 0)  # the first only
+        return web.json_response(HrlAnswer(position).to_json())
+
+    async with _shipping(deployment, parts, stream, put_hrl):
+        await _until("every file shipped", lambda: not stream.cached)
+    assert firsts == [1, 2, 3]
+    assert stream.position.shipped_seq == 3
 
 
 async def test_a_failed_over_disk_ships_nothing_more(

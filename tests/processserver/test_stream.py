@@ -93,7 +93,7 @@ async def test_shipped_files_go_and_moves_that_matter_are_durable(parts: StreamP
         for seq in (1, 2, 3):
             await stream.take(_batch(1, seq, [Write(0, b"s" * 100)]))
     head = await stream.next_to_ship()
-    await stream.shipped(head)
+    await stream.shipped([head])
     assert not head.path.exists()
     assert (stream.position.shipped_seq, len(stream.cached)) == (1, 2)
     await stream.drop_held(1)
@@ -126,12 +126,12 @@ async def test_files_of_an_older_generation_shipped_move_no_seq_of_the_new_one(
             await stream.take(_batch(1, seq, [Write(0, b"o" * 100)]))
         await stream.start_generation(2)
         await stream.take(_batch(2, 1, [Write(0, b"n" * 100)], StreamFlags.RESYNC))
-    await stream.shipped(await stream.next_to_ship())  # generation 1, seq 1
+    await stream.shipped([await stream.next_to_ship()])  # generation 1, seq 1
     await stream.drop_older(2)  # generation 1, seqs 2 and 3
     assert stream.position == DiskPosition(StreamPosition(2, 1), 0, False)
     await stream.wait_shipped(1, 0.05)
     assert stream.position.shipped_seq == 0, "the long poll must not answer early either"
-    await stream.shipped(await stream.next_to_ship())  # generation 2, seq 1
+    await stream.shipped([await stream.next_to_ship()])  # generation 2, seq 1
     assert stream.position == DiskPosition(StreamPosition(2, 1), 1, False)
 
 

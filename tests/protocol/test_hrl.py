@@ -306,6 +306,39 @@ def test_receiver_truncation_and_size_limit() -> None:
         limited.next_event()
 
 
+@pytest.mark.parametrize("chunk", [1, 13, 208, 10**6])
+def test_a_run_receiver_yields_each_file_in_turn(chunk: int) -> None:
+    files = [_seal(first_seq=seq) for seq in (1, 2, 3)]
+    data = b"".join(f.to_bytes() for f in files)
+    receiver = HrlReceiver(run=True)
+    events: list[object] = []
+    for i in range(0, len(data), chunk):
+        receiver.feed(data[i : i + chunk])
+        while (event := receiver.next_event()) is not NEED_DATA:
+            events.append(event)
+    receiver.feed_eof()
+    events.append(receiver.next_event())
+    expected: list[object] = []
+    for f in files:
+        expected += [HeaderReady(f.header), FileReceived(f.header, f.to_bytes())]
+    assert events == [*expected, END_OF_STREAM]
+
+
+def test_a_run_receiver_refuses_a_run_that_ends_inside_a_file() -> None:
+    receiver = HrlReceiver(run=True)
+    receiver.feed(_seal().to_bytes() + _seal().to_bytes()[:-1])
+    assert isinstance(receiver.next_event(), HeaderReady)
+    assert isinstance(receiver.next_event(), FileReceived)
+    assert isinstance(receiver.next_event(), HeaderReady)
+    receiver.feed_eof()
+    with pytest.raises(TruncatedError, match="body"):
+        receiver.next_event()
+    empty = HrlReceiver(run=True)
+    empty.feed_eof()
+    with pytest.raises(TruncatedError, match="header"):
+        empty.next_event()
+
+
 def test_receiver_bad_magic_on_first_byte() -> None:
     receiver = HrlReceiver()
     receiver.feed(b"{")

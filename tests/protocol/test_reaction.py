@@ -3,6 +3,7 @@ agent's stream to a process server's, the shipper to a master target's."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -203,14 +204,34 @@ CACHE = [Run(1, 1, 10), Run(1, 11, 20), Run(1, 21, 30), Run(2, 1, 5)]
 POSITION = ReceivedPosition("d", 1, 0, 1, 0)
 
 
-def _hrl(refusal: SeqRefusal | StaleGeneration | FailedOver | None) -> HrlAnswer:
-    return HrlAnswer(None if isinstance(refusal, FailedOver) else POSITION, refusal)
+def _hrl(
+    refusal: SeqRefusal | StaleGeneration | FailedOver | None, received_seq: int = 0
+) -> HrlAnswer:
+    position = dataclasses.replace(POSITION, received_seq=received_seq)
+    return HrlAnswer(None if isinstance(refusal, FailedOver) else position, refusal)
+
+
+@pytest.mark.parametrize(
+    ("received_seq", "decision"),
+    [
+        (10, ShipDecision(ShipAction.SHIPPED, held=1)),  # one file sent, or the first of a run
+        (30, ShipDecision(ShipAction.SHIPPED, held=3)),  # a run of three, all stored
+        (25, ShipDecision(ShipAction.SHIPPED, held=2)),  # not a file's end: the whole ones
+        (99, ShipDecision(ShipAction.SHIPPED, held=3)),  # generation 2 is not covered by 1
+        (0, ShipDecision(ShipAction.BACK_OFF)),  # a 200 that covers nothing: no way forward
+    ],
+)
+def test_a_200_ships_the_files_its_position_covers(
+    received_seq: int, decision: ShipDecision
+) -> None:
+    found = react_to_hrl(_hrl(None, received_seq), CACHE)
+    assert (found.action, found.held) == (decision.action, decision.held)
 
 
 @pytest.mark.parametrize(
     ("cached", "refusal", "decision"),
     [
-        (CACHE, None, ShipDecision(ShipAction.SHIPPED)),
+        (CACHE, None, ShipDecision(ShipAction.BACK_OFF)),  # a 200 at seq 0 holds nothing
         (CACHE, FailedOver("m"), ShipDecision(ShipAction.STOP)),
         # It holds the first two files already: drop them, ship the third.
         (CACHE, SeqRefusal("overlap", 21, "m"), ShipDecision(ShipAction.GO_ON, held=2)),
@@ -231,7 +252,7 @@ def _hrl(refusal: SeqRefusal | StaleGeneration | FailedOver | None) -> HrlAnswer
         (CACHE[3:], StaleGeneration(1, "m"), ShipDecision(ShipAction.BACK_OFF)),
     ],
     ids=[
-        "shipped", "failed-over", "overlap-held", "gap-same", "gap-lost-newer-waits",
+        "200-at-0", "failed-over", "overlap-held", "gap-same", "gap-lost-newer-waits",
         "gap-lost", "gap-past-all", "stale-drop", "stale-nothing-older", "stale-older-than-us",
     ],
 )  # fmt: skip
