@@ -5,7 +5,9 @@ to the master target (docs/api.md), a bounded number at a time over all
 disks. What waits goes together: one PUT carries the head file and the
 consecutive files after it, up to :data:`RUN_MAX_FILES` files and
 :data:`RUN_MAX_BYTES` bytes, so a disk whose files pile up while one is in
-flight pays the per-request cost once for all of them. A file is deleted
+flight pays the per-request cost once for all of them. A run that fails
+halves the next one, down to a single file: a link that cuts long transfers
+still carries the files one by one. A file is deleted
 only once a 200 answer's position covers it (docs/design.md invariant 1).
 On a refusal the master target's answer decides, as protocol/reaction.py
 says:
@@ -129,13 +131,20 @@ class Shipper:
 
     async def _ship_disk(self, stream: DiskStream) -> None:
         backoff = BACKOFF_FIRST_S
+        #: files the next run may hold: halved after each failed run (a link
+        #: that breaks long transfers still carries short ones), doubled
+        #: after each good one
+        most = RUN_MAX_FILES
         while True:
             await stream.next_to_ship()
+            run = _run(stream.cached, most)
             async with self._slots:
-                outcome = await self._send(stream, _run(stream.cached))
+                outcome = await self._send(stream, run)
             if outcome:
                 backoff = BACKOFF_FIRST_S
+                most = min(most * 2, RUN_MAX_FILES)
             else:
+                most = max(1, len(run) // 2)
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.5))  # noqa: S311 - jitter
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
 
@@ -221,12 +230,12 @@ class Shipper:
         return True
 
 
-def _run(cached: Sequence[CachedFile]) -> list[CachedFile]:
+def _run(cached: Sequence[CachedFile], most: int) -> list[CachedFile]:
     """The files of the next PUT: the head, and the files that follow it in its
-    generation, within :data:`RUN_MAX_FILES` and :data:`RUN_MAX_BYTES`."""
+    generation, within ``most`` files and :data:`RUN_MAX_BYTES`."""
     run = [cached[0]]
     size = cached[0].size
-    for file in itertools.islice(cached, 1, RUN_MAX_FILES):
+    for file in itertools.islice(cached, 1, most):
         last = run[-1]
         if file.generation != last.generation or file.first_seq != last.last_seq + 1:
             break

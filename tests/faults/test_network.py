@@ -131,16 +131,24 @@ async def test_a_storm_on_both_links_loses_and_doubles_nothing(
     connector = aiohttp.TCPConnector(ssl=deployment.client_tls("vm01"), force_close=True)
     try:
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            figures = await asyncio.wait_for(
-                _stream(session, f"https://127.0.0.1:{to_ps.port}", batches), STORM_TIMEOUT_S
-            )
-        to_ps.active = False  # the agent's link heals
-        # The shipper's link stays stormy until it has met every fault (it
-        # backs off after each failure, so it opens fewer connections).
-        deadline = asyncio.get_running_loop().time() + DRAIN_TIMEOUT_S
-        while not all(to_mt.injected[f] for f in FAULTS if f != "pass"):
-            assert asyncio.get_running_loop().time() < deadline, to_mt.injected
-            await asyncio.sleep(0.1)
+            base = f"https://127.0.0.1:{to_ps.port}"
+            figures = await asyncio.wait_for(_stream(session, base, batches), STORM_TIMEOUT_S)
+            to_ps.active = False  # the agent's link heals
+            # The shipper's link stays stormy until it has met every fault (it
+            # backs off after each failure and sends what waited as one run,
+            # so it opens few connections): whenever it has shipped all, one
+            # more batch gives it another file to ship.
+            deadline = asyncio.get_running_loop().time() + DRAIN_TIMEOUT_S
+            while not all(to_mt.injected[f] for f in FAULTS if f != "pass"):
+                assert asyncio.get_running_loop().time() < deadline, to_mt.injected
+                if not ps.disks[DISK].cached:
+                    # about 1 MiB: the connection it goes on expires (max_connection_bytes)
+                    records = random_workload(rng, SIZE, 8, max_len=256 * 1024)
+                    more = [(last_seq + 1, _body(DISK, last_seq + 1, records))]
+                    await _stream(session, base, more)
+                    apply_to_model(model, records)
+                    last_seq += len(records)
+                await asyncio.sleep(0.1)
         to_mt.active = False
         await asyncio.wait_for(
             mt.replicas[DISK].wait_applied(StreamPosition(1, last_seq)), DRAIN_TIMEOUT_S

@@ -164,6 +164,28 @@ async def test_only_the_files_a_200_covers_leave_the_cache(
     assert stream.position.shipped_seq == 3
 
 
+async def test_a_run_that_fails_is_halved_down_to_one_file(
+    deployment: Deployment, parts: StreamParts, stream: DiskStream
+) -> None:
+    """A link that breaks every long transfer (here: a master target that fails
+    every PUT of more than one file) still carries the files one by one."""
+    sizes: list[int] = []
+
+    async def put_hrl(request: web.Request) -> web.Response:
+        files = _opened(await request.read(), deployment)
+        sizes.append(len(files))
+        if len(files) > 1:
+            return web.json_response({"error": "durability", "message": "m"}, status=503)
+        position = ReceivedPosition(DISK, 1, files[0].header.last_seq, 1, 0)
+        return web.json_response(HrlAnswer(position).to_json())
+
+    async with _shipping(deployment, parts, stream, put_hrl):
+        await _until("every file shipped", lambda: not stream.cached)
+    assert sizes[:2] == [3, 1]
+    assert sizes.count(1) == 3
+    assert stream.position.shipped_seq == 3
+
+
 async def test_a_failed_over_disk_ships_nothing_more(
     deployment: Deployment, parts: StreamParts, stream: DiskStream
 ) -> None:
