@@ -66,6 +66,11 @@ TARGETS: Final = (
     Target("smallwrite_rpo_max", "smallwrite_rpo_max_s <= 10 s",
            _at_most("smallwrite_rpo_max_s", 10.0)),
     Target("smallwrite_drain", "smallwrite_drain_s <= 5 s", _at_most("smallwrite_drain_s", 5.0)),
+    Target("fs_rpo_max", "fs_rpo_max_s <= 10 s on a kernel file system",
+           _at_most("fs_rpo_max_s", 10.0)),
+    Target("fs_tags_whole", "every tag of the fs phase recovered whole",
+           lambda r: None if r.get("fs_tags") is None
+           else bool(r["fs_tags"] > 0 and r["fs_tags_whole"] == r["fs_tags"])),
 )  # fmt: skip
 
 
@@ -100,6 +105,11 @@ ROWS: Final = (
     ("smallwrite_commits_per_s", "commits made a second, all disks, database load"),
     ("agent_backlog_peak_MiB", "agents' journals at their fullest, database load (MiB)"),
     ("ps_backlog_peak_MiB", "process server cache at its fullest, database load (MiB)"),
+    ("fs_rpo_p99_s", "RPO p99, SQLite on ext4 on the capture's export (s)"),
+    ("fs_rpo_max_s", "RPO max, the same (s)"),
+    ("fs_drain_s", "backlog drained after it (s)"),
+    ("fs_tags_whole", "tags recovered clean (e2fsck), mounted, database whole"),
+    ("fs_tags", "tags taken, app-consistent (fsfreeze)"),
     ("resync_s", "resync of a changed image (s)"),
     ("rsync_s", "rsync of the same change (s)"),
     ("initial_copy_s", "initial copy of an image (s)"),
@@ -186,7 +196,7 @@ def headline(figures: dict[str, Any]) -> dict[str, Any]:
     full, half = figures.get("full", {}), figures.get("half", {})
     down, many = figures.get("mt_down", {}), figures.get("many", {})
     resync, initial = figures.get("resync", {}), figures.get("initial", {})
-    small = figures.get("smallwrite", {})
+    small, fs = figures.get("smallwrite", {}), figures.get("fs", {})
     limit = figures["limit"]["limit_MBps"]
     e2e = full.get("e2e_MBps")
     return {
@@ -208,6 +218,8 @@ def headline(figures: dict[str, Any]) -> dict[str, Any]:
                                      "smallwrite_drain_s", "agent_backlog_peak_MiB",
                                      "ps_backlog_peak_MiB")},
         "smallwrite_commits_per_s": small.get("commits_per_s"),
+        **{k: fs.get(k) for k in ("fs_rpo_p99_s", "fs_rpo_max_s", "fs_drain_s", "fs_tags",
+                                  "fs_tags_whole")},
         "resync_s": resync.get("resync_s"), "rsync_s": resync.get("rsync_s"),
         "resync_speedup": resync.get("speedup"),
         "initial_copy_s": initial.get("copy_s"), "initial_rsync_s": initial.get("rsync_s"),

@@ -24,6 +24,10 @@ themselves (benchmarks/sitemetrics.py, /proc). Phases, in order:
   (benchmarks/smallwrite_bench.py): real agent streams, 4 to 16 KiB writes,
   a commit (one journaled batch) each few ms on each of ``--disks`` disks;
   the RPO while it runs, the time to drain once it stops, the backlogs;
+- fs: ext4 made by the kernel on the capture's export (nbdfuse and a loop
+  device), SQLite committing 100 times a second on it, an app-consistent tag
+  every 5 s (benchmarks/fs_bench.py); the RPO, and every tag recovered,
+  checked by e2fsck, mounted, and its database whole (root only);
 - resync: resync_bench.py (agent sync beside rsync on a changed image);
 - initial: initial_copy_bench.py (agent sync beside rsync and restic backup
   of a whole image).
@@ -56,7 +60,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import initial_copy_bench, resync_bench, smallwrite_bench
+from benchmarks import fs_bench, initial_copy_bench, resync_bench, smallwrite_bench
 from benchmarks.deploy import default_dir
 from benchmarks.phases import Runner, load_figures, per_disk_rpo
 from benchmarks.protocol_bench import pipeline_limit
@@ -73,7 +77,9 @@ from benchmarks.workload import (
 )
 from runtime.config import TlsFiles
 
-PHASES: Final = ("full", "half", "mt-down", "many", "smallwrite", "resync", "initial")
+PHASES: Final = (
+    "full", "half", "mt-down", "many", "smallwrite", "fs", "resync", "initial",
+)  # fmt: skip
 #: Write data per batch: an agent sends what it captured in about a tenth
 #: of a second; 1 MiB keeps per-request costs small beside per-byte ones.
 BATCH_BYTES: Final = 2**20
@@ -248,6 +254,20 @@ def smallwrite_phase(args: argparse.Namespace, plan: Plan, root: Path) -> dict[s
     return out
 
 
+def fs_phase(args: argparse.Namespace, plan: Plan, root: Path) -> dict[str, Any]:
+    """A kernel file system on the capture's export (benchmarks/fs_bench.py)."""
+    log(f"fs: ext4 on the capture's export, SQLite {fs_bench.DEFAULT_COMMITS_PER_S:g} commits/s,"
+        f" a tag every {fs_bench.DEFAULT_TAG_EVERY_S:g} s, {plan.smallwrite_s:g} s")  # fmt: skip
+    (root / "fs").mkdir()
+    out = fs_bench.measure(
+        root / "fs", commits=fs_bench.DEFAULT_COMMITS_PER_S, seconds=plan.smallwrite_s,
+        tag_every=fs_bench.DEFAULT_TAG_EVERY_S, seed=args.seed,
+    )  # fmt: skip
+    log(f"fs: RPO p99 {out['fs_rpo_p99_s']} s, max {out['fs_rpo_max_s']} s; "
+        f"{out['fs_tags_whole']} of {out['fs_tags']} tags whole")  # fmt: skip
+    return out
+
+
 def _span(plan: Plan, seconds: float) -> str:
     return f"{plan.warmup_s:g} s warm-up + {seconds:g} s measured"
 
@@ -392,6 +412,10 @@ def measure(args: argparse.Namespace, plan: Plan, base: Path, notes: list[str]) 
             notes.append("smallwrite: not run against running daemons (it needs a site of its own)")
         elif "smallwrite" in want:
             figures["smallwrite"] = smallwrite_phase(args, plan, root)
+        if "fs" in want and (missing := fs_bench.missing_peers()):
+            notes.append(f"fs: not run, as it needs {', '.join(missing)}")
+        elif "fs" in want:
+            figures["fs"] = fs_phase(args, plan, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     figures.update(peer_phases(args, plan, base, pools, notes))

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import require_binary
+from tests.conftest import require_binary, require_root
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -116,4 +116,27 @@ def test_smallwrite_bench_reports_the_rpo_of_a_database_load(tmp_path: Path) -> 
     assert 0 < result["smallwrite_rpo_max_s"] < 120
     assert 50 < result["commits_per_s"] <= 1.1 * 100  # the rate kept, as far as it could be
     assert 0 < result["wire_batches_per_commit"] <= 1
+    assert list(tmp_path.iterdir()) == []  # the run's folder is removed
+
+
+def test_fs_bench_recovers_every_tag_whole(tmp_path: Path) -> None:
+    """The kernel file-system phase: SQLite on ext4 on the capture's export, tags
+    taken under load, each recovered and checked by e2fsck, the kernel and SQLite."""
+    require_root("a loop device and a FUSE mount")
+    for peer in ("nbdkit", "nbdfuse", "losetup", "mkfs.ext4", "e2fsck", "fsfreeze"):
+        require_binary(peer)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "fs_bench.py"), "--json", "--seconds", "6",
+         "--tag-every", "2", "--commits", "50", "--dir", str(tmp_path)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    result = json.loads(out.stdout)
+    assert result["fs_tags"] >= 2, result
+    assert result["fs_tags_whole"] == result["fs_tags"], result["tags"]
+    for check in result["tags"]:
+        assert check["integrity"] == "ok"
+        assert check["rows_before"] <= check["rows"] <= check["rows_after"]
+    for key in ("fs_rpo_p50_s", "fs_rpo_p99_s", "fs_rpo_max_s", "fs_drain_s"):
+        assert result[key] >= 0, key
+    assert result["fs_commits_per_s"] > 2  # the database committed all along
     assert list(tmp_path.iterdir()) == []  # the run's folder is removed
