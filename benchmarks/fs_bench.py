@@ -160,14 +160,14 @@ def _run(*command: str | Path, timeout: float = 120.0, check: bool = True) -> st
     return done.stdout
 
 
-def _agent_config(dep: Deployment, root: Path, mount: Path) -> Path:
+def _agent_config(dep: Deployment, root: Path, mount: Path, state_dir: Path) -> Path:
     tls = dep.client_tls(MACHINE)
     path = root / "agent.toml"
     path.write_text(
         "\n".join(
             [
                 f'process_servers = ["https://127.0.0.1:{dep.ps_port}"]',
-                f'state_dir = "{root / "agent-state"}"',
+                f'state_dir = "{state_dir}"',
                 "[tls]",
                 f'ca_file = "{tls.ca_file}"',
                 f'cert_file = "{tls.cert_file}"',
@@ -189,9 +189,9 @@ def _agent_config(dep: Deployment, root: Path, mount: Path) -> Path:
 class Capture:
     """``blockrepl agent capture`` of the source, and its control socket."""
 
-    def __init__(self, config: Path, root: Path, source: Path) -> None:
+    def __init__(self, config: Path, state_dir: Path, root: Path, source: Path) -> None:
         self.port = free_port()
-        self.control = root / "agent-state" / "capture" / f"{DISK}.sock"
+        self.control = state_dir / "capture" / f"{DISK}.sock"
         self.log = root / "capture.log"
         with self.log.open("ab") as log:
             self.proc = _start(
@@ -415,9 +415,12 @@ def measure(
     with source.open("wb") as file:
         file.truncate(DISK_BYTES)
     mount = root / "mnt"
-    config = _agent_config(dep, root, mount)
-    with _site(dep):
-        capture = Capture(config, root, source)
+    # The capture's control socket lives in the state folder: a short path (a
+    # Unix socket's name holds 107 bytes), whatever ``root`` is.
+    state_dir = Path(tempfile.mkdtemp(prefix="br-fs-state-"))
+    config = _agent_config(dep, root, mount, state_dir)
+    with _site(dep), _removed(state_dir):
+        capture = Capture(config, state_dir, root, source)
         applied = Applied(dep)
         try:
             capture.settle()  # the initial sync of the empty disk
@@ -446,6 +449,14 @@ def measure(
         "tags": checks,
         "seconds": seconds,
     }
+
+
+@contextlib.contextmanager
+def _removed(folder: Path) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,11 @@ flight each, for ``--duration`` seconds. Measured in one run:
 - limit_encode: the bare zstd level 1 + AES-256-GCM calls on the same batches
   in this process (as protocol_bench.py measures it), the single-process
   ceiling for what the process server spends per batch;
+- floor: benchmarks/floor.py on the same batches: the cores in use divided
+  by the sum of the sources', the process server's and the master target's
+  unskippable CPU per GB (TLS on each hop, encoding, sealing, verifying,
+  before-images, pwrite), measured in this run; ``ingest_vs_floor`` is the
+  ingest over it;
 - the master target down (``--mt-down``, on by default): the master target is
   stopped and the sources go on until the process server's cache is at its
   high mark and it answers 503; its peak resident memory must not have grown
@@ -47,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.datagen import synthetic_blocks
 from benchmarks.deploy import Deployment, cpu_seconds, default_dir, peak_rss_mib
 from benchmarks.deploy import deploy as deploy_site
+from benchmarks.floor import measure_floor
 from benchmarks.protocol_bench import limit_encode_mbps
 from benchmarks.workload import Profile, Source, drive
 
@@ -137,14 +143,20 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     limit = limit_encode_mbps(blocks, args.writes_per_batch, args.rounds)
     base = Path(args.dir) if args.dir else default_dir()
     root = Path(tempfile.mkdtemp(prefix="ps-ingest-bench-", dir=base))
+    cores = len(os.sched_getaffinity(0))
     try:
         figures = measure(args, root, blocks)
+        floor = measure_floor(
+            blocks, args.writes_per_batch, directory=base, cores=cores, rounds=args.rounds
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     ingest = figures["ingest_MBps"]
     assert isinstance(ingest, float)
     return {
         **figures,
+        **floor.figures(),
+        "ingest_vs_floor": round(ingest / floor.floor_MBps, 3),
         "limit_encode_MBps": round(limit, 1),
         "ingest_vs_limit": round(ingest / limit, 3),
         "sources": args.sources,
@@ -182,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
           f"in {result['dir']}")  # fmt: skip
     keys = ("ingest_MBps", "limit_encode_MBps", "ingest_vs_limit", "ack_p50_ms", "ack_p99_ms",
             "cpu_s_per_GB", "mt_cpu_s_per_GB", "client_cpu_s_per_GB", "ps_rss_MiB",
-            "ingest_MBps_mt_down", "cpu_s_per_GB_mt_down", "ps_rss_MiB_mt_down")  # fmt: skip
+            "ingest_MBps_mt_down", "cpu_s_per_GB_mt_down", "ps_rss_MiB_mt_down", "floor_MBps",
+            "ingest_vs_floor", "ps_floor_s_per_GB", "mt_floor_s_per_GB")  # fmt: skip
     for key in keys:
         if key in result:
             print(f"{key:<22}{result[key]:>10}")

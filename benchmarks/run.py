@@ -62,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import fs_bench, initial_copy_bench, resync_bench, smallwrite_bench
 from benchmarks.deploy import default_dir
+from benchmarks.floor import measure_floor
 from benchmarks.phases import Runner, load_figures, per_disk_rpo
 from benchmarks.protocol_bench import pipeline_limit
 from benchmarks.report import headline, judge, table, timeline, write_results
@@ -379,11 +380,15 @@ def measure(args: argparse.Namespace, plan: Plan, base: Path, notes: list[str]) 
     limit = pipeline_limit(
         blocks, profile.writes_per_batch, rounds=LIMIT_ROUNDS, directory=base, cores=cores
     )
+    log("floor: TLS, encode, seal, verify, before-images and pwrite, per GB of the run's data")
+    floor = measure_floor(
+        blocks, profile.writes_per_batch, directory=base, cores=cores, rounds=LIMIT_ROUNDS
+    )
     figures: dict[str, Any] = {"limit": {
         "limit_MBps": round(limit.limit_MBps, 1), "cores": cores,
         "encode_MBps": round(limit.encode_MBps, 1), "decode_MBps": round(limit.decode_MBps, 1),
         "pwrite_MBps": round(limit.pwrite_MBps, 1), "cpu_s_per_GB": round(limit.cpu_s_per_GB, 2),
-    }}  # fmt: skip
+    }, "floor": floor.figures()}  # fmt: skip
     runners: list[Runner] = []
     root = Path(tempfile.mkdtemp(prefix="blockrepl-run-", dir=base))
     try:

@@ -78,8 +78,15 @@ def test_ingest_bench_reports_every_figure() -> None:
     result = json.loads(out.stdout)
     for key in ("ingest_MBps", "ack_p50_ms", "ack_p99_ms", "cpu_s_per_GB", "ps_rss_MiB",
                 "limit_encode_MBps", "ingest_vs_limit", "ps_rss_MiB_mt_down",
-                "ingest_MBps_mt_down", "batch_bytes", "duration_s"):  # fmt: skip
+                "ingest_MBps_mt_down", "batch_bytes", "duration_s", "floor_MBps",
+                "ingest_vs_floor", "ps_floor_s_per_GB", "mt_floor_s_per_GB"):  # fmt: skip
         assert result[key] > 0, key
+    steps = result["floor_steps_s_per_GB"]
+    assert set(steps) == {"encode", "seal", "verify", "before_image", "pwrite", "tls_encrypt",
+                          "tls_decrypt"}  # fmt: skip
+    assert all(seconds > 0 for seconds in steps.values()), steps
+    # the process server's floor is its steps: TLS in, sealing, TLS out on fewer bytes
+    assert steps["seal"] + steps["tls_decrypt"] < result["ps_floor_s_per_GB"]
     assert result["sources"] == 2
     assert result["cache_full"] is True  # the master target down, the cache filled up
 

@@ -122,11 +122,18 @@ def test_a_profile_out_of_range_says_what_was_expected(
 
 def test_targets_hold_miss_or_were_not_measured() -> None:
     result = {"e2e_MBps": 60.0, "limit_MBps": 100.0, "rpo_p99_s": 7.0, "ack_p99_ms": None,
-              "rsync_s": 3.0, "resync_s": 1.0, "ps_rss_MiB": 120.0,
-              "many_rpo_worst_over_median": 2.5}  # fmt: skip
+              "rsync_s": 6.0, "resync_s": 1.0, "ps_rss_MiB": 120.0,
+              "many_rpo_worst_over_median": 2.5, "ps_cpu_s_per_GB": 4.5,
+              "ps_floor_s_per_GB": 3.0, "mt_cpu_s_per_GB": 4.6, "mt_floor_s_per_GB": 3.0,
+              "initial_copy_s": 2.6, "initial_rsync_s": 1.0, "fs_tags": 3,
+              "fs_tags_whole": 2}  # fmt: skip
     held = judge(result)
     assert held["e2e_vs_limit"] is True
     assert held["resync_vs_rsync"] is True
+    assert held["ps_cpu_vs_floor"] is True  # 4.5 <= 1.5 x 3.0
+    assert held["mt_cpu_vs_floor"] is False
+    assert held["initial_vs_rsync"] is False  # 2.6 > 2.5 x 1.0
+    assert held["fs_tags_whole"] is False  # one tag of three did not come back whole
     assert held["ps_rss_full_load"] is True
     assert held["half_load_rpo"] is False
     assert held["many_disks_rpo"] is False
