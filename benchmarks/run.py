@@ -36,7 +36,7 @@ Prints a table (``--json``: one JSON object on stdout, the table on
 stderr), and writes results.json and a plot of throughput and RPO over the
 run into ``--results`` (default benchmarks/results/TIMESTAMP/). Progress goes
 to stderr, live on a terminal. ``--quick`` shortens every phase so the
-whole run takes under three minutes on two cores.
+whole run takes about three minutes on two cores.
 Run: ``.venv/bin/python benchmarks/run.py [--quick] [--json]``.
 """
 
@@ -281,7 +281,7 @@ def _describe(profile: Profile) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="every phase short: under 3 minutes")
+    parser.add_argument("--quick", action="store_true", help="every phase short: about 3 minutes")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--phases", default=",".join(PHASES),
                         help=f"comma-separated, of {','.join(PHASES)} (all)")  # fmt: skip
