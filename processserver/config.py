@@ -34,8 +34,9 @@ DEFAULT_CACHE_DIR: Final = Path("/var/cache/blockrepl/processserver")
 #: flap between the two at every file shipped.
 DEFAULT_CACHE_HIGH_BYTES: Final = 64 * 2**30
 DEFAULT_CACHE_LOW_BYTES: Final = 56 * 2**30
-#: HRL files shipped at once, over all disks: enough to fill a WAN link with
-#: round trips in flight, few enough to bound memory (each is read whole).
+#: Transfers to the master target at once, over all disks: enough to fill a
+#: WAN link with round trips in flight, few enough to bound memory (each is
+#: read whole: a run of files up to 16 MiB, or one file up to 64 MiB).
 DEFAULT_MAX_IN_FLIGHT: Final = 8
 #: Seconds to open a connection to the master target: a LAN or WAN handshake
 #: takes well under a second; ten covers a congested link.
