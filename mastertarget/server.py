@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from typing import Final
 
@@ -119,9 +119,12 @@ async def put_hrl(request: web.Request) -> web.StreamResponse:
                 f"Content-Length {request.content_length}",
                 details={"max_file_bytes": MAX_HRL_FILE_BYTES},
             )
+        # The whole body first, without the disk's lock: a sender that stalls
+        # mid-body (a dead process server, a black-holed link) must not keep
+        # another from storing the disk's files meanwhile.
+        files = await _files(request, replica, generation, seq)
         async with receiver.put_lock:
-            stored = 0
-            async for header, data in _files(request, replica, generation, seq):
+            for stored, (header, data) in enumerate(files):
                 quota = request.app[CONFIG]().inbox_quota_bytes
                 if receiver.inbox_bytes() + len(data) > quota:
                     if stored:  # what came before is held: the answer says up to where
@@ -138,7 +141,6 @@ async def put_hrl(request: web.Request) -> web.StreamResponse:
                     metrics.duplicates.labels(replica.config.id).inc()
                 elif verdict.fit is not Fit.NEXT:
                     return _answer(HrlAnswer(_position(replica), refusal_of(verdict)))
-                stored += 1
     except BlockreplError as exc:
         metrics.errors.labels(exc.code).inc()
         if isinstance(exc, DurabilityError):
@@ -149,17 +151,19 @@ async def put_hrl(request: web.Request) -> web.StreamResponse:
 
 async def _files(
     request: web.Request, replica: DiskReplica, generation: int, seq: int
-) -> AsyncIterator[tuple[HrlHeader, bytes]]:
-    """The body's files as each arrives whole, each header checked as soon as it is in:
-    the first against the URL, each next against the one before.
+) -> list[tuple[HrlHeader, bytes]]:
+    """The body's files, each header checked as soon as it is in: the first against
+    the URL, each next against the one before; :data:`MAX_HRL_RUN_BYTES` in all.
 
     Raises:
-        ProtocolError: the body breaks docs/api.md; the files before it were given.
+        ProtocolError: the body breaks docs/api.md; nothing of it is stored.
     """
     receiver = HrlReceiver(max_file_len=MAX_HRL_FILE_BYTES, run=True)
     keyring = request.app[KEYRING]
     timeout_s = request.app[CONFIG]().connections.body_timeout_s
     expected = (generation, seq)
+    files: list[tuple[HrlHeader, bytes]] = []
+    declared = 0
     pieces = body_pieces(request.content, timeout_s=timeout_s)
     eof = False
     while not eof:
@@ -174,11 +178,18 @@ async def _files(
                 header = event.header
                 _check_header(header, replica.config.id, *expected)
                 keyring.data_key(header.key_id)  # unknown key: refuse before storing
+                declared += header.file_len
+                if declared > MAX_HRL_RUN_BYTES:
+                    raise LimitExceededError(
+                        f"a PUT of HRL files may hold at most {MAX_HRL_RUN_BYTES} bytes, its "
+                        f"files' headers declare {declared} so far",
+                        details={"max_file_bytes": MAX_HRL_FILE_BYTES},
+                    )
                 expected = (header.generation, header.last_seq + 1)
             elif isinstance(event, FileReceived):
-                yield event.header, event.data
+                files.append((event.header, event.data))
             else:
-                return
+                return files
     raise TruncatedError("the request body ended before a whole HRL file arrived")
 
 

@@ -82,6 +82,7 @@ async def test_a_process_server_killed_with_files_in_its_cache_loses_nothing(
     )  # fmt: skip
     proxy.target_port = site.mt_port
     source = _source(tmp_path, 2)
+    agent: asyncio.subprocess.Process | None = None
     try:
         await asyncio.to_thread(start, site)
         agent = await asyncio.create_subprocess_exec(
@@ -99,6 +100,9 @@ async def test_a_process_server_killed_with_files_in_its_cache_loses_nothing(
         out, err = await asyncio.wait_for(agent.communicate(), WAIT_S)
         assert agent.returncode == 0, err.decode()
     finally:
+        if agent is not None and agent.returncode is None:  # a failed wait: no orphan
+            agent.kill()
+            await agent.wait()
         await proxy.close()
     report = json.loads(out)
     assert report["failovers"] >= 1

@@ -4,6 +4,7 @@ HTTPS, applied to raw and VMDK targets, checked with qemu-img."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import ssl
 import subprocess
@@ -142,7 +143,8 @@ async def test_a_run_must_be_consecutive_files_of_the_disk(start_mt, one_disk: P
     status, answer = await pusher.put("d0", first + after_a_gap, 1, 1)
     assert (status, answer["error"]) == (400, "malformed")
     assert "each next file of a run must follow the one before" in answer["message"]
-    # what came before the bad file is stored: the next PUT starts after it
+    # a malformed body stores nothing of it, the good file before the bad one included
+    assert (await pusher.state("d0"))["received_seq"] == 0
     status, answer = await pusher.put("d0", first, 1, 1)
     assert (status, answer["received_seq"]) == (200, 1)
     other_generation = pusher.seal("d0", 2, 2, [Write(0, b"b")]).to_bytes()
@@ -151,7 +153,31 @@ async def test_a_run_must_be_consecutive_files_of_the_disk(start_mt, one_disk: P
     assert (status, answer["error"]) == (400, "malformed")
     status, answer = await pusher.put("d0", second + second[:100], 1, 2)
     assert (status, answer["error"]) == (400, "truncated")
-    assert (await pusher.state("d0"))["received_seq"] == 2
+    assert (await pusher.state("d0"))["received_seq"] == 1
+
+
+async def test_a_stalled_put_does_not_hold_up_the_disk(start_mt, one_disk: Path) -> None:  # type: ignore[no-untyped-def]
+    """A process server that dies mid-body (here: a PUT whose body stops coming)
+    must not keep another from storing the disk's files meanwhile."""
+    _, pusher = await start_mt(one_disk)
+    first = pusher.seal("d0", 1, 1, [Write(0, os.urandom(4096))]).to_bytes()
+    stalled_body = asyncio.Event()
+
+    async def half_then_wait():  # type: ignore[no-untyped-def]
+        yield first[:300]
+        await stalled_body.wait()
+
+    url = f"{pusher.base}/v1/disks/d0/hrl/1/1"
+    headers = {"Content-Length": str(len(first))}
+    stalled = asyncio.create_task(pusher.session.put(url, data=half_then_wait(), headers=headers))
+    await asyncio.sleep(0.3)  # the stalled PUT is in the handler, its body half read
+    assert not stalled.done()
+    # well within the body timeout, which would end the stalled PUT (and free
+    # whatever it held) only after DEFAULT_BODY_TIMEOUT_S
+    status, answer = await asyncio.wait_for(pusher.put("d0", first, 1, 1), 1.0)
+    assert (status, answer["received_seq"]) == (200, 1)
+    stalled_body.set()
+    stalled.cancel()
 
 
 async def test_url_must_match_header_and_disk_must_exist(start_mt, one_disk: Path) -> None:  # type: ignore[no-untyped-def]
