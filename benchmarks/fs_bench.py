@@ -21,8 +21,11 @@ Figures: ``fs_rpo_p99_s``/``fs_rpo_max_s`` (every 0.1 s: how long ago the
 capture journaled the oldest seq the master target has not applied; 0 when
 it applied all), ``fs_drain_s`` (from the load stopping until the master
 target applied everything), ``fs_commits_per_s``, ``fs_tags`` and
-``fs_tags_whole``. Needs root (a loop device, a FUSE mount), nbdkit with its
-Python plugin, nbdfuse, losetup, mkfs.ext4, e2fsck and fsfreeze.
+``fs_tags_whole``; and, beside it, ``fs_bare_commits_per_s``: the same
+writer on the same kind of volume over ``nbdkit file`` of a plain image
+(nbdfuse and a loop device too, nothing replicated). Needs root (a loop
+device, a FUSE mount), nbdkit with its Python plugin, nbdfuse, losetup,
+mkfs.ext4, e2fsck and fsfreeze.
 Run: ``.venv/bin/python benchmarks/fs_bench.py [--json] [--quick]``.
 """
 
@@ -69,6 +72,8 @@ SETTLE_TIMEOUT_S: Final = 300.0
 DEFAULT_COMMITS_PER_S: Final = 100.0
 #: Seconds between app-consistent tags.
 DEFAULT_TAG_EVERY_S: Final = 5.0
+#: Seconds the peer (the same volume on a bare NBD export) runs the writer.
+BARE_S: Final = 10.0
 #: A row's payload: a database row of a few KiB.
 MIN_ROW_BYTES: Final = 512
 MAX_ROW_BYTES: Final = 4096
@@ -269,11 +274,12 @@ class Applied:
         self._http.close()
 
 
-def _mount_volume(capture: Capture, root: Path) -> Volume:
+def _mount_volume(url: str, root: Path) -> Volume:
+    """ext4 made and mounted on the NBD export at ``url``, under ``root``."""
     exported, mount = root / "fuse", root / "mnt"
     exported.mkdir()
     mount.mkdir()
-    fuse = _start("nbdfuse", exported / "disk", capture.url)
+    fuse = _start("nbdfuse", exported / "disk", url)
     volume = Volume(exported, mount, fuse)
     try:
         _wait_for_export(fuse, exported / "disk")
@@ -391,6 +397,49 @@ def _check_tag(dep: Deployment, root: Path, tag: TagTaken) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def bare_commits_per_s(root: Path, *, commits: float, seconds: float, seed: int) -> float:
+    """The peer: the same writer on ext4 on the same path (nbdfuse, a loop device)
+    to ``nbdkit file`` of a plain image, nothing replicated: what the capture
+    costs a database's commits is the difference."""
+    image = root / "bare.raw"
+    with image.open("wb") as file:
+        file.truncate(DISK_BYTES)
+    port = free_port()
+    server = _start("nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", f"file={image}")
+    try:
+        _wait_listening(port, server)
+        bare = root / "bare"
+        bare.mkdir()
+        volume = _mount_volume(f"nbd://127.0.0.1:{port}", bare)
+        try:
+            writer = Writer(volume.mount / "db.sqlite", commits, seed)
+            thread = threading.Thread(target=writer.run, name="database")
+            thread.start()
+            time.sleep(seconds)
+            writer.stop.set()
+            thread.join()
+        finally:
+            volume.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        image.unlink()
+    if writer.error is not None:
+        raise PhaseError(f"the peer's database writer failed: {writer.error}")
+    return writer.committed / seconds
+
+
+def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise PhaseError(f"expected nbdkit to listen on port {port}, it did not")
+        time.sleep(0.05)
+
+
 def missing_peers() -> list[str]:
     """What the phase needs and this machine lacks (root among them)."""
     missing = [peer for peer in PEERS if shutil.which(peer) is None]
@@ -424,7 +473,7 @@ def measure(
         applied = Applied(dep)
         try:
             capture.settle()  # the initial sync of the empty disk
-            volume = _mount_volume(capture, root)
+            volume = _mount_volume(capture.url, root)
             try:
                 capture.settle()  # mkfs's writes
                 writer = Writer(mount / "db.sqlite", commits, seed)
@@ -438,12 +487,14 @@ def measure(
             applied.close()
             capture.stop()
         checks = [_check_tag(dep, root, tag) for tag in tags]
+    bare = bare_commits_per_s(root, commits=commits, seconds=min(seconds, BARE_S), seed=seed)
     return {
         "fs_rpo_p50_s": _round(percentile(samples, 50)),
         "fs_rpo_p99_s": _round(percentile(samples, 99)),
         "fs_rpo_max_s": _round(max(samples, default=0.0)),
         "fs_drain_s": _round(drain_s),
         "fs_commits_per_s": round(writer.committed / seconds, 1),
+        "fs_bare_commits_per_s": round(bare, 1),
         "fs_tags": len(tags),
         "fs_tags_whole": sum(1 for c in checks if c["whole"]),
         "tags": checks,
