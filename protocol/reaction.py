@@ -20,6 +20,7 @@ socket (tests/protocol/test_reaction.py).
 from __future__ import annotations
 
 import enum
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -297,7 +298,7 @@ def _realign(refusal: SeqRefusal, cached: Sequence[CachedRun]) -> ShipDecision:
         action = ShipAction.GO_ON if held else ShipAction.BACK_OFF  # held 0: the file just sent
         return ShipDecision(action, held=held, reason=f"{refusal.code} expecting seq {expected}")
     reason = f"the master target expects seq {expected}, which this cache no longer holds"
-    rest = cached[held:]
+    rest = list(itertools.islice(cached, held, None))  # a deque cannot be sliced
     newest = max((f.generation for f in rest), default=0)
     if rest and newest > rest[0].generation:
         # The agent has started a newer generation: the broken one can never be whole.

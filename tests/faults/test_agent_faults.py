@@ -97,7 +97,18 @@ async def test_a_process_server_killed_with_files_in_its_cache_loses_nothing(
         site.process_servers[0].kill()
         stranded = list((site.root / "ps0" / "cache" / "disks" / DISK).glob("*.hrl"))
         assert stranded, "the killed process server held no files"
-        out, err = await asyncio.wait_for(agent.communicate(), WAIT_S)
+        try:
+            out, err = await asyncio.wait_for(agent.communicate(), WAIT_S)
+        except TimeoutError:
+            agent.kill()
+            _, err = await agent.communicate()
+            logs = "".join(
+                f"\n--- {path.name}:\n{path.read_text()[-3000:]}"
+                for path in sorted(site.root.glob("*.log"))
+            )
+            raise AssertionError(
+                f"the sync did not end in {WAIT_S} s:\n{err.decode()[-4000:]}{logs}"
+            ) from None
         assert agent.returncode == 0, err.decode()
     finally:
         if agent is not None and agent.returncode is None:  # a failed wait: no orphan

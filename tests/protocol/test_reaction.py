@@ -3,6 +3,7 @@ agent's stream to a process server's, the shipper to a master target's."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from dataclasses import dataclass
 
@@ -265,6 +266,17 @@ def test_the_shipper_reacts_to_each_answer(
         decision.action, decision.held, decision.resync, decision.older,
     )  # fmt: skip
     assert found.held + found.older <= len(cached)
+
+
+@pytest.mark.parametrize("expected", [1, 15, 21, 99])
+def test_the_shipper_decides_alike_on_the_process_servers_queue(expected: int) -> None:
+    """The process server hands its cached files as a deque, which indexes but
+    cannot be sliced: every decision is the same as on a list (a gap for seqs
+    the cache no longer holds once ended the shipping task, and the daemon)."""
+    refusal = SeqRefusal("gap", expected, "m")
+    assert react_to_hrl(_hrl(refusal), collections.deque(CACHE)) == react_to_hrl(
+        _hrl(refusal), CACHE
+    )
 
 
 def test_the_shipper_names_the_seq_it_no_longer_holds() -> None:
