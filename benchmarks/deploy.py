@@ -5,6 +5,7 @@ processes on loopback, and how to measure them (CPU seconds, peak memory).
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -103,11 +104,26 @@ class Deployment:
         )
 
 
+#: Ports handed to daemons lie below the kernel's ephemeral range (32768 and
+#: up on Linux): a port from bind(0) is free only until some client's
+#: outgoing connection takes it as its source port, which made a daemon
+#: started a moment later fail with "address already in use".
+PORTS_FROM, PORTS_TO = 20000, 32000
+_START = PORTS_FROM + (os.getpid() * 97) % (PORTS_TO - PORTS_FROM)
+_CANDIDATES = itertools.cycle(itertools.chain(range(_START, PORTS_TO), range(PORTS_FROM, _START)))
+
+
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on loopback that nothing listens on now, and that no client
+    will take as its source port: each call of a run gets another."""
+    for port in itertools.islice(_CANDIDATES, PORTS_TO - PORTS_FROM):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"expected a free port in {PORTS_FROM}..{PORTS_TO}, found none")
 
 
 def _tls_table(name: str, pki: Path, cert: str) -> list[str]:

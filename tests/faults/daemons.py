@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from benchmarks.deploy import free_port
+
+__all__ = ["free_port"]
 
 
 def small_volume_wrapper(*volumes: tuple[Path, int]) -> tuple[str, ...]:
@@ -39,13 +42,6 @@ def loop_volume_wrapper(image: Path, folder: Path) -> tuple[str, ...]:
     script = 'mount -o loop,commit=300,data=writeback "$0" "$1" && shift && exec "$@"'
     return ("unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script,
             str(image), str(folder))  # fmt: skip
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class ChildProcess:

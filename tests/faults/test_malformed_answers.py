@@ -200,6 +200,8 @@ async def test_a_checksum_refusal_is_refused_whatever_its_body(
 #: sends again at once makes hundreds.
 REFUSING_S = 2.0
 MAX_POSTS = 12
+#: Time for the answer to a POST in flight to be read.
+SETTLE_S = 1.0
 
 
 async def test_the_stream_outlives_a_process_server_that_answers_nonsense(
@@ -237,6 +239,12 @@ async def test_the_stream_outlives_a_process_server_that_answers_nonsense(
                                 last_capture_ns=now, kind=EntryKind.INLINE)  # fmt: skip
             await asyncio.sleep(REFUSING_S)
             alive = stream.sending
+            # A POST the stand-in has seen may still have its answer on the
+            # way; the stream's back-off leaves a moment between two POSTs
+            # when every answer sent has been read.
+            deadline = time.monotonic() + SETTLE_S
+            while pool.current.malformed_answers != len(posts) and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
             malformed = pool.current.malformed_answers
             await stream.close()
         await pool.close()

@@ -25,6 +25,7 @@ from runtime.metrics import (
     start_metrics_server,
 )
 from tests.conftest import require_binary
+from tests.faults.daemons import free_port
 
 #: The configured address of the tests; every server binds port 0 instead.
 LISTEN = MetricsListen(port=9102, host="127.0.0.1")
@@ -316,17 +317,10 @@ async def test_two_daemons_in_one_process_keep_their_metrics_apart(
         assert (await fetch(session, f"{second.url}/healthz"))[0] == 503
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 async def test_the_configured_port_is_used_and_freed_on_close(
     registry: CollectorRegistry, probes: Probes, session: aiohttp.ClientSession
 ) -> None:
-    listen = MetricsListen(port=_free_port())
+    listen = MetricsListen(port=free_port())
     server = await start_metrics_server(
         registry, listen, alive=probes.is_alive, ready=probes.is_ready
     )
