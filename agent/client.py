@@ -87,17 +87,26 @@ class ProcessServerClient:
             self._session = None
 
     async def post_batches(
-        self, disk_id: str, body: bytes | AsyncIterable[bytes | memoryview]
+        self,
+        disk_id: str,
+        body: bytes | AsyncIterable[bytes | memoryview],
+        *,
+        resume: bool = False,
     ) -> BatchesAnswer:
         """POST one or more batches; the answer says how far the disk is acknowledged,
         or where the process server's stream stands (a 409 refusal).
+
+        Args:
+            resume: the stream resumes here, from what the master target is
+                known to hold (after a start or a move): the process server
+                first takes the master target's position if it is further.
 
         Raises:
             ProcessServerUnavailableError: no answer, 503 (with Retry-After), or
                 a malformed answer.
             RefusedError: 400, 403, 404, 413.
         """
-        url = self._disk_url(disk_id, "batches")
+        url = self._disk_url(disk_id, "batches") + ("?resume=1" if resume else "")
         headers = {"Content-Type": "application/octet-stream"}
         what = f"POST {url}"
         status, raw = await self._exchange("POST", url, data=body, headers=headers)

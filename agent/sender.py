@@ -77,6 +77,9 @@ class StreamSender:
         self._pool = pool
         #: highest seq ever put on the wire, to count resends
         self._sent_high = backlog.trimmed_seq
+        #: no request of this stream has been answered by the process server in
+        #: use since the stream started or moved there
+        self._resuming = True
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.stats = StreamStats()
@@ -117,6 +120,7 @@ class StreamSender:
                 # move): what the old one acknowledged may be lost with it.
                 epoch = self._pool.epoch
                 backlog.send_again_from_trimmed()
+                self._resuming = True
                 await self._refresh()
                 last_poll = time.monotonic()
                 continue
@@ -167,11 +171,14 @@ class StreamSender:
         request = await build_request(to_send, first, backlog.buffers)
         client = self._pool.current
         try:
-            answer = await client.post_batches(backlog.disk_id, request.body())
+            answer = await client.post_batches(
+                backlog.disk_id, request.body(), resume=self._resuming
+            )
         except ProcessServerUnavailableError as exc:
             await self._pool.failed(exc)
             return
         self._pool.succeeded()
+        self._resuming = False
         last = request.last_seq
         self.stats.requests += 1
         self.stats.batches += request.journaled

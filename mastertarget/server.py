@@ -47,7 +47,7 @@ from runtime.apiserver import (
     forbidden,
     query_int,
 )
-from runtime.bodies import body_pieces
+from runtime.bodies import feed_body
 from runtime.errors import DurabilityError
 
 log = logging.getLogger("blockrepl.mastertarget.api")
@@ -164,15 +164,7 @@ async def _files(
     expected = (generation, seq)
     files: list[tuple[HrlHeader, bytes]] = []
     declared = 0
-    pieces = body_pieces(request.content, timeout_s=timeout_s)
-    eof = False
-    while not eof:
-        chunk = await anext(pieces, b"")
-        if chunk:
-            receiver.feed(chunk)
-        else:
-            receiver.feed_eof()
-            eof = True
+    async for _ in feed_body(request.content, receiver, timeout_s=timeout_s):
         while (event := receiver.next_event()) is not NEED_DATA:
             if isinstance(event, HeaderReady):
                 header = event.header

@@ -29,7 +29,7 @@ log = logging.getLogger("blockrepl.processserver")
 
 #: Seconds to wait for the master target's position of a disk: the agent's
 #: request waits meanwhile.
-POSITION_TIMEOUT: Final = aiohttp.ClientTimeout(total=10)
+POSITION_TIMEOUT_S: Final = 10.0
 
 
 class MasterTargetClient:
@@ -92,13 +92,17 @@ class MasterTargetClient:
     ) -> None:
         await self.close()
 
-    async def received_position(self, disk_id: str) -> StreamPosition | None:
+    async def received_position(
+        self, disk_id: str, *, timeout_s: float = POSITION_TIMEOUT_S
+    ) -> StreamPosition | None:
         """Where the master target's stream of ``disk_id`` stands: the last seq it
         received durably, or None if it did not say (no answer, a refusal, or
         an answer that breaks docs/api.md, which is counted)."""
         url = f"{self.base_url}/v1/disks/{disk_id}/state"
         try:
-            async with self._session.get(url, timeout=POSITION_TIMEOUT) as response:
+            async with self._session.get(
+                url, timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as response:
                 raw = await read_answer(
                     response.content,
                     max_bytes=MAX_ANSWER_BYTES,

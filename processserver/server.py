@@ -22,7 +22,7 @@ import aiohttp
 from aiohttp import web
 
 from processserver.cache import Cache
-from processserver.master_target_client import MasterTargetClient
+from processserver.master_target_client import POSITION_TIMEOUT_S, MasterTargetClient
 from processserver.metrics import ProcessServerMetrics
 from processserver.stream import DiskStream, Verdict
 from protocol.api import (
@@ -45,10 +45,11 @@ from runtime.apiserver import (
     error_answer,
     exception_answer,
     forbidden,
+    query_flag,
     query_int,
     query_seconds,
 )
-from runtime.bodies import body_pieces, small_body
+from runtime.bodies import feed_body, small_body
 from runtime.config import ConnectionTimeouts
 from runtime.errors import DurabilityError
 
@@ -63,6 +64,11 @@ METRICS: Final = web.AppKey("metrics", ProcessServerMetrics)
 CACHE: Final = web.AppKey("cache", Cache)
 #: The process server's client of the master target: the checksum
 #: pass-through and the master target's position at a gap.
+#: Seconds a resumed stream's first request waits for the master target's
+#: position. A master target that does not answer by then is taken as away:
+#: the batches are cached as always (the process server's job while it is
+#: away), at the small risk docs/api.md describes under ``resume``.
+RESUME_POSITION_TIMEOUT_S: Final = 2.0
 MASTER_TARGET: Final = web.AppKey("master_target", MasterTargetClient)
 #: Bytes of the master target's checksum answer passed on per write.
 READ_CHUNK: Final = 256 * 1024
@@ -107,9 +113,13 @@ def _answer(stream: DiskStream, verdict: Verdict | None) -> web.Response:
 
 
 async def post_batches(request: web.Request) -> web.StreamResponse:
-    """POST /v1/disks/{disk}/batches: batches in, acknowledged once durable."""
+    """POST /v1/disks/{disk}/batches[?resume=1]: batches in, acknowledged once durable."""
     metrics, cache = request.app[METRICS], request.app[CACHE]
     stream = _stream(request)
+    try:
+        resume = query_flag(request, "resume")
+    except MalformedError as exc:
+        return exception_answer(exc)
     if cache.full:
         metrics.rejects.labels("cache-full").inc()
         return error_answer(
@@ -124,15 +134,9 @@ async def post_batches(request: web.Request) -> web.StreamResponse:
     body_timeout_s = request.app[CONNECTIONS].body_timeout_s
     try:
         async with stream.request_lock:
-            pieces = body_pieces(request.content, timeout_s=body_timeout_s)
-            eof = False
-            while not eof:
-                chunk = await anext(pieces, b"")
-                if chunk:
-                    decoder.feed(chunk)
-                else:
-                    decoder.feed_eof()
-                    eof = True
+            if resume and not stream.cached:
+                await _follow(request.app[MASTER_TARGET], stream, RESUME_POSITION_TIMEOUT_S)
+            async for _ in feed_body(request.content, decoder, timeout_s=body_timeout_s):
                 for batch in decoder.events():
                     verdict = await _take(request.app[MASTER_TARGET], stream, batch)
                     metrics.count_batch(stream.disk_id, batch, verdict.admission.fit)
@@ -160,11 +164,24 @@ async def _take(master_target: MasterTargetClient, stream: DiskStream, batch: Ba
     target's seq order keeps the stream exact.
     """
     verdict = await stream.take(batch)
-    if verdict.admission.fit is Fit.GAP and not stream.cached:
-        there = await master_target.received_position(stream.disk_id)
-        if there is not None and await stream.follow(there):
-            verdict = await stream.take(batch)
+    if (
+        verdict.admission.fit is Fit.GAP
+        and not stream.cached
+        and await _follow(master_target, stream)
+    ):
+        verdict = await stream.take(batch)
     return verdict
+
+
+async def _follow(
+    master_target: MasterTargetClient, stream: DiskStream, timeout_s: float = POSITION_TIMEOUT_S
+) -> bool:
+    """Take the master target's position of the disk if it is past this one; the
+    caller holds the stream's request lock and saw nothing cached. False when the
+    master target did not answer within ``timeout_s`` or holds no more than this
+    process server."""
+    there = await master_target.received_position(stream.disk_id, timeout_s=timeout_s)
+    return there is not None and await stream.follow(there)
 
 
 async def get_state(request: web.Request) -> web.StreamResponse:

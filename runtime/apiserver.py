@@ -83,6 +83,18 @@ def query_int(request: web.Request, name: str, default: int | None = None) -> in
     return decimal(text, f"query parameter {name}")
 
 
+def query_flag(request: web.Request, name: str) -> bool:
+    """The query parameter ``name`` as ``1`` (true) or ``0`` (false); false when absent.
+
+    Raises:
+        MalformedError: any other value.
+    """
+    text = request.query.get(name, "0")
+    if text not in ("0", "1"):
+        raise MalformedError(f"query parameter {name} must be 0 or 1, found {text!r}")
+    return text == "1"
+
+
 def query_seconds(request: web.Request, name: str, most: float) -> float:
     """The query parameter ``name`` as seconds in 0..``most`` (0 when absent).
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Final
+from typing import Final, Protocol
 
 from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -80,6 +80,33 @@ async def body_pieces(content: StreamReader, *, timeout_s: float) -> AsyncIterat
                 f"expected data or the end of the request body, found {empty_in_a_row} "
                 f"empty pieces in a row after {received} bytes"
             )
+
+
+class Decoder(Protocol):
+    """What takes a body in pieces: protocol/'s incremental decoders."""
+
+    def feed(self, data: bytes) -> None: ...
+
+    def feed_eof(self) -> None: ...
+
+
+async def feed_body(
+    content: StreamReader, sink: Decoder, *, timeout_s: float
+) -> AsyncIterator[None]:
+    """Feed ``sink`` each piece of a body as it arrives, then the body's end.
+
+    Yields after each feed, so the caller takes what the piece completed
+    (its decoder's events) before the next one is read; the last yield
+    follows ``feed_eof()``.
+
+    Raises:
+        BodyTimeoutError, MalformedError, TruncatedError: as for :func:`body_pieces`.
+    """
+    async for piece in body_pieces(content, timeout_s=timeout_s):
+        sink.feed(piece)
+        yield
+    sink.feed_eof()
+    yield
 
 
 async def small_body(request: web.Request, *, max_bytes: int, timeout_s: float) -> bytes:

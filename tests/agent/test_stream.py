@@ -34,6 +34,7 @@ from protocol.records import NO_FLAGS, Record, Tag, TagKind, Write
 from protocol.sequencing import StreamPosition
 from tests.conftest import Deployment
 from tests.faults.daemons import free_port
+from tests.faults.pausable_proxy import PausableProxy
 from tests.mastertarget.conftest import apply_to_model, random_workload, write_config
 from tests.processserver.test_api import write_ps_config
 
@@ -195,6 +196,53 @@ async def test_a_dead_process_server_with_files_in_its_cache_loses_nothing(site:
     assert (pool.failovers, pool.current.url) == (1, f"https://127.0.0.1:{spare.port}")
     assert stream.stats.resent_bytes > 0
     await asyncio.wait_for(mt.replicas[DISK].wait_applied(StreamPosition(1, 18)), 30)
+    await stream.close()
+    await pool.close()
+    assert site.target() == model
+
+
+async def test_a_stream_resumed_elsewhere_sends_from_where_the_master_target_holds_it(
+    site: Site,
+) -> None:
+    """The agent stops before it heard what the master target holds: it resumes
+    on a process server that saw nothing of the disk, from the journal's start,
+    merging its batches into one that starts before the master target's next
+    seq and ends after it. The process server takes the master target's
+    position first (``resume=1``); the overlap is sent again from there, and
+    no resync is needed."""
+    mt = await site.start_mt()
+    link = PausableProxy(site.mt_port)
+    await link.start()
+    link.pause()
+    first = await site.start_ps(mt_port=link.port)
+    pool = site.pool(first)
+    stream = await site.stream(pool)
+    stream.start()
+    model, rng = bytearray(SIZE), random.Random(4)
+    for _ in range(4):  # one request, one cached file each
+        records = random_workload(rng, SIZE, 3, max_len=30_000)
+        await _append(stream, records)
+        apply_to_model(model, records)
+        await asyncio.wait_for(stream.wait_acked(), 30)
+    await stream.close()  # nothing trimmed: nothing was shipped yet
+    await pool.close()
+    assert len(_journal(site)) == 4
+    link.resume()
+    await asyncio.wait_for(mt.replicas[DISK].wait_applied(StreamPosition(1, 12)), 30)
+    await first.close()
+    await link.close()
+
+    elsewhere = await site.start_ps()
+    pool = site.pool(elsewhere)
+    stream = await site.stream(pool)
+    records = random_workload(rng, SIZE, 3, max_len=30_000)
+    await _append(stream, records)  # seqs 13..15, merged with 1..12 on the wire
+    apply_to_model(model, records)
+    stream.start()
+    await asyncio.wait_for(stream.wait_shipped(), 30)
+    await asyncio.wait_for(mt.replicas[DISK].wait_applied(StreamPosition(1, 15)), 30)
+    state = await pool.current.state(DISK)
+    assert (state.acked_seq, state.shipped_seq, state.resync_required) == (15, 15, False)
     await stream.close()
     await pool.close()
     assert site.target() == model

@@ -64,8 +64,9 @@ class Agent:
         self.session = session
         self.base = f"https://127.0.0.1:{port}/v1/disks"
 
-    async def post(self, disk: str, body: bytes) -> tuple[int, dict]:  # type: ignore[type-arg]
-        async with self.session.post(f"{self.base}/{disk}/batches", data=body) as response:
+    async def post(self, disk: str, body: bytes, query: str = "") -> tuple[int, dict]:  # type: ignore[type-arg]
+        url = f"{self.base}/{disk}/batches" + (f"?{query}" if query else "")
+        async with self.session.post(url, data=body) as response:
             return response.status, await response.json()
 
     async def state(self, disk: str) -> dict:  # type: ignore[type-arg]

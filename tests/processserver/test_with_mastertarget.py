@@ -191,6 +191,66 @@ async def test_a_process_server_takes_the_stream_where_the_master_target_holds_i
     assert_image_holds(tmp_path / "mt" / "vm01-d0.raw", bytes(model))
 
 
+async def test_a_resumed_stream_takes_the_master_targets_position_before_any_batch(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """An agent that moved sends again from what it knows the master target
+    holds, merging its batches along other lines than the first time. With
+    ``resume=1`` a process server that saw none of the stream takes the master
+    target's position first and refuses the merged batch as an overlap; without
+    it, it caches a file the master target can never place, and the disk
+    needs a resync."""
+    mt_port = free_port()
+    mt = await _mastertarget(deployment, tmp_path / "mt", mt_port)
+    servers = [
+        await ProcessServer.start(
+            ps_config.load(_ps_config(deployment, tmp_path / f"ps{n}", mt_port)), data_port=0,
+            metrics_port=0,
+        )
+        for n in range(3)
+    ]  # fmt: skip
+    rng = random.Random(9)
+    records = random_workload(rng, SIZE, 18, max_len=20_000)
+    model = bytearray(SIZE)
+    try:
+        connector = aiohttp.TCPConnector(ssl=deployment.client_tls("vm01"))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            first, moved_to, unaware = (Agent(session, ps.port) for ps in servers)
+            for seq in (1, 4, 7, 10):
+                status, answer = await first.post(
+                    "vm01-d0", _body("vm01-d0", seq, records[seq - 1 : seq + 2])
+                )
+                assert status == 200, answer
+            await asyncio.wait_for(mt.replicas["vm01-d0"].wait_applied(StreamPosition(1, 12)), 30)
+
+            status, answer = await moved_to.post(
+                "vm01-d0", _body("vm01-d0", 1, records[:15]), "resume=yes"
+            )
+            assert (status, answer["error"]) == (400, "malformed"), answer
+            assert "query parameter resume must be 0 or 1" in answer["message"]
+            status, answer = await moved_to.post(
+                "vm01-d0", _body("vm01-d0", 1, records[:15]), "resume=1"
+            )
+            assert (status, answer["error"], answer["expected_seq"]) == (409, "overlap", 13), answer
+            status, answer = await moved_to.post("vm01-d0", _body("vm01-d0", 13, records[12:15]))
+            assert (status, answer["acked_seq"]) == (200, 15), answer
+            await asyncio.wait_for(mt.replicas["vm01-d0"].wait_applied(StreamPosition(1, 15)), 30)
+            assert (await moved_to.state("vm01-d0"))["resync_required"] is False
+
+            status, answer = await unaware.post("vm01-d0", _body("vm01-d0", 1, records[:18]))
+            assert (status, answer["acked_seq"]) == (200, 18), "taken as the next batch"
+            deadline = asyncio.get_running_loop().time() + 30
+            while not (await unaware.state("vm01-d0"))["resync_required"]:
+                assert asyncio.get_running_loop().time() < deadline, "no resync after 30 s"
+                await asyncio.sleep(0.05)
+    finally:
+        for ps in servers:
+            await ps.close()
+        await mt.close()
+    apply_to_model(model, records[:15])
+    assert_image_holds(tmp_path / "mt" / "vm01-d0.raw", bytes(model))
+
+
 async def test_a_state_request_waits_for_the_master_target_to_hold_a_seq(
     deployment: Deployment, tmp_path: Path
 ) -> None:
