@@ -60,7 +60,14 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import fs_bench, initial_copy_bench, resync_bench, smallwrite_bench
+from benchmarks import (
+    daemon_profile,
+    fs_bench,
+    initial_copy_bench,
+    resync_bench,
+    smallwrite_bench,
+)
+from benchmarks.daemon_profile import ProfileSummary, profile_daemons, profile_table
 from benchmarks.deploy import default_dir
 from benchmarks.floor import measure_floor
 from benchmarks.phases import Runner, load_figures, per_disk_rpo
@@ -139,10 +146,18 @@ def log(message: str) -> None:
 async def site_phases(
     site: Site,
     *, blocks: list[bytes], profile: Profile, plan: Plan, want: set[str],
-    notes: list[str],
+    notes: list[str], profile_into: Path | None = None,
 ) -> tuple[dict[str, Any], Runner]:  # fmt: skip
-    """full, half and mt-down on one site; each phase's figures by name."""
+    """full, half and mt-down on one site; each phase's figures by name. With
+    ``profile_into``, the daemons are sampled (py-spy) through full's window."""
     out: dict[str, Any] = {}
+    profiles: dict[str, ProfileSummary] = {}
+
+    async def sampled() -> None:
+        pids = {name: pid for name, pid in (("ps", site.ps_pid), ("mt", site.mt_pid)) if pid}
+        assert profile_into is not None
+        profiles.update(await profile_daemons(pids, plan.full_s - 1, profile_into))
+
     # The site's disks may be smaller than ours (running daemons); a rate is shared by them.
     size = min(profile.disk_bytes, site.disk_bytes) // profile.block_bytes * profile.block_bytes
     rate = profile.rate_Bps / len(site.disks) if profile.rate_Bps is not None else None
@@ -153,11 +168,17 @@ async def site_phases(
             runner.say(
                 f"full: {len(sources)} disks, {_describe(profile)}, {_span(plan, plan.full_s)}"
             )
-            phase = await runner.load("full", sources, seconds=plan.full_s, warmup_s=plan.warmup_s)
+            phase = await runner.load(
+                "full", sources, seconds=plan.full_s, warmup_s=plan.warmup_s,
+                during=sampled if profile_into is not None else None,
+            )  # fmt: skip
             out["full"] = {
                 **load_figures(runner, phase), "disks": len(sources),
                 "ps_rss_MiB": site.peak_rss_mib("ps"), "mt_rss_MiB": site.peak_rss_mib("mt"),
             }  # fmt: skip
+            if profiles:
+                out["full"]["profile"] = {name: p.to_json() for name, p in profiles.items()}
+                runner.say("full: profiles\n" + profile_table(profiles))
             out["full"]["drain_s"] = await runner.drain(sources, DRAIN_TIMEOUT_S)
             full = out["full"]
             runner.say(f"full: applied {full['e2e_MBps']} MB/s, acked {full['acked_MBps']} MB/s")
@@ -302,6 +323,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--results", metavar="DIR",
                         help="results folder (default: benchmarks/results/TIMESTAMP)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--profile-daemons", action="store_true",
+                        help="sample both daemons with py-spy through full; the stacks go "
+                        "into the results folder, the top functions into the JSON")  # fmt: skip
     running = parser.add_argument_group(
         "running daemons",
         "drive these instead of starting a site for full, half and mt-down (their disks are "
@@ -318,6 +342,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     running.add_argument("--mt-pid", type=int, help="for CPU, memory and the mt-down phase")
     args = parser.parse_args(argv)
     want = set(args.phases.split(","))
+    if args.profile_daemons and not daemon_profile.available():
+        parser.error("--profile-daemons: expected py-spy on the PATH (pip install py-spy)")
     if not want <= set(PHASES):
         parser.error(f"--phases: expected some of {','.join(PHASES)}, found {args.phases}")
     if args.ps_url and not all((args.mt_metrics_url, args.ca, args.cert, args.key, args.disk_ids)):
@@ -397,7 +423,13 @@ def measure(args: argparse.Namespace, plan: Plan, base: Path, notes: list[str]) 
             try:
                 out, runner = uvloop.run(
                     site_phases(
-                        site, blocks=blocks, profile=profile, plan=plan, want=want, notes=notes
+                        site,
+                        blocks=blocks,
+                        profile=profile,
+                        plan=plan,
+                        want=want,
+                        notes=notes,
+                        profile_into=args.profile_into,
                     )
                 )
             finally:
@@ -461,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results or Path(__file__).resolve().parent / "results" / started)
     base = Path(args.dir) if args.dir else default_dir()
     notes: list[str] = []
+    args.profile_into = results / "profile" if args.profile_daemons else None
     figures, runners = measure(args, plan, base, notes)
     result: dict[str, Any] = {**headline(figures)}
     result["targets"] = judge(result)

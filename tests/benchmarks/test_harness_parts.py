@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.daemon_profile import PROJECT, summarize
 from benchmarks.report import judge, table, write_results
 from benchmarks.sitemetrics import MT_RPO, PS_CACHE, MtSample, Sampler, parse, percentile
 from benchmarks.workload import Profile, Source
@@ -173,3 +174,23 @@ def test_without_matplotlib_the_json_is_written_and_the_plot_skipped(
     said = write_results(tmp_path, {"e2e_MBps": 50.0}, TIMELINE)
     assert said.startswith("plot skipped: matplotlib is not installed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_a_profile_sums_each_function_once_per_stack() -> None:
+    raw = "\n".join([
+        "thread (11): MainThread;_run_once (/usr/lib/python3.11/asyncio/base_events.py:1922);"
+        f"seal ({PROJECT}processserver/sealing.py:40);compress (zstandard/__init__.py:9) 6",
+        "thread (11): MainThread;_run_once (/usr/lib/python3.11/asyncio/base_events.py:1922);"
+        f"seal ({PROJECT}processserver/sealing.py:41) 3",
+        "thread (12): worker;recurse (/x/a.py:1);recurse (/x/a.py:1) 1",
+        "garbage without a count",
+    ])  # fmt: skip
+    summary = summarize(raw)
+    assert summary.samples == 10
+    assert summary.self_top[0] == ("compress (zstandard/__init__.py)", 0.6)
+    assert ("seal (processserver/sealing.py)", 0.3) in summary.self_top
+    total = dict(summary.total_top)
+    assert total["_run_once (asyncio/base_events.py)"] == 0.9
+    assert total["seal (processserver/sealing.py)"] == 0.9
+    assert total["recurse (/x/a.py)"] == 0.1, "a recursive function counts once per stack"
+    assert not any(name.startswith("thread") for name in total)
