@@ -2,12 +2,15 @@
 outside (no change to the daemon, a few per cent of a core to py-spy) and
 the stacks are summed per function.
 
-``run.py --profile`` records the full phase's measured window; the table it
-prints (and docs/performance.md keeps) has, for each daemon, the functions
-with the most samples at the top of the stack ("self": where the time went)
-and the callers that hold the most beneath them ("total": which path it
-took). A function is ``name (file)``, the path cut to the project or the
-library it lies in.
+``run.py --profile-daemons`` records the full phase's measured window; the
+table it prints (and docs/performance.md keeps) has, for each daemon, the
+functions with the most samples at the top of the stack ("self": where the
+time went, C code counted to the Python function that called it) and the
+project's functions that hold the most beneath them ("total": which path
+it took). Shares are of the samples in which a thread worked: idle pool
+threads are left out (:data:`IDLE`). ``Runner.run`` as "self" is the event
+loop's own C code (uvloop: polling, its transports). A function is
+``name (file)``, the path cut to the project or the library it lies in.
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ RATE_HZ: Final = 100
 TOP: Final = 12
 #: A frame of py-spy's raw (collapsed) output: ``name (path:line)``.
 FRAME: Final = re.compile(r"^(?P<name>.*?) \((?P<path>[^():]+)(?::\d+)?\)$")
+#: Stacks whose innermost Python frame only waits: a pool's worker thread
+#: blocked on its queue. py-spy cannot tell a thread blocked in C from one
+#: running C code, so these are left out by name; what is left is the CPU.
+IDLE: Final = frozenset({"_worker (concurrent/futures/thread.py)"})
+#: The project's own packages: the "total" column lists only their
+#: functions, the paths the work took through the daemon's code.
+PACKAGES: Final = ("protocol/", "runtime/", "processserver/", "mastertarget/", "agent/")
 #: How py-spy names the thread or process a stack is of, before its frames.
 WHO: Final = ("thread (", "process ")
 #: Where a frame's file is named from: the project's folder, and the
@@ -43,7 +53,7 @@ class ProfileSummary:
     samples: int
     #: (function, share of samples) with the function at the top of the stack
     self_top: list[tuple[str, float]]
-    #: (function, share of samples) with the function anywhere in the stack
+    #: (function of the project, share of samples) with it anywhere in the stack
     total_top: list[tuple[str, float]]
 
     def to_json(self) -> dict[str, object]:
@@ -112,10 +122,13 @@ def summarize(text: str, top: int = TOP) -> ProfileSummary:
         frames = [_function(f) for f in stack.split(";") if "(" in f and not f.startswith(WHO)]
         if not frames:
             continue
+        if frames[-1] in IDLE:
+            continue
         samples += count
         own[frames[-1]] += count
         for name in set(frames):
-            anywhere[name] += count
+            if name.split(" (", 1)[1].startswith(PACKAGES):
+                anywhere[name] += count
 
     def shares(counter: Counter[str]) -> list[tuple[str, float]]:
         return [(name, round(n / samples, 3)) for name, n in counter.most_common(top)]

@@ -9,8 +9,14 @@ data, on one core, the CPU seconds of:
   to the master target;
 - ``encode``: the load generator (or agent) laying out its batches
   (protocol/batch.py: the table and the payload's XXH3-128);
+- ``check``: the process server checking each batch as it decodes it
+  (protocol/batch.py: the header, the payload's XXH3-128, the records),
+  fed in the pieces TLS hands out;
 - ``seal``: the process server sealing a batch's payload into an HRL file
   (zstd, AES-256-GCM: protocol/hrl.py);
+- ``store``: the process server making each sealed file durable in its
+  cache before it acknowledges it (a new file, written and fdatasync'd:
+  docs/design.md invariant 1);
 - ``verify``: the master target opening each file whole (AES-GCM, zstd,
   XXH3-128, the records: ``open_hrl``);
 - ``before_image``: the master target's undo journal: reading what a write
@@ -40,7 +46,7 @@ from typing import Final
 import zstandard
 
 from agent.pki import init_ca, issue_machine
-from protocol.batch import BatchHeader, EncodedBatch, lay_out_batch
+from protocol.batch import BatchDecoder, BatchHeader, EncodedBatch, lay_out_batch
 from protocol.hrl import HrlSealer, open_hrl
 from protocol.keyring import KeyRing
 from protocol.records import Record, Write
@@ -71,7 +77,13 @@ class Floor:
     @property
     def ps_s_per_GB(self) -> float:
         ship = 1 / self.compression_ratio  # the sealed bytes per write byte
-        return self.steps["tls_decrypt"] + self.steps["seal"] + self.steps["tls_encrypt"] * ship
+        return (
+            self.steps["tls_decrypt"]
+            + self.steps["check"]
+            + self.steps["seal"]
+            + self.steps["store"]
+            + self.steps["tls_encrypt"] * ship
+        )
 
     @property
     def mt_s_per_GB(self) -> float:
@@ -118,15 +130,18 @@ def measure_floor(
         sealed_bytes = sum(len(s) for s in sealed)
         tls = TlsPair.handshaken(work)
         wire = b"".join(payloads)
+        pieces = _pieces(laid)
         fd = os.open(work / "target.img", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             os.ftruncate(fd, FILE_BYTES)
             _pwrite(fd, batches)  # before-images are of data, as on a disk in use
             steps = {
                 "encode": lambda: [_lay_out(r, n) for n, r in enumerate(batches, 1)],
+                "check": lambda: _check(pieces, len(laid)),
                 "seal": lambda: [
                     _seal(sealer, b.header, p) for b, p in zip(laid, payloads, strict=True)
                 ],
+                "store": lambda: _store(sealed, work),
                 "verify": lambda: [open_hrl(s, keyring) for s in sealed],
                 "before_image": lambda: _before_images(fd, batches, keyring, work),
                 "pwrite": lambda: _pwrite(fd, batches),
@@ -195,6 +210,40 @@ def _before_images(fd: int, batches: list[list[Record]], keyring: KeyRing, work:
             out.write(sealed)
             out.flush()
             os.fdatasync(out.fileno())
+
+
+def _pieces(laid: list[EncodedBatch]) -> list[bytes]:
+    """The batches' wire bytes in the pieces TLS hands a server (made before timing)."""
+    wire = memoryview(b"".join(bytes(part) for batch in laid for part in batch.segments))
+    return [bytes(wire[i : i + TLS_WRITE_BYTES]) for i in range(0, len(wire), TLS_WRITE_BYTES)]
+
+
+def _check(pieces: list[bytes], expected: int) -> int:
+    """Decode batches from their wire pieces, every check made."""
+    decoder = BatchDecoder(expected_disk_id="d")
+    taken = 0
+    for piece in pieces:
+        decoder.feed(piece)
+        taken += sum(1 for _ in decoder.events())
+    decoder.feed_eof()
+    taken += sum(1 for _ in decoder.events())
+    if taken != expected:
+        raise RuntimeError(f"expected {expected} batches decoded, found {taken}")
+    return taken
+
+
+def _store(sealed: list[bytes], work: Path) -> None:
+    """Each sealed file written as a new file and made durable, then removed
+    (as the shipper does once the master target holds it)."""
+    for n, data in enumerate(sealed):
+        path = work / f"cached-{n}.hrl"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        path.unlink()
 
 
 def _pwrite(fd: int, batches: list[list[Record]]) -> None:

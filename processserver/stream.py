@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -231,12 +232,19 @@ class DiskStream:
             await self._file_cached.wait()
         return self._cached[0]
 
+    def contents(self, files: Sequence[CachedFile]) -> list[bytes] | None:
+        """The bytes of cached ``files`` if the cache still holds them all in memory."""
+        return self._parts.cache.contents(files)
+
+    def read(self, files: Sequence[CachedFile]) -> list[bytes]:
+        """The bytes of cached ``files``, read where memory no longer holds them (blocking)."""
+        return self._parts.cache.read(files)
+
     async def shipped(self, files: Sequence[CachedFile]) -> None:
-        """The master target holds ``files``, the oldest cached: delete them, move
-        ``shipped_seq``."""
+        """The master target holds ``files``, the oldest cached: delete them (one
+        trip to the executor for all), move ``shipped_seq``."""
         async with self._changing:
-            for file in files:
-                await self._release(file)
+            await self._release(files)
 
     async def drop_held(self, count: int) -> None:
         """Drop the ``count`` oldest cached files, which the master target holds already."""
@@ -261,17 +269,21 @@ class DiskStream:
 
     async def _drop_oldest(self, count: int) -> None:
         async with self._changing:
-            for _ in range(count):
-                await self._release(self._cached[0])
+            await self._release(list(itertools.islice(self._cached, count)))
 
-    async def _release(self, file: CachedFile) -> None:
-        """Delete a file the master target holds; the caller holds ``_changing``."""
+    async def _release(self, files: Sequence[CachedFile]) -> None:
+        """Delete files the master target holds, the oldest cached; the caller
+        holds ``_changing``."""
+        if not files:
+            return
         parts = self._parts
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(parts.executor, parts.cache.remove, file)
-        if self._cached and self._cached[0] is file:
-            self._cached.popleft()
-        self._move(self._position.shipped(file.generation, file.last_seq))
+        await loop.run_in_executor(parts.executor, _remove_all, parts.cache, files)
+        for file in files:
+            if self._cached and self._cached[0] is file:
+                self._cached.popleft()
+        last = files[-1]
+        self._move(self._position.shipped(last.generation, last.last_seq))
 
     async def _commit(self, moved: DiskPosition) -> None:
         """Commit ``moved`` to the database, then take it; the caller holds ``_changing``.
@@ -289,6 +301,11 @@ class DiskStream:
         self._position = moved
         self._moved.set()
         self._moved = asyncio.Event()
+
+
+def _remove_all(cache: Cache, files: Sequence[CachedFile]) -> None:
+    for file in files:
+        cache.remove(file)
 
 
 def _read_back(disk_id: str, parts: StreamParts) -> tuple[ScanResult, DiskPosition]:
