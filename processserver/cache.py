@@ -27,7 +27,6 @@ import contextlib
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,18 +42,9 @@ from runtime.crashsafe import (
     write_file_synced,
 )
 
-#: Bytes of the newest cached files also kept in memory, for the shipper to
-#: send without reading them back: at full load a file is shipped within
-#: milliseconds of being stored, and reading it again cost the process server
-#: an open, a stat and a copy per file. Beyond this the shipper reads the
-#: files (a master target that was away, a backlog); the process server's
-#: memory stays bounded whatever the cache holds.
-RECENT_BYTES: Final = 32 * 2**20
 #: Cached files hold ciphertext only, but their sizes and timing still tell
 #: how a disk is written: readable by the service alone.
 FILE_MODE: Final = 0o600
-#: Cached files' bytes, back to back (the class's ``bytes`` property hides the type).
-Pieces = list[bytes]
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -94,9 +84,6 @@ class Cache:
         self._lock = threading.Lock()
         self._bytes = 0
         self._full = False
-        #: the newest stored files' bytes by path, oldest first (:data:`RECENT_BYTES`)
-        self._recent: OrderedDict[Path, tuple[bytes, bytes]] = OrderedDict()
-        self._recent_bytes = 0
 
     def set_marks(self, *, high_bytes: int, low_bytes: int) -> None:
         """New watermarks (a reload); the next admission decision uses them."""
@@ -159,8 +146,7 @@ class Cache:
         stored: list[CachedFile] = []
         folders: set[Path] = set()
         replaced = 0  # bytes of files a resend wrote again under the same name
-        sealed_list = list(sealed)
-        for item in sealed_list:
+        for item in sealed:
             header = item.header
             folder = self._folder(header.disk_id)
             path = folder / hrl_file_name(header.generation, header.first_seq, header.last_seq)
@@ -184,49 +170,10 @@ class Cache:
             fsync_dir(folder)
         with self._lock:
             self._bytes += sum(f.size for f in stored) - replaced
-            for item, cached in zip(sealed_list, stored, strict=True):
-                self._forget(cached.path)
-                self._recent[cached.path] = item.segments
-                self._recent_bytes += cached.size
-            while self._recent_bytes > RECENT_BYTES:
-                self._forget(next(iter(self._recent)))
         return stored
-
-    def contents(self, files: Iterable[CachedFile]) -> Pieces | None:
-        """The files' bytes, back to back in pieces, if all are still in memory;
-        None if any must be read (:meth:`read`)."""
-        pieces: Pieces = []
-        with self._lock:
-            for cached in files:
-                segments = self._recent.get(cached.path)
-                if segments is None:
-                    return None
-                pieces += segments
-        return pieces
-
-    def read(self, files: Iterable[CachedFile]) -> Pieces:
-        """The files' bytes, from memory where they still are, else from disk (blocking).
-
-        Raises:
-            OSError: a file could not be read.
-        """
-        pieces: Pieces = []
-        for cached in files:
-            with self._lock:
-                segments = self._recent.get(cached.path)
-            pieces += segments if segments is not None else (cached.path.read_bytes(),)
-        return pieces
-
-    def _forget(self, path: Path) -> None:
-        """Drop a file's bytes from memory; the caller holds the lock."""
-        segments = self._recent.pop(path, None)
-        if segments is not None:
-            self._recent_bytes -= sum(len(s) for s in segments)
 
     def remove(self, cached: CachedFile) -> None:
         """Delete a file the master target acknowledged (see the module docstring)."""
-        with self._lock:
-            self._forget(cached.path)
         try:
             cached.path.unlink()
         except FileNotFoundError:
@@ -238,8 +185,6 @@ class Cache:
         """Move a file that failed its checks aside, with its reason; durable."""
         folder = self.root / "quarantine" / disk_id
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with self._lock:
-            self._forget(path)
         target = folder / f"{path.name}.{time.time_ns()}"
         write_file_atomic(target.with_name(target.name + ".reason"), reason.encode() + b"\n")
         os.replace(path, target)

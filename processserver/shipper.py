@@ -161,9 +161,9 @@ class Shipper:
         )
         status = 0
         try:
-            datas = stream.contents(run)
-            if datas is None:  # not all in memory: read on the executor
-                datas = await loop.run_in_executor(self._executor, stream.read, run)
+            datas = await loop.run_in_executor(
+                self._executor, lambda: [f.path.read_bytes() for f in run]
+            )
             size = sum(len(d) for d in datas)
             started = loop.time()
             async with self._master_target.session.put(

@@ -232,14 +232,6 @@ class DiskStream:
             await self._file_cached.wait()
         return self._cached[0]
 
-    def contents(self, files: Sequence[CachedFile]) -> list[bytes] | None:
-        """The bytes of cached ``files`` if the cache still holds them all in memory."""
-        return self._parts.cache.contents(files)
-
-    def read(self, files: Sequence[CachedFile]) -> list[bytes]:
-        """The bytes of cached ``files``, read where memory no longer holds them (blocking)."""
-        return self._parts.cache.read(files)
-
     async def shipped(self, files: Sequence[CachedFile]) -> None:
         """The master target holds ``files``, the oldest cached: delete them (one
         trip to the executor for all), move ``shipped_seq``."""

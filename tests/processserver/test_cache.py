@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from processserver.cache import RECENT_BYTES, Cache
+from processserver.cache import Cache
 from protocol.filenames import hrl_file_name
 from protocol.hrl import HrlSealer, SealedHrl
 from protocol.keyring import KeyRing
@@ -45,27 +45,6 @@ def test_group_commit_stores_every_file_privately(tmp_path: Path) -> None:
     cache.remove(stored[0])
     assert not stored[0].path.exists()
     assert cache.bytes == sum(len(s.to_bytes()) for s in group[1:])
-
-
-def test_the_newest_files_are_shipped_from_memory_and_memory_stays_bounded(
-    tmp_path: Path,
-) -> None:
-    cache = _cache(tmp_path, high=10**10)
-    size = RECENT_BYTES // 8  # each file a little over: 7 fill memory
-    stored = cache.store_group([_sealed("a", n, size) for n in range(1, 11)])
-    wanted = [f.path.read_bytes() for f in stored]
-    # The newest that fit in RECENT_BYTES are in memory, the oldest are not...
-    assert cache.contents(stored[-7:]) is not None
-    assert cache.contents(stored[-8:-7]) is None, "memory grew past RECENT_BYTES"
-    # ...and either way the bytes are the file's, back to back.
-    assert b"".join(cache.contents(stored[-3:]) or []) == b"".join(wanted[-3:])
-    assert b"".join(cache.read(stored)) == b"".join(wanted)
-    # A file removed (shipped) or quarantined leaves memory too.
-    cache.remove(stored[-1])
-    assert cache.contents(stored[-1:]) is None
-    cache.quarantine("a", stored[-2].path, "test")
-    assert cache.contents(stored[-2:-1]) is None
-    assert cache.contents(stored[-3:-2]) is not None
 
 
 def test_scan_lists_good_files_in_order_and_quarantines_the_rest(tmp_path: Path) -> None:
