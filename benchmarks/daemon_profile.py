@@ -38,6 +38,10 @@ IDLE: Final = frozenset({"_worker (concurrent/futures/thread.py)"})
 #: The project's own packages: the "total" column lists only their
 #: functions, the paths the work took through the daemon's code.
 PACKAGES: Final = ("protocol/", "runtime/", "processserver/", "mastertarget/", "agent/")
+#: The daemons' entry points: under every sample of the main thread, they
+#: tell nothing of where the work went.
+ENTRIES: Final = ("processserver/cli.py", "mastertarget/cli.py", "runtime/command.py",
+                  "runtime/service.py")  # fmt: skip
 #: How py-spy names the thread or process a stack is of, before its frames.
 WHO: Final = ("thread (", "process ")
 #: Where a frame's file is named from: the project's folder, and the
@@ -127,7 +131,8 @@ def summarize(text: str, top: int = TOP) -> ProfileSummary:
         samples += count
         own[frames[-1]] += count
         for name in set(frames):
-            if name.split(" (", 1)[1].startswith(PACKAGES):
+            where = name.split(" (", 1)[1]
+            if where.startswith(PACKAGES) and not where.startswith(ENTRIES):
                 anywhere[name] += count
 
     def shares(counter: Counter[str]) -> list[tuple[str, float]]:

@@ -32,6 +32,10 @@ themselves (benchmarks/sitemetrics.py, /proc). Phases, in order:
 - initial: initial_copy_bench.py (agent sync beside rsync and restic backup
   of a whole image).
 
+With ``--profile-daemons``, py-spy samples both daemons through full's
+measured window (benchmarks/daemon_profile.py): the raw stacks go into the
+results folder, each daemon's top functions into the JSON and the log.
+
 Prints a table (``--json``: one JSON object on stdout, the table on
 stderr), and writes results.json and a plot of throughput and RPO over the
 run into ``--results`` (default benchmarks/results/TIMESTAMP/). Progress goes
