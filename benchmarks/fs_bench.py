@@ -23,7 +23,12 @@ it applied all), ``fs_drain_s`` (from the load stopping until the master
 target applied everything), ``fs_commits_per_s``, ``fs_tags`` and
 ``fs_tags_whole``; and, beside it, ``fs_bare_commits_per_s``: the same
 writer on the same kind of volume over ``nbdkit file`` of a plain image
-(nbdfuse and a loop device too, nothing replicated). Needs root (a loop
+(nbdfuse and a loop device too, nothing replicated). Between the two,
+``fs_paused_commits_per_s``: the writer on the capture's export again for
+:data:`PAUSED_S` with the process server and the master target stopped
+(SIGSTOP; the capture still journals every write, its sender waits): the
+capture's own per-write cost, apart from the replication's work on the
+same cores. Needs root (a loop
 device, a FUSE mount), nbdkit with its Python plugin, nbdfuse, losetup,
 mkfs.ext4, e2fsck and fsfreeze.
 Run: ``.venv/bin/python benchmarks/fs_bench.py [--json] [--quick]``.
@@ -74,6 +79,8 @@ DEFAULT_COMMITS_PER_S: Final = 100.0
 DEFAULT_TAG_EVERY_S: Final = 5.0
 #: Seconds the peer (the same volume on a bare NBD export) runs the writer.
 BARE_S: Final = 10.0
+#: Seconds the writer runs with the process server and the master target stopped.
+PAUSED_S: Final = 5.0
 #: A row's payload: a database row of a few KiB.
 MIN_ROW_BYTES: Final = 512
 MAX_ROW_BYTES: Final = 4096
@@ -480,6 +487,7 @@ def measure(
                 samples, tags, drain_s = _load(
                     config, capture, applied, writer, seconds=seconds, tag_every=tag_every
                 )
+                paused = _paused_commits_per_s(dep, mount, commits, seed)
             finally:
                 volume.close()
             capture.settle()
@@ -494,12 +502,35 @@ def measure(
         "fs_rpo_max_s": _round(max(samples, default=0.0)),
         "fs_drain_s": _round(drain_s),
         "fs_commits_per_s": round(writer.committed / seconds, 1),
+        "fs_paused_commits_per_s": round(paused, 1),
         "fs_bare_commits_per_s": round(bare, 1),
         "fs_tags": len(tags),
         "fs_tags_whole": sum(1 for c in checks if c["whole"]),
         "tags": checks,
         "seconds": seconds,
     }
+
+
+def _paused_commits_per_s(dep: Deployment, mount: Path, commits: float, seed: int) -> float:
+    """Commits a second on the capture's export while the process server and
+    the master target are stopped; they run again before this returns."""
+    writer = Writer(mount / "paused.sqlite", commits, seed + 1)
+    thread = threading.Thread(target=writer.run, name="database-paused")
+    daemons = [d.proc for d in (dep.ps, dep.mt) if d.proc is not None]
+    for proc in daemons:
+        proc.send_signal(signal.SIGSTOP)
+    try:
+        thread.start()
+        time.sleep(PAUSED_S)
+    finally:
+        writer.stop.set()
+        if thread.is_alive():
+            thread.join()
+        for proc in daemons:
+            proc.send_signal(signal.SIGCONT)
+    if writer.error is not None:
+        raise PhaseError(f"the database's writer failed with replication paused: {writer.error}")
+    return writer.committed / PAUSED_S
 
 
 @contextlib.contextmanager

@@ -148,5 +148,6 @@ def test_fs_bench_recovers_every_tag_whole(tmp_path: Path) -> None:
     for key in ("fs_rpo_p50_s", "fs_rpo_p99_s", "fs_rpo_max_s", "fs_drain_s"):
         assert result[key] >= 0, key
     assert result["fs_commits_per_s"] > 2  # the database committed all along
+    assert result["fs_paused_commits_per_s"] > 2  # with replication stopped
     assert result["fs_bare_commits_per_s"] > 2  # and on the peer: the same volume, bare NBD
     assert list(tmp_path.iterdir()) == []  # the run's folder is removed
