@@ -7,8 +7,10 @@ table it prints (and docs/performance.md keeps) has, for each daemon, the
 functions with the most samples at the top of the stack ("self": where the
 time went, C code counted to the Python function that called it) and the
 project's functions that hold the most beneath them ("total": which path
-it took). Shares are of the samples in which a thread worked: idle pool
-threads are left out (:data:`IDLE`). ``Runner.run`` as "self" is the event
+it took). Shares are of the samples in which a thread was not idle: pool
+threads waiting for work are left out (:data:`IDLE`); a thread waiting for
+the GIL still counts, at the function that wants it, so the shares are of
+time spent, not strictly of CPU. ``Runner.run`` as "self" is the event
 loop's own C code (uvloop: polling, its transports). A function is
 ``name (file)``, the path cut to the project or the library it lies in.
 """
