@@ -63,13 +63,13 @@ CONNECTIONS: Final = web.AppKey("connections", ConnectionTimeouts)
 METRICS: Final = web.AppKey("metrics", ProcessServerMetrics)
 CACHE: Final = web.AppKey("cache", Cache)
 #: The process server's client of the master target: the checksum
-#: pass-through and the master target's position at a gap.
+#: pass-through and the master target's position at a gap or a resume.
+MASTER_TARGET: Final = web.AppKey("master_target", MasterTargetClient)
 #: Seconds a resumed stream's first request waits for the master target's
 #: position. A master target that does not answer by then is taken as away:
 #: the batches are cached as always (the process server's job while it is
 #: away), at the small risk docs/api.md describes under ``resume``.
 RESUME_POSITION_TIMEOUT_S: Final = 2.0
-MASTER_TARGET: Final = web.AppKey("master_target", MasterTargetClient)
 #: Bytes of the master target's checksum answer passed on per write.
 READ_CHUNK: Final = 256 * 1024
 #: A generation request is a small JSON object.
