@@ -28,9 +28,8 @@ writer on the same kind of volume over ``nbdkit file`` of a plain image
 :data:`PAUSED_S` with the process server and the master target stopped
 (SIGSTOP; the capture still journals every write, its sender waits): the
 capture's own per-write cost, apart from the replication's work on the
-same cores. Needs root (a loop
-device, a FUSE mount), nbdkit with its Python plugin, nbdfuse, losetup,
-mkfs.ext4, e2fsck and fsfreeze.
+same cores. Needs root (a loop device, a FUSE mount), nbdkit with its
+Python plugin, nbdfuse, losetup, mkfs.ext4, e2fsck and fsfreeze.
 Run: ``.venv/bin/python benchmarks/fs_bench.py [--json] [--quick]``.
 """
 
@@ -419,20 +418,32 @@ def bare_commits_per_s(root: Path, *, commits: float, seconds: float, seed: int)
         bare.mkdir()
         volume = _mount_volume(f"nbd://127.0.0.1:{port}", bare)
         try:
-            writer = Writer(volume.mount / "db.sqlite", commits, seed)
-            thread = threading.Thread(target=writer.run, name="database")
-            thread.start()
-            time.sleep(seconds)
-            writer.stop.set()
-            thread.join()
+            return _commits_per_s(
+                Writer(volume.mount / "db.sqlite", commits, seed), seconds, "on the peer"
+            )
         finally:
             volume.close()
     finally:
         server.terminate()
         server.wait(timeout=60)
         image.unlink()
+
+
+def _commits_per_s(writer: Writer, seconds: float, where: str) -> float:
+    """Run ``writer`` for ``seconds`` on a thread of its own; its commits a second.
+
+    Raises:
+        PhaseError: the writer failed (``where`` says which run).
+    """
+    thread = threading.Thread(target=writer.run, name="database")
+    thread.start()
+    try:
+        time.sleep(seconds)
+    finally:
+        writer.stop.set()
+        thread.join()
     if writer.error is not None:
-        raise PhaseError(f"the peer's database writer failed: {writer.error}")
+        raise PhaseError(f"the database's writer failed {where}: {writer.error}")
     return writer.committed / seconds
 
 
@@ -514,23 +525,15 @@ def measure(
 def _paused_commits_per_s(dep: Deployment, mount: Path, commits: float, seed: int) -> float:
     """Commits a second on the capture's export while the process server and
     the master target are stopped; they run again before this returns."""
-    writer = Writer(mount / "paused.sqlite", commits, seed + 1)
-    thread = threading.Thread(target=writer.run, name="database-paused")
     daemons = [d.proc for d in (dep.ps, dep.mt) if d.proc is not None]
     for proc in daemons:
         proc.send_signal(signal.SIGSTOP)
     try:
-        thread.start()
-        time.sleep(PAUSED_S)
+        writer = Writer(mount / "paused.sqlite", commits, seed + 1)
+        return _commits_per_s(writer, PAUSED_S, "with replication paused")
     finally:
-        writer.stop.set()
-        if thread.is_alive():
-            thread.join()
         for proc in daemons:
             proc.send_signal(signal.SIGCONT)
-    if writer.error is not None:
-        raise PhaseError(f"the database's writer failed with replication paused: {writer.error}")
-    return writer.committed / PAUSED_S
 
 
 @contextlib.contextmanager
