@@ -18,6 +18,7 @@ loop's own C code (uvloop: polling, its transports). A function is
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import shutil
 import sys
@@ -35,7 +36,8 @@ TOP: Final = 12
 FRAME: Final = re.compile(r"^(?P<name>.*?) \((?P<path>[^():]+)(?::\d+)?\)$")
 #: Stacks whose innermost Python frame only waits: a pool's worker thread
 #: blocked on its queue. py-spy cannot tell a thread blocked in C from one
-#: running C code, so these are left out by name; what is left is the CPU.
+#: running C code, so these are left out by name; what is left is time a
+#: thread worked or waited for the GIL.
 IDLE: Final = frozenset({"_worker (concurrent/futures/thread.py)"})
 #: The project's own packages: the "total" column lists only their
 #: functions, the paths the work took through the daemon's code.
@@ -140,11 +142,9 @@ def summarize(text: str, top: int = TOP) -> ProfileSummary:
     def shares(counter: Counter[str]) -> list[tuple[str, float]]:
         return [(name, round(n / samples, 3)) for name, n in counter.most_common(top)]
 
-    return (
-        ProfileSummary(samples, shares(own), shares(anywhere))
-        if samples
-        else (ProfileSummary(0, [], []))
-    )
+    if not samples:
+        return ProfileSummary(0, [], [])
+    return ProfileSummary(samples, shares(own), shares(anywhere))
 
 
 async def profile_daemons(
@@ -168,10 +168,10 @@ def profile_table(summaries: dict[str, ProfileSummary], top: int = 8) -> str:
             "| self | function | total | function |",
             "|---|---|---|---|",
         ]
-        rows = max(len(summary.self_top[:top]), len(summary.total_top[:top]))
-        for i in range(rows):
-            left = summary.self_top[i] if i < len(summary.self_top[:top]) else ("", 0.0)
-            right = summary.total_top[i] if i < len(summary.total_top[:top]) else ("", 0.0)
-            lines.append(f"| {left[1]:.1%} | `{left[0]}` | {right[1]:.1%} | `{right[0]}` |")
+        pairs = itertools.zip_longest(
+            summary.self_top[:top], summary.total_top[:top], fillvalue=("", 0.0)
+        )
+        for (left, left_share), (right, right_share) in pairs:
+            lines.append(f"| {left_share:.1%} | `{left}` | {right_share:.1%} | `{right}` |")
         lines.append("")
     return "\n".join(lines)
