@@ -3,7 +3,6 @@ HTTPS, sealed into the cache, acknowledged once durable."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
 import ssl
@@ -20,6 +19,7 @@ from protocol.batch import encode_batch
 from protocol.hrl import open_hrl
 from protocol.limits import MiB
 from protocol.records import Record, Write
+from runtime.uploads import in_pieces
 from tests.conftest import Deployment
 
 
@@ -60,19 +60,6 @@ def _body(
     )  # fmt: skip
 
 
-#: The test client encrypts and writes its bodies a piece at a time, as the
-#: agent does: a 16 MiB body written whole holds the shared event loop for
-#: one long callback, which the loop guard (tests/conftest.py) would count
-#: against the daemon in the same loop.
-PIECE_BYTES = 256 * 1024
-
-
-async def _in_pieces(body: bytes) -> AsyncIterator[bytes]:
-    for start in range(0, len(body), PIECE_BYTES):
-        yield body[start : start + PIECE_BYTES]
-        await asyncio.sleep(0)
-
-
 class Agent:
     def __init__(self, session: aiohttp.ClientSession, port: int) -> None:
         self.session = session
@@ -80,7 +67,10 @@ class Agent:
 
     async def post(self, disk: str, body: bytes, query: str = "") -> tuple[int, dict]:  # type: ignore[type-arg]
         url = f"{self.base}/{disk}/batches" + (f"?{query}" if query else "")
-        async with self.session.post(url, data=_in_pieces(body)) as response:
+        # In pieces, as the agent sends: a 16 MiB body written whole holds the
+        # loop the daemon shares for one long callback, which the loop guard
+        # (tests/conftest.py) would count against the daemon.
+        async with self.session.post(url, data=in_pieces([body])) as response:
             return response.status, await response.json()
 
     async def state(self, disk: str) -> dict:  # type: ignore[type-arg]
