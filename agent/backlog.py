@@ -17,6 +17,7 @@ notifies it.
 from __future__ import annotations
 
 import asyncio
+import bisect
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Final
@@ -117,13 +118,21 @@ class Backlog:
         """What the stream holds, as protocol/reaction.py's decisions see it."""
         return Journaled(self.generation, self.trimmed_seq, self.end_seq)
 
-    def to_send(self) -> list[JournalEntry]:
-        """The entries that hold seqs the process server in use has not acknowledged."""
-        return [e for e in self._journal.entries if e.last_seq > self._acked]
+    def to_send(self, after: int | None = None) -> list[JournalEntry]:
+        """The entries that hold seqs past ``after`` (by default, the seqs the process
+        server in use has not acknowledged)."""
+        seq = self._acked if after is None else after
+        entries = self._journal.entries  # in seq order, one after the other
+        return entries[bisect.bisect_right(entries, seq, key=lambda e: e.last_seq) :]
+
+    def has_past(self, seq: int) -> bool:
+        """Whether an entry holds seqs past ``seq``."""
+        entries = self._journal.entries
+        return bool(entries) and entries[-1].last_seq > seq
 
     @property
     def has_to_send(self) -> bool:
-        return any(e.last_seq > self._acked for e in self._journal.entries)
+        return self.has_past(self._acked)
 
     # --- the producer ------------------------------------------------------------------------
 

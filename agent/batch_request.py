@@ -61,9 +61,11 @@ async def build_request(
     entries: Sequence[JournalEntry],
     first: int,
     load: Callable[[JournalEntry], Awaitable[list[Buffer]]],
+    max_bytes: int = REQUEST_MAX_BYTES,
 ) -> BatchRequest:
     """The next request: whole batches of ``entries`` (in order, the first holding
-    seq ``first``), each read with ``load``, consecutive ones merged.
+    seq ``first``), each read with ``load``, consecutive ones merged, within
+    ``max_bytes`` (one batch at least).
 
     Raises:
         whatever ``load`` raises.
@@ -75,7 +77,7 @@ async def build_request(
         if entry.first_seq < first:  # the process server wants a seq inside this batch
             parts = cut_batch(parts, first)
         part_bytes = sum(memoryview(p).nbytes for p in parts)
-        if loaded and size + part_bytes > REQUEST_MAX_BYTES:
+        if loaded and size + part_bytes > max_bytes:
             break
         loaded.append(parts)
         size += part_bytes

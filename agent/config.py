@@ -53,6 +53,13 @@ TABLE_RESERVE_BYTES: Final = 2 * MiB
 #: as failed: a 32 MiB batch over a slow WAN link, or a hash answer for a
 #: large region that the master target is still reading.
 DEFAULT_REQUEST_TIMEOUT_S: Final = 120.0
+#: Requests of one disk's stream in flight at once: the next streams while
+#: the process server makes the one before durable, so a link with a round
+#: trip of its own is not idle between them; more would only wait at the
+#: process server, which places a disk's batches one request at a time.
+DEFAULT_IN_FLIGHT_PER_DISK: Final = 2
+#: The most a config may ask for: each open request holds a connection.
+MAX_IN_FLIGHT_PER_DISK: Final = 8
 #: Seconds to set up a TLS connection to a process server.
 DEFAULT_CONNECT_TIMEOUT_S: Final = 10.0
 #: Seconds without progress (no acknowledgement, no answer) on any process
@@ -343,6 +350,7 @@ class AgentConfig:
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     give_up_after_s: float = DEFAULT_GIVE_UP_AFTER_S
+    in_flight_per_disk: int = DEFAULT_IN_FLIGHT_PER_DISK
     sync: SyncSettings = dataclasses.field(default_factory=SyncSettings)
     capture: CaptureSettings = dataclasses.field(default_factory=CaptureSettings)
     tags: TagSettings = dataclasses.field(default_factory=TagSettings)
@@ -365,6 +373,11 @@ class AgentConfig:
             raise FieldValueError("disks", f"expected each disk id once, found {twice!r} twice")
         for name in ("request_timeout_s", "connect_timeout_s", "give_up_after_s"):
             check_seconds(name, getattr(self, name), most=None)
+        if not 1 <= self.in_flight_per_disk <= MAX_IN_FLIGHT_PER_DISK:
+            raise FieldValueError(
+                "in_flight_per_disk",
+                f"expected 1..{MAX_IN_FLIGHT_PER_DISK}, found {self.in_flight_per_disk}",
+            )
         unknown = [disk for disk in self.tags.disks if disk not in ids]
         if unknown:
             raise FieldValueError(

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
 
 from agent.client import ProcessServerClient
+from agent.config import DEFAULT_IN_FLIGHT_PER_DISK
 from agent.errors import ProcessServerUnavailableError
 from runtime.throttle import LogThrottle, held_back_note
 
@@ -55,6 +56,8 @@ class ProcessServerPool:
     that sees it change sends again from what the master target holds.
 
     Args:
+        in_flight_per_disk: requests of one disk's stream in flight at once
+            (agent/sender.py).
         gives_up: whether :meth:`failed` raises once ``give_up_after_s`` passed
             without progress (a command), or goes on trying (a service).
     """
@@ -68,6 +71,7 @@ class ProcessServerPool:
         connect_timeout_s: float,
         give_up_after_s: float,
         gives_up: bool = True,
+        in_flight_per_disk: int = DEFAULT_IN_FLIGHT_PER_DISK,
     ) -> None:
         self.clients = [
             ProcessServerClient(
@@ -75,6 +79,8 @@ class ProcessServerPool:
             )
             for url in urls
         ]
+        #: requests of one disk's stream a sender keeps in flight at once
+        self.in_flight_per_disk = in_flight_per_disk
         self._index = 0
         self.epoch = 0
         self.failovers = 0

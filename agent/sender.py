@@ -2,9 +2,16 @@
 
 The sender (one task per stream, agent/stream.py starts it):
 
-- sends from the last seq the process server acknowledged, one request at a
-  time, each holding as many whole batches as are ready (up to
-  :data:`~agent.batch_request.REQUEST_MAX_BYTES`; agent/batch_request.py);
+- sends from the last seq the process server acknowledged, each request
+  holding as many whole batches as are ready (agent/batch_request.py), with
+  up to ``in_flight_per_disk`` requests in flight (the pool's setting), each
+  beginning where the one before ends and all of them within
+  :data:`~agent.batch_request.REQUEST_MAX_BYTES`: the next is on its way
+  while the process server makes the one before durable;
+- reads the answers in the order it sent the requests. After one that is not
+  an acknowledgement it waits for the rest of them, takes only their
+  acknowledgements, and acts on the first (docs/api.md, "Several requests in
+  flight"); after a failed exchange it abandons the rest;
 - on ``409 gap`` / ``overlap`` sends again from ``expected_seq`` (cutting a
   batch if the seq falls inside one), on ``503`` waits for Retry-After, on
   a failed exchange backs off and, after a few, moves to the next process
@@ -25,6 +32,7 @@ given up on) is handed to the backlog, where the producer raises it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -32,12 +40,18 @@ from dataclasses import dataclass
 from typing import Final
 
 from agent.backlog import Backlog
-from agent.batch_request import build_request
+from agent.batch_request import REQUEST_MAX_BYTES, BatchRequest, build_request
 from agent.errors import JOURNAL_BEHIND, ProcessServerUnavailableError, StreamBrokenError
 from agent.journal import JournalEntry
 from agent.pool import ProcessServerPool
-from protocol.api import BatchesAnswer
-from protocol.reaction import SendAction, StateAction, react_to_batches, react_to_state
+from protocol.api import BatchesAnswer, SeqRefusal
+from protocol.reaction import (
+    SendAction,
+    SendDecision,
+    StateAction,
+    react_to_batches,
+    react_to_state,
+)
 
 #: The stream's logger: the sender's lines were always the stream's.
 log = logging.getLogger("blockrepl.agent.stream")
@@ -67,6 +81,19 @@ class StreamStats:
     batches: int = 0
     #: batches on the wire: the journaled ones, consecutive ones merged
     wire_batches: int = 0
+    #: the most requests that were in flight at once
+    most_in_flight: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    """A request in flight and its answer to come."""
+
+    request: BatchRequest
+    answer: asyncio.Task[BatchesAnswer]
+    #: sent while another request was in flight: it may reach the process
+    #: server first, and a gap at its own first seq then means only that
+    behind: bool
 
 
 class StreamSender:
@@ -80,6 +107,8 @@ class StreamSender:
         #: no request of this stream has been answered by the process server in
         #: use since the stream started or moved there
         self._resuming = True
+        #: the requests in flight, oldest first
+        self._window: collections.deque[_Sent] = collections.deque()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.stats = StreamStats()
@@ -108,6 +137,17 @@ class StreamSender:
             raise
         except BaseException as exc:  # handed to the producer; it decides
             await self._backlog.fail(exc)
+        finally:
+            await self._abandon()
+
+    @property
+    def _sent_to(self) -> int:
+        """The last seq on the wire: of the newest request in flight, or acknowledged."""
+        return self._window[-1].request.last_seq if self._window else self._backlog.acked_seq
+
+    @property
+    def _room(self) -> bool:
+        return len(self._window) < self._pool.in_flight_per_disk
 
     async def _send_forever(self) -> None:
         backlog = self._backlog
@@ -118,19 +158,21 @@ class StreamSender:
             if epoch != self._pool.epoch:
                 # A process server we have not used yet (or used before a
                 # move): what the old one acknowledged may be lost with it.
+                await self._abandon()
                 epoch = self._pool.epoch
                 backlog.send_again_from_trimmed()
                 self._resuming = True
                 await self._refresh()
                 last_poll = time.monotonic()
                 continue
-            to_send = backlog.to_send()
-            if to_send:
-                await self._send(to_send)
+            if self._room and backlog.has_past(self._sent_to):
+                await self._send(backlog.to_send(self._sent_to))
+                poll_wait = STATE_POLL_MIN_S
+            elif self._window:
+                await self._answer_or_room()
                 if time.monotonic() - last_poll >= STATE_POLL_S:
                     await self._refresh()
                     last_poll = time.monotonic()
-                poll_wait = STATE_POLL_MIN_S
             elif not backlog.shipped and backlog.shipped_waiters:
                 # Someone waits for the end: the process server answers the
                 # moment the master target holds it. A wait that ends with no
@@ -166,35 +208,110 @@ class StreamSender:
                 )
 
     async def _send(self, to_send: list[JournalEntry]) -> None:
+        """Put the next request on the wire, after the ones in flight."""
         backlog = self._backlog
-        first = backlog.acked_seq + 1
-        request = await build_request(to_send, first, backlog.buffers)
+        first = self._sent_to + 1
+        in_flight = sum(sent.request.size for sent in self._window)
+        request = await build_request(
+            to_send, first, backlog.buffers, max_bytes=REQUEST_MAX_BYTES - in_flight
+        )
         client = self._pool.current
+        answer = asyncio.create_task(
+            client.post_batches(backlog.disk_id, request.body(), resume=self._resuming),
+            name=f"post-{backlog.disk_id}-{first}",
+        )
+        self._window.append(_Sent(request, answer, behind=bool(self._window)))
+        stats = self.stats
+        stats.most_in_flight = max(stats.most_in_flight, len(self._window))
+        stats.requests += 1
+        stats.batches += request.journaled
+        stats.wire_batches += len(request.counts)
+        stats.sent_bytes += request.size
+        last = request.last_seq
+        if first <= self._sent_high:
+            resent_to = min(last, self._sent_high)
+            share = (resent_to - first + 1) / max(1, last - first + 1)
+            stats.resent_bytes += int(request.size * share)
+        self._sent_high = max(self._sent_high, last)
+
+    async def _answer_or_room(self) -> None:
+        """Until the oldest request is answered (then act on it), or, with room for
+        another request, until there is more to send."""
+        backlog = self._backlog
+        oldest = self._window[0].answer
+        if self._room:
+            sent_to = self._sent_to
+            more = asyncio.ensure_future(self._wait_past(sent_to))
+            try:
+                await asyncio.wait({oldest, more}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                more.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await more
+        else:
+            await asyncio.wait({oldest})
+        if not oldest.done():
+            return
+        sent = self._window.popleft()
         try:
-            answer = await client.post_batches(
-                backlog.disk_id, request.body(), resume=self._resuming
-            )
+            answer = sent.answer.result()
         except ProcessServerUnavailableError as exc:
+            await self._abandon()  # sent after the one that failed: they are sent again
             await self._pool.failed(exc)
             return
         self._pool.succeeded()
         self._resuming = False
-        last = request.last_seq
-        self.stats.requests += 1
-        self.stats.batches += request.journaled
-        self.stats.wire_batches += len(request.counts)
-        self.stats.sent_bytes += request.size
-        if first <= self._sent_high:
-            resent_to = min(last, self._sent_high)
-            share = (resent_to - first + 1) / max(1, last - first + 1)
-            self.stats.resent_bytes += int(request.size * share)
-        self._sent_high = max(self._sent_high, last)
-        await self._handle(answer, first)
-
-    async def _handle(self, answer: BatchesAnswer, first: int) -> None:
-        """Carry out protocol/reaction.py's decision on the answer to a request from ``first``."""
-        backlog = self._backlog
+        if sent.request.first_seq != backlog.acked_seq + 1:
+            # Sent before an earlier answer moved the stream elsewhere: only an
+            # acknowledgement still says something true.
+            await self._take_ack(answer)
+            return
+        first = sent.request.first_seq
         decision = react_to_batches(answer, first, backlog.journaled())
+        if decision.action is not SendAction.ACKED:
+            await self._drain()
+        refusal = answer.refusal
+        if sent.behind and isinstance(refusal, SeqRefusal) and refusal.expected_seq <= first:
+            # It reached the process server before the request ahead of it,
+            # and named a seq that request has since delivered: not a
+            # failure, and it goes again now, with nothing ahead of it.
+            log.debug(
+                "disk %s: seq %d came ahead of its turn; sending again", backlog.disk_id, first
+            )
+            return
+        await self._act(decision)
+
+    async def _wait_past(self, seq: int) -> None:
+        backlog = self._backlog
+        async with backlog.changed:
+            await backlog.changed.wait_for(lambda: backlog.has_past(seq))
+
+    async def _drain(self) -> None:
+        """Wait for every request still in flight; take only their acknowledgements
+        (their refusals answer requests sent before the one being acted on)."""
+        while self._window:
+            sent = self._window.popleft()
+            with contextlib.suppress(ProcessServerUnavailableError):
+                await self._take_ack(await sent.answer)
+
+    async def _take_ack(self, answer: BatchesAnswer) -> None:
+        backlog = self._backlog
+        if answer.refusal is None and answer.position.acked_seq > backlog.acked_seq:
+            decision = react_to_batches(answer, backlog.acked_seq + 1, backlog.journaled())
+            await self._act(decision)
+
+    async def _abandon(self) -> None:
+        """Cancel the requests in flight: the journal keeps what they carried."""
+        window, self._window = self._window, collections.deque()
+        for sent in window:
+            sent.answer.cancel()
+        for sent in window:
+            with contextlib.suppress(BaseException):
+                await sent.answer
+
+    async def _act(self, decision: SendDecision) -> None:
+        """Carry out protocol/reaction.py's decision on an answer."""
+        backlog = self._backlog
         match decision.action:
             case SendAction.BROKEN:
                 raise StreamBrokenError(

@@ -148,6 +148,7 @@ async def sync_disk(
                 client_context(config.tls),
                 request_timeout_s=config.request_timeout_s,
                 connect_timeout_s=config.connect_timeout_s,
+                in_flight_per_disk=config.in_flight_per_disk,
                 give_up_after_s=config.give_up_after_s,
             )
             try:

@@ -27,6 +27,7 @@ from mastertarget.metrics import MasterTargetMetrics
 from mastertarget.pending import PendingFiles
 from protocol.hrl import HrlHeader
 from protocol.sequencing import Admission, Fit, StreamPosition
+from runtime.inorder import InOrder
 
 
 class DiskReceiver:
@@ -56,8 +57,10 @@ class DiskReceiver:
         self._inbox = inbox
         self._executor = executor
         self._wake = wake
-        #: one PUT of this disk at a time: admission and store must not interleave
-        self.put_lock = asyncio.Lock()
+        #: the disk's PUTs: one stores its files at a time (admission and store
+        #: must not interleave), and in seq order when several are in flight
+        self.puts = InOrder()
+        self.put_lock = self.puts.lock
         self._files_received = metrics.files_received.labels(disk_id)
         self._bytes_received = metrics.bytes_received.labels(disk_id)
         self._inbox_files = metrics.inbox_files.labels(disk_id)
@@ -109,6 +112,7 @@ class DiskReceiver:
         self._bytes_received.inc(entry.size)
         self._publish()
         self._wake.set()
+        self.puts.moved()
         await self._delete(dropped)
         return verdict
 

@@ -122,25 +122,30 @@ async def put_hrl(request: web.Request) -> web.StreamResponse:
         # The whole body first, without the disk's lock: a sender that stalls
         # mid-body (a dead process server, a black-holed link) must not keep
         # another from storing the disk's files meanwhile.
-        files = await _files(request, replica, generation, seq)
-        async with receiver.put_lock:
-            for stored, (header, data) in enumerate(files):
-                quota = request.app[CONFIG]().inbox_quota_bytes
-                if receiver.inbox_bytes() + len(data) > quota:
-                    if stored:  # what came before is held: the answer says up to where
-                        break
-                    metrics.errors.labels("inbox-full").inc()
-                    return error_answer(
-                        503,
-                        "inbox-full",
-                        f"disk {replica.config.id} has {receiver.inbox_bytes()} bytes waiting "
-                        f"to be applied, the quota is {quota}",
-                    )
-                verdict = await receiver.store(header, data)
-                if verdict.fit is Fit.DUPLICATE:
-                    metrics.duplicates.labels(replica.config.id).inc()
-                elif verdict.fit is not Fit.NEXT:
-                    return _answer(HrlAnswer(_position(replica), refusal_of(verdict)))
+        with receiver.puts.opened():
+            files = await _files(request, replica, generation, seq)
+            async with receiver.put_lock:
+                for stored, (header, data) in enumerate(files):
+                    quota = request.app[CONFIG]().inbox_quota_bytes
+                    if receiver.inbox_bytes() + len(data) > quota:
+                        if stored:  # what came before is held: the answer says up to where
+                            break
+                        metrics.errors.labels("inbox-full").inc()
+                        return error_answer(
+                            503,
+                            "inbox-full",
+                            f"disk {replica.config.id} has {receiver.inbox_bytes()} bytes "
+                            f"waiting to be applied, the quota is {quota}",
+                        )
+                    verdict = await receiver.store(header, data)
+                    # A run that came ahead of its turn (a process server with
+                    # several PUTs of the disk in flight): wait for the one ahead.
+                    while verdict.fit is Fit.GAP and await receiver.puts.wait_for_earlier():
+                        verdict = await receiver.store(header, data)
+                    if verdict.fit is Fit.DUPLICATE:
+                        metrics.duplicates.labels(replica.config.id).inc()
+                    elif verdict.fit is not Fit.NEXT:
+                        return _answer(HrlAnswer(_position(replica), refusal_of(verdict)))
     except BlockreplError as exc:
         metrics.errors.labels(exc.code).inc()
         if isinstance(exc, DurabilityError):

@@ -38,6 +38,12 @@ DEFAULT_CACHE_LOW_BYTES: Final = 56 * 2**30
 #: WAN link with round trips in flight, few enough to bound memory (each is
 #: read whole: a run of files up to 16 MiB, or one file up to 64 MiB).
 DEFAULT_MAX_IN_FLIGHT: Final = 8
+#: Transfers of one disk at once (each within max_in_flight): the next run of
+#: the disk's files is on its way while the master target stores the one
+#: before, so a link with a round trip of its own is not idle between them.
+DEFAULT_IN_FLIGHT_PER_DISK: Final = 2
+#: The most a config may ask for: each transfer holds a connection and its run in memory.
+MAX_IN_FLIGHT_PER_DISK: Final = 8
 #: Seconds to open a connection to the master target: a LAN or WAN handshake
 #: takes well under a second; ten covers a congested link.
 DEFAULT_CONNECT_TIMEOUT_S: Final = 10.0
@@ -115,6 +121,7 @@ class ProcessServerConfig:
     cache_low_bytes: int = DEFAULT_CACHE_LOW_BYTES
     zstd_level: int = DEFAULT_ZSTD_LEVEL
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    in_flight_per_disk: int = DEFAULT_IN_FLIGHT_PER_DISK
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -131,6 +138,11 @@ class ProcessServerConfig:
             )
         if self.max_in_flight < 1:
             raise FieldValueError("max_in_flight", f"expected >= 1, found {self.max_in_flight}")
+        if not 1 <= self.in_flight_per_disk <= MAX_IN_FLIGHT_PER_DISK:
+            raise FieldValueError(
+                "in_flight_per_disk",
+                f"expected 1..{MAX_IN_FLIGHT_PER_DISK}, found {self.in_flight_per_disk}",
+            )
         owners: dict[str, str] = {}
         for machine in self.machines:
             for disk in machine.disks:

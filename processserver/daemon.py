@@ -227,7 +227,12 @@ class ProcessServer:
             MasterTargetClient(config.master_target, client.context, metrics)
         )
         shipping = Shipper(
-            disks.values(), master_target, metrics, executor, max_in_flight=config.max_in_flight
+            disks.values(),
+            master_target,
+            metrics,
+            executor,
+            max_in_flight=config.max_in_flight,
+            in_flight_per_disk=config.in_flight_per_disk,
         )
         shipper = await stack.enter_async_context(shipping)
         server_tls = ReloadableServerContext(config.tls)

@@ -133,15 +133,16 @@ async def post_batches(request: web.Request) -> web.StreamResponse:
     verdict: Verdict | None = None
     body_timeout_s = request.app[CONNECTIONS].body_timeout_s
     try:
-        async with stream.request_lock:
-            if resume and not stream.cached:
-                await _follow(request.app[MASTER_TARGET], stream, RESUME_POSITION_TIMEOUT_S)
-            async for _ in feed_body(request.content, decoder, timeout_s=body_timeout_s):
-                for batch in decoder.events():
-                    verdict = await _take(request.app[MASTER_TARGET], stream, batch)
-                    metrics.count_batch(stream.disk_id, batch, verdict.admission.fit)
-                    if verdict.admission.fit not in (Fit.NEXT, Fit.DUPLICATE):
-                        return _answer(stream, verdict)
+        with stream.requests.opened():
+            async with stream.request_lock:
+                if resume and not stream.cached:
+                    await _follow(request.app[MASTER_TARGET], stream, RESUME_POSITION_TIMEOUT_S)
+                async for _ in feed_body(request.content, decoder, timeout_s=body_timeout_s):
+                    for batch in decoder.events():
+                        verdict = await _take(request.app[MASTER_TARGET], stream, batch)
+                        metrics.count_batch(stream.disk_id, batch, verdict.admission.fit)
+                        if verdict.admission.fit not in (Fit.NEXT, Fit.DUPLICATE):
+                            return _answer(stream, verdict)
     except BlockreplError as exc:
         metrics.rejects.labels(exc.code).inc()
         if isinstance(exc, DurabilityError):
@@ -156,6 +157,11 @@ async def post_batches(request: web.Request) -> web.StreamResponse:
 async def _take(master_target: MasterTargetClient, stream: DiskStream, batch: Batch) -> Verdict:
     """Place one batch; the caller holds the stream's request lock.
 
+    A batch that leaves a gap while another request of the disk is open may
+    have come ahead of its turn (an agent with several requests in flight,
+    runtime/inorder.py): it waits for the request ahead of it and is placed
+    again, as long as the stream moves.
+
     A batch that leaves a gap while nothing of the disk waits in the cache:
     the agent may have moved here from another process server (which died
     with files in its cache, say) and sends again from what the master
@@ -164,12 +170,18 @@ async def _take(master_target: MasterTargetClient, stream: DiskStream, batch: Ba
     target's seq order keeps the stream exact.
     """
     verdict = await stream.take(batch)
+    while verdict.admission.fit is Fit.GAP and await stream.requests.wait_for_earlier():
+        verdict = await stream.take(batch)
+    if verdict.admission.fit is Fit.NEXT:
+        stream.requests.moved()
     if (
         verdict.admission.fit is Fit.GAP
         and not stream.cached
         and await _follow(master_target, stream)
     ):
         verdict = await stream.take(batch)
+        if verdict.admission.fit is Fit.NEXT:
+            stream.requests.moved()
     return verdict
 
 

@@ -5,10 +5,16 @@ to the master target (docs/api.md), a bounded number at a time over all
 disks. What waits goes together: one PUT carries the head file and the
 consecutive files after it, up to :data:`RUN_MAX_FILES` files and
 :data:`RUN_MAX_BYTES` bytes, so a disk whose files pile up while one is in
-flight pays the per-request cost once for all of them. A run that fails
-halves the next one, down to a single file: a link that cuts long transfers
-still carries the files one by one. A file is deleted
-only once a 200 answer's position covers it (docs/design.md invariant 1).
+flight pays the per-request cost once for all of them. Up to ``in_flight_per_disk``
+runs of a disk are in flight at once, each beginning where the one before
+ends: the next is on its way while the master target stores the one before.
+Their answers are read in the order the runs were sent; after a refusal the
+runs still in flight are waited for and only their 200 answers count, and a
+refusal is acted on only while its run still begins the cache (docs/api.md,
+"Several requests in flight"). A run that fails halves the next one, down to
+a single file, and abandons the runs sent after it: a link that cuts long
+transfers still carries the files one by one. A file is deleted only once a
+200 answer's position covers it (docs/design.md invariant 1).
 On a refusal the master target's answer decides, as protocol/reaction.py
 says:
 
@@ -34,21 +40,25 @@ a reload gives new TLS files.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import itertools
 import logging
 import random
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
 
 import aiohttp
 
 from processserver.cache import CachedFile
+from processserver.config import DEFAULT_IN_FLIGHT_PER_DISK
 from processserver.master_target_client import MasterTargetClient
 from processserver.metrics import ProcessServerMetrics
 from processserver.stream import DiskStream
-from protocol.api import CONFLICT, MAX_ANSWER_BYTES, OK, ErrorBody, HrlAnswer
+from protocol.api import CONFLICT, MAX_ANSWER_BYTES, OK, ErrorBody, HrlAnswer, SeqRefusal
 from protocol.errors import ProtocolError
 from protocol.reaction import ShipAction, ShipDecision, react_to_hrl
 from runtime.answers import read_answer
@@ -78,7 +88,8 @@ class Shipper:
         master_target: where to, and over which session.
         metrics: the transfer series.
         executor: reads the files.
-        max_in_flight: files sent at once over all disks.
+        max_in_flight: transfers at once over all disks.
+        in_flight_per_disk: transfers of one disk at once.
     """
 
     def __init__(
@@ -89,12 +100,14 @@ class Shipper:
         executor: Executor,
         *,
         max_in_flight: int,
+        in_flight_per_disk: int = DEFAULT_IN_FLIGHT_PER_DISK,
     ) -> None:
         self._streams = tuple(streams)
         self._master_target = master_target
         self._metrics = metrics
         self._executor = executor
         self._slots = asyncio.Semaphore(max_in_flight)
+        self._per_disk = in_flight_per_disk
         self._tasks: tuple[asyncio.Task[None], ...] = ()
 
     @property
@@ -135,22 +148,79 @@ class Shipper:
         #: that breaks long transfers still carries short ones), doubled
         #: after each good one
         most = RUN_MAX_FILES
-        while True:
-            await stream.next_to_ship()
-            run = _run(stream.cached, most)
-            async with self._slots:
-                outcome = await self._send(stream, run)
-            if outcome:
-                backoff = BACKOFF_FIRST_S
-                most = min(most * 2, RUN_MAX_FILES)
-            else:
-                most = max(1, len(run) // 2)
-                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))  # noqa: S311 - jitter
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
+        #: the runs in flight, oldest first
+        window: collections.deque[_InFlight] = collections.deque()
+        try:
+            while True:
+                sent = sum(len(f.run) for f in window)
+                if not window:
+                    await stream.next_to_ship()
+                elif len(window) >= self._per_disk or len(stream.cached) <= sent:
+                    await self._answer_or_room(stream, window, sent)
+                    if not window[0].answer.done():
+                        continue  # room, and a file to fill it
+                    answered = window[0].run
+                    if await self._settle(stream, window):
+                        backoff = BACKOFF_FIRST_S
+                        most = min(most * 2, RUN_MAX_FILES)
+                    else:
+                        await _abandon(window)
+                        most = max(1, len(answered) // 2)
+                        await asyncio.sleep(backoff * random.uniform(0.5, 1.5))  # noqa: S311 - jitter
+                        backoff = min(backoff * 2, BACKOFF_MAX_S)
+                    continue
+                run = _run(list(itertools.islice(stream.cached, sent, sent + most)), most)
+                task = asyncio.create_task(self._transfer(stream, run))
+                window.append(_InFlight(run, task, behind=bool(window)))
+        finally:
+            await _abandon(window)
 
-    async def _send(self, stream: DiskStream, run: list[CachedFile]) -> bool:
-        """Send a run of files and carry out what its answer decides; False when
-        the caller should back off."""
+    async def _answer_or_room(
+        self, stream: DiskStream, window: collections.deque[_InFlight], sent: int
+    ) -> None:
+        """Until the oldest run is answered or, with room for another, a file to fill it
+        is cached."""
+        oldest = window[0].answer
+        if len(window) >= self._per_disk:
+            await asyncio.wait({oldest})
+            return
+        more = asyncio.ensure_future(stream.next_to_ship(after=sent))
+        try:
+            await asyncio.wait({oldest, more}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            more.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await more
+
+    async def _settle(self, stream: DiskStream, window: collections.deque[_InFlight]) -> bool:
+        """Act on the oldest run's answer, which is in; False when the caller should back off."""
+        done = window.popleft()
+        answer = done.answer.result()
+        if answer is None:
+            return False
+        refusal = answer.refusal
+        if refusal is not None:
+            # The runs sent after it: only their 200 answers say something true now.
+            while window:
+                later = await window.popleft().answer
+                if later is not None and later.refusal is None:
+                    await self._carry_out(stream, react_to_hrl(later, stream.cached))
+            if not stream.cached or stream.cached[0] is not done.run[0]:
+                return True  # an answer for a head the cache has moved past: look again
+            if done.behind and isinstance(refusal, SeqRefusal):
+                # It reached the master target before the run ahead of it, and
+                # named a seq that run has since delivered: it goes again now.
+                return True
+        return await self._carry_out(stream, react_to_hrl(answer, stream.cached))
+
+    async def _transfer(self, stream: DiskStream, run: list[CachedFile]) -> HrlAnswer | None:
+        """Send a run of files within the transfer slots; see :meth:`_send`."""
+        async with self._slots:
+            return await self._send(stream, run)
+
+    async def _send(self, stream: DiskStream, run: list[CachedFile]) -> HrlAnswer | None:
+        """Send a run of files; its answer, or None when the transfer failed (logged
+        and counted) and the caller should back off."""
         metrics = self._metrics
         loop = asyncio.get_running_loop()
         head = run[0]
@@ -186,11 +256,11 @@ class Shipper:
                 status,
                 exc.message,
             )
-            return False
+            return None
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
             metrics.ship_retries.labels(stream.disk_id).inc()
             log.debug("disk %s: shipping %s failed: %s", stream.disk_id, what, exc)
-            return False
+            return None
         if answer is None:
             metrics.ship_retries.labels(stream.disk_id).inc()
             log.warning(
@@ -200,8 +270,8 @@ class Shipper:
                 what,
                 ErrorBody.explain(raw).to_json(),
             )
-            return False
-        return await self._carry_out(stream, react_to_hrl(answer, stream.cached))
+            return None
+        return answer
 
     async def _carry_out(self, stream: DiskStream, decision: ShipDecision) -> bool:
         """Do what protocol/reaction.py decided; False when the caller should back off."""
@@ -244,3 +314,23 @@ def _run(cached: Sequence[CachedFile], most: int) -> list[CachedFile]:
         run.append(file)
         size += file.size
     return run
+
+
+@dataclass(frozen=True, slots=True)
+class _InFlight:
+    """A run in flight and its answer to come (None: the transfer failed)."""
+
+    run: list[CachedFile]
+    answer: asyncio.Task[HrlAnswer | None]
+    #: sent while another run of the disk was in flight
+    behind: bool
+
+
+async def _abandon(window: collections.deque[_InFlight]) -> None:
+    """Cancel the runs in flight: their files stay cached and are sent again."""
+    for sent in window:
+        sent.answer.cancel()
+    for sent in window:
+        with contextlib.suppress(BaseException):
+            await sent.answer
+    window.clear()

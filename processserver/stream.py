@@ -48,6 +48,7 @@ from processserver.positions import DiskPosition, PositionStore
 from processserver.sealers import Sealers
 from protocol.batch import Batch
 from protocol.sequencing import Admission, Fit, StreamPosition, admit
+from runtime.inorder import InOrder
 
 log = logging.getLogger("blockrepl.processserver")
 
@@ -88,9 +89,11 @@ class DiskStream:
         self._position = position
         #: set (and replaced) whenever the position changes: wakes long polls
         self._moved = asyncio.Event()
-        #: one request of this disk at a time: admission and commit must not
-        #: interleave; the data API holds it for a request's whole body
-        self.request_lock = asyncio.Lock()
+        #: the disk's requests: one places its batches at a time (admission and
+        #: commit must not interleave; the data API holds the lock for a
+        #: request's whole body), and in seq order when several are in flight
+        self.requests = InOrder()
+        self.request_lock = self.requests.lock
         #: one change of the position at a time, made durable in its order
         self._changing = asyncio.Lock()
         #: files cached and not yet shipped, oldest first (the shipper's queue)
@@ -225,12 +228,13 @@ class DiskStream:
 
     # --- the master target's side --------------------------------------------------------
 
-    async def next_to_ship(self) -> CachedFile:
-        """The oldest cached file, once there is one and the disk is not failed over."""
-        while not self._cached or self._failed_over:
+    async def next_to_ship(self, after: int = 0) -> CachedFile:
+        """The oldest cached file past the first ``after`` (those in flight), once
+        there is one and the disk is not failed over."""
+        while len(self._cached) <= after or self._failed_over:
             self._file_cached.clear()
             await self._file_cached.wait()
-        return self._cached[0]
+        return self._cached[after]
 
     async def shipped(self, files: Sequence[CachedFile]) -> None:
         """The master target holds ``files``, the oldest cached: delete them (one

@@ -10,7 +10,7 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +140,41 @@ async def test_batches_arrive_in_order_and_the_journal_empties(site: Site) -> No
     await stream.close()
     await pool.close()
     assert site.target() == model
+
+
+async def test_a_second_request_goes_while_the_first_waits_for_its_answer(site: Site) -> None:
+    """Two requests of the disk in flight (the pool's default), a third only once
+    one is answered; every batch arrives once and in order."""
+    mt = await site.start_mt()
+    ps = await site.start_ps()
+    pool = site.pool(ps)
+    assert pool.in_flight_per_disk == 2
+    stream = await site.stream(pool)
+    stream.start()
+    disk = ps.disks[DISK]
+    model, rng = bytearray(SIZE), random.Random(3)
+    async with disk.request_lock:  # the process server takes nothing meanwhile
+        for in_flight in (1, 2, 2):
+            records = random_workload(rng, SIZE, 4, max_len=60_000)
+            await _append(stream, records)
+            apply_to_model(model, records)
+            await _until(lambda n=in_flight: disk.requests.open == n)  # type: ignore[misc]
+        await asyncio.sleep(0.2)
+        assert (stream.stats.requests, stream.stats.most_in_flight) == (2, 2)
+    await asyncio.wait_for(stream.wait_shipped(), 30)
+    await asyncio.wait_for(mt.replicas[DISK].wait_applied(StreamPosition(1, 12)), 30)
+    assert site.target() == bytes(model)
+    assert stream.stats.requests == 3
+    assert stream.stats.resent_bytes == 0
+    await stream.close()
+
+
+async def _until(done: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if done():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not within 5 s")
 
 
 async def test_batches_that_waited_go_as_one_and_keep_their_tags(site: Site) -> None:

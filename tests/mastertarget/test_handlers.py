@@ -4,10 +4,11 @@ catalog) and no daemon around them."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,3 +158,57 @@ async def test_the_data_api_needs_no_daemon(
                 state = await answer.json()
     assert (state["applied_seq"], state["state"]) == (1, "replicating")
     assert (tmp_path / "t.raw").read_bytes()[:4096] == b"C" * 4096
+
+
+async def test_a_run_that_comes_ahead_of_its_turn_waits_for_the_one_before(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """A process server with two PUTs of a disk in flight: the second one's body
+    is in first. It waits for the first instead of being refused as a gap
+    (runtime/inorder.py), and both are stored in order."""
+    async with _pieces(deployment, tmp_path) as pieces:
+        app = build_app(
+            replicas={"d0": pieces.replica}, config=lambda: pieces.config,
+            metrics=pieces.metrics, keyring=deployment.keyring, executor=pieces.executor,
+        )  # fmt: skip
+        first = _seal(pieces.sealer, 1, [Write(0, b"D" * 4096)]).to_bytes()
+        second = _seal(pieces.sealer, 2, [Write(4096, b"E" * 4096)]).to_bytes()
+        go_on = asyncio.Event()
+
+        async def held_back() -> AsyncIterator[bytes]:
+            yield first[:16]  # the client sends its headers with the first piece
+            await go_on.wait()
+            yield first[16:]
+
+        receiver = pieces.replica.receiver
+        connector = aiohttp.TCPConnector(ssl=deployment.client_tls("ps01"))
+        async with (
+            _served(app, "tcp", ReloadableServerContext(pieces.config.tls)) as runner,
+            aiohttp.ClientSession(connector=connector) as client,
+        ):
+            base = f"https://127.0.0.1:{runner.addresses[0][1]}/v1/disks/d0"
+
+            async def put(seq: int, body: object) -> tuple[int, dict[str, object]]:
+                headers = {"Content-Length": str(len(first if seq == 1 else second))}
+                async with client.put(f"{base}/hrl/1/{seq}", data=body, headers=headers) as answer:
+                    return answer.status, await answer.json()
+
+            earlier = asyncio.create_task(put(1, held_back()))
+            await _until(lambda: receiver.puts.open == 1)
+            later = asyncio.create_task(put(2, second))
+            await _until(lambda: receiver.puts.open == 2 and not receiver.put_lock.locked())
+            await asyncio.sleep(0.1)  # the later one found the gap and waits
+            assert not later.done()
+            go_on.set()
+            answers = await asyncio.gather(earlier, later)
+        await pieces.replica.wait_applied(StreamPosition(1, 2))
+    assert [(status, answer["received_seq"]) for status, answer in answers] == [(200, 1), (200, 2)]
+    assert (tmp_path / "t.raw").read_bytes()[:8192] == b"D" * 4096 + b"E" * 4096
+
+
+async def _until(done: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if done():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not within 5 s")

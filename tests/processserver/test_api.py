@@ -3,10 +3,11 @@ HTTPS, sealed into the cache, acknowledged once durable."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -227,3 +228,56 @@ async def test_a_full_cache_answers_503_and_takes_batches_again_below_the_low_ma
     for cached in list(ps.disks["vm01-d0"].cached)[:2]:  # as the shipper would
         ps.cache.remove(cached)
     assert (await agent.post("vm01-d0", _body("vm01-d0", seq, chunk)))[0] == 200
+
+
+async def test_a_request_that_comes_ahead_of_its_turn_waits_for_the_one_before(
+    deployment: Deployment,
+    start_ps,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    """An agent with two requests of a disk in flight: the second one's handler
+    runs first and takes the disk's lock. Its batches wait for the first
+    request's instead of being refused as a gap (runtime/inorder.py)."""
+    ps, agent = await start_ps(write_ps_config(deployment, tmp_path))
+    rng = random.Random(2)
+    records: list[Record] = [Write(i * 4096, rng.randbytes(4096)) for i in range(8)]
+    stream = ps.disks["vm01-d0"]
+    go_on = asyncio.Event()
+
+    async def held_back() -> AsyncIterator[bytes]:
+        body = _body("vm01-d0", 5, records[4:])
+        yield body[:16]  # the client sends its headers with the first piece
+        await go_on.wait()
+        yield body[16:]
+
+    url = f"{agent.base}/vm01-d0/batches"
+
+    async def post_later() -> tuple[int, dict]:  # type: ignore[type-arg]
+        async with agent.session.post(url, data=held_back()) as response:
+            return response.status, await response.json()
+
+    later = asyncio.create_task(post_later())
+    await _until(stream.request_lock.locked)  # its headers are in: it holds the lock
+    earlier = asyncio.create_task(agent.post("vm01-d0", _body("vm01-d0", 1, records[:4])))
+    await _until(lambda: stream.requests.open == 2)
+    go_on.set()
+    (status_later, answer_later), (status_earlier, answer_earlier) = await asyncio.gather(
+        later, earlier
+    )
+    assert (status_earlier, answer_earlier["acked_seq"]) == (200, 4)
+    assert (status_later, answer_later["acked_seq"]) == (200, 8), answer_later
+    files = sorted((tmp_path / "cache" / "disks" / "vm01-d0").glob("*.hrl"))
+    opened = [open_hrl(f.read_bytes(), deployment.keyring) for f in files]
+    assert [r for f in opened for r in f.records] == records
+    gaps = ps.metrics.registry.get_sample_value(
+        "blockrepl_processserver_rejects_total", {"reason": "gap"}
+    )
+    assert not gaps
+
+
+async def _until(done: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if done():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not within 5 s")

@@ -23,7 +23,7 @@ from processserver.positions import PositionStore
 from processserver.sealers import Sealers
 from processserver.shipper import Shipper
 from processserver.stream import DiskStream, StreamParts
-from protocol.api import FailedOver, HrlAnswer, ReceivedPosition
+from protocol.api import FailedOver, HrlAnswer, ReceivedPosition, SeqRefusal
 from protocol.batch import END_OF_STREAM, NEED_DATA, BatchDecoder, encode_batch
 from protocol.hrl import HrlFile, open_hrl
 from protocol.hrl_receiver import FileReceived, HrlReceiver
@@ -202,3 +202,83 @@ async def test_a_failed_over_disk_ships_nothing_more(
     assert puts == [f"/v1/disks/{DISK}/hrl/1/1"]
     assert [f.first_seq for f in stream.cached] == [1, 2, 3], "nothing is deleted"
     assert stream.position.shipped_seq == 0
+
+
+async def test_a_second_run_goes_while_the_first_waits_for_its_answer(
+    deployment: Deployment, parts: StreamParts, stream: DiskStream
+) -> None:
+    """Two runs of the disk in flight (the default): files cached while the first
+    run is at the master target go at once, not after its answer."""
+    bodies: list[tuple[int, int]] = []
+    second_in = asyncio.Event()
+    first_stored = asyncio.Event()
+
+    async def put_hrl(request: web.Request) -> web.Response:
+        files = _opened(await request.read(), deployment)
+        bodies.append((files[0].header.first_seq, files[-1].header.last_seq))
+        if len(bodies) == 1:
+            await asyncio.wait_for(second_in.wait(), SETTLE_S)  # fails the test if it never comes
+            first_stored.set()
+        else:
+            second_in.set()
+            await first_stored.wait()  # a master target stores them in order
+        position = ReceivedPosition(DISK, 1, files[-1].header.last_seq, 1, 0)
+        return web.json_response(HrlAnswer(position).to_json())
+
+    async with _shipping(deployment, parts, stream, put_hrl):
+        await _until("the first run sent", lambda: len(bodies) == 1)
+        async with stream.request_lock:
+            for seq in (4,):
+                body = encode_batch(
+                    disk_id=DISK, generation=1, first_seq=seq,
+                    records=[Write(seq * 4096, b"%d" % seq)], first_capture_ns=1, last_capture_ns=2,
+                )  # fmt: skip
+                decoder = BatchDecoder(expected_disk_id=DISK)
+                decoder.feed(body)
+                for batch in decoder.events():
+                    await stream.take(batch)
+        await _until("every file shipped", lambda: not stream.cached)
+    assert bodies == [(1, 3), (4, 4)]
+    assert stream.position.shipped_seq == 4
+
+
+async def test_a_refusal_behind_an_answered_run_is_not_acted_on(
+    deployment: Deployment, parts: StreamParts, stream: DiskStream
+) -> None:
+    """The second run in flight is refused as a gap naming the first run's seq
+    (it came first, and the master target gave up waiting): by the time its
+    answer is read the first run is shipped, and the refusal is old news — no
+    resync, the second run simply goes again."""
+    bodies: list[int] = []
+    second_in = asyncio.Event()
+
+    async def put_hrl(request: web.Request) -> web.Response:
+        files = _opened(await request.read(), deployment)
+        first = files[0].header.first_seq
+        bodies.append(first)
+        if first == 1 and len(bodies) == 1:
+            await asyncio.wait_for(second_in.wait(), SETTLE_S)
+            await asyncio.sleep(0.1)  # the refusal of the second is on its way first
+        elif first == 4 and not second_in.is_set():
+            second_in.set()
+            refusal = SeqRefusal("gap", 1, "expected seq 1 of generation 1 next")
+            answer = HrlAnswer(ReceivedPosition(DISK, 1, 0, 1, 0), refusal)
+            return web.json_response(answer.to_json(), status=409)
+        position = ReceivedPosition(DISK, 1, files[-1].header.last_seq, 1, 0)
+        return web.json_response(HrlAnswer(position).to_json())
+
+    async with _shipping(deployment, parts, stream, put_hrl):
+        await _until("the first run sent", lambda: len(bodies) == 1)
+        async with stream.request_lock:
+            body = encode_batch(
+                disk_id=DISK, generation=1, first_seq=4, records=[Write(4 * 4096, b"4")],
+                first_capture_ns=1, last_capture_ns=2,
+            )  # fmt: skip
+            decoder = BatchDecoder(expected_disk_id=DISK)
+            decoder.feed(body)
+            for batch in decoder.events():
+                await stream.take(batch)
+        await _until("every file shipped", lambda: not stream.cached)
+    assert bodies == [1, 4, 4]
+    assert stream.position.shipped_seq == 4
+    assert not stream.position.resync_required
