@@ -53,6 +53,15 @@ from protocol.reaction import (
     react_to_state,
 )
 
+#: The least a request in flight carries for another to go behind it. Behind
+#: a smaller one, what waits goes with the next request once it is answered:
+#: under a database's load (a few KiB a commit) requests sent behind each
+#: other carry a commit or two each, and each costs the process server and
+#: the master target a file, a seal, an fsync and an apply group — on a LAN
+#: it doubled the RPO (smallwrite_bench.py; docs/performance.md). A request
+#: of a sync or a backlog (batches of up to 16 MiB) is far above it.
+PIPELINED_MIN_BYTES: Final = 2**20
+
 #: The stream's logger: the sender's lines were always the stream's.
 log = logging.getLogger("blockrepl.agent.stream")
 
@@ -147,7 +156,15 @@ class StreamSender:
 
     @property
     def _room(self) -> bool:
-        return len(self._window) < self._pool.in_flight_per_disk
+        """Whether another request may go now: fewer than ``in_flight_per_disk`` are in
+        flight, and the newest of them carries :data:`PIPELINED_MIN_BYTES` at least."""
+        window = self._window
+        if not window:
+            return True
+        return (
+            len(window) < self._pool.in_flight_per_disk
+            and window[-1].request.size >= PIPELINED_MIN_BYTES
+        )
 
     async def _send_forever(self) -> None:
         backlog = self._backlog

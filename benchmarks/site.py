@@ -12,7 +12,7 @@ import dataclasses
 import os
 import signal
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -100,9 +100,16 @@ class Site:
         self.deployment.mt.stop()
 
 
-def start_site(root: Path, disks: int, *, disk_bytes: int) -> Site:
+def start_site(
+    root: Path,
+    disks: int,
+    *,
+    disk_bytes: int,
+    before_start: Callable[[Deployment], None] | None = None,
+) -> Site:
     """Deploy and start a master target and a process server under ``root`` with
-    ``disks`` disks, one protected machine each (``vmNNN`` with ``vmNNN-disk0``)."""
+    ``disks`` disks, one protected machine each (``vmNNN`` with ``vmNNN-disk0``);
+    ``before_start`` may change the deployment's configs first."""
     width = len(str(disks - 1))
     dep = deploy_site(
         root, {f"vm{n:0{width}d}": f"vm{n:0{width}d}-disk0" for n in range(disks)},
@@ -118,6 +125,8 @@ def start_site(root: Path, disks: int, *, disk_bytes: int) -> Site:
         deployment=dep,
     )
     try:
+        if before_start is not None:
+            before_start(dep)
         dep.mt.start()
         dep.ps.start()
         dep.mt.wait_healthy()

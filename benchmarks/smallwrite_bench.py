@@ -47,6 +47,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agent.config import DEFAULT_IN_FLIGHT_PER_DISK
 from agent.journal import EntryKind
 from agent.pool import ProcessServerPool
 from agent.state import AgentState
@@ -144,9 +145,11 @@ async def _sample(site: Site, disks: Sequence[Disk], session: aiohttp.ClientSess
 
 
 async def measure(
-    site: Site, root: Path, *, commits: float, seconds: float, seed: int
-) -> dict[str, Any]:
-    """The phase on ``site``: figures by name (see the module's text)."""
+    site: Site, root: Path, *, commits: float, seconds: float, seed: int,
+    in_flight_per_disk: int = DEFAULT_IN_FLIGHT_PER_DISK,
+) -> dict[str, Any]:  # fmt: skip
+    """The phase on ``site``: figures by name (see the module's text); each agent
+    stream keeps ``in_flight_per_disk`` requests in flight."""
     executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="agent")
     blocks = [os.urandom(MAX_WRITE_BYTES) for _ in range(POOL_BYTES // MAX_WRITE_BYTES)]
     disks: list[Disk] = []
@@ -155,6 +158,7 @@ async def measure(
             pool = ProcessServerPool(
                 (site.ps_url,), client_context(tls), request_timeout_s=REQUEST_TIMEOUT_S,
                 connect_timeout_s=CONNECT_TIMEOUT_S, give_up_after_s=GIVE_UP_AFTER_S,
+                in_flight_per_disk=in_flight_per_disk,
             )  # fmt: skip
             home = root / "agents" / disk_id
             stream = await ReplicationStream.create(
@@ -223,9 +227,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         site = start_site(root / "s", args.disks, disk_bytes=DISK_BYTES)
         try:
-            return asyncio.run(
-                measure(site, root, commits=args.commits, seconds=args.seconds, seed=args.seed)
-            )
+            measuring = measure(
+                site, root, commits=args.commits, seconds=args.seconds, seed=args.seed,
+                in_flight_per_disk=args.in_flight_per_disk,
+            )  # fmt: skip
+            return asyncio.run(measuring)
         finally:
             site.stop()
     finally:
@@ -241,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         "--commits", type=float, default=DEFAULT_COMMITS_PER_S, help="commits a second per disk"
     )
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds of load (20)")
+    parser.add_argument("--in-flight-per-disk", type=int, default=DEFAULT_IN_FLIGHT_PER_DISK,
+                        help="each agent stream's requests in flight "
+                        f"({DEFAULT_IN_FLIGHT_PER_DISK})")  # fmt: skip
     parser.add_argument("--dir", help="where the daemons' files go (default: /dev/shm)")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)

@@ -74,6 +74,12 @@ RUN_MAX_FILES: Final = 64
 #: MAX_HRL_FILE_BYTES): what the capture fills its batches to, so a run costs
 #: about what one large write does.
 RUN_MAX_BYTES: Final = 16 * 2**20
+#: The least a run in flight carries for another of the disk to go behind it.
+#: Behind a smaller one, the files that wait go in the next run once it is
+#: answered: runs sent behind small runs carry a file or two each, and each
+#: costs the master target a PUT and its stores (agent/sender.py keeps the
+#: same rule, for the same reason).
+PIPELINED_MIN_BYTES: Final = 2**20
 #: Back-off after a failed transfer: quick after a blip, gentle on a master
 #: target that is down; the jitter keeps many disks from retrying in step.
 BACKOFF_FIRST_S: Final = 0.5
@@ -155,7 +161,7 @@ class Shipper:
                 sent = sum(len(f.run) for f in window)
                 if not window:
                     await stream.next_to_ship()
-                elif len(window) >= self._per_disk or len(stream.cached) <= sent:
+                elif not self._room(window) or len(stream.cached) <= sent:
                     await self._answer_or_room(stream, window, sent)
                     if not window[0].answer.done():
                         continue  # room, and a file to fill it
@@ -181,7 +187,7 @@ class Shipper:
         """Until the oldest run is answered or, with room for another, a file to fill it
         is cached."""
         oldest = window[0].answer
-        if len(window) >= self._per_disk:
+        if not self._room(window):
             await asyncio.wait({oldest})
             return
         more = asyncio.ensure_future(stream.next_to_ship(after=sent))
@@ -191,6 +197,14 @@ class Shipper:
             more.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await more
+
+    def _room(self, window: collections.deque[_InFlight]) -> bool:
+        """Whether another run may go behind those in flight: fewer than
+        ``in_flight_per_disk`` are, and the newest carries :data:`PIPELINED_MIN_BYTES`."""
+        return (
+            len(window) < self._per_disk
+            and sum(f.size for f in window[-1].run) >= PIPELINED_MIN_BYTES
+        )
 
     async def _settle(self, stream: DiskStream, window: collections.deque[_InFlight]) -> bool:
         """Act on the oldest run's answer, which is in; False when the caller should back off."""

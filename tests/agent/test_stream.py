@@ -142,9 +142,10 @@ async def test_batches_arrive_in_order_and_the_journal_empties(site: Site) -> No
     assert site.target() == model
 
 
-async def test_a_second_request_goes_while_the_first_waits_for_its_answer(site: Site) -> None:
-    """Two requests of the disk in flight (the pool's default), a third only once
-    one is answered; every batch arrives once and in order."""
+async def test_a_second_request_goes_behind_a_large_one_only(site: Site) -> None:
+    """Two requests of the disk in flight at most (the pool's default), and a
+    second only behind one of 1 MiB or more: behind a small one, what waits
+    goes coalesced once it is answered. Every batch arrives once, in order."""
     mt = await site.start_mt()
     ps = await site.start_ps()
     pool = site.pool(ps)
@@ -153,18 +154,30 @@ async def test_a_second_request_goes_while_the_first_waits_for_its_answer(site: 
     stream.start()
     disk = ps.disks[DISK]
     model, rng = bytearray(SIZE), random.Random(3)
+
+    async def commit(records: list[Record], in_flight: int) -> None:
+        await _append(stream, records)
+        apply_to_model(model, records)
+        await _until(lambda: disk.requests.open == in_flight)
+
     async with disk.request_lock:  # the process server takes nothing meanwhile
-        for in_flight in (1, 2, 2):
-            records = random_workload(rng, SIZE, 4, max_len=60_000)
-            await _append(stream, records)
-            apply_to_model(model, records)
-            await _until(lambda n=in_flight: disk.requests.open == n)  # type: ignore[misc]
+        await commit(random_workload(rng, SIZE, 4, max_len=60_000), 1)
+        await commit(random_workload(rng, SIZE, 4, max_len=60_000), 1)
         await asyncio.sleep(0.2)
-        assert (stream.stats.requests, stream.stats.most_in_flight) == (2, 2)
+        assert (stream.stats.requests, stream.stats.most_in_flight) == (1, 1)
+    await asyncio.wait_for(stream.wait_acked(), 30)
+    assert stream.stats.requests == 2
+    async with disk.request_lock:
+        await commit([Write(0, rng.randbytes(2 * MiB))], 1)
+        await commit(random_workload(rng, SIZE, 4, max_len=60_000), 2)
+        await commit(random_workload(rng, SIZE, 4, max_len=60_000), 2)
+        await asyncio.sleep(0.2)
+        assert (stream.stats.requests, stream.stats.most_in_flight) == (4, 2)
     await asyncio.wait_for(stream.wait_shipped(), 30)
-    await asyncio.wait_for(mt.replicas[DISK].wait_applied(StreamPosition(1, 12)), 30)
+    last = stream.end_seq
+    await asyncio.wait_for(mt.replicas[DISK].wait_applied(StreamPosition(1, last)), 30)
     assert site.target() == bytes(model)
-    assert stream.stats.requests == 3
+    assert stream.stats.requests == 5
     assert stream.stats.resent_bytes == 0
     await stream.close()
 

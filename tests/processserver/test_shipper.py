@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -225,21 +226,53 @@ async def test_a_second_run_goes_while_the_first_waits_for_its_answer(
         position = ReceivedPosition(DISK, 1, files[-1].header.last_seq, 1, 0)
         return web.json_response(HrlAnswer(position).to_json())
 
+    await _take(stream, 4, [Write(0, os.urandom(2**20 + 4096))])  # the first run: 1 MiB and more
     async with _shipping(deployment, parts, stream, put_hrl):
         await _until("the first run sent", lambda: len(bodies) == 1)
-        async with stream.request_lock:
-            for seq in (4,):
-                body = encode_batch(
-                    disk_id=DISK, generation=1, first_seq=seq,
-                    records=[Write(seq * 4096, b"%d" % seq)], first_capture_ns=1, last_capture_ns=2,
-                )  # fmt: skip
-                decoder = BatchDecoder(expected_disk_id=DISK)
-                decoder.feed(body)
-                for batch in decoder.events():
-                    await stream.take(batch)
+        await _take(stream, 5, [Write(5 * 4096, b"5")])
         await _until("every file shipped", lambda: not stream.cached)
-    assert bodies == [(1, 3), (4, 4)]
-    assert stream.position.shipped_seq == 4
+    assert bodies == [(1, 4), (5, 5)]
+    assert stream.position.shipped_seq == 5
+
+
+async def test_no_run_goes_behind_a_small_one(
+    deployment: Deployment, parts: StreamParts, stream: DiskStream
+) -> None:
+    """Behind a run of less than 1 MiB the files that wait go in the next run,
+    once it is answered: one PUT for them, not one each."""
+    bodies: list[tuple[int, int]] = []
+    answer_first = asyncio.Event()
+
+    async def put_hrl(request: web.Request) -> web.Response:
+        files = _opened(await request.read(), deployment)
+        bodies.append((files[0].header.first_seq, files[-1].header.last_seq))
+        if len(bodies) == 1:
+            await asyncio.wait_for(answer_first.wait(), SETTLE_S)
+        position = ReceivedPosition(DISK, 1, files[-1].header.last_seq, 1, 0)
+        return web.json_response(HrlAnswer(position).to_json())
+
+    async with _shipping(deployment, parts, stream, put_hrl):
+        await _until("the first run sent", lambda: len(bodies) == 1)
+        for seq in (4, 5):
+            await _take(stream, seq, [Write(seq * 4096, b"%d" % seq)])
+        await asyncio.sleep(QUIET_S)
+        assert len(bodies) == 1, "nothing went behind the small run"
+        answer_first.set()
+        await _until("every file shipped", lambda: not stream.cached)
+    assert bodies == [(1, 3), (4, 5)]
+
+
+async def _take(stream: DiskStream, seq: int, records: list[Record]) -> None:
+    """Place a batch of ``records`` at ``seq`` in the disk's stream, as a POST does."""
+    body = encode_batch(
+        disk_id=DISK, generation=1, first_seq=seq, records=records,
+        first_capture_ns=1, last_capture_ns=2,
+    )  # fmt: skip
+    decoder = BatchDecoder(expected_disk_id=DISK)
+    decoder.feed(body)
+    async with stream.request_lock:
+        for batch in decoder.events():
+            await stream.take(batch)
 
 
 async def test_a_refusal_behind_an_answered_run_is_not_acted_on(
@@ -259,7 +292,7 @@ async def test_a_refusal_behind_an_answered_run_is_not_acted_on(
         if first == 1 and len(bodies) == 1:
             await asyncio.wait_for(second_in.wait(), SETTLE_S)
             await asyncio.sleep(0.1)  # the refusal of the second is on its way first
-        elif first == 4 and not second_in.is_set():
+        elif first == 5 and not second_in.is_set():
             second_in.set()
             refusal = SeqRefusal("gap", 1, "expected seq 1 of generation 1 next")
             answer = HrlAnswer(ReceivedPosition(DISK, 1, 0, 1, 0), refusal)
@@ -267,18 +300,11 @@ async def test_a_refusal_behind_an_answered_run_is_not_acted_on(
         position = ReceivedPosition(DISK, 1, files[-1].header.last_seq, 1, 0)
         return web.json_response(HrlAnswer(position).to_json())
 
+    await _take(stream, 4, [Write(0, os.urandom(2**20 + 4096))])  # the first run: 1 MiB and more
     async with _shipping(deployment, parts, stream, put_hrl):
         await _until("the first run sent", lambda: len(bodies) == 1)
-        async with stream.request_lock:
-            body = encode_batch(
-                disk_id=DISK, generation=1, first_seq=4, records=[Write(4 * 4096, b"4")],
-                first_capture_ns=1, last_capture_ns=2,
-            )  # fmt: skip
-            decoder = BatchDecoder(expected_disk_id=DISK)
-            decoder.feed(body)
-            for batch in decoder.events():
-                await stream.take(batch)
+        await _take(stream, 5, [Write(5 * 4096, b"5")])
         await _until("every file shipped", lambda: not stream.cached)
-    assert bodies == [1, 4, 4]
-    assert stream.position.shipped_seq == 4
+    assert bodies == [1, 5, 5]
+    assert stream.position.shipped_seq == 5
     assert not stream.position.resync_required
