@@ -78,11 +78,33 @@ class WanLink:
         except OSError:
             writer.close()
             return
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            direction = _Direction(self, source, sink)
-            task = asyncio.create_task(direction.carry())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        task = asyncio.create_task(self._connection(reader, writer, up_reader, up_writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connection(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        up_reader: asyncio.StreamReader,
+        up_writer: asyncio.StreamWriter,
+    ) -> None:
+        """Both directions until each has ended (a half-close carries on as one),
+        or until either fails; then both sockets are closed."""
+        directions = [
+            asyncio.create_task(_Direction(self, reader, up_writer).carry()),
+            asyncio.create_task(_Direction(self, up_reader, writer).carry()),
+        ]
+        try:
+            for done in asyncio.as_completed(directions):
+                if not await done:  # failed: the other side cannot go on either
+                    break
+        finally:
+            for direction in directions:
+                direction.cancel()
+            await asyncio.gather(*directions, return_exceptions=True)
+            writer.close()
+            up_writer.close()
 
 
 class _Direction:
@@ -103,20 +125,20 @@ class _Direction:
         self._link_free_at = 0.0
         self._ended = False
 
-    async def carry(self) -> None:
+    async def carry(self) -> bool:
+        """Until the source's end has been carried (True) or a socket failed (False)."""
         delivering = asyncio.create_task(self._deliver())
         try:
             await self._take_in()
             await delivering
-            with contextlib.suppress(OSError):
-                self._sink.write_eof()
+            self._sink.write_eof()
         except (OSError, asyncio.IncompleteReadError):
-            pass
+            return False
         finally:
             delivering.cancel()
             with contextlib.suppress(BaseException):
                 await delivering
-            self._sink.close()
+        return True
 
     async def _take_in(self) -> None:
         loop = asyncio.get_running_loop()

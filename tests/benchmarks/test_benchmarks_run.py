@@ -128,6 +128,27 @@ def test_smallwrite_bench_reports_the_rpo_of_a_database_load(tmp_path: Path) -> 
     assert list(tmp_path.iterdir()) == []  # the run's folder is removed
 
 
+def test_wan_bench_reports_each_setting_through_its_links(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "wan_bench.py"), "--json",
+         "--size-mib", "24", "--disks", "2", "--commits", "50", "--seconds", "2",
+         "--rtt-ms", "10", "--dir", str(tmp_path)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    result = json.loads(out.stdout)
+    assert [r["in_flight_per_disk"] for r in result["database"]] == [1, 2]
+    assert [r["in_flight_per_disk"] for r in result["sync"]] == [1, 2]
+    for run in result["database"]:
+        assert 0 < run["smallwrite_rpo_max_s"] < 120
+        assert run["commits_per_s"] > 50
+    for run in result["sync"]:  # the target was compared with the image, equal
+        assert run["seconds"] > 0
+        # the image crossed both links (the second hop carries it compressed)
+        assert run["agent_to_ps_bytes"] >= run["sent_bytes"] > 0
+        assert run["ps_to_mt_bytes"] > 0
+    assert list(tmp_path.iterdir()) == []  # the run's folder is removed
+
+
 def test_fs_bench_recovers_every_tag_whole(tmp_path: Path) -> None:
     """The kernel file-system phase: SQLite on ext4 on the capture's export, tags
     taken under load, each recovered and checked by e2fsck, the kernel and SQLite."""

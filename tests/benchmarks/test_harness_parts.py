@@ -3,7 +3,9 @@ disks write, and how figures turn into targets and files (no timing asserted).""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 from benchmarks.daemon_profile import PROJECT, summarize
 from benchmarks.report import judge, table, write_results
 from benchmarks.sitemetrics import MT_RPO, PS_CACHE, MtSample, Sampler, parse, percentile
+from benchmarks.wanlink import WanLink
 from benchmarks.workload import Profile, Source
 from protocol.batch import BatchDecoder
 from protocol.records import Write
@@ -195,3 +198,35 @@ def test_a_profile_sums_each_function_once_per_stack() -> None:
     assert total["seal (processserver/sealing.py)"] == 0.9
     assert total["recurse (agent/a.py)"] == 0.1, "a recursive function counts once per stack"
     assert "_run_once (asyncio/base_events.py)" not in total, "only the project's functions"
+
+
+async def test_a_wan_link_carries_every_byte_late_in_both_directions() -> None:
+    """benchmarks/wanlink.py: an echo through the link comes back whole, and no
+    sooner than the round trip it adds (a lower bound: a slow machine only adds)."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(2**16):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    payload = os.urandom(3 * 2**20)
+    try:
+        with WanLink(port, rtt_s=0.1, bytes_per_s=200e6) as link:
+            loop = asyncio.get_running_loop()
+            reader, writer = await asyncio.open_connection("127.0.0.1", link.port)
+            started = loop.time()
+            writer.write(b"x")
+            assert await reader.readexactly(1) == b"x"
+            assert loop.time() - started >= 0.1
+            writer.write(payload)
+            writer.write_eof()
+            assert await reader.readexactly(len(payload)) == payload
+            writer.close()
+            assert (
+                link.carried >= 2 * (len(payload) + 1) - 2**20
+            )  # the last pieces may be on their way
+    finally:
+        server.close()
