@@ -214,18 +214,27 @@ class Shipper:
             return False
         refusal = answer.refusal
         if refusal is not None:
-            # The runs sent after it: only their 200 answers say something true now.
-            while window:
-                later = await window.popleft().answer
-                if later is not None and later.refusal is None:
-                    await self._carry_out(stream, react_to_hrl(later, stream.cached))
+            await self._drain(stream, window)
             if not stream.cached or stream.cached[0] is not done.run[0]:
                 return True  # an answer for a head the cache has moved past: look again
             if done.behind and isinstance(refusal, SeqRefusal):
                 # It reached the master target before the run ahead of it, and
                 # named a seq that run has since delivered: it goes again now.
                 return True
-        return await self._carry_out(stream, react_to_hrl(answer, stream.cached))
+        outcome = await self._carry_out(stream, react_to_hrl(answer, stream.cached))
+        if window and (not stream.cached or stream.cached[0] is not window[0].run[0]):
+            # The answer covered only part of its run (an inbox that filled
+            # mid-run): the runs behind it no longer follow what is cached.
+            await self._drain(stream, window)
+        return outcome
+
+    async def _drain(self, stream: DiskStream, window: collections.deque[_InFlight]) -> None:
+        """Wait for every run still in flight; carry out only their 200 answers (the
+        position they give is true whenever it is read)."""
+        while window:
+            later = await window.popleft().answer
+            if later is not None and later.refusal is None:
+                await self._carry_out(stream, react_to_hrl(later, stream.cached))
 
     async def _transfer(self, stream: DiskStream, run: list[CachedFile]) -> HrlAnswer | None:
         """Send a run of files within the transfer slots; see :meth:`_send`."""

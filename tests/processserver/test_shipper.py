@@ -308,3 +308,43 @@ async def test_a_refusal_behind_an_answered_run_is_not_acted_on(
     assert bodies == [1, 5, 5]
     assert stream.position.shipped_seq == 5
     assert not stream.position.resync_required
+
+
+async def test_a_run_answered_in_part_sends_the_rest_again_before_what_went_behind_it(
+    deployment: Deployment, parts: StreamParts, stream: DiskStream
+) -> None:
+    """A master target whose inbox filled during the first run holds only its first
+    files; the run behind it is refused (a gap at the first file not held). What
+    was not held goes again, then what follows: no resync, nothing lost."""
+    bodies: list[tuple[int, int]] = []
+    second_in = asyncio.Event()
+    held = 0
+
+    async def put_hrl(request: web.Request) -> web.Response:
+        nonlocal held
+        files = _opened(await request.read(), deployment)
+        first, last = files[0].header.first_seq, files[-1].header.last_seq
+        bodies.append((first, last))
+        if len(bodies) == 1:
+            await asyncio.wait_for(second_in.wait(), SETTLE_S)
+            held = 2  # the inbox filled after two files
+        elif len(bodies) == 2:
+            second_in.set()
+            await asyncio.sleep(0.05)
+            refusal = SeqRefusal("gap", 3, "expected seq 3 of generation 1 next")
+            answer = HrlAnswer(ReceivedPosition(DISK, 1, 2, 1, 0), refusal)
+            return web.json_response(answer.to_json(), status=409)
+        else:
+            assert first == held + 1, f"expected a run from seq {held + 1}, found {first}"
+            held = last
+        position = ReceivedPosition(DISK, 1, held, 1, 0)
+        return web.json_response(HrlAnswer(position).to_json())
+
+    await _take(stream, 4, [Write(0, os.urandom(2**20 + 4096))])  # the first run: 1 MiB and more
+    async with _shipping(deployment, parts, stream, put_hrl):
+        await _until("the first run sent", lambda: len(bodies) == 1)
+        await _take(stream, 5, [Write(5 * 4096, b"5")])
+        await _until("every file shipped", lambda: not stream.cached)
+    assert bodies == [(1, 4), (5, 5), (3, 5)]
+    assert stream.position.shipped_seq == 5
+    assert not stream.position.resync_required
