@@ -4,8 +4,9 @@
 Both daemons run as subprocesses on this machine with a fresh PKI and key
 ring in a temporary folder. ``--sources`` agents (asyncio tasks, each its own
 machine certificate and disk) POST batches of ``--writes-per-batch`` 64 KiB
-writes of disk-like data (benchmarks/datagen.py) over mutual TLS, one batch in
-flight each, for ``--duration`` seconds. Measured in one run:
+writes of disk-like data (benchmarks/datagen.py) over mutual TLS, as many in
+flight each as an agent keeps (benchmarks/workload.py: two of 1 MiB or more),
+for ``--duration`` seconds. Measured in one run:
 
 - ingest: write-data bytes acknowledged per second, all sources together;
 - ack_p50 / ack_p99: each POST from its start until its 200 arrived;

@@ -1,10 +1,14 @@
 """Simulated protected disks: what each writes, how fast, and what it saw.
 
 A :class:`Source` is one agent's disk. It POSTs batches (docs/api.md) to a
-process server over mutual TLS with its machine's certificate, one batch in
-flight, as an agent's ordered stream does, and takes the process server's
-answers as an agent does: 200 moves it on, 409 with ``expected_seq`` puts it
-where the process server says, 503 waits ``Retry-After``.
+process server over mutual TLS with its machine's certificate, as an agent's
+ordered stream does: an open-throttle source whose batches carry 1 MiB or
+more keeps ``in_flight`` of them in flight (the agent's
+``in_flight_per_disk``, and its rule that a request goes behind another only
+when that one carries :data:`~agent.sender.PIPELINED_MIN_BYTES`), any other
+one batch. It takes the process server's answers as an agent does: 200
+moves it on, 409 with ``expected_seq`` puts it where the process server
+says, 503 waits ``Retry-After``.
 
 What it writes is a :class:`Profile`: the size of each write (4 KiB to
 1 MiB), random or sequential offsets, writes per batch, and a rate to keep
@@ -26,6 +30,8 @@ from typing import Final, Literal
 
 import aiohttp
 
+from agent.config import DEFAULT_IN_FLIGHT_PER_DISK
+from agent.sender import PIPELINED_MIN_BYTES
 from benchmarks.datagen import synthetic_blocks, tar_blocks
 from protocol.batch import encode_batch
 from protocol.records import Record, Write
@@ -154,6 +160,8 @@ class Source:
     tls: TlsFiles
     generation: int = 1
     next_seq: int = 1
+    #: batches in flight at most, as the agent's ``in_flight_per_disk``
+    in_flight: int = DEFAULT_IN_FLIGHT_PER_DISK
     _cursor: int = 0
     _last_capture_ns: int = 0
 
@@ -178,10 +186,19 @@ class Source:
         # The writes of a batch happened since the last batch was made.
         now = time.time_ns()
         first, self._last_capture_ns = self._last_capture_ns or now, now
-        return encode_batch(
+        body = encode_batch(
             disk_id=self.disk, generation=self.generation, first_seq=self.next_seq,
             records=records, first_capture_ns=first, last_capture_ns=now,
         )  # fmt: skip
+        self.next_seq += len(records)  # the next batch, sent behind this one, follows it
+        return body
+
+    @property
+    def pipelined(self) -> int:
+        """Batches this source keeps in flight: ``in_flight`` when it sends as fast as it
+        is answered and each batch carries :data:`PIPELINED_MIN_BYTES`, else one."""
+        big = self.profile.batch_bytes >= PIPELINED_MIN_BYTES
+        return self.in_flight if big and self.profile.rate_Bps is None else 1
 
     async def resume(self, session: aiohttp.ClientSession) -> None:
         """Continue the disk's stream where the process server holds it (a disk that
@@ -198,7 +215,9 @@ class Source:
             self.next_seq = int(state["acked_seq"]) + 1
 
     async def post_once(self, session: aiohttp.ClientSession, tally: Tally) -> float:
-        """Send the next batch; the seconds to wait before the next one (503, errors)."""
+        """Send the next batch; the seconds to wait before the next one (503, errors).
+        A batch not taken is sent again: the next one starts at its first seq."""
+        first = self.next_seq
         body = self.body()
         started = time.monotonic()
         tally.sent.append((started, len(body)))
@@ -209,17 +228,19 @@ class Source:
                 retry_after = float(response.headers.get("Retry-After", "1"))
         except (aiohttp.ClientError, OSError, TimeoutError):
             tally.errors += 1
+            self.next_seq = min(self.next_seq, first)
             return ERROR_BACKOFF_S
         if status == 200:
             now = time.monotonic()
             tally.acks.append((now, now - started, self.profile.batch_bytes))
-            self.next_seq = int(answer["acked_seq"]) + 1
+            self.next_seq = max(self.next_seq, int(answer["acked_seq"]) + 1)
             return 0.0
         if status == 409 and "expected_seq" in answer:
             self.next_seq = int(answer["expected_seq"])
             return 0.0
         if status == 503:
             tally.refusals_503 += 1
+            self.next_seq = min(self.next_seq, first)
             return retry_after
         raise SystemExit(f"{self.disk}: expected HTTP 200, 409 or 503, found {status}: {answer}")
 
@@ -228,6 +249,15 @@ async def _run_source(
     source: Source, session: aiohttp.ClientSession, tally: Tally, deadline: float,
     *, stop_on_503: bool,
 ) -> None:  # fmt: skip
+    if source.pipelined > 1:
+        # As fast as answered, several batches in flight: each lane sends the
+        # next batch (after the one the other lane sent) once its own is answered.
+        lanes = [
+            _post_until(source, session, tally, deadline, stop_on_503=stop_on_503)
+            for _ in range(source.pipelined)
+        ]
+        await asyncio.gather(*lanes)
+        return
     rate = source.profile.rate_Bps
     interval = source.profile.batch_bytes / rate if rate else 0.0
     jitter = random.Random(source.index)
@@ -247,6 +277,18 @@ async def _run_source(
         if wait:
             await asyncio.sleep(min(wait, max(0.0, deadline - time.monotonic())))
         next_at += interval * jitter.uniform(1 - THROTTLE_JITTER, 1 + THROTTLE_JITTER)
+
+
+async def _post_until(
+    source: Source, session: aiohttp.ClientSession, tally: Tally, deadline: float,
+    *, stop_on_503: bool,
+) -> None:  # fmt: skip
+    while time.monotonic() < deadline:
+        wait = await source.post_once(session, tally)
+        if wait and stop_on_503 and tally.refusals_503:
+            return
+        if wait:
+            await asyncio.sleep(min(wait, max(0.0, deadline - time.monotonic())))
 
 
 @contextlib.asynccontextmanager

@@ -88,9 +88,26 @@ def test_sequential_writes_follow_each_other_and_wrap_at_the_end_of_the_disk() -
                       disk_bytes=4 * 4096)  # fmt: skip
     source = Source("d0", 0, [bytes([n]) * 4096 for n in range(5)], profile, "https://ps", TLS)
     offsets = [w.offset for w in _writes(source)]
-    source.next_seq += 3
+    assert source.next_seq == 4  # the next batch follows this one
     offsets += [w.offset for w in _writes(source)]
     assert offsets == [0, 4096, 8192, 12288, 0, 4096]
+
+
+@pytest.mark.parametrize(
+    ("block_bytes", "writes", "rate", "in_flight"),
+    [
+        (65536, 16, None, 2),  # 1 MiB batches as fast as answered: as the agent sends them
+        (65536, 15, None, 1),  # below 1 MiB: nothing goes behind a batch
+        (65536, 16, 1e6, 1),  # a rate to keep: one at a time
+    ],
+)
+def test_a_source_pipelines_as_the_agent_does(
+    block_bytes: int, writes: int, rate: float | None, in_flight: int
+) -> None:
+    profile = Profile(block_bytes=block_bytes, writes_per_batch=writes, pattern="random",
+                      disk_bytes=2**24, rate_Bps=rate)  # fmt: skip
+    source = Source("d0", 0, [b"x" * block_bytes], profile, "https://ps", TLS)
+    assert source.pipelined == in_flight
 
 
 def test_random_writes_stay_on_block_slots_of_the_disk() -> None:
