@@ -145,6 +145,35 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def sync_until_applied(dep: Deployment, config: Path) -> tuple[float, float, dict[str, Any]]:
+    """``blockrepl agent sync --json`` of the disk with ``config``, then until the
+    master target applied its last batch: the seconds of both, the command's
+    seconds, and its report.
+
+    Raises:
+        SystemExit: the sync failed, or the master target did not apply it in time.
+    """
+    started = time.perf_counter()
+    done = subprocess.run(  # noqa: S603 - our own console script
+        [str(BLOCKREPL), "agent", "sync", "--config", str(config), "--disk", DISK, "--json"],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    command_s = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"agent sync failed:\n{done.stderr}")
+    report = json.loads(done.stdout)
+    last = (int(report["generation"]), int(report["last_seq"]))
+    applied = AppliedProbe(dep)
+    try:
+        while applied() < last:
+            if time.perf_counter() - started > RUN_TIMEOUT_S:
+                raise SystemExit("the master target did not apply the sync")
+            time.sleep(0.005)
+    finally:
+        applied.close()
+    return time.perf_counter() - started, command_s, report
+
+
 def run_resync(root: Path, source: Path, target: Path) -> dict[str, Any]:
     """Our side: the site, then ``agent sync`` until the master target applied it all."""
     dep = deploy(
@@ -159,25 +188,7 @@ def run_resync(root: Path, source: Path, target: Path) -> dict[str, Any]:
         dep.mt.wait_healthy()
         dep.ps.wait_healthy()
         before = (cpu_seconds(dep.ps.pid), cpu_seconds(dep.mt.pid), children_cpu_s())
-        started = time.perf_counter()
-        done = subprocess.run(  # noqa: S603 - our own console script
-            [str(BLOCKREPL), "agent", "sync", "--config", str(config), "--disk", DISK, "--json"],
-            capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False,
-        )  # fmt: skip
-        command_s = time.perf_counter() - started
-        if done.returncode != 0:
-            raise SystemExit(f"resync_bench: agent sync failed:\n{done.stderr}")
-        report = json.loads(done.stdout)
-        last = (int(report["generation"]), int(report["last_seq"]))
-        applied = AppliedProbe(dep)
-        try:
-            while applied() < last:
-                if time.perf_counter() - started > RUN_TIMEOUT_S:
-                    raise SystemExit("resync_bench: the master target did not apply the resync")
-                time.sleep(0.005)
-        finally:
-            applied.close()
-        elapsed = time.perf_counter() - started
+        elapsed, command_s, report = sync_until_applied(dep, config)
         after = (cpu_seconds(dep.ps.pid), cpu_seconds(dep.mt.pid), children_cpu_s())
     finally:
         dep.ps.stop()

@@ -36,10 +36,8 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Final
 
@@ -48,16 +46,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import smallwrite_bench as smallwrite
 from benchmarks.deploy import Deployment, default_dir, deploy
 from benchmarks.resync_bench import (
-    BLOCKREPL,
     CACHE_HIGH_BYTES,
     CACHE_LOW_BYTES,
     DISK,
     MACHINE,
-    RUN_TIMEOUT_S,
-    AppliedProbe,
     agent_config,
     make_pools,
     same_files,
+    sync_until_applied,
     write_image,
 )
 from benchmarks.site import start_site
@@ -95,25 +91,7 @@ def run_one(
             dep.ps.start()
             dep.mt.wait_healthy()
             dep.ps.wait_healthy()
-            started = time.perf_counter()
-            done = subprocess.run(  # noqa: S603 - our own console script
-                [str(BLOCKREPL), "agent", "sync", "--config", str(config), "--disk", DISK,
-                 "--json"],
-                capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False,
-            )  # fmt: skip
-            if done.returncode != 0:
-                raise SystemExit(f"wan_bench: agent sync failed:\n{done.stderr}")
-            report = json.loads(done.stdout)
-            last = (int(report["generation"]), int(report["last_seq"]))
-            applied = AppliedProbe(dep)
-            try:
-                while applied() < last:
-                    if time.perf_counter() - started > RUN_TIMEOUT_S:
-                        raise SystemExit("wan_bench: the master target did not apply the sync")
-                    time.sleep(0.005)
-            finally:
-                applied.close()
-            seconds = time.perf_counter() - started
+            seconds, _, report = sync_until_applied(dep, config)
         finally:
             dep.ps.stop()
             dep.mt.stop()

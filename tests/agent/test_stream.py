@@ -10,7 +10,7 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +37,7 @@ from tests.faults.daemons import free_port
 from tests.faults.pausable_proxy import PausableProxy
 from tests.mastertarget.conftest import apply_to_model, random_workload, write_config
 from tests.processserver.test_api import write_ps_config
+from tests.waiting import until
 
 DISK = "vm01-d0"
 SIZE = 8 * MiB
@@ -158,7 +159,7 @@ async def test_a_second_request_goes_behind_a_large_one_only(site: Site) -> None
     async def commit(records: list[Record], in_flight: int) -> None:
         await _append(stream, records)
         apply_to_model(model, records)
-        await _until(lambda: disk.requests.open == in_flight)
+        await until(f"{in_flight} requests open", lambda: disk.requests.open == in_flight)
 
     async with disk.request_lock:  # the process server takes nothing meanwhile
         await commit(random_workload(rng, SIZE, 4, max_len=60_000), 1)
@@ -180,14 +181,6 @@ async def test_a_second_request_goes_behind_a_large_one_only(site: Site) -> None
     assert stream.stats.requests == 5
     assert stream.stats.resent_bytes == 0
     await stream.close()
-
-
-async def _until(done: Callable[[], bool]) -> None:
-    for _ in range(500):
-        if done():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("not within 5 s")
 
 
 async def test_batches_that_waited_go_as_one_and_keep_their_tags(site: Site) -> None:

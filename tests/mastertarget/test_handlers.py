@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,7 @@ from protocol.records import Record, Tag, TagKind, Write
 from protocol.sequencing import StreamPosition
 from runtime.tls import ReloadableServerContext
 from tests.conftest import Deployment
+from tests.waiting import until
 
 from .conftest import write_config
 
@@ -194,9 +195,12 @@ async def test_a_run_that_comes_ahead_of_its_turn_waits_for_the_one_before(
                     return answer.status, await answer.json()
 
             earlier = asyncio.create_task(put(1, held_back()))
-            await _until(lambda: receiver.puts.open == 1)
+            await until("the first PUT open", lambda: receiver.puts.open == 1)
             later = asyncio.create_task(put(2, second))
-            await _until(lambda: receiver.puts.open == 2 and not receiver.put_lock.locked())
+            await until(
+                "both PUTs open, the lock free",
+                lambda: receiver.puts.open == 2 and not receiver.put_lock.locked(),
+            )
             await asyncio.sleep(0.1)  # the later one found the gap and waits
             assert not later.done()
             go_on.set()
@@ -204,11 +208,3 @@ async def test_a_run_that_comes_ahead_of_its_turn_waits_for_the_one_before(
         await pieces.replica.wait_applied(StreamPosition(1, 2))
     assert [(status, answer["received_seq"]) for status, answer in answers] == [(200, 1), (200, 2)]
     assert (tmp_path / "t.raw").read_bytes()[:8192] == b"D" * 4096 + b"E" * 4096
-
-
-async def _until(done: Callable[[], bool]) -> None:
-    for _ in range(500):
-        if done():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("not within 5 s")

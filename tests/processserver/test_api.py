@@ -7,7 +7,7 @@ import asyncio
 import os
 import random
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -22,6 +22,7 @@ from protocol.limits import MiB
 from protocol.records import Record, Write
 from runtime.uploads import in_pieces
 from tests.conftest import Deployment
+from tests.waiting import until
 
 
 def write_ps_config(deployment: Deployment, root: Path, **extra: object) -> Path:
@@ -257,9 +258,9 @@ async def test_a_request_that_comes_ahead_of_its_turn_waits_for_the_one_before(
             return response.status, await response.json()
 
     later = asyncio.create_task(post_later())
-    await _until(stream.request_lock.locked)  # its headers are in: it holds the lock
+    await until("the later request holding the lock", stream.request_lock.locked)
     earlier = asyncio.create_task(agent.post("vm01-d0", _body("vm01-d0", 1, records[:4])))
-    await _until(lambda: stream.requests.open == 2)
+    await until("both requests open", lambda: stream.requests.open == 2)
     go_on.set()
     (status_later, answer_later), (status_earlier, answer_earlier) = await asyncio.gather(
         later, earlier
@@ -273,11 +274,3 @@ async def test_a_request_that_comes_ahead_of_its_turn_waits_for_the_one_before(
         "blockrepl_processserver_rejects_total", {"reason": "gap"}
     )
     assert not gaps
-
-
-async def _until(done: Callable[[], bool]) -> None:
-    for _ in range(500):
-        if done():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("not within 5 s")

@@ -38,6 +38,11 @@ class Stream:
                         return "gap"
         return "ok"
 
+    async def open_until(self, end: asyncio.Event) -> None:
+        """A request of the stream that stays open, placing nothing, until ``end``."""
+        with self.turns.opened():
+            await end.wait()
+
 
 async def test_a_request_ahead_of_its_turn_waits_for_the_one_before() -> None:
     stream = Stream()
@@ -86,12 +91,7 @@ async def test_a_wait_ends_when_the_request_it_waited_for_ends_without_the_seqs(
 async def test_nothing_moving_ends_the_wait_after_its_bound() -> None:
     stream = Stream()
     stalled = asyncio.Event()
-
-    async def stalled_request() -> None:
-        with stream.turns.opened():
-            await stalled.wait()
-
-    other = asyncio.create_task(stalled_request())
+    other = asyncio.create_task(stream.open_until(stalled))
     await asyncio.sleep(0)
     assert await stream.request(11, 20, timeout_s=0.1) == "gap"
     stalled.set()
@@ -101,12 +101,7 @@ async def test_nothing_moving_ends_the_wait_after_its_bound() -> None:
 async def test_a_request_cancelled_while_it_waits_leaves_the_lock_free() -> None:
     stream = Stream()
     stalled = asyncio.Event()
-
-    async def stalled_request() -> None:
-        with stream.turns.opened():
-            await stalled.wait()
-
-    other = asyncio.create_task(stalled_request())
+    other = asyncio.create_task(stream.open_until(stalled))
     later = asyncio.create_task(stream.request(11, 20, timeout_s=30.0))
     await asyncio.sleep(0.05)
     later.cancel()
