@@ -52,6 +52,7 @@ from protocol.reaction import (
     react_to_batches,
     react_to_state,
 )
+from runtime.inorder import answer_or
 
 #: The least a request in flight carries for another to go behind it. Behind
 #: a smaller one, what waits goes with the next request once it is answered:
@@ -257,14 +258,7 @@ class StreamSender:
         backlog = self._backlog
         oldest = self._window[0].answer
         if self._room:
-            sent_to = self._sent_to
-            more = asyncio.ensure_future(self._wait_past(sent_to))
-            try:
-                await asyncio.wait({oldest, more}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                more.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await more
+            await answer_or(oldest, self._wait_past(self._sent_to))
         else:
             await asyncio.wait({oldest})
         if not oldest.done():

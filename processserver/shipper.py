@@ -62,6 +62,7 @@ from protocol.api import CONFLICT, MAX_ANSWER_BYTES, OK, ErrorBody, HrlAnswer, S
 from protocol.errors import ProtocolError
 from protocol.reaction import ShipAction, ShipDecision, react_to_hrl
 from runtime.answers import read_answer
+from runtime.inorder import answer_or
 from runtime.service import vital
 from runtime.uploads import in_pieces
 
@@ -190,13 +191,7 @@ class Shipper:
         if not self._room(window):
             await asyncio.wait({oldest})
             return
-        more = asyncio.ensure_future(stream.next_to_ship(after=sent))
-        try:
-            await asyncio.wait({oldest, more}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            more.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await more
+        await answer_or(oldest, stream.next_to_ship(after=sent))
 
     def _room(self, window: collections.deque[_InFlight]) -> bool:
         """Whether another run may go behind those in flight: fewer than

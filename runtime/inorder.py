@@ -16,14 +16,17 @@ request of the stream is open gives the lock up until the stream moves
 it takes the lock and places the missing seqs. A wait ends when the stream
 moves, when another request ends, or after :data:`REORDER_WAIT_S` with no
 move; what is still a gap then is answered as one.
+
+:func:`answer_or` is the senders' side: wait for the oldest answer in
+flight, or for something else (more to send) that lets another request go.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
-from typing import Final
+from collections.abc import Awaitable, Iterator
+from typing import Any, Final, TypeVar
 
 #: How long a run that found a gap waits for the stream to move while another
 #: request of it is open. The request ahead of it places a batch (or a file) at
@@ -31,6 +34,8 @@ from typing import Final
 #: carries one across a link of 15 Mbit/s. Past it, the missing seqs are not
 #: coming and the gap is answered as one (the sender sends again from it).
 REORDER_WAIT_S: Final = 10.0
+
+T = TypeVar("T")
 
 
 class InOrder:
@@ -98,3 +103,16 @@ async def _take_back(lock: asyncio.Lock) -> None:
             cancelled = True
     if cancelled:
         raise asyncio.CancelledError
+
+
+async def answer_or(answer: asyncio.Future[T], other: Awaitable[object]) -> None:
+    """Until ``answer`` is done or ``other`` completes, whichever is first; ``other``
+    is cancelled if it has not completed (``answer`` never is)."""
+    waiting = asyncio.ensure_future(other)
+    try:
+        either: set[asyncio.Future[Any]] = {answer, waiting}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
